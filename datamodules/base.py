@@ -1,0 +1,71 @@
+"""What every causal-LM datamodule shares: the tokenizer slot, loaders, and the skip report."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import lightning as L
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.collate import CausalCollator
+from datamodules.formats import SkipCounter
+
+log = logging.getLogger(__name__)
+
+
+class CausalDataModule(L.LightningDataModule):
+    """Base for the pretraining and SFT datamodules.
+
+    The tokenizer is set after construction (``dm.tokenizer = ...``) because, without a
+    given one, it is trained on this datamodule's own text (:meth:`iter_texts`). Loaders are
+    torchdata's ``StatefulDataLoader`` so Lightning stores the position inside the epoch in
+    every checkpoint and a resumed run sees exactly the batches it had not seen yet.
+    """
+
+    def __init__(self, batch_size: int, num_workers: int, pad_to_multiple_of: int, seed: int, on_error: str):
+        super().__init__()
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.seed = seed
+        self.on_error = on_error
+        self.skips = SkipCounter()
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def iter_texts(self) -> Iterator[str]:
+        """Training text, for training a tokenizer when none is given."""
+        raise NotImplementedError
+
+    def sample_prompts(self, n: int) -> list[str]:
+        """Prompts from the validation data for the generations logged at validation."""
+        raise NotImplementedError
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> StatefulDataLoader:
+        import torch
+
+        assert self.tokenizer is not None, "set datamodule.tokenizer before building loaders"
+        return StatefulDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=CausalCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of),
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def log_skips(self) -> None:
+        log.info("data: %s", self.skips.report())

@@ -1,0 +1,264 @@
+"""Readers (file -> (source, line, record)) and adapters (record -> one data shape).
+
+Every record carries its file and line so that a bad one can be named exactly. With
+``on_error="skip"`` a bad record is counted in a :class:`SkipCounter` instead of raising,
+and the count is reported at the end of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("jsonl", "json", "parquet", "csv", "tsv", "txt")
+ROLE_ALIASES = {
+    "user": "user", "human": "user", "人类": "user",
+    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "助手": "assistant",
+    "system": "system",
+}
+
+
+class DataError(ValueError):
+    """A bad record: names the file, the line (1-based) and the field."""
+
+    def __init__(self, source: str, line: int | None, message: str, field: str | None = None):
+        where = f"{source}:{line}" if line is not None else source
+        what = f" field '{field}':" if field else ""
+        super().__init__(f"{where}:{what} {message}")
+        self.source, self.line, self.field = source, line, field
+
+
+@dataclass
+class SkipCounter:
+    """Counts records skipped under ``on_error=skip`` (by reason) and samples dropped on purpose."""
+
+    skipped: Counter = field(default_factory=Counter)
+    first_errors: list[str] = field(default_factory=list)
+
+    def add(self, reason: str, error: Exception | None = None) -> None:
+        self.skipped[reason] += 1
+        if error is not None and len(self.first_errors) < 5:
+            self.first_errors.append(str(error))
+
+    @property
+    def total(self) -> int:
+        return sum(self.skipped.values())
+
+    def report(self) -> str:
+        if not self.total:
+            return "no records skipped"
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        examples = "".join(f"\n  e.g. {e}" for e in self.first_errors)
+        return f"skipped {self.total} records ({parts}){examples}"
+
+
+def detect_format(path: str | Path, fmt: str = "auto") -> str:
+    """The format named in config, or the one the file extension says."""
+    if fmt != "auto":
+        if fmt not in FORMATS:
+            raise DataError(str(path), None, f"unknown format '{fmt}'; expected one of {FORMATS}")
+        return fmt
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix in FORMATS:
+        return suffix
+    raise DataError(str(path), None, f"unknown format '.{suffix}' (set data.format to one of {FORMATS})")
+
+
+def _decode(raw: bytes, source: str, line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(source, line, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from e
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
+    """Lines of a text file, decoded one at a time so a bad byte names its line.
+
+    A line that is not UTF-8 comes back as its DataError, so the caller can skip it and go on.
+    """
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                yield line_no, _decode(raw, str(path), line_no).rstrip("\r\n")
+            except DataError as e:
+                yield line_no, e
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    for line_no, text in _text_lines(path):
+        if isinstance(text, DataError) or not text.strip():
+            if isinstance(text, DataError):
+                yield line_no, text
+            continue
+        try:
+            yield line_no, json.loads(text)
+        except json.JSONDecodeError as e:
+            yield line_no, DataError(str(path), line_no, f"malformed JSON ({e.msg} at column {e.colno})")
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
+    """A JSON list; each record is reported by its index (1-based) as 'line'."""
+    text = _decode(path.read_bytes(), str(path), 1)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(str(path), e.lineno, f"malformed JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(data, list):
+        raise DataError(str(path), 1, f"expected a JSON list of records, got {type(data).__name__}")
+    yield from enumerate(data, start=1)
+
+
+def _read_delimited(path: Path, delimiter: str, header: bool, columns: list[str] | None) -> Iterator[tuple[int, Any]]:
+    names = columns
+    for line_no, text in _text_lines(path):
+        if isinstance(text, DataError):
+            yield line_no, text
+            continue
+        if not text.strip():
+            continue
+        row = next(csv.reader(io.StringIO(text), delimiter=delimiter))
+        if names is None and header:
+            names = row
+            continue
+        if names is None:
+            names = [str(i) for i in range(len(row))]
+        if len(row) != len(names):
+            yield line_no, DataError(str(path), line_no, f"expected {len(names)} columns {names}, found {len(row)}")
+        else:
+            yield line_no, dict(zip(names, row))
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    line_no = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            line_no += 1
+            yield line_no, record
+
+
+def _read_txt(path: Path, one_doc_per_line: bool) -> Iterator[tuple[int, Any]]:
+    if one_doc_per_line:
+        for line_no, text in _text_lines(path):
+            if isinstance(text, DataError):
+                yield line_no, text
+            elif text.strip():
+                yield line_no, {"text": text}
+    else:
+        yield 1, {"text": _decode(path.read_bytes(), str(path), 1)}
+
+
+def read_records(
+    path: str | Path,
+    fmt: str = "auto",
+    *,
+    header: bool = True,
+    columns: list[str] | None = None,
+    one_doc_per_line: bool = True,
+    skips: SkipCounter | None = None,
+) -> Iterator[tuple[str, int, Any]]:
+    """Yield (source, line, record) from one file, streaming where the format allows.
+
+    A line that cannot be read (bad bytes, malformed JSON, wrong column count) raises a
+    DataError naming it, or, when ``skips`` is given, is counted there and passed over.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), None, "file not found")
+    kind = detect_format(path, fmt)
+    if kind == "jsonl":
+        rows = _read_jsonl(path)
+    elif kind == "json":
+        rows = _read_json(path)
+    elif kind in ("csv", "tsv"):
+        rows = _read_delimited(path, "," if kind == "csv" else "\t", header, columns)
+    elif kind == "parquet":
+        rows = _read_parquet(path)
+    else:
+        rows = _read_txt(path, one_doc_per_line)
+    for line_no, record in rows:
+        if isinstance(record, DataError):
+            if skips is None:
+                raise record
+            skips.add("unreadable lines", record)
+            continue
+        yield str(path), line_no, record
+
+
+def _field(record: Any, name: str, source: str, line: int, required: bool = True) -> str:
+    """A string field that must be present and non-empty (unless optional)."""
+    if not isinstance(record, dict):
+        raise DataError(source, line, f"expected an object with fields, got {type(record).__name__}")
+    value = record.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise DataError(source, line, "missing or empty", field=name)
+        return ""
+    if not isinstance(value, str):
+        raise DataError(source, line, f"expected a string, got {type(value).__name__}", field=name)
+    return value
+
+
+def to_text(record: Any, source: str, line: int, text_field: str = "text") -> str:
+    """The text shape: one document."""
+    return _field(record, text_field, source, line)
+
+
+def _turns(record: dict, key: str, source: str, line: int) -> list[dict]:
+    turns = record[key]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(source, line, "expected a non-empty list of turns", field=key)
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(source, line, "expected an object", field=where)
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in ROLE_ALIASES:
+            raise DataError(source, line, f"unknown role {role!r}; expected one of {sorted(ROLE_ALIASES)}",
+                            field=f"{where}.role")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(source, line, "missing or empty", field=f"{where}.content")
+        messages.append({"role": ROLE_ALIASES[role], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(source, line, "no assistant turn to learn from", field=key)
+    return messages
+
+
+def to_messages(record: Any, source: str, line: int) -> list[dict]:
+    """The prompt/response shape as a list of chat messages.
+
+    Alpaca {instruction, input, output} becomes one user turn (``input`` kept as its own key so
+    the Alpaca template can print it under ``### Input``) and one assistant turn;
+    {prompt, response} becomes one user and one assistant turn; ``messages`` or
+    ``conversations`` lists are read turn by turn.
+    """
+    if not isinstance(record, dict):
+        raise DataError(source, line, f"expected an object with fields, got {type(record).__name__}")
+    for key in ("messages", "conversations"):
+        if key in record:
+            return _turns(record, key, source, line)
+    if "instruction" in record:
+        user = {"role": "user", "content": _field(record, "instruction", source, line)}
+        extra = _field(record, "input", source, line, required=False)
+        if extra:
+            user["input"] = extra
+        return [user, {"role": "assistant", "content": _field(record, "output", source, line)}]
+    if "prompt" in record:
+        return [
+            {"role": "user", "content": _field(record, "prompt", source, line)},
+            {"role": "assistant", "content": _field(record, "response", source, line)},
+        ]
+    raise DataError(
+        source, line,
+        f"cannot tell the record's shape from its fields {sorted(record)}; expected instruction/input/output, "
+        "prompt/response, messages or conversations",
+    )

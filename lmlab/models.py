@@ -1,0 +1,99 @@
+"""Models are transformers classes built from config (random init) or loaded from a folder.
+
+Vocab size and special-token ids always come from the tokenizer, never from the preset.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+def resolve_hf_dir(path: str | Path) -> Path:
+    """An lmlab run folder (its ``hf/``) or a Hugging Face model folder."""
+    path = Path(path).expanduser()
+    for candidate in (path / "hf", path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"init_from={path}: no config.json in it or in its hf/ folder; expected an lmlab run folder "
+        "(outputs/<stage>/<model>/<run>) or a Hugging Face model folder"
+    )
+
+
+def tokenizer_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A randomly initialised model of the preset's class and shape, sized to the tokenizer."""
+    config: PretrainedConfig = instantiate(model_cfg.config, **tokenizer_ids(tokenizer))
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=model_cfg.attn_implementation)
+    log.info("built %s: %.2fM parameters", type(model).__name__, count_parameters(model) / 1e6)
+    return model
+
+
+def load_model(path: str | Path, model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Weights from an HF folder; the tokenizer must fit its embedding table."""
+    hf_dir = resolve_hf_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation=model_cfg.attn_implementation)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ValueError(
+            f"init_from={path}: the model has {model.get_input_embeddings().num_embeddings} token embeddings but "
+            f"the tokenizer has {len(tokenizer)} tokens; use the tokenizer saved with the model"
+        )
+    log.info("loaded %s from %s", type(model).__name__, hf_dir)
+    return model
+
+
+def count_parameters(model: PreTrainedModel, trainable_only: bool = False) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen and (p.requires_grad or not trainable_only):
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token, the PaLM/nanoGPT estimate: 6N + 12 * layers * width * seq_len.
+
+    N counts every parameter but the token and position embeddings (table look-ups do no
+    multiply-adds; a tied LM head is counted through the 6N of the head's matmul below).
+    For a mixture of experts only the experts a token visits count.
+    """
+    cfg = model.config.get_text_config()
+    n = count_parameters(model)
+    n -= model.get_input_embeddings().weight.numel()
+    for name, p in model.named_parameters():
+        if name.endswith("wpe.weight"):
+            n -= p.numel()
+    experts, active = getattr(cfg, "num_local_experts", None), getattr(cfg, "num_experts_per_tok", None)
+    if experts and active:
+        expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        n -= expert_params * (1 - active / experts)
+    head = model.get_output_embeddings().weight.numel()  # the LM head matmul, tied or not
+    n += head if model.get_output_embeddings().weight is model.get_input_embeddings().weight else 0
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """save_pretrained (safetensors) of model and tokenizer: plain transformers loads the folder."""
+    out_dir = Path(out_dir)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    log.info("exported model and tokenizer to %s", out_dir)
+    return out_dir

@@ -1,0 +1,95 @@
+"""Train: `python train.py model=<family> stage=<objective> data=<preset> [overrides]`.
+
+Composes conf/train.yaml, builds tokenizer -> data -> model -> LightningModule -> Trainer from
+their `_target_`s, fits (resuming from last.ckpt under resume=auto), exports hf/, and returns
+the monitored metric for Hydra sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.models import build_model, export_hf, load_model, resolve_hf_dir
+from lmlab.runs import register_resolvers
+from lmlab.tokenizer import load_tokenizer, train_bpe
+
+log = logging.getLogger("lmlab.train")
+register_resolvers()
+
+
+def get_tokenizer(cfg: DictConfig, datamodule, run_dir: Path):
+    """``tokenizer=<dir>``, else init_from's, else a BPE trained on the training text (saved in the run)."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.init_from:
+        return load_tokenizer(resolve_hf_dir(cfg.init_from))
+    saved = run_dir / "tokenizer"
+    if saved.is_dir():  # a resumed run keeps the tokenizer it started with
+        return load_tokenizer(saved)
+    tokenizer = train_bpe(datamodule.iter_texts(), chat_template=cfg.template.chat_template, **cfg.bpe)
+    tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def train(cfg: DictConfig) -> float | None:
+    """One training run in ``paths.output_dir``; returns the monitored metric's final value."""
+    run_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+
+    datamodule = instantiate(cfg.data)
+    tokenizer = get_tokenizer(cfg, datamodule, run_dir)
+    if cfg.template.chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = cfg.template.chat_template
+    datamodule.tokenizer = tokenizer
+
+    model = load_model(cfg.init_from, cfg.model, tokenizer) if cfg.init_from else build_model(cfg.model, tokenizer)
+    module = instantiate(cfg.stage.module, model=model, optim=cfg.optim, _recursive_=False)
+
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if cfg.resume == "auto" and last.is_file() else None
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    if trainer.is_global_zero:
+        export_hf(module.model, tokenizer, run_dir / "hf")
+        log.info("data: %s", datamodule.skips.report())
+    metric = trainer.callback_metrics.get(cfg.stage.monitor)
+    log.info("run folder: %s", run_dir)
+    return None if metric is None else float(metric)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """One Hydra job: train, and always close the wandb run so multirun jobs stay separate runs."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        return train(cfg)
+    finally:
+        wandb = sys.modules.get("wandb")  # imported only when a wandb logger was used
+        if wandb is not None:
+            wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
