@@ -23,6 +23,7 @@ from lmlab.runs import register_resolvers
 from lmlab.tokenizer import load_tokenizer, train_bpe
 
 log = logging.getLogger("lmlab.train")
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))  # conf/paths: root_dir
 register_resolvers()
 
 
@@ -53,7 +54,9 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.tokenizer = tokenizer
 
     model = load_model(cfg.init_from, cfg.model, tokenizer) if cfg.init_from else build_model(cfg.model, tokenizer)
-    module = instantiate(cfg.stage.module, model=model, optim=cfg.optim, _recursive_=False)
+    # plain containers: checkpoints then load with torch.load(weights_only=True)
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    module = instantiate(cfg.stage.module, model=model, optim=optim, _recursive_=False, _convert_="all")
 
     loggers = [instantiate(c) for c in cfg.logger.values()]
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]

@@ -10,7 +10,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
@@ -49,7 +48,7 @@ class CausalLMModule(L.LightningModule):
     def __init__(
         self,
         model: PreTrainedModel,
-        optim: DictConfig,
+        optim: dict,
         freeze: Sequence[str] = (),
         compile: bool = False,
         router_aux_loss_coef: float = 0.0,
@@ -114,11 +113,11 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.hparams.optim
-        groups = param_groups(self.model, cfg.weight_decay, cfg.decay_embeddings)
-        optimizer = instantiate(cfg.optimizer, _partial_=True)(groups)
+        groups = param_groups(self.model, cfg["weight_decay"], cfg["decay_embeddings"])
+        optimizer = instantiate(cfg["optimizer"], _partial_=True)(groups)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("set max_steps or max_epochs: the cosine schedule needs a total number of steps")
-        peak = cfg.optimizer.lr
-        scheduler = warmup_cosine(optimizer, cfg.warmup_steps, int(total), cfg.min_lr / peak)
+        peak = cfg["optimizer"]["lr"]
+        scheduler = warmup_cosine(optimizer, cfg["warmup_steps"], int(total), cfg["min_lr"] / peak)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -53,6 +53,7 @@ def load_model(path: str | Path, model_cfg: DictConfig, tokenizer: PreTrainedTok
             f"init_from={path}: the model has {model.get_input_embeddings().num_embeddings} token embeddings but "
             f"the tokenizer has {len(tokenizer)} tokens; use the tokenizer saved with the model"
         )
+    model.train()  # from_pretrained returns eval mode; training starts in train mode
     log.info("loaded %s from %s", type(model).__name__, hf_dir)
     return model
 

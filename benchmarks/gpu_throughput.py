@@ -1,0 +1,371 @@
+"""Training throughput of lmlab's GPT-2 preset against a raw torch.compile'd Hugging Face GPT-2 loop.
+
+Both run in one process, one after the other, on the same shapes (GPT-2 small: 124M parameters,
+vocab 50257, batch 16 x 1024 tokens, bf16 autocast, fused AdamW, grad clip 1.0, dropout 0):
+
+(a) raw: ``GPT2LMHeadModel`` with SDPA attention, ``model.compile()``, ``loss = model(x, labels=x).loss``
+    on random token ids already on the GPU; ``--warmup`` untimed steps (compilation), then
+    ``--steps`` steps timed with CUDA events around the whole loop (no per-step sync).
+(b) lmlab: ``train.train(cfg)`` on the config ``python train.py model=gpt2 trainer=gpu compile=true
+    logger=csv`` composes, reading a synthetic corpus through the real datamodule (memmap windows,
+    4 workers) with a synthetic 50257-token word-level tokenizer, so the model has the anchor's shape.
+    Tokens/s and MFU come from the ``TokenThroughputMonitor`` rows of ``metrics.csv`` (each a
+    window of 20 steps): the median of the rows whose window starts after ``--warmup`` steps.
+    It runs ``warmup + window + steps`` steps; validation, sample generations and periodic
+    checkpoints are off.
+
+With ``--ladder`` the raw loop is then timed again with lmlab's step differences added one at a
+time (LADDER below), so a gap between (a) and (b) can be traced to its parts.
+
+MFU on both sides is ``lmlab.models.flops_per_token`` (6N + 12*L*d*T) x tokens/s over Lightning's
+``get_available_flops`` for bf16. Peak memory is ``torch.cuda.max_memory_allocated``, reset between
+the sides. Prints a JSON object and a markdown table and writes both as
+``<date>_<gpu>_<preset>_throughput.{json,md}`` into ``$OUT`` if set, else the current folder
+(``benchmarks/results/`` keeps the ones worth keeping).
+
+    python benchmarks/gpu_throughput.py --ladder        # GPU: warmup 30, 300 timed steps a side
+    python benchmarks/gpu_throughput.py --smoke         # CPU check: gpt2-tiny, seq 64, batch 4, no compile
+
+On a machine without hydra-core/omegaconf/torchdata, install them first (the repo's train.py needs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import json
+import logging
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PROJECT_ROOT", str(REPO))
+
+VOCAB_SIZE = 50257  # the GPT-2 vocabulary size; the synthetic tokenizer has exactly this many entries
+SPECIALS = {"eos": "<|endoftext|>", "pad": "<|pad|>", "unk": "<|unk|>"}
+SHAPES = {  # the raw model's shape for each lmlab preset this benchmark runs (conf/model/*.yaml)
+    "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12},
+    "gpt2-tiny": {"n_embd": 64, "n_layer": 2, "n_head": 4},
+}
+WORDS_PER_DOC = 3000
+
+log = logging.getLogger("gpu_throughput")
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer of exactly VOCAB_SIZE entries ("w0", "w1", ... plus the specials)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(VOCAB_SIZE - len(SPECIALS))]
+    vocab = {w: i for i, w in enumerate([*words, *SPECIALS.values()])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=SPECIALS["eos"], eos_token=SPECIALS["eos"],
+        pad_token=SPECIALS["pad"], unk_token=SPECIALS["unk"],
+    )
+    assert len(fast) == VOCAB_SIZE, len(fast)
+    fast.save_pretrained(folder)
+
+
+def write_corpus(path: Path, tokens: int, seed: int = 0) -> None:
+    """One document per line of WORDS_PER_DOC random words: about ``tokens`` tokens (1 word = 1 token)."""
+    rng = np.random.default_rng(seed)
+    words = np.array([f"w{i}" for i in range(VOCAB_SIZE - len(SPECIALS))])
+    with open(path, "w") as f:
+        for _ in range(math.ceil(tokens / WORDS_PER_DOC)):
+            f.write(" ".join(words[rng.integers(0, len(words), WORDS_PER_DOC)]) + "\n")
+
+
+def gpu_peak_flops() -> float | None:
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return get_available_flops(torch.device("cuda"), torch.bfloat16) if torch.cuda.is_available() else None
+
+
+def peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+# Cumulative steps from the raw loop towards what lmlab's training step does (``--ladder``), to show
+# where a gap comes from: (name, run_raw keyword arguments).
+LADDER = [
+    ("+ attention_mask of ones", {"attention_mask": True}),
+    ("+ lmlab's loss outside the compiled model", {"attention_mask": True, "lmlab_loss": True}),
+    ("+ per-step host syncs", {"attention_mask": True, "lmlab_loss": True, "sync": True}),
+]
+
+
+def run_raw(args: argparse.Namespace, steps: int, attention_mask: bool = False, lmlab_loss: bool = False,
+            sync: bool = False) -> dict:
+    """The anchor: a plain compiled HF GPT-2 training loop on random token ids.
+
+    The keyword arguments add, one by one, what lmlab's step does differently: the collator's
+    all-ones ``attention_mask``; the loss of ``CausalLMModule._loss`` (``logits.float()``, cross
+    entropy and the token accuracy with boolean indexing, outside the compiled model) instead of
+    HF's ``labels=`` loss inside it; and the host syncs of the non-finite-loss check and of
+    Lightning's ThroughputMonitor.
+    """
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmlab.models import count_parameters, flops_per_token
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        **SHAPES[args.preset])
+    config._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(config).to(device)
+    model.train()
+    if args.compile:
+        model.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+    shape = (args.batch_size, args.seq_len)
+    batches = [(torch.randint(0, VOCAB_SIZE, shape, device=device), torch.randint(0, VOCAB_SIZE, shape, device=device))
+               for _ in range(8)]
+    mask = torch.ones(shape, dtype=torch.long, device=device) if attention_mask else None
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            if lmlab_loss:
+                logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits.float()
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+                keep = y != -100
+                with torch.no_grad():
+                    (logits.argmax(-1)[keep] == y[keep]).float().mean()
+            else:
+                loss = model(input_ids=x, attention_mask=mask, labels=x, use_cache=False).loss
+        if sync and not torch.isfinite(loss):
+            raise RuntimeError("non-finite loss")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if sync and cuda:
+            torch.cuda.synchronize()
+        return loss
+
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        step(*batches[i % len(batches)])
+    if cuda:
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    for i in range(steps):
+        loss = step(*batches[i % len(batches)])
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+        elapsed = start.elapsed_time(end) / 1e3
+    else:
+        elapsed = time.perf_counter() - t0
+    tokens_per_sec = steps * args.batch_size * args.seq_len / elapsed
+    peak = gpu_peak_flops()
+    return {
+        "tokens_per_sec": tokens_per_sec,
+        "mfu": flops_per_token(model, args.seq_len) * tokens_per_sec / peak if peak else None,
+        "peak_mem_gib": peak_gib(),
+        "steps_timed": steps,
+        "warmup_steps": args.warmup,
+        "warmup_s": warmup_s,
+        "step_ms": 1e3 * elapsed / steps,
+        "final_loss": loss.item(),
+        "parameters": count_parameters(model),
+        "flops_per_token": flops_per_token(model, args.seq_len),
+    }
+
+
+def lmlab_overrides(args: argparse.Namespace, work: Path, max_steps: int) -> list[str]:
+    cuda = torch.cuda.is_available()
+    return [
+        f"model={args.preset}", f"trainer={'gpu' if cuda else 'cpu'}", f"compile={str(args.compile).lower()}",
+        "logger=csv", f"batch_size={args.batch_size}", f"seq_len={args.seq_len}", f"max_steps={max_steps}",
+        "trainer.val_check_interval=1000000", "trainer.limit_val_batches=0", "callbacks.samples.num_prompts=0",
+        "checkpoint_every=1000000", f"tokenizer={work / 'tokenizer'}", f"data.train_files=[{work / 'train.txt'}]",
+        f"data.val_files=[{work / 'val.txt'}]",
+        f"paths.output_dir={work / 'run'}", f"paths.cache_dir={work / 'cache'}",
+    ]
+
+
+def run_lmlab(args: argparse.Namespace, work: Path) -> dict:
+    """lmlab's own training entry point on the composed config; throughput from metrics.csv."""
+    from hydra import compose, initialize_config_dir
+
+    import train
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=lmlab_overrides(args, work, max_steps=0))
+    window = cfg.callbacks.throughput.window_size
+    # A row logged at (0-based) step s averages steps s-window+1..s: the first with no warmup step in it.
+    first_step = args.warmup + window - 1
+    max_steps = args.warmup + window + args.steps
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=lmlab_overrides(args, work, max_steps=max_steps))
+
+    write_tokenizer(work / "tokenizer")  # enough training text for every step without a second epoch
+    write_corpus(work / "train.txt", int(1.1 * max_steps * args.batch_size * (args.seq_len + 1)) + WORDS_PER_DOC)
+    write_corpus(work / "val.txt", 2 * WORDS_PER_DOC, seed=1)
+
+    t0 = time.perf_counter()
+    train.train(cfg)
+    fit_s = time.perf_counter() - t0
+
+    hf = json.loads((work / "run" / "hf" / "config.json").read_text())
+    shape = {k: hf[k] for k in ("vocab_size", "n_positions", *SHAPES[args.preset])}
+    expected = {"vocab_size": VOCAB_SIZE, "n_positions": 1024, **SHAPES[args.preset]}
+    assert shape == expected, f"lmlab built {shape}, the raw loop {expected}"
+
+    with open(work / "run" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/device/items_per_sec")]
+    all_rows = [{"step": int(r["step"]), "tokens_per_sec": float(r["train/device/items_per_sec"]),
+                 "mfu": float(r["train/device/mfu"]) if r.get("train/device/mfu") else None} for r in rows]
+    timed = [r for r in all_rows if r["step"] >= first_step]
+    assert timed, f"no throughput rows at step >= {first_step} in metrics.csv: {all_rows}"
+    mfus = [r["mfu"] for r in timed if r["mfu"] is not None]
+    return {
+        "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed),
+        "mfu": statistics.median(mfus) if mfus else None,
+        "peak_mem_gib": peak_gib(),
+        "steps_timed": timed[-1]["step"] - timed[0]["step"] + window,
+        "rows_used": len(timed),
+        "rows_first_step": timed[0]["step"],
+        "window_steps": window,
+        "log_every_n_steps": cfg.trainer.log_every_n_steps,
+        "max_steps": max_steps,
+        "fit_wall_s": fit_s,
+        "overrides": lmlab_overrides(args, Path("<tmp>"), max_steps),
+        "rows": all_rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    raw, lm = result["raw"], result.get("lmlab")
+
+    def row(name: str, side: dict) -> str:
+        mfu = "n/a" if side["mfu"] is None else f"{100 * side['mfu']:.1f}%"
+        mem = "n/a" if side["peak_mem_gib"] is None else f"{side['peak_mem_gib']:.2f}"
+        ratio = side["tokens_per_sec"] / raw["tokens_per_sec"]
+        return f"| {name} | {side['tokens_per_sec']:,.0f} | {mfu} | {mem} | {side['steps_timed']} | {ratio:.3f} |"
+
+    precision = "bf16 autocast, fused AdamW" if result["device"] != "cpu" else "fp32, AdamW"
+    peak = f"{result['peak_flops_bf16']:.4g}" if result["peak_flops_bf16"] else "n/a"
+    lines = [
+        f"# {result['preset']} training throughput: lmlab vs raw compiled HF loop ({result['date']})",
+        "",
+        f"{result['device']}; torch {result['versions']['torch']}, transformers {result['versions']['transformers']}, "
+        f"lightning {result['versions']['lightning']}; batch {result['batch_size']} x {result['seq_len']} tokens, "
+        f"{precision}, compile={result['compile']}; MFU against {peak} FLOP/s.",
+        "",
+        "| side | tokens/s | MFU | peak GiB | steps timed | / raw |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        row("raw HF loop", raw),
+    ]
+    if lm:
+        lines.append(row("lmlab", lm))
+        lines += ["", f"lmlab / raw tokens/s: **{result['ratio_tokens_per_sec']:.3f}** (lmlab: median of "
+                  f"{lm['rows_used']} metrics.csv rows of {lm['window_steps']}-step windows, covering (0-based) steps "
+                  f"{lm['rows_first_step'] - lm['window_steps'] + 1}-{lm['rows'][-1]['step']} of {lm['max_steps']}; raw: one "
+                  f"CUDA-event span over {raw['steps_timed']} steps after {raw['warmup_steps']} warmup steps)"]
+    if result.get("ladder"):
+        lines += ["", "Raw loop, adding lmlab's differences one by one (cumulative):", "",
+                  "| variant | tokens/s | MFU | peak GiB | steps timed | / raw |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |",
+                  *(row(name, side) for name, side in result["ladder"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def save(result: dict, out: Path) -> None:
+    """The JSON and the table, rewritten after each part so a cut-off run keeps what it measured."""
+    gpu = re.search(r"\b([A-Z]\d{2,4})\b", result["device"])
+    stem = f"{result['date']}_{gpu.group(1).lower() if gpu else 'cpu'}_{result['preset']}_throughput"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    log.info("wrote %s.{json,md} in %s", stem, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="timed steps (raw); steps after warmup+window (lmlab)")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed steps first, compilation included")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--ladder", action="store_true",
+                        help="then also time the raw loop with lmlab's step differences added one by one")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU check: gpt2-tiny, seq 64, batch 4, no compile")
+    args = parser.parse_args()
+    args.preset, args.compile = "gpt2", torch.cuda.is_available()
+    if args.smoke:
+        args.preset, args.compile, args.seq_len, args.batch_size, args.warmup, args.steps = "gpt2-tiny", False, 64, 4, 2, 10
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    out = Path(os.environ.get("OUT") or ".")
+
+    import lightning
+    import transformers
+
+    result = {
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": datetime.date.today().isoformat(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "lightning": lightning.__version__, "python": sys.version.split()[0]},
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "compile": args.compile,
+        "peak_flops_bf16": gpu_peak_flops(),
+    }
+    torch.set_float32_matmul_precision("high")  # as train.train sets it
+
+    def fresh() -> None:
+        gc.collect()
+        torch._dynamo.reset()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    log.info("raw HF loop: %s", vars(args))
+    fresh()
+    result["raw"] = run_raw(args, args.steps)
+    log.info("raw: %s", result["raw"])
+    save(result, out)
+
+    fresh()
+    with tempfile.TemporaryDirectory(prefix="lmlab_bench_") as tmp:
+        result["lmlab"] = run_lmlab(args, Path(tmp))
+    result["ratio_tokens_per_sec"] = result["lmlab"]["tokens_per_sec"] / result["raw"]["tokens_per_sec"]
+    save(result, out)
+
+    if args.ladder:
+        result["ladder"] = {}
+        for name, kwargs in LADDER:
+            fresh()
+            result["ladder"][name] = run_raw(args, args.steps, **kwargs)
+            log.info("%s: %s", name, result["ladder"][name])
+            save(result, out)
+
+    print(json.dumps(result, indent=2))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Shared helpers: compose the real Hydra config with tiny overrides, run the real entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PROJECT_ROOT", str(REPO))
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# Tiny, quick settings every test run starts from.
+TINY = [
+    "model=llama-tiny", "logger=csv", "max_steps=30", "batch_size=8", "seq_len=64", "warmup_steps=5",
+    "trainer.val_check_interval=15", "trainer.limit_val_batches=2", "trainer.enable_model_summary=false",
+    "callbacks.samples.max_new_tokens=4", "bpe.vocab_size=512",
+]
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str]) -> DictConfig:
+    """The composed training config, writing into tmp_path (no Hydra run dir needed)."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*TINY, f"paths.output_dir={tmp_path}",
+                                           f"paths.cache_dir={tmp_path}/cache", *overrides])
+
+
+def run_script(*args: str, cwd: Path = REPO, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run an entry point (train.py, sweep.py, generate.py) as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """A byte-level BPE trained on a few lines, with the chatml template."""
+    from lmlab.tokenizer import train_bpe
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train")
+    texts = ["Add the two numbers. 3 + 4 = 7", "What is 5 plus 6? It is 11.", "你好，世界。三加四等于七。"] * 20
+    return train_bpe(texts, **{**cfg.bpe, "vocab_size": 400}, chat_template=cfg.template.chat_template)
+
+
+def template(name: str) -> str:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"template={name}"]).template.chat_template

@@ -1,0 +1,140 @@
+"""hf/ export round-trips, init_from loads weights, and an interrupted run resumes to the same weights."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO, TINY, compose_cfg, run_script
+from train import train
+
+
+def test_hf_export_loads_in_plain_transformers_with_equal_logits(tmp_path):
+    cfg = compose_cfg(tmp_path, ["max_steps=10", "callbacks.samples.num_prompts=0"])
+    train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok("Alice has 3 apples. 三加四等于七。", return_tensors="pt")["input_ids"]
+
+    from lmlab.models import build_model
+
+    rebuilt = build_model(cfg.model, tok)
+    rebuilt.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
+                             if k.startswith("model.")})
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, rebuilt(ids).logits)
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert tok.chat_template  # chat formatting travels with the export
+
+
+def test_init_from_starts_from_the_previous_weights(tmp_path):
+    first = tmp_path / "pretrain"
+    train(compose_cfg(first, ["max_steps=10", "callbacks.samples.num_prompts=0"]))
+    cfg = compose_cfg(tmp_path / "sft", ["stage=sft", f"init_from={first}", "max_steps=1", "lr=1e-12", "min_lr=0",
+                                         "callbacks.samples.num_prompts=0"])
+    train(cfg)
+    before = load_file(first / "hf" / "model.safetensors")
+    after = load_file(tmp_path / "sft" / "hf" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:  # one step at lr 1e-12 leaves the loaded weights (not a fresh init) in place
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6)
+    saved_tok = AutoTokenizer.from_pretrained(tmp_path / "sft" / "hf")
+    assert saved_tok.get_vocab() == AutoTokenizer.from_pretrained(first / "hf").get_vocab()
+
+
+def test_freeze_embeddings_keeps_them_bit_identical(tmp_path):
+    first = tmp_path / "pretrain"
+    train(compose_cfg(first, ["max_steps=5", "callbacks.samples.num_prompts=0"]))
+    train(compose_cfg(tmp_path / "sft", ["stage=sft", f"init_from={first}", "max_steps=5",
+                                         "stage.module.freeze=[embeddings]", "callbacks.samples.num_prompts=0"]))
+    before = load_file(first / "hf" / "model.safetensors")
+    after = load_file(tmp_path / "sft" / "hf" / "model.safetensors")
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert not torch.equal(before["model.norm.weight"], after["model.norm.weight"])
+
+
+def _train_cmd(outputs: Path, *extra: str) -> list[str]:
+    return ["train.py", *TINY, "max_steps=40", "checkpoint_every=5", "trainer.val_check_interval=10",
+            "callbacks.samples.num_prompts=0", f"paths.log_dir={outputs}", f"paths.cache_dir={outputs}/cache", *extra]
+
+
+def _run_folders(outputs: Path) -> list[Path]:
+    return sorted((outputs / "pretrain" / "llama-tiny").iterdir())
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL mid-run, then `resume=auto`: the final weights equal an uninterrupted run's."""
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    run_script(*_train_cmd(straight))
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, *_train_cmd(crashed)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = list(crashed.glob("pretrain/llama-tiny/*/checkpoints/last.ckpt"))
+        if ckpts and torch.load(ckpts[0], weights_only=False)["global_step"] >= 15:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed:\n{proc.stderr.read()[-3000:]}"
+    (killed_dir,) = _run_folders(crashed)
+    assert not (killed_dir / "hf").exists()
+
+    run_script(*_train_cmd(crashed, "resume=auto"))
+    assert _run_folders(crashed) == [killed_dir], "resume=auto must continue in the interrupted run's folder"
+    (straight_dir,) = _run_folders(straight)
+    a = load_file(straight_dir / "hf" / "model.safetensors")
+    b = load_file(killed_dir / "hf" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+    with open(killed_dir / "metrics.csv") as f:
+        steps = {int(row["step"]) for row in csv.DictReader(f)}
+    assert min(steps) < 15 and max(steps) == 39, "metrics.csv keeps the rows from before the kill and continues"
+
+
+def test_resume_auto_without_an_interrupted_run_starts_fresh(tmp_path):
+    run_script(*_train_cmd(tmp_path, "max_steps=5", "resume=auto"))
+    assert len(_run_folders(tmp_path)) == 1
+    run_script(*_train_cmd(tmp_path, "max_steps=5", "resume=auto"))  # the first one finished: a new run
+    assert len(_run_folders(tmp_path)) == 2
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    """A write that dies midway leaves the previous last.ckpt loadable (Lightning's fsspec transaction)."""
+    from lightning.fabric.utilities.cloud_io import _atomic_save
+
+    path = tmp_path / "last.ckpt"
+    _atomic_save({"global_step": 1}, path)
+
+    import fsspec.implementations.local as local
+
+    def broken_write(self, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(local.LocalFileOpener, "write", broken_write, raising=False)
+    try:
+        _atomic_save({"global_step": 2}, path)
+    except OSError:
+        pass
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False)["global_step"] == 1
+
+
+def test_module_saves_its_hyperparameters(tmp_path):
+    train(compose_cfg(tmp_path, ["max_steps=2", "callbacks.samples.num_prompts=0"]))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["hyper_parameters"]["optim"]["optimizer"]["lr"] == 3.0e-3
+    assert ckpt["hyper_parameters"]["freeze"] == []
