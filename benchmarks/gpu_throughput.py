@@ -12,7 +12,7 @@ vocab 50257, batch 16 x 1024 tokens, bf16 autocast, fused AdamW, grad clip 1.0, 
     Tokens/s and MFU come from the ``TokenThroughputMonitor`` rows of ``metrics.csv`` (each a
     window of 20 steps): the median of the rows whose window starts after ``--warmup`` steps.
     It runs ``warmup + window + steps`` steps; validation, sample generations and periodic
-    checkpoints are off.
+    checkpoints are off; ``--lmlab-override`` adds Hydra overrides (recorded in the output).
 
 With ``--ladder`` the raw loop is then timed again with lmlab's step differences added one at a
 time (LADDER below), so a gap between (a) and (b) can be traced to its parts.
@@ -110,14 +110,15 @@ LADDER = [
 
 
 def run_raw(args: argparse.Namespace, steps: int, attention_mask: bool = False, lmlab_loss: bool = False,
-            sync: bool = False) -> dict:
+            sync: bool = False, fused: bool = True) -> dict:
     """The anchor: a plain compiled HF GPT-2 training loop on random token ids.
 
     The keyword arguments add, one by one, what lmlab's step does differently: the collator's
     all-ones ``attention_mask``; the loss of ``CausalLMModule._loss`` (``logits.float()``, cross
     entropy and the token accuracy with boolean indexing, outside the compiled model) instead of
-    HF's ``labels=`` loss inside it; and the host syncs of the non-finite-loss check and of
-    Lightning's ThroughputMonitor.
+    HF's ``labels=`` loss inside it; the host syncs of the non-finite-loss check and of
+    Lightning's ThroughputMonitor; and (``fused=False``) the foreach AdamW lmlab falls back to when
+    its config turns fused off.
     """
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -134,7 +135,7 @@ def run_raw(args: argparse.Namespace, steps: int, attention_mask: bool = False, 
     model.train()
     if args.compile:
         model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda and fused)
     shape = (args.batch_size, args.seq_len)
     batches = [(torch.randint(0, VOCAB_SIZE, shape, device=device), torch.randint(0, VOCAB_SIZE, shape, device=device))
                for _ in range(8)]
@@ -203,7 +204,7 @@ def lmlab_overrides(args: argparse.Namespace, work: Path, max_steps: int) -> lis
         "trainer.val_check_interval=1000000", "trainer.limit_val_batches=0", "callbacks.samples.num_prompts=0",
         "checkpoint_every=1000000", f"tokenizer={work / 'tokenizer'}", f"data.train_files=[{work / 'train.txt'}]",
         f"data.val_files=[{work / 'val.txt'}]",
-        f"paths.output_dir={work / 'run'}", f"paths.cache_dir={work / 'cache'}",
+        f"paths.output_dir={work / 'run'}", f"paths.cache_dir={work / 'cache'}", *args.lmlab_override,
     ]
 
 
@@ -253,6 +254,7 @@ def run_lmlab(args: argparse.Namespace, work: Path) -> dict:
         "log_every_n_steps": cfg.trainer.log_every_n_steps,
         "max_steps": max_steps,
         "fit_wall_s": fit_s,
+        "optimizer_fused": bool(cfg.optim.optimizer.fused),
         "overrides": lmlab_overrides(args, Path("<tmp>"), max_steps),
         "rows": all_rows,
     }
@@ -282,6 +284,8 @@ def markdown(result: dict) -> str:
     ]
     if lm:
         lines.append(row("lmlab", lm))
+        if result["lmlab_extra_overrides"]:
+            lines += ["", f"lmlab ran with extra overrides: `{' '.join(result['lmlab_extra_overrides'])}`."]
         lines += ["", f"lmlab / raw tokens/s: **{result['ratio_tokens_per_sec']:.3f}** (lmlab: median of "
                   f"{lm['rows_used']} metrics.csv rows of {lm['window_steps']}-step windows, covering (0-based) steps "
                   f"{lm['rows_first_step'] - lm['window_steps'] + 1}-{lm['rows'][-1]['step']} of {lm['max_steps']}; raw: one "
@@ -311,6 +315,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--ladder", action="store_true",
                         help="then also time the raw loop with lmlab's step differences added one by one")
+    parser.add_argument("--lmlab-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra Hydra override for the lmlab run (repeatable), e.g. optim.optimizer.fused=false")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU check: gpt2-tiny, seq 64, batch 4, no compile")
     args = parser.parse_args()
     args.preset, args.compile = "gpt2", torch.cuda.is_available()
@@ -332,6 +338,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "compile": args.compile,
+        "lmlab_extra_overrides": args.lmlab_override,
         "peak_flops_bf16": gpu_peak_flops(),
     }
     torch.set_float32_matmul_precision("high")  # as train.train sets it
@@ -357,7 +364,10 @@ def main() -> None:
 
     if args.ladder:
         result["ladder"] = {}
-        for name, kwargs in LADDER:
+        ladder = list(LADDER)
+        if torch.cuda.is_available() and not result["lmlab"]["optimizer_fused"]:
+            ladder.append(("+ foreach AdamW (fused=false, as lmlab ran)", {**LADDER[-1][1], "fused": False}))
+        for name, kwargs in ladder:
             fresh()
             result["ladder"][name] = run_raw(args, args.steps, **kwargs)
             log.info("%s: %s", name, result["ladder"][name])

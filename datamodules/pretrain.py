@@ -135,14 +135,19 @@ class PretrainDataModule(CausalDataModule):
                 counts[split][1] += 1
             batch.clear()
 
-        for item in self._split_docs():
-            batch.append(item)
-            if len(batch) >= self.tokenize_batch:
+        try:
+            for item in self._split_docs():
+                batch.append(item)
+                if len(batch) >= self.tokenize_batch:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
-        for f in files.values():
-            f.close()
+        except BaseException:
+            shutil.rmtree(tmp)  # no half-written token files left behind
+            raise
+        finally:
+            for f in files.values():
+                f.close()
         meta = {
             "dtype": dtype.name,
             "tokens": {k: v[0] for k, v in counts.items()},

@@ -1,0 +1,72 @@
+"""The entry points as a user runs them: train.py, the pretrain -> SFT -> generate chain, sweep.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import TINY, run_script
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """python train.py (tiny limits), then stage=sft init_from=<that run>."""
+    out = tmp_path_factory.mktemp("outputs")
+    common = [*[t for t in TINY if not t.startswith("logger=")], "max_steps=20", "trainer.val_check_interval=10",
+              f"paths.log_dir={out}", f"paths.cache_dir={out}/cache"]
+    run_script("train.py", *common)
+    (pretrain,) = (out / "pretrain" / "llama-tiny").iterdir()
+    run_script("train.py", "stage=sft", f"init_from={pretrain}", *common)
+    (sft,) = (out / "sft" / "llama-tiny").iterdir()
+    return pretrain, sft
+
+
+def test_train_leaves_a_self_describing_run_folder(chain):
+    pretrain, _ = chain
+    config = yaml.safe_load((pretrain / ".hydra" / "config.yaml").read_text())
+    assert config["stage"]["name"] == "pretrain" and config["max_steps"] == 20
+    header = (pretrain / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "val/loss", "val/ppl", "val/acc", "lr", "step"} <= set(header)
+    assert (pretrain / "checkpoints" / "last.ckpt").is_file()
+    assert list((pretrain / "checkpoints").glob("best-step*.ckpt"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in (pretrain / "hf").iterdir()}
+    samples = [json.loads(line) for line in (pretrain / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "output"} <= samples[0].keys()
+    # wandb ran offline into the run folder, under the run's stable id
+    assert list((pretrain / "wandb").glob("offline-run-*"))
+
+
+def test_sft_from_pretrain_then_chat_style_generation(chain):
+    _, sft = chain
+    config = yaml.safe_load((sft / ".hydra" / "config.yaml").read_text())
+    assert config["stage"]["name"] == "sft" and config["init_from"]
+    assert "loaded LlamaForCausalLM" in (sft / "train.log").read_text()
+    out = run_script("generate.py", f"init_from={sft}", "prompt=What is 3 plus 4?", "max_new_tokens=8")
+    assert out.returncode == 0 and out.stdout.strip() != ""
+
+
+def test_sweep_runs_one_job_per_value(tmp_path):
+    proc = run_script("sweep.py", "-m", "lr=5e-3,5e-4", *TINY, "max_steps=5", "callbacks.samples.num_prompts=0",
+                      f"hydra.sweep.dir={tmp_path}/sweep", f"paths.cache_dir={tmp_path}/cache")
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = [yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["lr"] for job in jobs]
+    assert lrs == [5e-3, 5e-4]
+    assert all((job / "hf" / "model.safetensors").is_file() for job in jobs)
+    assert "Launching 2 jobs" in proc.stdout + proc.stderr
+
+
+def test_unknown_group_option_lists_the_options():
+    proc = run_script("train.py", "model=llama-huge", check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'model/llama-huge'" in proc.stderr
+    assert "gpt2-medium" in proc.stderr and "llama-moe" in proc.stderr  # the available options
+
+
+def test_unknown_key_is_rejected():
+    proc = run_script("train.py", "learning_rate=1e-3", check=False)
+    assert proc.returncode != 0
+    assert "Could not override 'learning_rate'" in proc.stderr
