@@ -135,7 +135,8 @@ def run_raw(args: argparse.Namespace, steps: int, attention_mask: bool = False, 
     model.train()
     if args.compile:
         model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda and fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=cuda and fused)
     shape = (args.batch_size, args.seq_len)
     batches = [(torch.randint(0, VOCAB_SIZE, shape, device=device), torch.randint(0, VOCAB_SIZE, shape, device=device))
                for _ in range(8)]
