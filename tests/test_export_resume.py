@@ -64,8 +64,9 @@ def test_freeze_embeddings_keeps_them_bit_identical(tmp_path):
     assert not torch.equal(before["model.norm.weight"], after["model.norm.weight"])
 
 
-def _train_cmd(outputs: Path, *extra: str) -> list[str]:
-    return ["train.py", *TINY, "max_steps=40", "checkpoint_every=5", "trainer.val_check_interval=10",
+def _train_cmd(outputs: Path, *extra: str, wandb: bool = False) -> list[str]:
+    tiny = [t for t in TINY if not (wandb and t.startswith("logger="))]
+    return ["train.py", *tiny, "max_steps=40", "checkpoint_every=5", "trainer.val_check_interval=10",
             "callbacks.samples.num_prompts=0", f"paths.log_dir={outputs}", f"paths.cache_dir={outputs}/cache", *extra]
 
 
@@ -79,7 +80,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     run_script(*_train_cmd(straight))
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, *_train_cmd(crashed)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, *_train_cmd(crashed, wandb=True)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -93,7 +94,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     (killed_dir,) = _run_folders(crashed)
     assert not (killed_dir / "hf").exists()
 
-    run_script(*_train_cmd(crashed, "resume=auto"))
+    run_script(*_train_cmd(crashed, "resume=auto", wandb=True))
     assert _run_folders(crashed) == [killed_dir], "resume=auto must continue in the interrupted run's folder"
     (straight_dir,) = _run_folders(straight)
     a = load_file(straight_dir / "hf" / "model.safetensors")
@@ -103,6 +104,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     with open(killed_dir / "metrics.csv") as f:
         steps = {int(row["step"]) for row in csv.DictReader(f)}
     assert min(steps) < 15 and max(steps) == 39, "metrics.csv keeps the rows from before the kill and continues"
+    wandb_runs = sorted((killed_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1, (
+        f"the resumed run must log to the same wandb run id: {[p.name for p in wandb_runs]}")
 
 
 def test_resume_auto_without_an_interrupted_run_starts_fresh(tmp_path):

@@ -1,0 +1,66 @@
+"""Every reader yields the same records with their line numbers; adapters map each layout to messages."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SHARED_DATA
+from datamodules.formats import read_records, to_messages
+
+ROWS = [{"prompt": "1+1=", "response": "2"}, {"prompt": "你好", "response": "你好！"}]
+
+
+def write(path, fmt: str) -> None:
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS) + "\n")
+    elif fmt == "json":
+        path.write_text(json.dumps(ROWS, ensure_ascii=False))
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    else:
+        sep = "," if fmt == "csv" else "\t"
+        path.write_text("prompt" + sep + "response\n" + "".join(f"{r['prompt']}{sep}{r['response']}\n" for r in ROWS))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "tsv"])
+def test_every_format_reads_the_same_records(tmp_path, fmt):
+    path = tmp_path / f"data.{fmt}"
+    write(path, fmt)
+    records = list(read_records(path))
+    assert [r for _, _, r in records] == ROWS
+    assert [line for _, line, _ in records] == ([2, 3] if fmt in ("csv", "tsv") else [1, 2])
+
+
+def test_tsv_without_header_takes_column_names_from_config(tmp_path):
+    path = tmp_path / "spam.tsv"
+    path.write_text("ham\thello there\nspam\tWIN now\n")
+    rows = [r for _, _, r in read_records(path, header=False, columns=["label", "text"])]
+    assert rows == [{"label": "ham", "text": "hello there"}, {"label": "spam", "text": "WIN now"}]
+
+
+def test_txt_is_one_document_per_line_skipping_blank_lines(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("first doc\n\nsecond doc\n")
+    assert [(line, r["text"]) for _, line, r in read_records(path)] == [(1, "first doc"), (3, "second doc")]
+
+
+def test_adapters_map_alpaca_prompt_response_and_chat_layouts():
+    alpaca = to_messages({"instruction": "Add.", "input": "1 + 2", "output": "3"}, "f", 1)
+    assert alpaca == [{"role": "user", "content": "Add.", "input": "1 + 2"}, {"role": "assistant", "content": "3"}]
+    assert to_messages({"instruction": "Hi.", "input": "", "output": "Hello"}, "f", 1)[0] == {"role": "user",
+                                                                                            "content": "Hi."}
+    chat = to_messages({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "f", 1)
+    assert chat == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def test_shared_alpaca_en_reads_as_messages():
+    path = SHARED_DATA / "alpaca_en_instruction" / "instruction-data.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (../shared/data is not beside this checkout)")
+    records = [to_messages(r, s, line) for s, line, r in read_records(path)]
+    assert len(records) == 1100
+    assert all(m[-1]["role"] == "assistant" for m in records)
