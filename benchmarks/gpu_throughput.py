@@ -9,13 +9,11 @@ vocab 50257, batch 16 x 1024 tokens, bf16 autocast, fused AdamW, grad clip 1.0, 
 (b) lmlab: ``train.train(cfg)`` on the config ``python train.py model=gpt2 trainer=gpu compile=true
     logger=csv`` composes, reading a synthetic corpus through the real datamodule (memmap windows,
     4 workers) with a synthetic 50257-token word-level tokenizer, so the model has the anchor's shape.
-    Tokens/s and MFU come from the ``TokenThroughputMonitor`` rows of ``metrics.csv`` (each a
-    window of 20 steps): the median of the rows whose window starts after ``--warmup`` steps.
+    Tokens/s and MFU come from the ``TokenThroughputMonitor`` rows of ``metrics.csv`` (each the rate
+    over the last 19 step durations: a window of 20 step ends, host-synced): the median of the rows
+    whose window holds no warmup step.
     It runs ``warmup + window + steps`` steps; validation, sample generations and periodic
     checkpoints are off; ``--lmlab-override`` adds Hydra overrides (recorded in the output).
-
-With ``--ladder`` the raw loop is then timed again with lmlab's step differences added one at a
-time (LADDER below), so a gap between (a) and (b) can be traced to its parts.
 
 MFU on both sides is ``lmlab.models.flops_per_token`` (6N + 12*L*d*T) x tokens/s over Lightning's
 ``get_available_flops`` for bf16. Peak memory is ``torch.cuda.max_memory_allocated``, reset between
@@ -23,7 +21,7 @@ the sides. Prints a JSON object and a markdown table and writes both as
 ``<date>_<gpu>_<preset>_throughput.{json,md}`` into ``$OUT`` if set, else the current folder
 (``benchmarks/results/`` keeps the ones worth keeping).
 
-    python benchmarks/gpu_throughput.py --ladder        # GPU: warmup 30, 300 timed steps a side
+    python benchmarks/gpu_throughput.py                 # GPU: warmup 30, 300 timed steps a side
     python benchmarks/gpu_throughput.py --smoke         # CPU check: gpt2-tiny, seq 64, batch 4, no compile
 
 On a machine without hydra-core/omegaconf/torchdata, install them first (the repo's train.py needs them).
@@ -100,27 +98,8 @@ def peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-# Cumulative steps from the raw loop towards what lmlab's training step does (``--ladder``), to show
-# where a gap comes from: (name, run_raw keyword arguments).
-LADDER = [
-    ("+ attention_mask of ones", {"attention_mask": True}),
-    ("+ lmlab's loss outside the compiled model", {"attention_mask": True, "lmlab_loss": True}),
-    ("+ per-step host syncs", {"attention_mask": True, "lmlab_loss": True, "sync": True}),
-]
-
-
-def run_raw(args: argparse.Namespace, steps: int, attention_mask: bool = False, lmlab_loss: bool = False,
-            sync: bool = False, fused: bool = True) -> dict:
-    """The anchor: a plain compiled HF GPT-2 training loop on random token ids.
-
-    The keyword arguments add, one by one, what lmlab's step does differently: the collator's
-    all-ones ``attention_mask``; the loss of ``CausalLMModule._loss`` (``logits.float()``, cross
-    entropy and the token accuracy with boolean indexing, outside the compiled model) instead of
-    HF's ``labels=`` loss inside it; the host syncs of the non-finite-loss check and of
-    Lightning's ThroughputMonitor; and (``fused=False``) the foreach AdamW lmlab falls back to when
-    its config turns fused off.
-    """
-    import torch.nn.functional as F
+def run_raw(args: argparse.Namespace, steps: int) -> dict:
+    """The anchor: a plain compiled HF GPT-2 training loop on random token ids."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lmlab.models import count_parameters, flops_per_token
@@ -136,35 +115,22 @@ def run_raw(args: argparse.Namespace, steps: int, attention_mask: bool = False, 
     if args.compile:
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=cuda and fused)
+                                  fused=cuda)
     shape = (args.batch_size, args.seq_len)
-    batches = [(torch.randint(0, VOCAB_SIZE, shape, device=device), torch.randint(0, VOCAB_SIZE, shape, device=device))
-               for _ in range(8)]
-    mask = torch.ones(shape, dtype=torch.long, device=device) if attention_mask else None
+    batches = [torch.randint(0, VOCAB_SIZE, shape, device=device) for _ in range(8)]
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            if lmlab_loss:
-                logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits.float()
-                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-                keep = y != -100
-                with torch.no_grad():
-                    (logits.argmax(-1)[keep] == y[keep]).float().mean()
-            else:
-                loss = model(input_ids=x, attention_mask=mask, labels=x, use_cache=False).loss
-        if sync and not torch.isfinite(loss):
-            raise RuntimeError("non-finite loss")
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if sync and cuda:
-            torch.cuda.synchronize()
         return loss
 
     t0 = time.perf_counter()
     for i in range(args.warmup):
-        step(*batches[i % len(batches)])
+        step(batches[i % len(batches)])
     if cuda:
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
@@ -174,7 +140,7 @@ def run_raw(args: argparse.Namespace, steps: int, attention_mask: bool = False, 
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     for i in range(steps):
-        loss = step(*batches[i % len(batches)])
+        loss = step(batches[i % len(batches)])
     if cuda:
         end.record()
         torch.cuda.synchronize()
@@ -218,13 +184,15 @@ def run_lmlab(args: argparse.Namespace, work: Path) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=lmlab_overrides(args, work, max_steps=0))
     window = cfg.callbacks.throughput.window_size
-    # A row logged at (0-based) step s averages steps s-window+1..s: the first with no warmup step in it.
-    first_step = args.warmup + window - 1
+    # A row logged at (0-based) step s is the rate from the end of step s-window+1 to the end of step s,
+    # i.e. over the window-1 steps s-window+2..s; the first row with no warmup step in it:
+    first_step = args.warmup + window - 2
     max_steps = args.warmup + window + args.steps
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=lmlab_overrides(args, work, max_steps=max_steps))
 
-    write_tokenizer(work / "tokenizer")  # enough training text for every step without a second epoch
+    write_tokenizer(work / "tokenizer")
+    # Enough training text for every step without a second epoch (whose start would save last.ckpt).
     write_corpus(work / "train.txt", int(1.1 * max_steps * args.batch_size * (args.seq_len + 1)) + WORDS_PER_DOC)
     write_corpus(work / "val.txt", 2 * WORDS_PER_DOC, seed=1)
 
@@ -248,9 +216,10 @@ def run_lmlab(args: argparse.Namespace, work: Path) -> dict:
         "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed),
         "mfu": statistics.median(mfus) if mfus else None,
         "peak_mem_gib": peak_gib(),
-        "steps_timed": timed[-1]["step"] - timed[0]["step"] + window,
+        "steps_timed": timed[-1]["step"] - timed[0]["step"] + window - 1,
         "rows_used": len(timed),
         "rows_first_step": timed[0]["step"],
+        "rows_last_step": timed[-1]["step"],
         "window_steps": window,
         "log_every_n_steps": cfg.trainer.log_every_n_steps,
         "max_steps": max_steps,
@@ -287,15 +256,11 @@ def markdown(result: dict) -> str:
         lines.append(row("lmlab", lm))
         if result["lmlab_extra_overrides"]:
             lines += ["", f"lmlab ran with extra overrides: `{' '.join(result['lmlab_extra_overrides'])}`."]
+        first = lm["rows_first_step"] - lm["window_steps"] + 2
         lines += ["", f"lmlab / raw tokens/s: **{result['ratio_tokens_per_sec']:.3f}** (lmlab: median of "
-                  f"{lm['rows_used']} metrics.csv rows of {lm['window_steps']}-step windows, covering (0-based) steps "
-                  f"{lm['rows_first_step'] - lm['window_steps'] + 1}-{lm['rows'][-1]['step']} of {lm['max_steps']}; raw: one "
-                  f"CUDA-event span over {raw['steps_timed']} steps after {raw['warmup_steps']} warmup steps)"]
-    if result.get("ladder"):
-        lines += ["", "Raw loop, adding lmlab's differences one by one (cumulative):", "",
-                  "| variant | tokens/s | MFU | peak GiB | steps timed | / raw |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |",
-                  *(row(name, side) for name, side in result["ladder"].items())]
+                  f"{lm['rows_used']} metrics.csv rows, each over {lm['window_steps'] - 1} steps, covering "
+                  f"(0-based) steps {first}-{lm['rows_last_step']} of {lm['max_steps']}; raw: one CUDA-event span "
+                  f"over {raw['steps_timed']} steps after {raw['warmup_steps']} warmup steps)"]
     return "\n".join(lines) + "\n"
 
 
@@ -310,19 +275,19 @@ def save(result: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="timed steps (raw); steps after warmup+window (lmlab)")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="timed steps (raw); steps after warmup + throughput window (lmlab)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first, compilation included")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--ladder", action="store_true",
-                        help="then also time the raw loop with lmlab's step differences added one by one")
     parser.add_argument("--lmlab-override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Hydra override for the lmlab run (repeatable), e.g. optim.optimizer.fused=false")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU check: gpt2-tiny, seq 64, batch 4, no compile")
     args = parser.parse_args()
     args.preset, args.compile = "gpt2", torch.cuda.is_available()
     if args.smoke:
-        args.preset, args.compile, args.seq_len, args.batch_size, args.warmup, args.steps = "gpt2-tiny", False, 64, 4, 2, 10
+        args.preset, args.compile, args.seq_len, args.batch_size = "gpt2-tiny", False, 64, 4
+        args.warmup, args.steps = 2, 10
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_SILENT", "true")
     out = Path(os.environ.get("OUT") or ".")
@@ -362,17 +327,6 @@ def main() -> None:
         result["lmlab"] = run_lmlab(args, Path(tmp))
     result["ratio_tokens_per_sec"] = result["lmlab"]["tokens_per_sec"] / result["raw"]["tokens_per_sec"]
     save(result, out)
-
-    if args.ladder:
-        result["ladder"] = {}
-        ladder = list(LADDER)
-        if torch.cuda.is_available() and not result["lmlab"]["optimizer_fused"]:
-            ladder.append(("+ foreach AdamW (fused=false, as lmlab ran)", {**LADDER[-1][1], "fused": False}))
-        for name, kwargs in ladder:
-            fresh()
-            result["ladder"][name] = run_raw(args, args.steps, **kwargs)
-            log.info("%s: %s", name, result["ladder"][name])
-            save(result, out)
 
     print(json.dumps(result, indent=2))
     print(markdown(result))

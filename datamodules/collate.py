@@ -35,7 +35,7 @@ class CausalCollator:
             labels[row, :n] = s["labels"]
             attention_mask[row, :n] = 1
         return {
-            "input_ids": input_ids[:, :-1],
-            "attention_mask": attention_mask[:, :-1],
-            "labels": labels[:, 1:],
+            "input_ids": input_ids[:, :-1].contiguous(),
+            "attention_mask": attention_mask[:, :-1].contiguous(),
+            "labels": labels[:, 1:].contiguous(),
         }

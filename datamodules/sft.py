@@ -159,6 +159,8 @@ class SFTDataModule(CausalDataModule):
             return
         if self.chat_template:
             self.tokenizer.chat_template = self.chat_template
+        if not self.tokenizer.chat_template:
+            raise ValueError("the tokenizer has no chat template: choose one with template=chatml|alpaca|babyllama")
         train, val = self.split()
         self.train_set = self._tokenize_all(train)
         self.val_set = self._tokenize_all(val)

@@ -43,16 +43,16 @@ def freeze_parameters(model: PreTrainedModel, patterns: Sequence[str]) -> list[s
 
 
 class CausalLMModule(L.LightningModule):
-    """Wraps a transformers causal LM. Batches carry pre-shifted labels (see datamodules.collate)."""
+    """Wraps a transformers causal LM. Batches carry pre-shifted labels (see datamodules.collate).
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        optim: dict,
-        freeze: Sequence[str] = (),
-        compile: bool = False,
-        router_aux_loss_coef: float = 0.0,
-    ):
+    The training loss is the model's own (``labels`` + ``shift_labels``), so with ``compile``
+    the cross entropy is compiled together with the forward pass and the fp32 logits are
+    never materialised; for a mixture of experts it includes the router load-balancing term
+    (``router_aux_loss_coef`` in the model config). Validation loss is the plain token-weighted
+    cross entropy, so val/ppl is a true perplexity.
+    """
+
+    def __init__(self, model: PreTrainedModel, optim: dict, freeze: Sequence[str] = (), compile: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
@@ -61,45 +61,63 @@ class CausalLMModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
         self.flops_per_batch = 0.0  # read by ThroughputMonitor for MFU
+        # Non-finite losses are flagged on the device and checked at log steps and before every
+        # checkpoint, so there is no host sync per step and no checkpoint ever holds a bad state.
+        self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
 
     def configure_model(self) -> None:
         if self.hparams.compile:
             self.model.compile()
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean loss, token accuracy, number of label tokens)."""
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        labels = batch["labels"]
-        logits = out.logits.float()
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    def _forward(self, batch: dict[str, torch.Tensor], with_loss: bool):
+        labels = batch["labels"] if with_loss else None
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                          shift_labels=labels, use_cache=False)
+
+    @staticmethod
+    def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token accuracy over label positions, number of label positions), without a host sync."""
         mask = labels != IGNORE_INDEX
-        with torch.no_grad():
-            acc = (logits.argmax(-1)[mask] == labels[mask]).float().mean()
-        aux = getattr(out, "aux_loss", None)
-        if aux is not None and self.hparams.router_aux_loss_coef:
-            loss = loss + self.hparams.router_aux_loss_coef * aux
-        return loss, acc, mask.sum()
+        n = mask.sum()
+        return ((logits.argmax(-1) == labels) & mask).sum() / n.clamp(min=1), n
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         seq_len = batch["input_ids"].shape[1]
         if seq_len not in self._flops_per_token:
             self._flops_per_token[seq_len] = flops_per_token(self.model, seq_len)
         self.flops_per_batch = self._flops_per_token[seq_len] * batch["input_ids"].numel()
-        loss, acc, _ = self._loss(batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.global_step}; stopping before the optimizer step. "
-                "checkpoints/last.ckpt holds the last good state: lower lr, check the data, or use a "
-                "higher-precision setting, then resume=auto"
-            )
+        out = self._forward(batch, with_loss=True)
+        loss = out.loss
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, self.global_step, self.first_bad_step)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self._raise_if_non_finite()
+            with torch.no_grad():
+                self.log("train/acc", self._accuracy(out.logits, batch["labels"])[0])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
-        self.log("train/acc", acc)
         self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
         return loss
 
+    def _raise_if_non_finite(self) -> None:
+        step = int(self.first_bad_step)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"loss is not finite (nan/inf) at step {step}; stopping. checkpoints/last.ckpt holds the last good "
+                "state (it is never written after a bad step): lower lr, check the data, or use a higher-precision "
+                "setting, then resume=auto"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._raise_if_non_finite()
+
+    def on_train_end(self) -> None:
+        self._raise_if_non_finite()
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, acc, n = self._loss(batch)
+        logits = self._forward(batch, with_loss=False).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        acc, n = self._accuracy(logits, batch["labels"])
         self.val_loss.update(loss, weight=n)
         self.val_acc.update(acc, weight=n)
 
@@ -110,6 +128,23 @@ class CausalLMModule(L.LightningModule):
         self.log("val/acc", self.val_acc.compute())
         self.val_loss.reset()
         self.val_acc.reset()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's own clipping, except under bf16-mixed with a fused optimizer.
+
+        Lightning refuses to clip for any optimizer that unscales gradients itself (fused AdamW)
+        under mixed precision, because fp16's GradScaler would hand it scaled gradients; bf16 has
+        no scaler, so the gradients are the true ones and torch's clipping is exact.
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and any(g.get("fused") for g in optimizer.param_groups):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         cfg = self.hparams.optim

@@ -112,15 +112,17 @@ def test_sample_with_no_response_left_after_truncation_is_dropped_and_counted(tm
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import lightning_modules.causal_lm as causal_lm
 
-    real_loss = causal_lm.CausalLMModule._loss
+    real_forward = causal_lm.CausalLMModule._forward
 
-    def poisoned(self, batch):
-        loss, acc, n = real_loss(self, batch)
-        return (loss * math.nan if self.training and self.global_step >= 7 else loss), acc, n
+    def poisoned(self, batch, with_loss):
+        out = real_forward(self, batch, with_loss)
+        if with_loss and self.global_step >= 7:
+            out.loss = out.loss * math.nan
+        return out
 
-    monkeypatch.setattr(causal_lm.CausalLMModule, "_loss", poisoned)
+    monkeypatch.setattr(causal_lm.CausalLMModule, "_forward", poisoned)
     cfg = compose_cfg(tmp_path, ["max_steps=20", "checkpoint_every=5", "callbacks.samples.num_prompts=0"])
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 7"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is not finite \(nan/inf\) at step 7"):
         train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 5

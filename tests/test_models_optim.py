@@ -101,3 +101,26 @@ def test_warmup_then_cosine_to_min_lr():
     assert lrs[60] == pytest.approx(2e-5 + (2e-4 - 2e-5) * 0.5)  # halfway down the cosine
     assert lrs[110] == pytest.approx(2e-5) and lrs[119] == pytest.approx(2e-5)  # floor at min_lr
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_fused_adamw_with_bf16_clips_gradients(tmp_path, monkeypatch):
+    """Lightning refuses to clip for fused optimizers under mixed precision; bf16 has no scaler, so lmlab clips."""
+    from conftest import compose_cfg
+    from train import train
+
+    norms = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        total = real_clip(params, max_norm, *args, **kwargs)
+        norms.append((float(total), float(torch.linalg.vector_norm(torch.stack(
+            [p.grad.norm() for p in params if p.grad is not None])))))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    cfg = compose_cfg(tmp_path, ["trainer.precision=bf16-mixed", "optim.optimizer.fused=true", "max_steps=4",
+                                 "trainer.gradient_clip_val=0.01", "callbacks.samples.num_prompts=0"])
+    train(cfg)
+    assert len(norms) == 4
+    assert all(before > 0.01 and after == pytest.approx(0.01, rel=1e-3) for before, after in norms)
