@@ -15,10 +15,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_gpu_run_learns_and_logs_throughput_and_mfu(tmp_path, compile):
-    cfg = compose_cfg(tmp_path, ["trainer=gpu", f"compile={compile}", "max_steps=60", "lr=1e-2",
-                                 "trainer.log_every_n_steps=5", "callbacks.throughput.window_size=5"])
+    text = tmp_path / "rep.txt"
+    text.write_text("\n".join(["the cat sat on the mat and the dog sat on the log."] * 400))
+    cfg = compose_cfg(tmp_path / "run", ["trainer=gpu", f"compile={compile}", f"data.train_files=[{text}]",
+                                         "max_steps=40", "lr=1e-2", "trainer.log_every_n_steps=1",
+                                         "callbacks.throughput.window_size=5"])
     train(cfg)
-    with open(tmp_path / "metrics.csv") as f:
+    with open(tmp_path / "run" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     tokens_per_sec = [float(r["train/device/items_per_sec"]) for r in rows if r.get("train/device/items_per_sec")]
