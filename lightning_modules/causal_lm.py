@@ -90,13 +90,14 @@ class CausalLMModule(L.LightningModule):
         loss = out.loss
         bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(bad, self.global_step, self.first_bad_step)
+        self.log("train/loss", loss, prog_bar=True)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            # only on logging steps: these need a host sync (the check, and lr as a new device tensor)
             self._raise_if_non_finite()
             with torch.no_grad():
                 self.log("train/acc", self._accuracy(out.logits, batch["labels"])[0])
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach()))
-        self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+            self.log("train/ppl", torch.exp(loss.detach()))
+            self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
         return loss
 
     def _raise_if_non_finite(self) -> None:
