@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 from torch.utils.data import Dataset
@@ -11,7 +12,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.collate import CausalCollator
-from datamodules.formats import SkipCounter
+from datamodules.formats import DataError, SkipCounter, read_records
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,25 @@ class CausalDataModule(L.LightningDataModule):
     every checkpoint and a resumed run sees exactly the batches it had not seen yet.
     """
 
-    def __init__(self, batch_size: int, num_workers: int, pad_to_multiple_of: int, seed: int, on_error: str):
+    def __init__(
+        self,
+        train_files: Sequence[str],
+        val_files: Sequence[str] | None,
+        val_fraction: float,
+        format: str,
+        batch_size: int,
+        num_workers: int,
+        pad_to_multiple_of: int,
+        seed: int,
+        on_error: str,
+    ):
         super().__init__()
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.train_files = list(train_files)
+        self.val_files = list(val_files or [])
+        self.val_fraction = val_fraction
+        self.format = format
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -38,6 +54,22 @@ class CausalDataModule(L.LightningDataModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+
+    def records(self, files: Sequence[str], adapter: Callable[[Any, str, int], Any]) -> Iterator[tuple[str, int, Any]]:
+        """(source, line, adapted record) for every record of ``files``.
+
+        A record that cannot be read or adapted raises its DataError, or under on_error=skip
+        is counted in ``self.skips`` and passed over.
+        """
+        skips = self.skips if self.on_error == "skip" else None
+        for path in files:
+            for source, line, record in read_records(path, self.format, skips=skips):
+                try:
+                    yield source, line, adapter(record, source, line)
+                except DataError as e:
+                    if skips is None:
+                        raise
+                    skips.add("bad records", e)
 
     def iter_texts(self) -> Iterator[str]:
         """Training text, for training a tokenizer when none is given."""

@@ -8,6 +8,7 @@ position when no val file is given.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import CausalDataModule
-from datamodules.formats import DataError, read_records, to_text
+from datamodules.formats import to_text
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +69,22 @@ class PretrainDataModule(CausalDataModule):
         on_error: str = "raise",
         tokenize_batch: int = 1000,
     ):
-        super().__init__(batch_size, num_workers, pad_to_multiple_of, seed, on_error)
-        self.train_files = list(train_files)
-        self.val_files = list(val_files or [])
-        self.val_fraction = val_fraction
-        self.format = format
+        super().__init__(train_files, val_files, val_fraction, format, batch_size, num_workers, pad_to_multiple_of,
+                         seed, on_error)
         self.text_field = text_field
         self.seq_len = seq_len
         self.cache_dir = Path(cache_dir)
         self.tokenize_batch = tokenize_batch
 
     def _docs(self, files: Sequence[str]) -> Iterator[str]:
-        skips = self.skips if self.on_error == "skip" else None
-        for path in files:
-            for source, line, record in read_records(path, self.format, skips=skips):
-                try:
-                    yield to_text(record, source, line, self.text_field)
-                except DataError as e:
-                    if skips is None:
-                        raise
-                    skips.add("bad records", e)
+        adapter = functools.partial(to_text, text_field=self.text_field)
+        return (doc for _, _, doc in self.records(files, adapter))
 
     def _split_docs(self) -> Iterator[tuple[str, str]]:
         """(split, text) for every document: the val file's, or a seeded hash of the train file's."""
         for i, doc in enumerate(self._docs(self.train_files)):
-            held_out = not self.val_files and zlib.crc32(f"{self.seed}:{i}".encode()) % 10_000 < self.val_fraction * 10_000
+            bucket = zlib.crc32(f"{self.seed}:{i}".encode()) % 10_000
+            held_out = not self.val_files and bucket < self.val_fraction * 10_000
             yield ("val" if held_out else "train"), doc
         for doc in self._docs(self.val_files):
             yield "val", doc

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from datamodules.base import CausalDataModule
 from datamodules.collate import IGNORE_INDEX
-from datamodules.formats import DataError, read_records, to_messages
+from datamodules.formats import DataError, to_messages
 
 
 def render_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -95,28 +95,15 @@ class SFTDataModule(CausalDataModule):
         seed: int = 0,
         on_error: str = "raise",
     ):
-        super().__init__(batch_size, num_workers, pad_to_multiple_of, seed, on_error)
-        self.train_files = list(train_files)
-        self.val_files = list(val_files or [])
-        self.val_fraction = val_fraction
-        self.format = format
+        super().__init__(train_files, val_files, val_fraction, format, batch_size, num_workers, pad_to_multiple_of,
+                         seed, on_error)
         self.chat_template = chat_template
         self.max_length = max_length
         self.train_on_prompt = train_on_prompt
         self._split: tuple[list, list] | None = None
 
     def _read(self, files: Sequence[str]) -> list[tuple[str, int, list[dict]]]:
-        conversations = []
-        skips = self.skips if self.on_error == "skip" else None
-        for path in files:
-            for source, line, record in read_records(path, self.format, skips=skips):
-                try:
-                    conversations.append((source, line, to_messages(record, source, line)))
-                except DataError as e:
-                    if skips is None:
-                        raise
-                    skips.add("bad records", e)
-        return conversations
+        return list(self.records(files, to_messages))
 
     def split(self) -> tuple[list, list]:
         """(train, val) conversations; a seeded shuffle holds out val_fraction when no val file is given."""

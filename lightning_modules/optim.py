@@ -21,7 +21,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float
+) -> LambdaLR:
     """Linear warmup from 0 to the peak lr, then cosine down to ``min_lr_ratio`` x peak at total_steps."""
 
     def factor(step: int) -> float:

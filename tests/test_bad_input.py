@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import compose_cfg
+
 from datamodules.formats import DataError, read_records
 from datamodules.pretrain import PretrainDataModule
 from datamodules.sft import SFTDataModule

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import REPO, TINY, compose_cfg, run_script
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, TINY, compose_cfg, run_script
 from train import train
 
 

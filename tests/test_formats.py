@@ -7,8 +7,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import SHARED_DATA
+
 from datamodules.formats import read_records, to_messages
 
 ROWS = [{"prompt": "1+1=", "response": "2"}, {"prompt": "你好", "response": "你好！"}]

@@ -6,8 +6,8 @@ import csv
 
 import pytest
 import torch
-
 from conftest import compose_cfg
+
 from train import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

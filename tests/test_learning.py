@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from conftest import compose_cfg
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import datamodules.sft
-from conftest import compose_cfg
 from datamodules.collate import IGNORE_INDEX
 from train import train
 

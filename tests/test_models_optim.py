@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
 from hydra import compose, initialize_config_dir
 from transformers import PreTrainedTokenizerFast
 
-from conftest import REPO
 from lightning_modules.optim import param_groups, warmup_cosine
 from lmlab.models import build_model, count_parameters, flops_per_token
 
@@ -106,6 +106,7 @@ def test_warmup_then_cosine_to_min_lr():
 def test_fused_adamw_with_bf16_clips_gradients(tmp_path, monkeypatch):
     """Lightning refuses to clip for fused optimizers under mixed precision; bf16 has no scaler, so lmlab clips."""
     from conftest import compose_cfg
+
     from train import train
 
     norms = []

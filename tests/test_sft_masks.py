@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import template
+
 from datamodules.collate import IGNORE_INDEX, CausalCollator
 from datamodules.formats import to_messages
 from datamodules.sft import tokenize_conversation
