@@ -2,8 +2,7 @@
 
 The same config tree as train.py (conf/sweep.yaml adds conf/train.yaml) in Hydra's multirun
 mode, so `-m` is optional; jobs land in multirun/<date>_<time>_<stage>_<model>/<job number>/,
-each a full run folder and its own wandb run (grouped by the sweep). Named grids live in
-conf/sweep/ is where later recipes go; `hydra/launcher=joblib` or submitit run jobs in parallel.
+each a full run folder and its own wandb run, all in one wandb group named after the sweep.
 """
 
 from __future__ import annotations

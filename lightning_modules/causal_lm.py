@@ -19,7 +19,7 @@ from lmlab.models import flops_per_token
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised on a NaN/inf loss, before the optimizer step, so the last checkpoint stays the last good one."""
+    """A NaN/inf training loss; raised before any checkpoint is written after it, so last.ckpt stays good."""
 
 
 def freeze_parameters(model: PreTrainedModel, patterns: Sequence[str]) -> list[str]:
