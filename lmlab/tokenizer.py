@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 def train_bpe(
     texts: Iterable[str],
+    level: str,
     vocab_size: int,
     min_frequency: int,
     bos_token: str,
@@ -23,6 +24,8 @@ def train_bpe(
     chat_template: str | None = None,
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE (never an unknown token) trained on ``texts``, with the special tokens added whole."""
+    if level != "byte":
+        raise NotImplementedError(f"bpe.level={level!r}: only 'byte' is implemented so far")
     specials = [bos_token, eos_token, pad_token, *extra_special_tokens]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
