@@ -8,15 +8,16 @@ and the count is reported at the end of the run.
 from __future__ import annotations
 
 import csv
-import io
 import json
+import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 FORMATS = ("jsonl", "json", "parquet", "csv", "tsv", "txt")
+csv.field_size_limit(sys.maxsize)  # documents can be long; the default 128 KiB limit would reject them
 ROLE_ALIASES = {
     "user": "user", "human": "user", "人类": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "助手": "assistant",
@@ -115,14 +116,21 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _read_delimited(path: Path, delimiter: str, header: bool, columns: list[str] | None) -> Iterator[tuple[int, Any]]:
+    """One record per line. TSV fields are taken verbatim (quotes are text); CSV follows RFC 4180 quoting
+    within a line (a quoted field spanning lines is not supported: its first line is reported)."""
     names = columns
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     for line_no, text in _text_lines(path):
         if isinstance(text, DataError):
             yield line_no, text
             continue
         if not text.strip():
             continue
-        row = next(csv.reader(io.StringIO(text), delimiter=delimiter))
+        try:
+            row = next(csv.reader([text], delimiter=delimiter, quoting=quoting))
+        except csv.Error as e:
+            yield line_no, DataError(str(path), line_no, f"malformed {'TSV' if quoting == csv.QUOTE_NONE else 'CSV'} row: {e}")
+            continue
         if names is None and header:
             names = row
             continue
@@ -157,38 +165,49 @@ def _read_txt(path: Path, one_doc_per_line: bool) -> Iterator[tuple[int, Any]]:
 
 def read_records(
     path: str | Path,
-    fmt: str = "auto",
+    fmt: str | Mapping[str, Any] = "auto",
     *,
-    header: bool = True,
-    columns: list[str] | None = None,
-    one_doc_per_line: bool = True,
     skips: SkipCounter | None = None,
 ) -> Iterator[tuple[str, int, Any]]:
     """Yield (source, line, record) from one file, streaming where the format allows.
 
+    ``fmt`` is a format name ("auto": by extension) or a mapping, the ``data.format`` of a
+    preset: ``type`` (the format name), ``header`` (csv/tsv: is the first line column names;
+    default true), ``columns`` (csv/tsv column names when there is no header), ``fields`` (rename
+    record keys to the names the adapters read, e.g. {question: prompt, answer: response}),
+    ``one_doc_per_line`` (txt; default true, false: the whole file is one document).
+
     A line that cannot be read (bad bytes, malformed JSON, wrong column count) raises a
     DataError naming it, or, when ``skips`` is given, is counted there and passed over.
     """
+    spec = {"type": fmt} if isinstance(fmt, str) else dict(fmt)
+    unknown = set(spec) - {"type", "header", "columns", "fields", "one_doc_per_line"}
+    if unknown:
+        raise DataError(str(path), None, f"unknown data.format keys {sorted(unknown)}")
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), None, "file not found")
-    kind = detect_format(path, fmt)
+    kind = detect_format(path, spec.get("type", "auto"))
     if kind == "jsonl":
         rows = _read_jsonl(path)
     elif kind == "json":
         rows = _read_json(path)
     elif kind in ("csv", "tsv"):
-        rows = _read_delimited(path, "," if kind == "csv" else "\t", header, columns)
+        columns = list(spec["columns"]) if spec.get("columns") else None
+        rows = _read_delimited(path, "," if kind == "csv" else "\t", spec.get("header", True) and not columns, columns)
     elif kind == "parquet":
         rows = _read_parquet(path)
     else:
-        rows = _read_txt(path, one_doc_per_line)
+        rows = _read_txt(path, spec.get("one_doc_per_line", True))
+    rename = dict(spec.get("fields") or {})
     for line_no, record in rows:
         if isinstance(record, DataError):
             if skips is None:
                 raise record
             skips.add("unreadable lines", record)
             continue
+        if rename and isinstance(record, dict):
+            record = {rename.get(k, k): v for k, v in record.items()}
         yield str(path), line_no, record
 
 
@@ -211,7 +230,7 @@ def to_text(record: Any, source: str, line: int, text_field: str = "text") -> st
     return _field(record, text_field, source, line)
 
 
-def _turns(record: dict, key: str, source: str, line: int) -> list[dict]:
+def _turns(record: dict, key: str, source: str, line: int, needs_reply: bool = True) -> list[dict]:
     turns = record[key]
     if not isinstance(turns, list) or not turns:
         raise DataError(source, line, "expected a non-empty list of turns", field=key)
@@ -228,30 +247,60 @@ def _turns(record: dict, key: str, source: str, line: int) -> list[dict]:
         if not isinstance(content, str) or not content.strip():
             raise DataError(source, line, "missing or empty", field=f"{where}.content")
         messages.append({"role": ROLE_ALIASES[role], "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if needs_reply and not any(m["role"] == "assistant" for m in messages):
         raise DataError(source, line, "no assistant turn to learn from", field=key)
     return messages
+
+
+def _ranked_best(record: dict, key: str, source: str, line: int) -> str:
+    """A response field that may be a list of answers ranked best first (e.g. oasst): the best one."""
+    value = record.get(key)
+    if isinstance(value, list):
+        if not value:
+            raise DataError(source, line, "empty list of ranked answers", field=key)
+        return _field({f"{key}[0]": value[0]}, f"{key}[0]", source, line)
+    return _field(record, key, source, line)
+
+
+def _history(record: dict, source: str, line: int) -> list[dict]:
+    """Earlier turns given as ``history: [[question, answer], ...]`` (LLaMA-Factory's layout)."""
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise DataError(source, line, "expected a list of [question, answer] pairs", field="history")
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
+            raise DataError(source, line, "expected a [question, answer] pair of non-empty strings",
+                            field=f"history[{i}]")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
 
 
 def to_messages(record: Any, source: str, line: int) -> list[dict]:
     """The prompt/response shape as a list of chat messages.
 
     Alpaca {instruction, input, output} becomes one user turn (``input`` kept as its own key so
-    the Alpaca template can print it under ``### Input``) and one assistant turn;
-    {prompt, response} becomes one user and one assistant turn; ``messages`` or
-    ``conversations`` lists are read turn by turn.
+    the Alpaca template can print it under ``### Input``) and one assistant turn, after any
+    ``history`` pairs; an ``output`` list is read as answers ranked best first and the best one is
+    the response. {prompt, response} becomes one user and one assistant turn. ``messages`` or
+    ``conversations`` lists are read turn by turn; preference records whose conversation ends with
+    the user take their ``chosen`` answer as the response.
     """
     if not isinstance(record, dict):
         raise DataError(source, line, f"expected an object with fields, got {type(record).__name__}")
     for key in ("messages", "conversations"):
         if key in record:
-            return _turns(record, key, source, line)
+            messages = _turns(record, key, source, line, needs_reply="chosen" not in record)
+            if messages[-1]["role"] != "assistant" and "chosen" in record:
+                messages.append({"role": "assistant", "content": _field(record, "chosen", source, line)})
+            return messages
     if "instruction" in record:
         user = {"role": "user", "content": _field(record, "instruction", source, line)}
         extra = _field(record, "input", source, line, required=False)
         if extra:
             user["input"] = extra
-        return [user, {"role": "assistant", "content": _field(record, "output", source, line)}]
+        reply = {"role": "assistant", "content": _ranked_best(record, "output", source, line)}
+        return [*_history(record, source, line), user, reply]
     if "prompt" in record:
         return [
             {"role": "user", "content": _field(record, "prompt", source, line)},
@@ -260,5 +309,5 @@ def to_messages(record: Any, source: str, line: int) -> list[dict]:
     raise DataError(
         source, line,
         f"cannot tell the record's shape from its fields {sorted(record)}; expected instruction/input/output, "
-        "prompt/response, messages or conversations",
+        "prompt/response, messages or conversations (data.format.fields renames fields)",
     )

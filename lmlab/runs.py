@@ -10,6 +10,7 @@ no finished export, and training continues there; with none, a new folder is mad
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -51,7 +52,13 @@ def run_id(folder: str) -> str:
     return hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16]
 
 
+def wandb_offline() -> bool:
+    """wandb logs offline (no account or network needed) unless WANDB_MODE=online says otherwise."""
+    return os.environ.get("WANDB_MODE", "offline") != "online"
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("lmlab.run_dir", run_dir, replace=True)
     OmegaConf.register_new_resolver("lmlab.run_id", run_id, replace=True)
+    OmegaConf.register_new_resolver("lmlab.wandb_offline", wandb_offline, replace=True)
     OmegaConf.register_new_resolver("lmlab.basename", lambda p: Path(p).name, replace=True)

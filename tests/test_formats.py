@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,7 +39,7 @@ def test_every_format_reads_the_same_records(tmp_path, fmt):
 def test_tsv_without_header_takes_column_names_from_config(tmp_path):
     path = tmp_path / "spam.tsv"
     path.write_text("ham\thello there\nspam\tWIN now\n")
-    rows = [r for _, _, r in read_records(path, header=False, columns=["label", "text"])]
+    rows = [r for _, _, r in read_records(path, {"type": "tsv", "columns": ["label", "text"]})]
     assert rows == [{"label": "ham", "text": "hello there"}, {"label": "spam", "text": "WIN now"}]
 
 
@@ -64,3 +65,36 @@ def test_shared_alpaca_en_reads_as_messages():
     records = [to_messages(r, s, line) for s, line, r in read_records(path)]
     assert len(records) == 1100
     assert all(m[-1]["role"] == "assistant" for m in records)
+
+
+def test_history_and_ranked_outputs_become_turns_and_the_best_answer():
+    record = {"instruction": "再说一遍", "input": "", "output": ["最好的回答", "次好的回答"],
+              "history": [["你好", "你好！"]]}
+    assert to_messages(record, "f", 1) == [
+        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "再说一遍"}, {"role": "assistant", "content": "最好的回答"},
+    ]
+
+
+def test_preference_conversation_takes_chosen_as_the_reply():
+    record = {"conversations": [{"from": "human", "value": "q"}], "chosen": "good", "rejected": "bad"}
+    assert to_messages(record, "f", 1)[-1] == {"role": "assistant", "content": "good"}
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"instruction": "x", "output": []}, "output"),
+    ({"instruction": "x", "output": "y", "history": [["only question"]]}, "history[0]"),
+    ({"conversations": [{"from": "human", "value": "q"}]}, "conversations"),
+])
+def test_bad_history_ranking_or_missing_reply_names_the_field(record, field):
+    from datamodules.formats import DataError
+
+    with pytest.raises(DataError, match=rf"f:7: field '{re.escape(field)}'"):
+        to_messages(record, "f", 7)
+
+
+def test_tsv_keeps_quotes_verbatim_and_fields_can_be_renamed(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text('q\ta\n"quoted" start\the said "hi"\n')
+    spec = {"type": "tsv", "fields": {"q": "prompt", "a": "response"}}
+    assert [r for _, _, r in read_records(path, spec)] == [{"prompt": '"quoted" start', "response": 'he said "hi"'}]
