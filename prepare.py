@@ -9,6 +9,7 @@ and on_error behave as in training). Token files land in the data cache that tra
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lmlab.runs import register_resolvers
-from lmlab.tokenizer import load_tokenizer, train_bpe
+from lmlab.tokenizer import load_tokenizer, train_and_save
 
 log = logging.getLogger("lmlab.prepare")
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -26,23 +27,28 @@ register_resolvers()
 
 
 def train_tokenizer(cfg: DictConfig) -> Path:
-    """Train a BPE on the preset's training text and save it as a Hugging Face tokenizer folder."""
+    """Train a BPE on the preset's training text; save it as a Hugging Face tokenizer folder with its report.json."""
     datamodule = instantiate(cfg.data)
-    tokenizer = train_bpe(datamodule.iter_texts(), chat_template=cfg.template.chat_template, **cfg.bpe)
-    out = Path(cfg.out)
-    tokenizer.save_pretrained(out)
-    log.info("saved tokenizer (%d tokens) to %s; %s", len(tokenizer), out, datamodule.skips.report())
-    return out
+    tokenizer, report = train_and_save(datamodule, cfg.out, cfg.template.chat_template, cfg.bpe)
+    print(json.dumps(report, indent=2))
+    log.info("saved tokenizer (%d tokens) and report.json to %s; %s", len(tokenizer), cfg.out,
+             datamodule.skips.report())
+    return Path(cfg.out)
 
 
 def tokenize_corpus(cfg: DictConfig) -> Path:
-    """Tokenize the preset's corpus into the token files a pretraining run reads."""
+    """Tokenize the preset's corpus into the token shards a pretraining run reads (data.num_proc processes).
+
+    Rerun the same command after an interruption: finished shards are kept and only the rest is tokenized.
+    """
     if not cfg.tokenizer:
         raise ValueError("task=tokenize needs tokenizer=<dir> (make one with task=tokenizer)")
     datamodule = instantiate(cfg.data)
     datamodule.tokenizer = load_tokenizer(cfg.tokenizer)
     datamodule.prepare_data()
-    log.info("token files in %s", datamodule.token_dir)
+    meta = json.loads((datamodule.token_dir / "meta.json").read_text())
+    log.info("%s tokens (%s), %s documents in %d shards in %s; %s", meta["tokens"], meta["dtype"],
+             meta["documents"], len(meta["shards"]), datamodule.token_dir, datamodule.skips.report())
     return datamodule.token_dir
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab.models import build_model, export_hf, load_model, resolve_hf_dir
 from lmlab.runs import register_resolvers
-from lmlab.tokenizer import load_tokenizer, train_bpe
+from lmlab.tokenizer import load_tokenizer, train_and_save
 
 log = logging.getLogger("lmlab.train")
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))  # conf/paths: root_dir
@@ -36,9 +36,7 @@ def get_tokenizer(cfg: DictConfig, datamodule, run_dir: Path):
     saved = run_dir / "tokenizer"
     if saved.is_dir():  # a resumed run keeps the tokenizer it started with
         return load_tokenizer(saved)
-    tokenizer = train_bpe(datamodule.iter_texts(), chat_template=cfg.template.chat_template, **cfg.bpe)
-    tokenizer.save_pretrained(saved)
-    return tokenizer
+    return train_and_save(datamodule, saved, cfg.template.chat_template, cfg.bpe)[0]
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -1,20 +1,28 @@
-"""Pretraining data: text tokenized once into uint16/uint32 memmap files, read as windows of seq_len+1.
+"""Pretraining data: text tokenized once into uint16/uint32 token shards, read as windows of seq_len+1.
 
-The token files live in a cache folder keyed by a hash of the tokenizer, the input files
-(path, size, mtime) and the split settings, so a second run with the same inputs reuses them.
+The shards live in a cache folder keyed by a hash of the tokenizer, the input files
+(path, size, mtime) and the settings that change their bytes (not ``num_proc``), so a second
+run with the same inputs reuses them; ``meta.json``, written last, marks the folder complete
+and records the tokenizer hash, dtype, token/document/shard counts, sources and skips.
+Tokenization runs in ``num_proc`` processes, resumes from the shards a crashed run left,
+and gives the same bytes whatever ``num_proc`` (see datamodules/shards.py).
+
 Documents are separated by EOS. Documents go to train or val by a seeded hash of their
-position when no val file is given.
+position when no val file is given. Empty documents: a blank line of a txt file separates
+documents and is not one; an empty or missing text field of a record is a bad record (an
+error naming file, line and field, or under on_error=skip a count in meta.json).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
 import logging
 import os
-import shutil
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,30 +31,46 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import CausalDataModule
-from datamodules.formats import to_text
+from datamodules.formats import SkipCounter, to_text
+from datamodules.shards import SPLITS, ShardWriter, plan_shards, token_dtype
 
 log = logging.getLogger(__name__)
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
-
-
 class TokenWindows(Dataset):
-    """Contiguous, non-overlapping windows of seq_len+1 tokens from a 1-D memmap."""
+    """Contiguous, non-overlapping windows of seq_len+1 tokens over the concatenation of token shard files.
 
-    def __init__(self, path: str | Path, dtype: np.dtype, seq_len: int):
-        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+    A window may span two shards, so the windows are the same however the tokens were sharded.
+    Windows are read with ``np.fromfile`` at an offset rather than through open memmaps, so a
+    corpus of thousands of shards holds no file descriptors and pickles cheaply to loader workers.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], dtype: np.dtype, seq_len: int):
+        self.paths = [str(path) for path in paths]
+        self.dtype = np.dtype(dtype)
+        self.offsets = np.cumsum([0] + [os.path.getsize(p) // self.dtype.itemsize for p in self.paths]).tolist()
         self.seq_len = seq_len
-        if len(self.tokens) < seq_len + 1:
-            raise ValueError(f"{path}: {len(self.tokens)} tokens, fewer than one window of seq_len+1={seq_len + 1}")
+        if self.offsets[-1] < seq_len + 1:
+            where = Path(self.paths[0]).parent if self.paths else "no shards"
+            raise ValueError(f"{where}: {self.offsets[-1]} tokens, fewer than one window of seq_len+1={seq_len + 1}")
 
     def __len__(self) -> int:
-        return (len(self.tokens) - 1) // self.seq_len
+        return (self.offsets[-1] - 1) // self.seq_len
+
+    def _tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the concatenated shards."""
+        parts = []
+        k = bisect.bisect_right(self.offsets, start) - 1
+        while start < end:
+            stop = min(end, self.offsets[k + 1])
+            offset = (start - self.offsets[k]) * self.dtype.itemsize
+            parts.append(np.fromfile(self.paths[k], dtype=self.dtype, count=stop - start, offset=offset))
+            start, k = stop, k + 1
+        return np.concatenate(parts)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         start = i * self.seq_len
-        window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        window = torch.from_numpy(self._tokens(start, start + self.seq_len + 1).astype(np.int64))
         return {"input_ids": window, "labels": window}
 
 
@@ -67,14 +91,18 @@ class PretrainDataModule(CausalDataModule):
         pad_to_multiple_of: int = 1,
         seed: int = 0,
         on_error: str = "raise",
-        tokenize_batch: int = 1000,
+        num_proc: int = 0,
+        shard_mb: float = 8,
+        chunk_chars: int = 100_000,
     ):
         super().__init__(train_files, val_files, val_fraction, format, batch_size, num_workers, pad_to_multiple_of,
                          seed, on_error)
         self.text_field = text_field
         self.seq_len = seq_len
         self.cache_dir = Path(cache_dir)
-        self.tokenize_batch = tokenize_batch
+        self.num_proc = num_proc
+        self.shard_mb = shard_mb
+        self.chunk_chars = chunk_chars
 
     def _docs(self, files: Sequence[str]) -> Iterator[str]:
         adapter = functools.partial(to_text, text_field=self.text_field)
@@ -92,13 +120,21 @@ class PretrainDataModule(CausalDataModule):
     def iter_texts(self) -> Iterator[str]:
         return (doc for split, doc in self._split_docs() if split == "train")
 
+    def _settings(self) -> dict:
+        """Everything besides the input files that the token bytes depend on."""
+        return {
+            "tokenizer_sha256": hashlib.sha256(self.tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+            "vocab_size": len(self.tokenizer), "eos_id": self.tokenizer.eos_token_id, "format": self.format,
+            "text_field": self.text_field, "val_fraction": self.val_fraction, "seed": self.seed,
+            "on_error": self.on_error, "shard_mb": self.shard_mb, "chunk_chars": self.chunk_chars,
+        }
+
     def cache_key(self) -> str:
         """Hash of everything the token files depend on."""
-        h = hashlib.sha256(self.tokenizer.backend_tokenizer.to_str().encode())
+        h = hashlib.sha256(json.dumps(self._settings(), sort_keys=True).encode())
         for path in self.train_files + ["--val--"] + self.val_files:
             stat = os.stat(path) if os.path.exists(path) else None
             h.update(f"{os.path.abspath(path)}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
-        h.update(f"{self.format}:{self.text_field}:{self.val_fraction}:{self.seed}:{self.on_error}".encode())
         return h.hexdigest()[:16]
 
     @property
@@ -106,53 +142,39 @@ class PretrainDataModule(CausalDataModule):
         return self.cache_dir / self.cache_key()
 
     def prepare_data(self) -> None:
-        """Tokenize every document once; written to a temporary folder and renamed when complete."""
+        """Tokenize every document once into shards; meta.json, written last, marks them complete.
+
+        A rerun after a crash keeps the finished shards and tokenizes only the missing ones.
+        """
         target = self.token_dir
         if (target / "meta.json").exists():
-            log.info("pretrain data: reusing token files in %s", target)
+            meta = json.loads((target / "meta.json").read_text())
+            self.skips = SkipCounter(Counter(meta["skipped"]), list(meta["skip_examples"]))
+            log.info("pretrain data: reusing token shards in %s", target)
             return
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        dtype = token_dtype(len(self.tokenizer))
-        eos = self.tokenizer.eos_token_id
-        counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
-        files = {split: open(tmp / f"{split}.bin", "wb") for split in counts}
-        batch: list[tuple[str, str]] = []
-
-        def flush() -> None:
-            encoded = self.tokenizer([doc for _, doc in batch], add_special_tokens=False)["input_ids"]
-            for (split, _), ids in zip(batch, encoded):
-                np.asarray(ids + [eos], dtype=dtype).tofile(files[split])
-                counts[split][0] += len(ids) + 1
-                counts[split][1] += 1
-            batch.clear()
-
-        try:
-            for item in self._split_docs():
-                batch.append(item)
-                if len(batch) >= self.tokenize_batch:
-                    flush()
-            if batch:
-                flush()
-        except BaseException:
-            shutil.rmtree(tmp)  # no half-written token files left behind
-            raise
-        finally:
-            for f in files.values():
-                f.close()
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("pretraining separates documents with EOS; the tokenizer has no eos token")
+        self.skips = SkipCounter()  # this pass only: training a tokenizer may have read (and counted) the data before
+        settings = self._settings()
+        writer = ShardWriter(target, self.tokenizer.backend_tokenizer, settings["eos_id"],
+                             token_dtype(settings["vocab_size"]), self.num_proc, self.chunk_chars)
+        shards = writer.write(plan_shards(self._split_docs(), int(self.shard_mb * 1e6)),
+                              total_bytes=sum(os.path.getsize(p) for p in self.train_files + self.val_files))
         meta = {
-            "dtype": dtype.name,
-            "tokens": {k: v[0] for k, v in counts.items()},
-            "documents": {k: v[1] for k, v in counts.items()},
-            "sources": {"train": self.train_files, "val": self.val_files},
-            "skipped": dict(self.skips.skipped),
+            **settings,
+            "dtype": writer.dtype.name,
+            "tokens": {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in SPLITS},
+            "documents": {split: sum(s["documents"] for s in shards if s["split"] == split) for split in SPLITS},
+            "shards": shards,
+            "sources": {split: [{"path": p, "bytes": os.path.getsize(p)} for p in files]
+                        for split, files in (("train", self.train_files), ("val", self.val_files))},
+            "skipped": dict(sorted(self.skips.skipped.items())),
+            "skip_examples": self.skips.first_errors,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if target.exists():  # another process finished first; its files are identical
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-        log.info("pretrain data: %s", meta["tokens"])
+        tmp = target / f"meta.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, target / "meta.json")
+        log.info("pretrain data: %s tokens, %s documents in %d shards", meta["tokens"], meta["documents"], len(shards))
         self.log_skips()
 
     def setup(self, stage: str | None = None) -> None:
@@ -160,8 +182,10 @@ class PretrainDataModule(CausalDataModule):
             return
         meta = json.loads((self.token_dir / "meta.json").read_text())
         dtype = np.dtype(meta["dtype"])
-        self.train_set = TokenWindows(self.token_dir / "train.bin", dtype, self.seq_len)
-        self.val_set = TokenWindows(self.token_dir / "val.bin", dtype, self.seq_len)
+        self.train_set, self.val_set = (
+            TokenWindows([self.token_dir / s["file"] for s in meta["shards"] if s["split"] == split], dtype, self.seq_len)
+            for split in SPLITS
+        )
 
     def sample_prompts(self, n: int) -> list[str]:
         """The first few tokens of validation windows, as text."""

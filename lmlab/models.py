@@ -12,6 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lmlab.tokenizer import save_tokenizer
+
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +97,6 @@ def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_di
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     log.info("exported model and tokenizer to %s", out_dir)
     return out_dir

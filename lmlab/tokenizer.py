@@ -1,53 +1,222 @@
-"""Tokenizer: load any Hugging Face tokenizer folder, or train a byte-level BPE on the run's data."""
+"""Tokenizer: load any Hugging Face tokenizer folder, or train a BPE (char or byte level) on the run's data.
+
+Memory. tokenizers' ``BpeTrainer`` keeps one entry per *unique* pre-tokenized piece, one 32-byte symbol per
+character (char level) or byte (byte level) of it, and an index from every symbol pair to the pieces that hold it,
+so its memory grows with the amount of unique text it is given. Chinese has no spaces, so under GPT-2's ByteLevel
+regex a whole clause, or a whole line without punctuation, is one piece. Here pieces are cut at punctuation, at
+every digit, at whitespace, and capped at ``max_piece_chars`` characters, so no line, however long, makes a large
+piece; real Chinese clauses are still mostly unique, so the table still grows with the text, and ``max_bytes`` is
+what bounds it: it trains on an even sample of documents of about that size (SentencePiece's
+``input_sentence_size`` idea). benchmarks/tokenizer_train.py measures both.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
+LEVELS = ("char", "byte")
 
-def train_bpe(
+
+def build_pre_tokenizer(
+    level: str, split_punctuation: bool, split_digits: bool, split_whitespace: bool, max_piece_chars: int | None
+) -> pre_tokenizers.PreTokenizer:
+    """The pieces BPE may merge within (never across).
+
+    Char level starts with Metaspace (spaces become "▁" and start a piece, as in SentencePiece); byte level ends
+    with ByteLevel (bytes become printable characters, GPT-2's regex splits at spaces, kept as "Ġ"). In between:
+    punctuation and digits as pieces of their own, then runs of non-space characters cut to ``max_piece_chars``
+    (a space before a run stays with it, so byte level keeps "Ġword").
+    """
+    steps: list[pre_tokenizers.PreTokenizer] = []
+    if level == "char":
+        steps.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=split_whitespace))
+    if split_punctuation:
+        steps.append(pre_tokenizers.Punctuation(behavior="isolated"))
+    if split_digits:
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    if max_piece_chars:
+        steps.append(pre_tokenizers.Split(Regex(rf"\s*\S{{1,{max_piece_chars}}}"), behavior="isolated"))
+    if level == "byte":
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_whitespace))
+    return pre_tokenizers.Sequence(steps)
+
+
+class CorpusStream:
+    """The documents the trainer reads, streamed: a held-out sample is set aside, the rest thinned to a byte budget.
+
+    Every ``heldout_every``-th document goes to ``heldout`` (until it holds ``heldout_bytes``), for the report.
+    With ``max_bytes``, a document is kept only while the bytes kept so far are below ``max_bytes / total_bytes``
+    of the bytes seen, which spreads the sample evenly over the whole corpus (whole documents, no randomness);
+    the stream stops once ``max_bytes`` are kept. Skipped documents are still read past (the datamodule has no
+    seek), but never reach the trainer.
+    """
+
+    def __init__(self, texts: Iterable[str], max_bytes: int | None, total_bytes: int | None, heldout_every: int,
+                 heldout_bytes: int):
+        if max_bytes is not None and not total_bytes:
+            raise ValueError("bpe.max_bytes samples evenly over the corpus, so it needs total_bytes (its size in bytes)")
+        self.texts = texts
+        self.max_bytes = max_bytes
+        self.rate = 1.0 if max_bytes is None else min(1.0, max_bytes / total_bytes)
+        self.heldout_every = heldout_every
+        self.heldout_bytes = heldout_bytes
+        self.heldout: list[str] = []
+        self.heldout_size = 0
+        self.seen_bytes = 0
+        self.train_bytes = 0
+        self.train_docs = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for i, doc in enumerate(self.texts):
+            size = len(doc.encode("utf-8"))
+            if i % self.heldout_every == self.heldout_every - 1 and self.heldout_size < self.heldout_bytes:
+                self.heldout.append(doc)
+                self.heldout_size += size
+                continue
+            self.seen_bytes += size
+            if self.train_bytes >= self.rate * self.seen_bytes:
+                continue
+            self.train_bytes += size
+            self.train_docs += 1
+            yield doc
+            if self.max_bytes is not None and self.train_bytes >= self.max_bytes:
+                return
+
+
+def corpus_bytes(files: Sequence[str | Path]) -> int:
+    """Size of the corpus on disk, the ``total_bytes`` that ``bpe.max_bytes`` samples from (about its text size)."""
+    return sum(os.path.getsize(f) for f in files)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def heldout_report(tokenizer: PreTrainedTokenizerFast, docs: list[str]) -> dict[str, Any]:
+    """Characters per token and the share of unknown tokens on documents the trainer never saw."""
+    ids = [i for row in tokenizer(docs, add_special_tokens=False)["input_ids"] for i in row] if docs else []
+    chars = sum(len(d) for d in docs)
+    unk = tokenizer.unk_token_id
+    return {
+        "heldout_docs": len(docs),
+        "heldout_chars": chars,
+        "heldout_tokens": len(ids),
+        "chars_per_token": round(chars / len(ids), 4) if ids else None,
+        "unk_share": (sum(i == unk for i in ids) / len(ids) if unk is not None else 0.0) if ids else None,
+    }
+
+
+def train_bpe_with_report(
     texts: Iterable[str],
     level: str,
     vocab_size: int,
     min_frequency: int,
+    alphabet_share: float | None,
+    nfkc: bool,
+    split_punctuation: bool,
+    split_digits: bool,
+    split_whitespace: bool,
+    max_piece_chars: int | None,
+    max_bytes: int | None,
+    heldout_every: int,
+    heldout_bytes: int,
     bos_token: str,
     eos_token: str,
     pad_token: str,
+    unk_token: str | None,
     extra_special_tokens: list[str],
     chat_template: str | None = None,
-) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (never an unknown token) trained on ``texts``, with the special tokens added whole."""
-    if level != "byte":
-        raise NotImplementedError(f"bpe.level={level!r}: only 'byte' is implemented so far")
-    specials = [bos_token, eos_token, pad_token, *extra_special_tokens]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    total_bytes: int | None = None,
+) -> tuple[PreTrainedTokenizerFast, dict[str, Any]]:
+    """A BPE trained on ``texts`` (settings: conf/bpe/*.yaml) and its report (vocab, held-out stats, time, memory).
+
+    Special tokens are added whole (never split, one id each, also inside text). ``alphabet_share`` caps the
+    single characters at that share of ``vocab_size`` (the rest become ``unk_token``): Chinese text has thousands
+    of distinct characters, which would otherwise fill the whole vocabulary before any merge.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"bpe.level={level!r}: choose one of {LEVELS}")
+    if level == "char" and unk_token is None:
+        raise ValueError("bpe.level=char needs bpe.unk_token for characters outside its alphabet")
+    extra = list(extra_special_tokens)
+    specials = list(dict.fromkeys(t for t in [bos_token, eos_token, pad_token, unk_token, *extra] if t))
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
+    tok.normalizer = normalizers.NFKC() if nfkc else None
+    tok.pre_tokenizer = build_pre_tokenizer(level, split_punctuation, split_digits, split_whitespace, max_piece_chars)
+    tok.decoder = decoders.ByteLevel() if level == "byte" else decoders.Metaspace("▁", prepend_scheme="first")
+    limit = {} if alphabet_share is None else {"limit_alphabet": int(alphabet_share * vocab_size)}
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if level == "byte" else [],
         show_progress=False,
+        **limit,
     )
-    tok.train_from_iterator(texts, trainer)
+    stream = CorpusStream(texts, max_bytes, total_bytes, heldout_every, heldout_bytes)
+    start = time.perf_counter()
+    tok.train_from_iterator(stream, trainer)
+    seconds = time.perf_counter() - start
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=bos_token,
         eos_token=eos_token,
         pad_token=pad_token,
-        additional_special_tokens=list(extra_special_tokens),
+        unk_token=unk_token,
+        additional_special_tokens=extra,
     )
     fast.chat_template = chat_template
-    log.info("trained byte-level BPE: %d tokens", len(fast))
-    return fast
+    report = {
+        "level": level,
+        "vocab_size": len(fast),
+        "train_docs": stream.train_docs,
+        "train_bytes": stream.train_bytes,
+        "seen_bytes": stream.seen_bytes,
+        "max_bytes": max_bytes,
+        **heldout_report(fast, stream.heldout),
+        "train_seconds": round(seconds, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    log.info("trained %s-level BPE: %s", level, report)
+    return fast, report
+
+
+def train_bpe(texts: Iterable[str], chat_template: str | None = None, total_bytes: int | None = None,
+              **settings: Any) -> PreTrainedTokenizerFast:
+    """:func:`train_bpe_with_report` for callers that only need the tokenizer (the report is logged)."""
+    return train_bpe_with_report(texts, chat_template=chat_template, total_bytes=total_bytes, **settings)[0]
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: str | Path) -> Path:
+    """save_pretrained with the chat template inside tokenizer_config.json (one file to carry)."""
+    tokenizer.save_pretrained(str(out), save_jinja_files=False)
+    return Path(out)
+
+
+def train_and_save(
+    datamodule: Any, out: str | Path, chat_template: str | None, settings: dict[str, Any]
+) -> tuple[PreTrainedTokenizerFast, dict[str, Any]]:
+    """Train on a datamodule's training text (sized for ``max_bytes`` by its files); save it with report.json."""
+    tokenizer, report = train_bpe_with_report(datamodule.iter_texts(), chat_template=chat_template,
+                                              total_bytes=corpus_bytes(datamodule.train_files), **settings)
+    out = save_tokenizer(tokenizer, out)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return tokenizer, report
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

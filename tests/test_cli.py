@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 from conftest import TINY, run_script
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,13 @@ def test_sft_from_pretrain_then_chat_style_generation(chain):
     assert config["stage"]["name"] == "sft" and config["init_from"]
     assert "loaded LlamaForCausalLM" in (sft / "train.log").read_text()
     out = run_script("generate.py", f"init_from={sft}", "prompt=What is 3 plus 4?", "max_new_tokens=8")
-    assert out.returncode == 0 and out.stdout.strip() != ""
+    # what plain transformers makes of the export with the tokenizer's chat template, greedy
+    tok = AutoTokenizer.from_pretrained(sft / "hf")
+    model = AutoModelForCausalLM.from_pretrained(sft / "hf")
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    reply = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.stdout == tok.decode(reply[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) + "\n"
 
 
 def test_sweep_runs_one_job_per_value(tmp_path):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import REPO, SHARED_DATA
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import REPO, SHARED_DATA
 from datamodules.collate import IGNORE_INDEX
 
 PRESETS = {  # preset: the stage that reads it today

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO
 from lmlab.runs import find_interrupted, fingerprint, wandb_offline
 
 

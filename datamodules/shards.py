@@ -1,0 +1,186 @@
+"""Tokenize a stream of documents into memmap shards, in parallel, resumably and reproducibly.
+
+The reading process cuts the (split, text) stream into shards of about ``shard_mb`` of UTF-8
+text, in document order, per split (``train-00000.bin``, ``val-00000.bin``, ...). The cut
+depends only on the documents and ``shard_mb``, never on the number of processes, so the
+same input and tokenizer always give the same files. Each shard is one task: a worker
+tokenizes it and writes ``<name>.tmp<pid>``, then renames it; a shard is done when its file
+exists, so a rerun after a crash skips the finished shards and redoes only the rest.
+
+A shard file is the documents' token ids, each document followed by EOS, as uint16 when the
+vocabulary has fewer than 65536 entries, else uint32. A document longer than
+``chunk_chars`` characters is tokenized in pieces of that many characters (memory stays
+bounded on a 50 MB line); its pieces' tokens are concatenated with no EOS between them, so
+a token may split where a piece ends (byte-level tokenizers still decode the exact text).
+
+Workers are 'spawn' processes that each hold their own copy of the tokenizer and run it
+single-threaded (TOKENIZERS_PARALLELISM=false), so ``num_proc`` is the number of cores used.
+``num_proc=0`` tokenizes in the calling process with the tokenizer's own threading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
+
+
+@dataclass
+class Shard:
+    """Consecutive documents of one split: the unit of work and of resume."""
+
+    split: str
+    index: int
+    docs: list[str] = field(default_factory=list)
+    nbytes: int = 0  # UTF-8 bytes of text, for the progress bar and the size cut
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:05d}.bin"
+
+
+def plan_shards(docs: Iterable[tuple[str, str]], shard_bytes: int) -> Iterator[Shard]:
+    """Group (split, text) documents, in order, into shards of at least ``shard_bytes`` (the last ones smaller)."""
+    open_shards = {split: Shard(split, 0) for split in SPLITS}
+    for split, doc in docs:
+        shard = open_shards[split]
+        shard.docs.append(doc)
+        shard.nbytes += len(doc.encode("utf-8"))
+        if shard.nbytes >= shard_bytes:
+            yield shard
+            open_shards[split] = Shard(split, shard.index + 1)
+    yield from (shard for shard in open_shards.values() if shard.docs)
+
+
+def _pieces(docs: list[str], chunk_chars: int) -> Iterator[tuple[str, bool]]:
+    """(piece, is the document's last piece) with every piece at most ``chunk_chars`` long."""
+    for doc in docs:
+        starts = range(0, len(doc), chunk_chars)
+        for start in starts:
+            yield doc[start : start + chunk_chars], start == starts[-1]
+
+
+def _batches(pieces: Iterator[tuple[str, bool]], chunk_chars: int) -> Iterator[list[tuple[str, bool]]]:
+    """Consecutive pieces, about ``chunk_chars`` characters per batch, so one encode call's memory stays bounded."""
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= chunk_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encode_shard(tokenizer: Tokenizer, docs: list[str], path: Path, eos_id: int, dtype: np.dtype,
+                 chunk_chars: int) -> int:
+    """Write the documents' tokens (EOS after each) to ``path`` atomically; return the token count."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tokens = 0
+    try:
+        with open(tmp, "wb") as f:
+            for batch in _batches(_pieces(docs, chunk_chars), chunk_chars):
+                ids: list[int] = []
+                for encoding, (_, last) in zip(tokenizer.encode_batch_fast([p for p, _ in batch],
+                                                                           add_special_tokens=False), batch):
+                    ids.extend(encoding.ids)
+                    if last:
+                        ids.append(eos_id)
+                np.asarray(ids, dtype=dtype).tofile(f)
+                tokens += len(ids)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return tokens
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    """One single-threaded tokenizer per worker process, so num_proc processes use num_proc cores."""
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+
+
+def _encode_in_worker(docs: list[str], path: Path, eos_id: int, dtype: np.dtype, chunk_chars: int) -> int:
+    return encode_shard(_worker_tokenizer, docs, path, eos_id, dtype, chunk_chars)
+
+
+@dataclass
+class ShardWriter:
+    """Tokenizes planned shards into ``out_dir``, skipping the ones already there, with a progress bar."""
+
+    out_dir: Path
+    tokenizer: Tokenizer
+    eos_id: int
+    dtype: np.dtype
+    num_proc: int
+    chunk_chars: int
+
+    def write(self, shards: Iterable[Shard], total_bytes: int) -> list[dict]:
+        """One row (file, split, tokens, documents) per shard, in order; tokenizes only the missing shards.
+
+        At most two shards per process are in flight, so memory stays bounded however large the corpus.
+        """
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        rows: list[dict] = []
+        pending: deque[tuple[Shard, Future | int, bool]] = deque()  # shard, its tokens (or their future), done before
+        with self._pool() as pool, tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
+                                        desc="tokenize", mininterval=1.0) as bar:
+            for shard in shards:
+                path = self.out_dir / shard.name
+                if path.exists():
+                    pending.append((shard, path.stat().st_size // self.dtype.itemsize, True))
+                else:
+                    pending.append((shard, self._submit(pool, shard.docs, path), False))
+                self._collect(pending, rows, bar, keep=2 * max(self.num_proc, 1))
+            self._collect(pending, rows, bar, keep=0)
+            bar.total = bar.n  # the total was the input files' size: text plus newlines and record syntax
+        return rows
+
+    def _pool(self) -> ProcessPoolExecutor | contextlib.nullcontext:
+        if self.num_proc == 0:
+            return contextlib.nullcontext()
+        return ProcessPoolExecutor(self.num_proc, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(self.tokenizer.to_str(),))
+
+    def _submit(self, pool: ProcessPoolExecutor | None, docs: list[str], path: Path) -> Future | int:
+        """Tokenize in a worker (a future) or, without a pool, here and now (the token count)."""
+        if pool is None:
+            return encode_shard(self.tokenizer, docs, path, self.eos_id, self.dtype, self.chunk_chars)
+        return pool.submit(_encode_in_worker, docs, path, self.eos_id, self.dtype, self.chunk_chars)
+
+    @staticmethod
+    def _collect(pending: deque, rows: list[dict], bar: tqdm, keep: int) -> None:
+        """Move finished shards, in order, from ``pending`` to ``rows``, waiting while more than ``keep`` are in flight.
+
+        The progress bar counts this run's work only (shards done before leave its total), so MB/s and ETA stay honest.
+        """
+        while pending and (len(pending) > keep or not isinstance(pending[0][1], Future)):
+            shard, tokens, done_before = pending.popleft()
+            rows.append({"file": shard.name, "split": shard.split, "documents": len(shard.docs),
+                         "tokens": tokens.result() if isinstance(tokens, Future) else tokens})
+            if done_before:
+                bar.total -= shard.nbytes
+                bar.refresh()
+            else:
+                bar.update(shard.nbytes)
+            bar.set_postfix(tokens=f"{sum(r['tokens'] for r in rows):,}", refresh=False)
