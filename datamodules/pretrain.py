@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from datamodules.base import CausalDataModule
 from datamodules.formats import SkipCounter, to_text
 from datamodules.shards import SPLITS, ShardWriter, plan_shards, token_dtype
+from lmlab.tokenizer import corpus_bytes
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class PretrainDataModule(CausalDataModule):
         writer = ShardWriter(target, self.tokenizer.backend_tokenizer, settings["eos_id"],
                              token_dtype(settings["vocab_size"]), self.num_proc, self.chunk_chars)
         shards = writer.write(plan_shards(self._split_docs(), int(self.shard_mb * 1e6)),
-                              total_bytes=sum(os.path.getsize(p) for p in self.train_files + self.val_files))
+                              total_bytes=corpus_bytes(self.train_files + self.val_files))
         meta = {
             **settings,
             "dtype": writer.dtype.name,
