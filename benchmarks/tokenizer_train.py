@@ -101,7 +101,7 @@ def worker(job: dict) -> dict:
     from lmlab.tokenizer import train_bpe_with_report
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        bpe = OmegaConf.to_container(compose("train", overrides=[f"bpe={job['level']}"]).bpe)
+        bpe = OmegaConf.to_container(compose("train", overrides=[f"bpe={job['level']}"]).bpe, resolve=True)
     bpe.update(vocab_size=job["vocab"], max_bytes=job["max_bytes"])
     _, report = train_bpe_with_report(lines(job["file"], job["passes"]),
                                       total_bytes=job["passes"] * os.path.getsize(job["file"]), **bpe)

@@ -1,4 +1,4 @@
-"""What every causal-LM datamodule shares: the tokenizer slot, loaders, and the skip report."""
+"""What every language-model datamodule shares: the tokenizer slot, loaders, and the skip report."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.collate import CausalCollator
+from datamodules.collate import CausalCollator, Seq2SeqCollator
 from datamodules.formats import DataError, SkipCounter, read_records
 
 log = logging.getLogger(__name__)
 
 
-class CausalDataModule(L.LightningDataModule):
+class LMDataModule(L.LightningDataModule):
     """Base for the pretraining and SFT datamodules.
+
+    ``arch`` (the model preset's) chooses the sample layout: ``causal`` samples are one
+    sequence with aligned labels; ``seq2seq`` samples are the encoder's ``input_ids`` and the
+    decoder's ``labels``.
 
     The tokenizer is set after construction (``dm.tokenizer = ...``) because, without a
     given one, it is trained on this datamodule's own text (:meth:`iter_texts`). Loaders are
@@ -37,10 +41,14 @@ class CausalDataModule(L.LightningDataModule):
         pad_to_multiple_of: int,
         seed: int,
         on_error: str,
+        arch: str,
     ):
         super().__init__()
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+        if arch not in ("causal", "seq2seq"):
+            raise ValueError(f"data.arch must be 'causal' or 'seq2seq', got {arch!r}")
+        self.arch = arch
         self.train_files = list(train_files)
         self.val_files = list(val_files or [])
         self.val_fraction = val_fraction
@@ -75,8 +83,8 @@ class CausalDataModule(L.LightningDataModule):
         """Training text, for training a tokenizer when none is given."""
         raise NotImplementedError
 
-    def sample_prompts(self, n: int) -> list[str]:
-        """Prompts from the validation data for the generations logged at validation."""
+    def sample_pairs(self, n: int) -> list[tuple[str, str | None]]:
+        """(prompt, reference answer or None) from the validation data, for the generations at validation."""
         raise NotImplementedError
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> StatefulDataLoader:
@@ -88,7 +96,8 @@ class CausalDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=CausalCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of),
+            collate_fn=(Seq2SeqCollator if self.arch == "seq2seq" else CausalCollator)(
+                self.tokenizer.pad_token_id, self.pad_to_multiple_of),
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             persistent_workers=self.num_workers > 0,
         )

@@ -1,4 +1,4 @@
-"""Batching: pad to the batch's longest sample, then shift so labels are next-token targets."""
+"""Batching: pad to the batch's longest sample; for a causal LM, then shift so labels are next-token targets."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ import math
 import torch
 
 IGNORE_INDEX = -100
+
+
+def pad(rows: list[torch.Tensor], value: int, width: int) -> torch.Tensor:
+    """Right-pad 1-D tensors with ``value`` into one (len(rows), width) tensor."""
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def round_up(n: int, multiple: int) -> int:
+    return math.ceil(n / multiple) * multiple
 
 
 class CausalCollator:
@@ -24,18 +36,36 @@ class CausalCollator:
         self.multiple = max(1, pad_to_multiple_of)
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        longest = max(len(s["input_ids"]) for s in samples)
-        width = math.ceil((longest - 1) / self.multiple) * self.multiple + 1
-        input_ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for row, s in enumerate(samples):
-            n = len(s["input_ids"])
-            input_ids[row, :n] = s["input_ids"]
-            labels[row, :n] = s["labels"]
-            attention_mask[row, :n] = 1
+        ids = [s["input_ids"] for s in samples]
+        width = round_up(max(len(r) for r in ids) - 1, self.multiple) + 1
+        input_ids = pad(ids, self.pad_id, width)
+        labels = pad([s["labels"] for s in samples], IGNORE_INDEX, width)
+        attention_mask = pad([torch.ones(len(r), dtype=torch.long) for r in ids], 0, width)
         return {
             "input_ids": input_ids[:, :-1].contiguous(),
             "attention_mask": attention_mask[:, :-1].contiguous(),
             "labels": labels[:, 1:].contiguous(),
+        }
+
+
+class Seq2SeqCollator:
+    """Encoder ``input_ids`` padded with ``pad_id``, decoder ``labels`` padded with -100, each to its own longest.
+
+    No shift here: the encoder-decoder model builds its decoder inputs from the labels (T5:
+    the decoder start token, then the labels shifted right, -100 read as pad). Both widths
+    are rounded up to ``pad_to_multiple_of``.
+    """
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
+        self.pad_id = pad_id
+        self.multiple = max(1, pad_to_multiple_of)
+
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        ids = [s["input_ids"] for s in samples]
+        labels = [s["labels"] for s in samples]
+        width = round_up(max(len(r) for r in ids), self.multiple)
+        return {
+            "input_ids": pad(ids, self.pad_id, width),
+            "attention_mask": pad([torch.ones(len(r), dtype=torch.long) for r in ids], 0, width),
+            "labels": pad(labels, IGNORE_INDEX, round_up(max(len(r) for r in labels), self.multiple)),
         }

@@ -7,6 +7,10 @@ and records the tokenizer hash, dtype, token/document/shard counts, sources and 
 Tokenization runs in ``num_proc`` processes, resumes from the shards a crashed run left,
 and gives the same bytes whatever ``num_proc`` (see datamodules/shards.py).
 
+For an encoder-decoder (``arch: seq2seq``) each window becomes a T5 span-corruption pair:
+the window with random spans replaced by sentinel tokens is the encoder input, the spans
+after their sentinels are the decoder's labels (datamodules/span_corruption.py).
+
 Documents are separated by EOS. Documents go to train or val by a seeded hash of their
 position when no val file is given. Empty documents: a blank line of a txt file separates
 documents and is not one; an empty or missing text field of a record is a bad record (an
@@ -30,9 +34,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.base import CausalDataModule
+from datamodules.base import LMDataModule
 from datamodules.formats import SkipCounter, to_text
 from datamodules.shards import SPLITS, ShardWriter, plan_shards, token_dtype
+from datamodules.span_corruption import SpanCorruption, sentinel_token_ids
 from lmlab.tokenizer import corpus_bytes
 
 log = logging.getLogger(__name__)
@@ -75,8 +80,8 @@ class TokenWindows(Dataset):
         return {"input_ids": window, "labels": window}
 
 
-class PretrainDataModule(CausalDataModule):
-    """Plain text (txt lines, or a text field of jsonl/json/parquet/csv) for next-token prediction."""
+class PretrainDataModule(LMDataModule):
+    """Plain text (txt lines, or a text field of jsonl/json/parquet/csv): next-token prediction or span corruption."""
 
     def __init__(
         self,
@@ -95,9 +100,15 @@ class PretrainDataModule(CausalDataModule):
         num_proc: int = 0,
         shard_mb: float = 8,
         chunk_chars: int = 100_000,
+        arch: str = "causal",
+        span_corruption: dict | None = None,
     ):
         super().__init__(train_files, val_files, val_fraction, format, batch_size, num_workers, pad_to_multiple_of,
-                         seed, on_error)
+                         seed, on_error, arch)
+        if arch == "seq2seq" and not span_corruption:
+            raise ValueError("pretraining an encoder-decoder on plain text needs data.span_corruption "
+                             "(noise_density, mean_span_length)")
+        self.span_corruption = span_corruption
         self.text_field = text_field
         self.seq_len = seq_len
         self.cache_dir = Path(cache_dir)
@@ -187,8 +198,17 @@ class PretrainDataModule(CausalDataModule):
             TokenWindows([self.token_dir / s["file"] for s in meta["shards"] if s["split"] == split], dtype, self.seq_len)
             for split in SPLITS
         )
+        if self.arch == "seq2seq":
+            sentinels = sentinel_token_ids(self.tokenizer)
+            self.train_set, self.val_set = (
+                SpanCorruption(windows, sentinels, self.tokenizer.eos_token_id, seed=self.seed, **self.span_corruption)
+                for windows in (self.train_set, self.val_set)
+            )
 
-    def sample_prompts(self, n: int) -> list[str]:
-        """The first few tokens of validation windows, as text."""
-        k = min(16, self.seq_len)
-        return [self.tokenizer.decode(self.val_set[i]["input_ids"][:k]) for i in range(min(n, len(self.val_set)))]
+    def sample_pairs(self, n: int) -> list[tuple[str, str | None]]:
+        """Causal: the first tokens of validation windows. Seq2seq: corrupted windows and their span targets."""
+        items = [self.val_set[i] for i in range(min(n, len(self.val_set)))]
+        if self.arch == "seq2seq":  # the encoder input's final EOS is added again when the prompt is encoded
+            return [(self.tokenizer.decode(x["input_ids"][:-1]), self.tokenizer.decode(x["labels"], skip_special_tokens=True))
+                    for x in items]
+        return [(self.tokenizer.decode(x["input_ids"][:min(16, self.seq_len)]), None) for x in items]

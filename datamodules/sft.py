@@ -4,7 +4,9 @@ Every template is a Jinja chat template (conf/template/), so Alpaca, ChatML-styl
 babyllama 资料/人类/助手 layouts are one mechanism, and the exported tokenizer formats
 prompts the same way outside lmlab (``tokenizer.apply_chat_template``). A conversation is
 cut into segments by rendering growing prefixes of it; only assistant segments (content +
-EOS) are labels, unless ``train_on_prompt`` is set.
+EOS) are labels, unless ``train_on_prompt`` is set. For an encoder-decoder the conversation up to
+its last reply (with the reply's header) is the encoder input and the last reply is the decoder's
+labels, each truncated to its own length.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.base import CausalDataModule
+from datamodules.base import LMDataModule
 from datamodules.collate import IGNORE_INDEX
 from datamodules.formats import DataError, to_messages
 
@@ -66,6 +68,27 @@ def tokenize_conversation(
     }
 
 
+def encoder_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int | None = None) -> torch.Tensor:
+    """An encoder input: the text's tokens cut to ``max_length - 1``, then EOS (T5's convention).
+
+    Training and generation both encode prompts through this, so they see the same input.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if max_length is not None:
+        ids = ids[: max_length - 1]
+    return torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.long)
+
+
+def tokenize_pair(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int, max_target_length: int
+) -> dict[str, torch.Tensor]:
+    """Encoder input_ids (everything before the last reply) and decoder labels (the last reply and its end)."""
+    segments = render_segments(tokenizer, messages)
+    source = "".join(text for text, _ in segments[:-1])
+    target = tokenizer.encode(segments[-1][0], add_special_tokens=False)[:max_target_length]
+    return {"input_ids": encoder_ids(tokenizer, source, max_length), "labels": torch.tensor(target, dtype=torch.long)}
+
+
 class ListDataset(Dataset):
     def __init__(self, samples: list[dict[str, torch.Tensor]]):
         self.samples = samples
@@ -77,7 +100,7 @@ class ListDataset(Dataset):
         return self.samples[i]
 
 
-class SFTDataModule(CausalDataModule):
+class SFTDataModule(LMDataModule):
     """Prompt/response or chat records from jsonl/json/parquet/csv files, tokenized in memory."""
 
     def __init__(
@@ -88,17 +111,23 @@ class SFTDataModule(CausalDataModule):
         format: str = "auto",
         chat_template: str | None = None,
         max_length: int = 512,
+        max_target_length: int = 512,
         train_on_prompt: bool = False,
         batch_size: int = 8,
         num_workers: int = 0,
         pad_to_multiple_of: int = 1,
         seed: int = 0,
         on_error: str = "raise",
+        arch: str = "causal",
     ):
         super().__init__(train_files, val_files, val_fraction, format, batch_size, num_workers, pad_to_multiple_of,
-                         seed, on_error)
+                         seed, on_error, arch)
+        if arch == "seq2seq" and train_on_prompt:
+            raise ValueError("data.train_on_prompt applies to causal models: an encoder-decoder reads the prompt "
+                             "with its encoder and has no labels there")
         self.chat_template = chat_template
         self.max_length = max_length
+        self.max_target_length = max_target_length
         self.train_on_prompt = train_on_prompt
         self._split: tuple[list, list] | None = None
 
@@ -132,7 +161,10 @@ class SFTDataModule(CausalDataModule):
         samples = []
         for source, line, messages in conversations:
             try:
-                sample = tokenize_conversation(self.tokenizer, messages, self.max_length, self.train_on_prompt)
+                if self.arch == "seq2seq":
+                    sample = tokenize_pair(self.tokenizer, messages, self.max_length, self.max_target_length)
+                else:
+                    sample = tokenize_conversation(self.tokenizer, messages, self.max_length, self.train_on_prompt)
             except Exception as e:  # a template error on this record: name it
                 raise DataError(source, line, f"cannot render with the chat template: {e}") from e
             if not (sample["labels"] != IGNORE_INDEX).any():
@@ -153,11 +185,12 @@ class SFTDataModule(CausalDataModule):
         self.val_set = self._tokenize_all(val)
         self.log_skips()
 
-    def sample_prompts(self, n: int) -> list[str]:
-        prompts = []
+    def sample_pairs(self, n: int) -> list[tuple[str, str | None]]:
+        """Validation conversations up to their first reply (rendered, with the reply header), and that reply."""
+        pairs = []
         for _, _, messages in self.split()[1][:n]:
             first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompts.append(
-                self.tokenizer.apply_chat_template(messages[:first_reply], tokenize=False, add_generation_prompt=True)
-            )
-        return prompts
+            prompt = self.tokenizer.apply_chat_template(messages[:first_reply], tokenize=False,
+                                                        add_generation_prompt=True)
+            pairs.append((prompt, messages[first_reply]["content"]))
+        return pairs

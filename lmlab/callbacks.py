@@ -1,4 +1,4 @@
-"""Callbacks and logger glue: generations at validation, tokens/s in the bar, an appending metrics.csv."""
+"""Callbacks and logger glue: generations (and ROUGE) at validation, tokens/s in the bar, an appending metrics.csv."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from lmlab.generation import generate_texts
+from lmlab.rouge import ROUGE_TYPES, rouge_scores
 
 
 def _tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -38,34 +41,40 @@ class ProgressBar(TQDMProgressBar):
 
 
 class SampleGenerations(L.Callback):
-    """Greedy generations from fixed validation prompts, appended to samples.jsonl at each validation.
+    """Generations for fixed validation prompts at each validation, appended to samples.jsonl; ROUGE against references.
 
-    Watching these is how a collapsing or degenerate model shows itself early.
+    Watching these is how a collapsing or degenerate model shows itself early. Where the data
+    have reference answers (SFT, summaries), ROUGE-1/2/L F1 of the generations is logged as
+    val/rouge1, val/rouge2, val/rougeL and written with its segmentation to rouge.jsonl.
     """
 
-    def __init__(self, path: str, num_prompts: int = 3, max_new_tokens: int = 32):
+    def __init__(self, path: str, num_prompts: int, batch_size: int, rouge: str | None,
+                 generation: dict[str, Any]):
         self.path = Path(path)
         self.num_prompts = num_prompts
-        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.rouge = rouge
+        self.generation = dict(generation)
 
-    @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self.num_prompts:
             return
         dm = trainer.datamodule
-        tokenizer = dm.tokenizer
-        model = pl_module.model
+        pairs = dm.sample_pairs(self.num_prompts)
+        outputs = generate_texts(pl_module.model, dm.tokenizer, [p for p, _ in pairs], self.generation,
+                                 self.batch_size)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            for prompt in dm.sample_prompts(self.num_prompts):
-                ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(pl_module.device)
-                out = model.generate(
-                    **ids, max_new_tokens=self.max_new_tokens, do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                )
-                text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-                record = {"step": trainer.global_step, "prompt": prompt, "output": text}
+            for (prompt, reference), output in zip(pairs, outputs):
+                record = {"step": trainer.global_step, "prompt": prompt, "output": output, "reference": reference}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        scored = [(o, r) for o, (_, r) in zip(outputs, pairs) if r is not None]
+        if self.rouge and scored:
+            scores = rouge_scores([o for o, _ in scored], [r for _, r in scored], self.rouge)
+            for name in ROUGE_TYPES:
+                pl_module.log(f"val/{name}", scores[name], rank_zero_only=True)
+            with open(self.path.parent / "rouge.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": trainer.global_step, **scores}) + "\n")
 
 
 class _AppendingWriter(ExperimentWriter):

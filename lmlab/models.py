@@ -1,6 +1,7 @@
 """Models are transformers classes built from config (random init) or loaded from a folder.
 
 Vocab size and special-token ids always come from the tokenizer, never from the preset.
+A preset's ``arch`` (causal | seq2seq) says which kind of model it builds; the data follow it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,14 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lmlab.tokenizer import save_tokenizer
 
@@ -29,19 +37,44 @@ def resolve_hf_dir(path: str | Path) -> Path:
     )
 
 
-def tokenizer_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
-    return {
+ARCHS = ("causal", "seq2seq")
+
+
+def auto_class(config: PretrainedConfig) -> type:
+    """AutoModelForSeq2SeqLM for an encoder-decoder config, AutoModelForCausalLM otherwise."""
+    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+
+
+def tokenizer_ids(tokenizer: PreTrainedTokenizerBase, model_cfg: DictConfig) -> dict[str, int | None]:
+    """Vocab size and special ids; an encoder-decoder also gets its decoder start token (T5: pad)."""
+    ids = {
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    if model_cfg.arch == "seq2seq":
+        ids["decoder_start_token_id"] = tokenizer.convert_tokens_to_ids(getattr(tokenizer, model_cfg.decoder_start_token))
+    return ids
+
+
+def check_arch(model_cfg: DictConfig, config: PretrainedConfig, where: str) -> None:
+    """The preset's ``arch`` decides how the data are laid out, so it must match the model."""
+    if model_cfg.arch not in ARCHS:
+        raise ValueError(f"model.arch={model_cfg.arch!r}: choose one of {ARCHS}")
+    actual = "seq2seq" if config.is_encoder_decoder else "causal"
+    if model_cfg.arch != actual:
+        raise ValueError(
+            f"{where} is a {actual} model ({config.model_type}) but model={model_cfg.name} is {model_cfg.arch}: "
+            f"choose a {actual} model preset (e.g. model={'t5' if actual == 'seq2seq' else 'llama'})"
+        )
 
 
 def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A randomly initialised model of the preset's class and shape, sized to the tokenizer."""
-    config: PretrainedConfig = instantiate(model_cfg.config, **tokenizer_ids(tokenizer))
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=model_cfg.attn_implementation)
+    config: PretrainedConfig = instantiate(model_cfg.config, **tokenizer_ids(tokenizer, model_cfg))
+    check_arch(model_cfg, config, f"model={model_cfg.name}")
+    model = auto_class(config).from_config(config, attn_implementation=model_cfg.attn_implementation)
     log.info("built %s: %.2fM parameters", type(model).__name__, count_parameters(model) / 1e6)
     return model
 
@@ -49,7 +82,9 @@ def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
 def load_model(path: str | Path, model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Weights from an HF folder; the tokenizer must fit its embedding table."""
     hf_dir = resolve_hf_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation=model_cfg.attn_implementation)
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    check_arch(model_cfg, config, f"init_from={path}")
+    model = auto_class(config).from_pretrained(str(hf_dir), attn_implementation=model_cfg.attn_implementation)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(
             f"init_from={path}: the model has {model.get_input_embeddings().num_embeddings} token embeddings but "
@@ -89,6 +124,26 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     head = model.get_output_embeddings().weight.numel()  # the LM head matmul, tied or not
     n += head if model.get_output_embeddings().weight is model.get_input_embeddings().weight else 0
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def flops_per_batch(model: PreTrainedModel, input_shape: tuple[int, int], label_shape: tuple[int, int]) -> float:
+    """Training FLOPs of one batch, for MFU.
+
+    Causal: :func:`flops_per_token` times the batch's tokens. Encoder-decoder: the same
+    estimate per side: 6 x encoder parameters per encoder token, 6 x decoder parameters
+    (with cross-attention and the LM head) per decoder token, plus the attention terms
+    (self-attention over each side's length, cross-attention over the encoder's).
+    """
+    if not model.config.is_encoder_decoder:
+        return flops_per_token(model, input_shape[1]) * input_shape[0] * input_shape[1]
+    cfg = model.config
+    embedding = model.get_input_embeddings().weight
+    encoder = count_parameters(model.get_encoder()) - embedding.numel()
+    decoder = count_parameters(model.get_decoder()) - embedding.numel() + model.get_output_embeddings().weight.numel()
+    (batch, enc_len), (_, dec_len) = input_shape, label_shape
+    enc = 6 * encoder + 12 * cfg.num_layers * cfg.d_model * enc_len
+    dec = 6 * decoder + 12 * cfg.num_decoder_layers * cfg.d_model * (dec_len + enc_len)
+    return batch * (enc * enc_len + dec * dec_len)
 
 
 def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:

@@ -140,6 +140,7 @@ def train_bpe_with_report(
     pad_token: str,
     unk_token: str | None,
     extra_special_tokens: list[str],
+    sentinel_tokens: int = 0,
     chat_template: str | None = None,
     total_bytes: int | None = None,
 ) -> tuple[PreTrainedTokenizerFast, dict[str, Any]]:
@@ -148,12 +149,13 @@ def train_bpe_with_report(
     Special tokens are added whole (never split, one id each, also inside text). ``alphabet_share`` caps the
     single characters at that share of ``vocab_size`` (the rest become ``unk_token``): Chinese text has thousands
     of distinct characters, which would otherwise fill the whole vocabulary before any merge.
+    ``sentinel_tokens`` adds T5's ``<extra_id_0>``, ``<extra_id_1>``, ... for span corruption.
     """
     if level not in LEVELS:
         raise ValueError(f"bpe.level={level!r}: choose one of {LEVELS}")
     if level == "char" and unk_token is None:
         raise ValueError("bpe.level=char needs bpe.unk_token for characters outside its alphabet")
-    extra = list(extra_special_tokens)
+    extra = list(extra_special_tokens) + [f"<extra_id_{i}>" for i in range(sentinel_tokens)]
     specials = list(dict.fromkeys(t for t in [bos_token, eos_token, pad_token, unk_token, *extra] if t))
     tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.normalizer = normalizers.NFKC() if nfkc else None

@@ -21,7 +21,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 TINY = [
     "model=llama-tiny", "logger=csv", "max_steps=30", "batch_size=8", "seq_len=64", "warmup_steps=5",
     "trainer.val_check_interval=15", "trainer.limit_val_batches=2", "trainer.enable_model_summary=false",
-    "callbacks.samples.max_new_tokens=4", "bpe.vocab_size=512",
+    "generation.max_new_tokens=4", "bpe.vocab_size=512",
 ]
 
 

@@ -12,7 +12,7 @@ from conftest import compose_cfg
 from datamodules.formats import DataError, read_records
 from datamodules.pretrain import PretrainDataModule
 from datamodules.sft import SFTDataModule
-from lightning_modules.causal_lm import NonFiniteLossError
+from lightning_modules.lm import NonFiniteLossError
 from train import train
 
 GOOD = {"instruction": "Add.", "input": "1 + 2", "output": "3"}
@@ -41,10 +41,11 @@ def good_line() -> bytes:
     (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}).encode(),
      "field 'messages[1].role': unknown role"),
 ])
-def test_bad_sft_record_names_file_line_and_field(tmp_path, tiny_tokenizer, bad, message):
+@pytest.mark.parametrize("arch", ["causal", "seq2seq"])
+def test_bad_sft_record_names_file_line_and_field(tmp_path, tiny_tokenizer, bad, message, arch):
     path = tmp_path / "train.jsonl"
     write_lines(path, [good_line(), good_line(), bad, good_line()])
-    dm = sft_module(tiny_tokenizer, path)
+    dm = sft_module(tiny_tokenizer, path, arch=arch)
     with pytest.raises(DataError) as err:
         dm.setup()
     assert f"{path}:3:" in str(err.value)
@@ -52,10 +53,11 @@ def test_bad_sft_record_names_file_line_and_field(tmp_path, tiny_tokenizer, bad,
     assert err.value.line == 3
 
 
-def test_skip_counts_every_bad_record_and_keeps_the_rest(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("arch", ["causal", "seq2seq"])
+def test_skip_counts_every_bad_record_and_keeps_the_rest(tmp_path, tiny_tokenizer, arch):
     path = tmp_path / "train.jsonl"
     write_lines(path, [good_line(), b"{not json", good_line(), b'{"instruction": "x"}', b"\xff\xfe", good_line()])
-    dm = sft_module(tiny_tokenizer, path, on_error="skip")
+    dm = sft_module(tiny_tokenizer, path, on_error="skip", arch=arch)
     dm.setup()
     assert len(dm.train_set) == 3
     # each bad line is counted twice: once in the train and once in the val file (the same file here)
@@ -110,9 +112,9 @@ def test_sample_with_no_response_left_after_truncation_is_dropped_and_counted(tm
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import lightning_modules.causal_lm as causal_lm
+    from lightning_modules import lm
 
-    real_forward = causal_lm.CausalLMModule._forward
+    real_forward = lm.LMModule._forward
 
     def poisoned(self, batch, with_loss):
         out = real_forward(self, batch, with_loss)
@@ -120,7 +122,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
             out.loss = out.loss * math.nan
         return out
 
-    monkeypatch.setattr(causal_lm.CausalLMModule, "_forward", poisoned)
+    monkeypatch.setattr(lm.LMModule, "_forward", poisoned)
     cfg = compose_cfg(tmp_path, ["max_steps=20", "checkpoint_every=5", "callbacks.samples.num_prompts=0"])
     with pytest.raises(NonFiniteLossError, match=r"loss is not finite \(nan/inf\) at step 7"):
         train(cfg)

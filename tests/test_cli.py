@@ -44,7 +44,7 @@ def test_sft_from_pretrain_then_chat_style_generation(chain):
     config = yaml.safe_load((sft / ".hydra" / "config.yaml").read_text())
     assert config["stage"]["name"] == "sft" and config["init_from"]
     assert "loaded LlamaForCausalLM" in (sft / "train.log").read_text()
-    out = run_script("generate.py", f"init_from={sft}", "prompt=What is 3 plus 4?", "max_new_tokens=8")
+    out = run_script("generate.py", f"init_from={sft}", "prompt=What is 3 plus 4?", "generation.max_new_tokens=8")
     # what plain transformers makes of the export with the tokenizer's chat template, greedy
     tok = AutoTokenizer.from_pretrained(sft / "hf")
     model = AutoModelForCausalLM.from_pretrained(sft / "hf")

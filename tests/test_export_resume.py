@@ -10,21 +10,25 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO, TINY, compose_cfg, run_script
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from train import train
 
 
-def test_hf_export_loads_in_plain_transformers_with_equal_logits(tmp_path):
-    cfg = compose_cfg(tmp_path, ["max_steps=10", "callbacks.samples.num_prompts=0"])
+@pytest.mark.parametrize("model, auto", [("llama-tiny", AutoModelForCausalLM), ("t5-tiny", AutoModelForSeq2SeqLM)])
+def test_hf_export_loads_in_plain_transformers_with_equal_logits(tmp_path, model, auto):
+    cfg = compose_cfg(tmp_path, [f"model={model}", "max_steps=10", "callbacks.samples.num_prompts=0"])
     train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    exported = auto.from_pretrained(tmp_path / "hf").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    ids = tok("Alice has 3 apples. 三加四等于七。", return_tensors="pt")["input_ids"]
+    ids = {"input_ids": tok("Alice has 3 apples. 三加四等于七。", return_tensors="pt")["input_ids"]}
+    if exported.config.is_encoder_decoder:
+        ids["decoder_input_ids"] = tok("Alice has", return_tensors="pt")["input_ids"]
 
     from lmlab.models import build_model
 
@@ -33,7 +37,7 @@ def test_hf_export_loads_in_plain_transformers_with_equal_logits(tmp_path):
                              if k.startswith("model.")})
     rebuilt.eval()
     with torch.no_grad():
-        assert torch.equal(exported(ids).logits, rebuilt(ids).logits)
+        assert torch.equal(exported(**ids).logits, rebuilt(**ids).logits)
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert tok.chat_template  # chat formatting travels with the export
 
@@ -70,33 +74,34 @@ def _train_cmd(outputs: Path, *extra: str, wandb: bool = False) -> list[str]:
             "callbacks.samples.num_prompts=0", f"paths.log_dir={outputs}", f"paths.cache_dir={outputs}/cache", *extra]
 
 
-def _run_folders(outputs: Path) -> list[Path]:
-    return sorted((outputs / "pretrain" / "llama-tiny").iterdir())
+def _run_folders(outputs: Path, model: str = "llama-tiny") -> list[Path]:
+    return sorted((outputs / "pretrain" / model).iterdir())
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("model", ["llama-tiny", "t5-tiny"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, model):
     """SIGKILL mid-run, then `resume=auto`: the final weights equal an uninterrupted run's."""
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    run_script(*_train_cmd(straight))
+    run_script(*_train_cmd(straight, f"model={model}"))
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, *_train_cmd(crashed, wandb=True)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, *_train_cmd(crashed, f"model={model}", wandb=True)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        ckpts = list(crashed.glob("pretrain/llama-tiny/*/checkpoints/last.ckpt"))
+        ckpts = list(crashed.glob(f"pretrain/{model}/*/checkpoints/last.ckpt"))
         if ckpts and torch.load(ckpts[0], weights_only=False)["global_step"] >= 15:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed:\n{proc.stderr.read()[-3000:]}"
-    (killed_dir,) = _run_folders(crashed)
+    (killed_dir,) = _run_folders(crashed, model)
     assert not (killed_dir / "hf").exists()
 
-    run_script(*_train_cmd(crashed, "resume=auto", wandb=True))
-    assert _run_folders(crashed) == [killed_dir], "resume=auto must continue in the interrupted run's folder"
-    (straight_dir,) = _run_folders(straight)
+    run_script(*_train_cmd(crashed, f"model={model}", "resume=auto", wandb=True))
+    assert _run_folders(crashed, model) == [killed_dir], "resume=auto must continue in the interrupted run's folder"
+    (straight_dir,) = _run_folders(straight, model)
     a = load_file(straight_dir / "hf" / "model.safetensors")
     b = load_file(killed_dir / "hf" / "model.safetensors")
     for name in a:

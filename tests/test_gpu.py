@@ -13,11 +13,11 @@ from train import train
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_gpu_run_learns_and_logs_throughput_and_mfu(tmp_path, compile):
+@pytest.mark.parametrize("model, compile", [("llama-tiny", False), ("llama-tiny", True), ("t5-tiny", False)])
+def test_gpu_run_learns_and_logs_throughput_and_mfu(tmp_path, model, compile):
     text = tmp_path / "rep.txt"
     text.write_text("\n".join(["the cat sat on the mat and the dog sat on the log."] * 400))
-    cfg = compose_cfg(tmp_path / "run", ["trainer=gpu", f"compile={compile}", f"data.train_files=[{text}]",
+    cfg = compose_cfg(tmp_path / "run", ["trainer=gpu", f"model={model}", f"compile={compile}", f"data.train_files=[{text}]",
                                          "max_steps=40", "lr=1e-2", "trainer.log_every_n_steps=1",
                                          "callbacks.throughput.window_size=5"])
     train(cfg)

@@ -22,6 +22,10 @@ class FakeTokenizer:
 
     def __init__(self, n: int):
         self.n, self.bos_token_id, self.eos_token_id, self.pad_token_id = n, 0, 1, 2
+        self.pad_token = "<pad>"
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return {"<pad>": self.pad_token_id}[token]
 
     def __len__(self) -> int:
         return self.n
@@ -33,6 +37,7 @@ SIZES = [
     ("gpt2-medium", 50257, 354.8, 1.0),
     ("llama", 6400, 246.2, 1.0),
     ("llama-43m", 64000, 43.3, 1.5),
+    ("t5", 6400, 137.1, 0.5),
 ]
 
 

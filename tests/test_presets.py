@@ -16,11 +16,14 @@ PRESETS = {  # preset: the stage that reads it today
 }
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_preset_loads_a_first_batch(preset, tmp_path, tiny_tokenizer):
+SEQ2SEQ = ["lcsts", "csl"]  # summarization presets, as T5 reads them (text -> encoder, summary -> labels)
+
+
+@pytest.mark.parametrize("preset, model", [(p, "llama-tiny") for p in sorted(PRESETS)] + [(p, "t5-tiny") for p in SEQ2SEQ])
+def test_preset_loads_a_first_batch(preset, model, tmp_path, tiny_tokenizer):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"stage={PRESETS[preset]}", f"data={preset}", "seq_len=1024", "batch_size=4",
-                                          f"paths.cache_dir={tmp_path}"])
+        cfg = compose("train", overrides=[f"stage={PRESETS[preset]}", f"data={preset}", f"model={model}", "seq_len=1024",
+                                          "batch_size=4", f"paths.cache_dir={tmp_path}"])
     missing = [f for f in cfg.data.train_files if not __import__("os").path.exists(f)]
     if missing:
         pytest.skip(f"{missing[0]} is absent (../shared/data is not beside this checkout)")
@@ -31,6 +34,9 @@ def test_preset_loads_a_first_batch(preset, tmp_path, tiny_tokenizer):
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4
     assert (batch["labels"] != IGNORE_INDEX).any()
+    if model == "t5-tiny":  # encoder inputs end with EOS; labels are the summary (its own length), then EOS
+        assert (batch["input_ids"] == tiny_tokenizer.eos_token_id).sum() >= 4
+        assert batch["labels"].shape[1] < batch["input_ids"].shape[1]
     assert len(dm.val_set) > 0
     # nothing is lost unannounced: zh_alpaca's 4 rows with an empty output are the only bad records
     assert dm.skips.skipped.get("bad records", 0) == (4 if preset == "zh_alpaca" else 0)

@@ -22,7 +22,7 @@ def settings(level: str, **overrides) -> dict:
     """conf/bpe/<level>.yaml as train_bpe's keyword arguments."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"bpe={level}"])
-    return {**OmegaConf.to_container(cfg.bpe), **overrides}
+    return {**OmegaConf.to_container(cfg.bpe, resolve=True), **overrides}
 
 
 def sample_texts() -> list[str]:

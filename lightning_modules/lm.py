@@ -1,4 +1,5 @@
-"""Causal language modelling (pretraining and SFT): mean cross entropy over non -100 labels."""
+"""Language modelling (pretraining and SFT) for causal and encoder-decoder models: mean cross entropy over
+non -100 labels."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from transformers import PreTrainedModel
 
 from datamodules.collate import IGNORE_INDEX
 from lightning_modules.optim import param_groups, warmup_cosine
-from lmlab.models import flops_per_token
+from lmlab.models import flops_per_batch
+
+GROUPS = ("embeddings", "encoder")  # named parameter groups of freeze=[...]; other entries are regexes
 
 
 class NonFiniteLossError(RuntimeError):
@@ -25,13 +28,18 @@ class NonFiniteLossError(RuntimeError):
 def freeze_parameters(model: PreTrainedModel, patterns: Sequence[str]) -> list[str]:
     """Set requires_grad=False on matching parameters; returns their names.
 
-    ``embeddings`` means the input token embeddings (and a head tied to them); any other
-    entry is a regular expression matched against parameter names.
+    ``embeddings`` means the input token embeddings (and a head tied to them), ``encoder`` the
+    whole encoder of an encoder-decoder (with T5's shared embeddings, which it holds); any
+    other entry is a regular expression matched against parameter names.
     """
     frozen_ids = set()
     if "embeddings" in patterns:
         frozen_ids.add(id(model.get_input_embeddings().weight))
-    regexes = [re.compile(p) for p in patterns if p != "embeddings"]
+    if "encoder" in patterns:
+        if not model.config.is_encoder_decoder:
+            raise ValueError(f"freeze=[encoder]: {type(model).__name__} has no encoder")
+        frozen_ids.update(id(p) for p in model.get_encoder().parameters())
+    regexes = [re.compile(p) for p in patterns if p not in GROUPS]
     names = []
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in frozen_ids or any(r.search(name) for r in regexes):
@@ -42,10 +50,13 @@ def freeze_parameters(model: PreTrainedModel, patterns: Sequence[str]) -> list[s
     return names
 
 
-class CausalLMModule(L.LightningModule):
-    """Wraps a transformers causal LM. Batches carry pre-shifted labels (see datamodules.collate).
+class LMModule(L.LightningModule):
+    """Wraps a transformers causal LM or encoder-decoder (T5); see datamodules.collate for the batches.
 
-    The training loss is the model's own (``labels`` + ``shift_labels``), so with ``compile``
+    A causal batch carries pre-shifted labels; an encoder-decoder batch carries the encoder's
+    input_ids and the decoder's labels, which the model shifts right behind its decoder start
+    token to make the decoder inputs. The training loss is the model's own (for a causal LM
+    ``labels`` + ``shift_labels``), so with ``compile``
     the cross entropy is compiled together with the forward pass and the fp32 logits are
     never materialised; for a mixture of experts it includes the router load-balancing term
     (``router_aux_loss_coef`` in the model config). Validation loss is the plain token-weighted
@@ -57,7 +68,7 @@ class CausalLMModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.frozen = freeze_parameters(model, list(freeze))
-        self._flops_per_token: dict[int, float] = {}
+        self._flops: dict[tuple, float] = {}
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
         self.flops_per_batch = 0.0  # read by ThroughputMonitor for MFU
@@ -70,6 +81,9 @@ class CausalLMModule(L.LightningModule):
             self.model.compile()
 
     def _forward(self, batch: dict[str, torch.Tensor], with_loss: bool):
+        if self.model.config.is_encoder_decoder:  # the labels make the decoder inputs, so they always go in
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["labels"], use_cache=False)
         labels = batch["labels"] if with_loss else None
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                           shift_labels=labels, use_cache=False)
@@ -82,10 +96,10 @@ class CausalLMModule(L.LightningModule):
         return ((logits.argmax(-1) == labels) & mask).sum() / n.clamp(min=1), n
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        seq_len = batch["input_ids"].shape[1]
-        if seq_len not in self._flops_per_token:
-            self._flops_per_token[seq_len] = flops_per_token(self.model, seq_len)
-        self.flops_per_batch = self._flops_per_token[seq_len] * batch["input_ids"].numel()
+        shapes = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
+        if shapes not in self._flops:  # counting parameters every step would cost time
+            self._flops[shapes] = flops_per_batch(self.model, *shapes)
+        self.flops_per_batch = self._flops[shapes]
         out = self._forward(batch, with_loss=True)
         loss = out.loss
         bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
