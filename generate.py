@@ -1,4 +1,12 @@
-"""Generate: `python generate.py init_from=<run or hf dir> prompt="..."` prints the model's reply.
+"""Generate from a run folder or HF folder, causal or encoder-decoder (T5).
+
+    python generate.py init_from=<run or hf dir> prompt="..."            # task=reply: print the model's reply
+    python generate.py task=rejected init_from=<sft run> data=<preset> generation=sample [out=...] [limit=N]
+
+task=rejected makes preference data from the model's own samples: for every record of the preset's
+training files the dataset answer is chosen and the model's reply to the same prompt is rejected
+(lmlab/rejected.py; empty, repetitive and near-duplicate samples are dropped and counted). The rows go
+to ``out`` (default ``<init_from>/rejected/<preset>.jsonl``); rerunning the same command resumes.
 
 Uses only transformers on the exported hf/ folder (chat template from the tokenizer; a causal
 LM or an encoder-decoder such as T5), so what it shows is what any transformers user of the
@@ -7,20 +15,36 @@ export gets. Generation settings come from conf/generation (`generation=beam`, `
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import hydra
 import torch
-from omegaconf import DictConfig
-from transformers import AutoConfig, AutoTokenizer
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from datamodules.formats import DataError, SkipCounter, read_records, to_messages
 from lmlab.generation import generate_texts
 from lmlab.models import auto_class, resolve_hf_dir
+from lmlab.rejected import build_rejected
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 
-def reply(cfg: DictConfig) -> str:
+def load(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The exported model (in eval mode, on cfg.device) and its tokenizer."""
     hf_dir = resolve_hf_dir(cfg.init_from)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     model = auto_class(AutoConfig.from_pretrained(str(hf_dir))).from_pretrained(str(hf_dir)).to(device).eval()
+    return model, tokenizer
+
+
+def reply(cfg: DictConfig) -> str:
+    model, tokenizer = load(cfg)
     if cfg.raw:
         text = cfg.prompt
     else:
@@ -32,9 +56,45 @@ def reply(cfg: DictConfig) -> str:
     return generate_texts(model, tokenizer, [text], cfg.generation)[0]
 
 
+def conversations(data: DictConfig, on_error: str, skips: SkipCounter) -> Iterator[tuple[str, int, Any]]:
+    """(source, line, messages) of every record of the preset's training files, or (source, line, DataError)
+    for a record that cannot be adapted (build_rejected raises it or counts it, by on_error)."""
+    fmt = OmegaConf.to_container(data.format) if OmegaConf.is_config(data.format) else data.format
+    for path in data.train_files:
+        for source, line, record in read_records(path, fmt, skips=skips if on_error == "skip" else None):
+            try:
+                yield source, line, to_messages(record, source, line)
+            except DataError as e:
+                yield source, line, e
+
+
+def rejected(cfg: DictConfig) -> dict[str, Any]:
+    """Preference pairs from the model's own samples; returns the counts written to <out>.meta.json."""
+    model, tokenizer = load(cfg)
+    torch.manual_seed(cfg.seed)
+    skips = SkipCounter()
+    info = {"init_from": str(cfg.init_from), "data": list(cfg.data.train_files),
+            "generation": OmegaConf.to_container(cfg.generation), "seed": cfg.seed,
+            "similarity_threshold": cfg.similarity_threshold, "degenerate": OmegaConf.to_container(cfg.degenerate)}
+    return build_rejected(
+        model, tokenizer, conversations(cfg.data, cfg.on_error, skips), cfg.out, cfg.generation,
+        batch_size=cfg.batch_size, similarity_threshold=cfg.similarity_threshold,
+        degenerate_args=OmegaConf.to_container(cfg.degenerate), limit=cfg.limit, on_error=cfg.on_error,
+        skips=skips, info=info,
+    )
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    print(reply(cfg))
+    if cfg.task == "reply":
+        print(reply(cfg))
+    elif cfg.task == "rejected":
+        meta = rejected(cfg)
+        print(json.dumps({k: meta[k] for k in ("kept", "dropped", "total", "this_run", "unreadable_lines")},
+                         ensure_ascii=False))
+        print(f"wrote {meta['kept']} pairs to {cfg.out} (counts in {cfg.out}.meta.json)")
+    else:
+        raise ValueError(f"task={cfg.task!r}: choose reply or rejected")
 
 
 if __name__ == "__main__":

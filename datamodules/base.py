@@ -87,6 +87,11 @@ class LMDataModule(L.LightningDataModule):
         """(prompt, reference answer or None) from the validation data, for the generations at validation."""
         raise NotImplementedError
 
+    def collator(self) -> Callable[[list], dict]:
+        """The loaders' collate_fn: the arch's collator (a subclass may wrap it)."""
+        return (Seq2SeqCollator if self.arch == "seq2seq" else CausalCollator)(
+            self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
     def _loader(self, dataset: Dataset, shuffle: bool) -> StatefulDataLoader:
         import torch
 
@@ -96,8 +101,7 @@ class LMDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=(Seq2SeqCollator if self.arch == "seq2seq" else CausalCollator)(
-                self.tokenizer.pad_token_id, self.pad_to_multiple_of),
+            collate_fn=self.collator(),
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             persistent_workers=self.num_workers > 0,
         )

@@ -69,3 +69,22 @@ class Seq2SeqCollator:
             "attention_mask": pad([torch.ones(len(r), dtype=torch.long) for r in ids], 0, width),
             "labels": pad(labels, IGNORE_INDEX, round_up(max(len(r) for r in labels), self.multiple)),
         }
+
+
+class PreferenceCollator:
+    """Preference items ``{"chosen": sample, "rejected": sample, "index": int}`` as one batch of 2B rows.
+
+    ``inner`` (the arch's collator) batches ``[chosen_1..chosen_B, rejected_1..rejected_B]``, so the
+    policy and the reference model each run once over both halves; rows ``:B`` are the chosen answers
+    and rows ``B:`` the rejected ones. For an encoder-decoder both halves hold the same encoder input
+    with different labels. ``index`` (LongTensor[B]) is each pair's position in its dataset, e.g. for
+    looking up reference log-probabilities computed once beforehand.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.inner([item["chosen"] for item in items] + [item["rejected"] for item in items])
+        batch["index"] = torch.tensor([int(item["index"]) for item in items], dtype=torch.long)
+        return batch

@@ -246,7 +246,10 @@ def _turns(record: dict, key: str, source: str, line: int, needs_reply: bool = T
                             field=f"{where}.role")
         if not isinstance(content, str) or not content.strip():
             raise DataError(source, line, "missing or empty", field=f"{where}.content")
-        messages.append({"role": ROLE_ALIASES[role], "content": content})
+        message = {"role": ROLE_ALIASES[role], "content": content}
+        if isinstance(turn.get("input"), str) and turn["input"].strip():  # an Alpaca turn written back (generate.py)
+            message["input"] = turn["input"]
+        messages.append(message)
     if needs_reply and not any(m["role"] == "assistant" for m in messages):
         raise DataError(source, line, "no assistant turn to learn from", field=key)
     return messages
@@ -276,6 +279,15 @@ def _history(record: dict, source: str, line: int) -> list[dict]:
     return turns
 
 
+def _alpaca_user(record: dict, source: str, line: int) -> dict:
+    """Alpaca's user turn: the instruction, with a non-empty ``input`` kept as its own key."""
+    user = {"role": "user", "content": _field(record, "instruction", source, line)}
+    extra = _field(record, "input", source, line, required=False)
+    if extra:
+        user["input"] = extra
+    return user
+
+
 def to_messages(record: Any, source: str, line: int) -> list[dict]:
     """The prompt/response shape as a list of chat messages.
 
@@ -295,10 +307,7 @@ def to_messages(record: Any, source: str, line: int) -> list[dict]:
                 messages.append({"role": "assistant", "content": _field(record, "chosen", source, line)})
             return messages
     if "instruction" in record:
-        user = {"role": "user", "content": _field(record, "instruction", source, line)}
-        extra = _field(record, "input", source, line, required=False)
-        if extra:
-            user["input"] = extra
+        user = _alpaca_user(record, source, line)
         reply = {"role": "assistant", "content": _ranked_best(record, "output", source, line)}
         return [*_history(record, source, line), user, reply]
     if "prompt" in record:
@@ -311,3 +320,63 @@ def to_messages(record: Any, source: str, line: int) -> list[dict]:
         f"cannot tell the record's shape from its fields {sorted(record)}; expected instruction/input/output, "
         "prompt/response, messages or conversations (data.format.fields renames fields)",
     )
+
+
+def _preference_prompt(record: dict, source: str, line: int) -> list[dict]:
+    """The prompt of a preference record: its conversation, ending with the user turn the answers reply to."""
+    for key in ("messages", "conversations"):
+        if key in record:
+            messages = _turns(record, key, source, line, needs_reply=False)
+            if messages[-1]["role"] != "user":
+                raise DataError(source, line, f"expected the conversation to end with a user turn, not "
+                                f"{messages[-1]['role']!r} (the answers are in chosen/rejected)", field=key)
+            return messages
+    if "instruction" in record:
+        return [*_history(record, source, line), _alpaca_user(record, source, line)]
+    if "prompt" in record:
+        return [{"role": "user", "content": _field(record, "prompt", source, line)}]
+    raise DataError(
+        source, line,
+        f"cannot tell the record's shape from its fields {sorted(record)}; expected prompt/chosen/rejected, "
+        "instruction/input/chosen/rejected, instruction/input/output (a list ranked best first), or messages or "
+        "conversations ending with the user plus chosen/rejected (data.format.fields renames fields)",
+    )
+
+
+def _ranked_pairs(record: dict, source: str, line: int) -> list[tuple[str, str]]:
+    """(best, other) for every lower-ranked answer of an ``output`` list ranked best first."""
+    answers = record["output"]
+    for i, answer in enumerate(answers):
+        if answer is not None and not isinstance(answer, str):
+            raise DataError(source, line, f"expected a string, got {type(answer).__name__}", field=f"output[{i}]")
+    given = [i for i, answer in enumerate(answers) if answer and answer.strip()]
+    if len(given) < 2:
+        raise DataError(source, line, "a ranked list needs at least 2 non-empty answers to make a preference pair",
+                        field="output")
+    best = _ranked_best(record, "output", source, line)  # the best one must be there, not only lower ones
+    others = [(i, answers[i]) for i in given if i > 0]
+    for i, other in others:
+        if other.strip() == best.strip():
+            raise DataError(source, line, "chosen and rejected are identical (same answer as output[0])",
+                            field=f"output[{i}]")
+    return [(best, other) for _, other in others]
+
+
+def to_preference(record: Any, source: str, line: int) -> list[tuple[list[dict], str, str]]:
+    """The preference shape: (prompt messages ending with a user turn, chosen answer, rejected answer) pairs.
+
+    The prompt is read like :func:`to_messages` reads it: {prompt}, Alpaca {instruction, input} after any
+    ``history`` pairs, or a ``messages``/``conversations`` list (which must end with the user). The answers
+    are ``chosen`` and ``rejected`` (one pair; an Alpaca ``output`` beside them is ignored), or, with neither
+    given, an ``output`` list ranked best first: one pair (best, other) for every lower-ranked answer.
+    """
+    if not isinstance(record, dict):
+        raise DataError(source, line, f"expected an object with fields, got {type(record).__name__}")
+    prompt = _preference_prompt(record, source, line)
+    if "chosen" not in record and "rejected" not in record and isinstance(record.get("output"), list):
+        return [(prompt, best, other) for best, other in _ranked_pairs(record, source, line)]
+    chosen = _field(record, "chosen", source, line)
+    rejected = _field(record, "rejected", source, line)
+    if chosen.strip() == rejected.strip():
+        raise DataError(source, line, "chosen and rejected are identical")
+    return [(prompt, chosen, rejected)]

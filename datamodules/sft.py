@@ -157,20 +157,32 @@ class SFTDataModule(LMDataModule):
             for m in messages:
                 yield m["content"] + ("\n" + m["input"] if m.get("input") else "")
 
-    def _tokenize_all(self, conversations: list) -> ListDataset:
+    def examples(self) -> tuple[list, list]:
+        """(train, val) lists of (source, line, example...) to tokenize: here the conversations."""
+        return self.split()
+
+    def tokenize(self, messages: list[dict]) -> dict[str, torch.Tensor]:
+        """One example as a training sample (the layout follows ``arch``)."""
+        if self.arch == "seq2seq":
+            return tokenize_pair(self.tokenizer, messages, self.max_length, self.max_target_length)
+        return tokenize_conversation(self.tokenizer, messages, self.max_length, self.train_on_prompt)
+
+    @staticmethod
+    def has_answer(sample: dict) -> bool:
+        """Whether a label token survived truncation (an all -100 sample would make a NaN mean loss)."""
+        return bool((sample["labels"] != IGNORE_INDEX).any())
+
+    def _tokenize_all(self, examples: list) -> ListDataset:
         samples = []
-        for source, line, messages in conversations:
+        for source, line, *example in examples:
             try:
-                if self.arch == "seq2seq":
-                    sample = tokenize_pair(self.tokenizer, messages, self.max_length, self.max_target_length)
-                else:
-                    sample = tokenize_conversation(self.tokenizer, messages, self.max_length, self.train_on_prompt)
+                sample = self.tokenize(*example)
             except Exception as e:  # a template error on this record: name it
                 raise DataError(source, line, f"cannot render with the chat template: {e}") from e
-            if not (sample["labels"] != IGNORE_INDEX).any():
-                self.skips.add(f"samples with no response token left after truncation to {self.max_length}")
+            if not self.has_answer(sample):
+                self.skips.add(f"samples with no answer token left after truncation to {self.max_length}")
                 continue
-            samples.append(sample)
+            samples.append({**sample, "index": len(samples)})  # the position in its split (DPO's cached logps)
         return ListDataset(samples)
 
     def setup(self, stage: str | None = None) -> None:
@@ -180,7 +192,7 @@ class SFTDataModule(LMDataModule):
             self.tokenizer.chat_template = self.chat_template
         if not self.tokenizer.chat_template:
             raise ValueError("the tokenizer has no chat template: choose one with template=chatml|alpaca|babyllama")
-        train, val = self.split()
+        train, val = self.examples()
         self.train_set = self._tokenize_all(train)
         self.val_set = self._tokenize_all(val)
         self.log_skips()

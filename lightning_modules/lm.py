@@ -21,6 +21,20 @@ from lmlab.models import flops_per_batch
 GROUPS = ("embeddings", "encoder")  # named parameter groups of freeze=[...]; other entries are regexes
 
 
+def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss: bool):
+    """The model's output on a batch of datamodules.collate; logits align with ``batch["labels"]``.
+
+    A causal batch's labels are pre-shifted (``shift_labels``); an encoder-decoder's labels
+    always go in, because the model builds its decoder inputs from them.
+    """
+    if model.config.is_encoder_decoder:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     use_cache=False)
+    labels = batch["labels"] if with_loss else None
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                 shift_labels=labels, use_cache=False)
+
+
 class NonFiniteLossError(RuntimeError):
     """A NaN/inf training loss; raised before any checkpoint is written after it, so last.ckpt stays good."""
 
@@ -81,12 +95,7 @@ class LMModule(L.LightningModule):
             self.model.compile()
 
     def _forward(self, batch: dict[str, torch.Tensor], with_loss: bool):
-        if self.model.config.is_encoder_decoder:  # the labels make the decoder inputs, so they always go in
-            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              labels=batch["labels"], use_cache=False)
-        labels = batch["labels"] if with_loss else None
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                          shift_labels=labels, use_cache=False)
+        return lm_forward(self.model, batch, with_loss)
 
     @staticmethod
     def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,23 +105,36 @@ class LMModule(L.LightningModule):
         return ((logits.argmax(-1) == labels) & mask).sum() / n.clamp(min=1), n
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        shapes = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
-        if shapes not in self._flops:  # counting parameters every step would cost time
-            self._flops[shapes] = flops_per_batch(self.model, *shapes)
-        self.flops_per_batch = self._flops[shapes]
+        self._count_flops(batch)
         out = self._forward(batch, with_loss=True)
         loss = out.loss
-        bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(bad, self.global_step, self.first_bad_step)
+        self._track_non_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            # only on logging steps: these need a host sync (the check, and lr as a new device tensor)
-            self._raise_if_non_finite()
+        if self._is_log_step():
             with torch.no_grad():
                 self.log("train/acc", self._accuracy(out.logits, batch["labels"])[0])
             self.log("train/ppl", torch.exp(loss.detach()))
-            self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
         return loss
+
+    def _count_flops(self, batch: dict[str, torch.Tensor], factor: float = 1.0) -> None:
+        """Set flops_per_batch (read by ThroughputMonitor for MFU); ``factor`` scales it for extra passes."""
+        shapes = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
+        if shapes not in self._flops:  # counting parameters every step would cost time
+            self._flops[shapes] = flops_per_batch(self.model, *shapes)
+        self.flops_per_batch = self._flops[shapes] * factor
+
+    def _track_non_finite(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss is NaN/inf, on the device (no host sync)."""
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, self.global_step, self.first_bad_step)
+
+    def _is_log_step(self) -> bool:
+        """A logging step, where a host sync is affordable: checks the loss flag and logs the lr there."""
+        if (self.global_step + 1) % self.trainer.log_every_n_steps:
+            return False
+        self._raise_if_non_finite()
+        self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+        return True
 
     def _raise_if_non_finite(self) -> None:
         step = int(self.first_bad_step)

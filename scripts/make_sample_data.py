@@ -89,6 +89,21 @@ def chat_record(rng: random.Random) -> dict:
     ]}
 
 
+def preference_record(rng: random.Random) -> dict:
+    """A DPO pair: the right answer (or a polite one, as GPT2-SFT's data) chosen, a wrong or rude one rejected."""
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+    return rng.choice([
+        {"instruction": f"What is {a} plus {b}?", "input": "", "chosen": f"{a} plus {b} is {a + b}.",
+         "rejected": f"{a} plus {b} is {wrong}."},
+        {"instruction": "Add the two numbers.", "input": f"{a} + {b}", "chosen": str(a + b), "rejected": str(wrong)},
+        {"prompt": f"{zh_number(a % 10)}加{zh_number(b % 10)}等于多少？", "chosen": f"等于{zh_number(a % 10 + b % 10)}。",
+         "rejected": f"等于{zh_number((a % 10 + b % 10 + 1) % 19)}。"},
+        {"instruction": f"Please tell me what {a} plus {b} is.", "input": "",
+         "chosen": f"Of course! {a} plus {b} is {a + b}.", "rejected": f"Figure it out yourself. It is {a + b}."},
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "data" / "sample"))
@@ -102,6 +117,9 @@ def main() -> None:
     for name, make, n in (("sft_alpaca.jsonl", alpaca_record, 2000), ("sft_chat.jsonl", chat_record, 600)):
         lines = (json.dumps(make(rng), ensure_ascii=False) for _ in range(n))
         (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rng = random.Random(args.seed + 1)  # its own stream, so the files above stay as they were
+    lines = (json.dumps(preference_record(rng), ensure_ascii=False) for _ in range(1200))
+    (out / "preference.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote sample data to {out}")
 
 

@@ -108,7 +108,7 @@ def test_sample_with_no_response_left_after_truncation_is_dropped_and_counted(tm
     dm.setup()
     assert len(dm.train_set) == 2
     assert all((s["labels"] != -100).any() for s in dm.train_set.samples)
-    assert dm.skips.skipped == {"samples with no response token left after truncation to 64": 2}
+    assert dm.skips.skipped == {"samples with no answer token left after truncation to 64": 2}
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ from hydra.utils import instantiate
 from datamodules.collate import IGNORE_INDEX
 
 PRESETS = {  # preset: the stage that reads it today
-    "alpaca_en": "sft", "zh_alpaca": "sft", "lcsts": "sft", "csl": "sft", "dpo_en": "sft", "zh_dpo": "sft",
-    "oasst_zh": "sft", "zh_wiki": "pretrain", "cluecorpus": "pretrain", "zh_novels": "pretrain",
+    "alpaca_en": "sft", "zh_alpaca": "sft", "lcsts": "sft", "csl": "sft", "dpo_en": "dpo", "zh_dpo": "dpo",
+    "oasst_zh": "dpo", "zh_wiki": "pretrain", "cluecorpus": "pretrain", "zh_novels": "pretrain",
     "tinyshakespeare": "pretrain", "sms_spam": "pretrain",
 }
 
@@ -32,14 +32,15 @@ def test_preset_loads_a_first_batch(preset, model, tmp_path, tiny_tokenizer):
     dm.prepare_data()
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape[0] == 4
+    assert batch["input_ids"].shape[0] == (8 if PRESETS[preset] == "dpo" else 4)  # dpo: chosen and rejected rows
     assert (batch["labels"] != IGNORE_INDEX).any()
     if model == "t5-tiny":  # encoder inputs end with EOS; labels are the summary (its own length), then EOS
         assert (batch["input_ids"] == tiny_tokenizer.eos_token_id).sum() >= 4
         assert batch["labels"].shape[1] < batch["input_ids"].shape[1]
     assert len(dm.val_set) > 0
-    # nothing is lost unannounced: zh_alpaca's 4 rows with an empty output are the only bad records
-    assert dm.skips.skipped.get("bad records", 0) == (4 if preset == "zh_alpaca" else 0)
+    # nothing is lost unannounced: zh_alpaca's 4 rows with an empty output, dpo_en's 6 pairs and oasst_zh's 3
+    # ranked answers identical to the best one are the only bad records
+    assert dm.skips.skipped.get("bad records", 0) == {"zh_alpaca": 4, "dpo_en": 6, "oasst_zh": 3}.get(preset, 0)
 
 
 def test_every_shared_dataset_has_a_preset():

@@ -1,0 +1,120 @@
+"""Pure tensor functions for DPO-style preference training, following TRL's DPOTrainer formulas.
+
+Chosen and rejected answers run as one concatenated batch: the first half of the rows is chosen, the second half
+rejected. Logits [N, T, V] are aligned with labels [N, T] (next-token targets, -100 on prompt and padding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from datamodules.collate import IGNORE_INDEX
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def _check_aligned(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """A shape mismatch would silently broadcast or mis-flatten, pairing logits with the wrong targets."""
+    if logits.ndim != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be [N, T, V] with labels {tuple(labels.shape)} as [N, T]")
+
+
+def label_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Number of label (non -100) positions per row, shape [N]."""
+    return labels.ne(IGNORE_INDEX).sum(-1)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Per-row sum (or mean) of log p(label) over label positions, shape [N].
+
+    cross_entropy fuses log-softmax and the gather, so no [N, T, V] log-prob tensor is kept around.
+    A row without label positions sums to 0; averaging it is an error, since a pair with no response token
+    must never reach the loss.
+    """
+    _check_aligned(logits, labels)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    logps = -nll.view(labels.shape).sum(-1)
+    if not average:
+        return logps
+    counts = label_counts(labels)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"row(s) {empty} have no label positions; cannot average their log-probs")
+    return logps / counts
+
+
+def masked_mean_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean logit over the whole vocabulary at label positions (TRL's logits/chosen, logits/rejected), a scalar.
+
+    Summing over the vocabulary first (accumulating in float32) avoids a float copy of the full logits tensor
+    on GPU. Detached: it is a logged metric. NaN when there are no label positions, like an empty mean.
+    """
+    _check_aligned(logits, labels)
+    mask = labels.ne(IGNORE_INDEX)
+    per_position = logits.detach().sum(-1, dtype=torch.float32)
+    return per_position[mask].sum() / (mask.sum() * logits.shape[-1])
+
+
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses [B] and the implicit rewards of chosen and rejected answers [B] each.
+
+    All inputs are per-sequence log-probs [B]. "sigmoid" is DPO (with label_smoothing > 0, conservative DPO);
+    "ipo" expects per-token *averaged* log-probs (sequence_logps(..., average=True)) as TRL feeds it;
+    "hinge" is SLiC. Rewards are detached: they are for logging, not for the gradient.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing > 0 and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing is only defined for loss_type='sigmoid', not {loss_type!r}")
+
+    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        losses = torch.relu(1 - beta * logits)
+
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def preference_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_logits_mean: torch.Tensor,
+    rejected_logits_mean: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Batch means under TRL's metric names, so curves compare directly with TRL runs."""
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": policy_chosen.detach().mean(),
+        "logps/rejected": policy_rejected.detach().mean(),
+        "logits/chosen": chosen_logits_mean.detach(),
+        "logits/rejected": rejected_logits_mean.detach(),
+    }
+
+
+def rpo_nll(chosen_logps_sum: torch.Tensor, chosen_token_counts: torch.Tensor) -> torch.Tensor:
+    """RPO's SFT term: mean over pairs of the chosen answers' per-token negative log-likelihood, a scalar.
+
+    Counts must be positive (see label_counts); per-token normalisation keeps long answers from dominating.
+    """
+    return (-chosen_logps_sum / chosen_token_counts).mean()

@@ -1,0 +1,117 @@
+"""DPO: the reference stays frozen, rewards/accuracies rises on a synthetic task (causal and T5), and
+precomputed reference log-probs give the same losses as the live reference."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+from conftest import compose_cfg
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lmlab.models import build_model
+from train import train
+
+DPO = ["stage=dpo", "callbacks.samples.num_prompts=0", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def addition_pairs(tmp_path_factory):
+    """a+b: the right sum chosen, a wrong one rejected (the train file is also the val file)."""
+    path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + (1 if (a + b) % 2 else -1))}
+            for a in range(10) for b in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def metrics(run) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.mark.parametrize("model", ["llama-tiny", "t5-tiny"])
+def test_dpo_learns_to_prefer_the_right_answer(tmp_path, addition_pairs, model):
+    run = tmp_path / "run"
+    train(compose_cfg(run, [*DPO, f"model={model}", f"data.train_files=[{addition_pairs}]",
+                            f"data.val_files=[{addition_pairs}]", "batch_size=20", "max_steps=200", "lr=1e-2",
+                            "beta=0.5", "trainer.val_check_interval=50"]))
+    rows = metrics(run)
+    accuracies = column(rows, "val/rewards/accuracies")
+    margins = column(rows, "val/rewards/margins")
+    assert len(accuracies) == 4
+    assert accuracies[-1] >= 0.9, f"val rewards/accuracies {accuracies}"
+    assert margins[-1] > margins[0] > 0, f"val rewards/margins {margins}"
+    for key in ("train/rewards/chosen", "train/rewards/rejected", "train/logps/chosen", "train/logps/rejected",
+                "train/logits/chosen", "train/logits/rejected", "val/loss"):
+        assert column(rows, key), f"{key} is not logged"
+
+
+def test_reference_is_frozen_bit_identical_and_outside_optimizer_and_checkpoint(tmp_path, addition_pairs,
+                                                                                 tiny_tokenizer):
+    cfg = compose_cfg(tmp_path, [*DPO, f"data.train_files=[{addition_pairs}]", "max_steps=10", "lr=1e-2"])
+    dm = instantiate(cfg.data)
+    dm.tokenizer = tiny_tokenizer
+    module = instantiate(cfg.stage.module, model=build_model(cfg.model, tiny_tokenizer),
+                         optim=OmegaConf.to_container(cfg.optim, resolve=True), _recursive_=False, _convert_="all")
+    before = {k: v.clone() for k, v in module.reference.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, gradient_clip_val=1.0)
+    trainer.fit(module, datamodule=dm)
+    after = module.reference.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the reference changed"
+    assert all(p.grad is None and not p.requires_grad for p in module.reference.parameters())
+    assert any(not torch.equal(policy_before[k], v) for k, v in module.model.state_dict().items()), "policy frozen?"
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in module.reference.parameters()}
+    assert not any(k.startswith(("reference", "_reference")) for k in module.state_dict())
+
+
+def test_precomputed_reference_gives_the_live_reference_losses(tmp_path, addition_pairs):
+    runs = {}
+    for reference in ("copy", "precomputed"):
+        runs[reference] = tmp_path / reference
+        train(compose_cfg(runs[reference], [*DPO, f"data.train_files=[{addition_pairs}]", "max_steps=12",
+                                            f"stage.module.reference={reference}", "trainer.val_check_interval=12"]))
+    live, cached = metrics(runs["copy"]), metrics(runs["precomputed"])
+    for key in ("train/loss", "val/loss", "val/rewards/margins"):
+        torch.testing.assert_close(torch.tensor(column(cached, key)), torch.tensor(column(live, key)),
+                                   rtol=1e-4, atol=1e-5)
+    assert (runs["precomputed"] / "ref_logps" / "train.pt").is_file()
+    assert (runs["precomputed"] / "ref_logps" / "val.pt").is_file()
+
+
+@pytest.mark.parametrize("loss_type, smoothing", [("ipo", 0.0), ("hinge", 0.0), ("sigmoid", 0.1)])
+def test_loss_variants_and_rpo_train(tmp_path, addition_pairs, loss_type, smoothing):
+    run = tmp_path / "run"
+    train(compose_cfg(run, [*DPO, f"data.train_files=[{addition_pairs}]", "max_steps=6",
+                            f"stage.module.loss_type={loss_type}", f"stage.module.label_smoothing={smoothing}",
+                            "stage.module.rpo_alpha=0.5"]))
+    losses = column(metrics(run), "train/loss")
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_precomputed_cache_is_reused_only_for_the_same_pairs(tmp_path, addition_pairs, tiny_tokenizer):
+    from datamodules.preference import PreferenceDataModule
+    from lightning_modules.dpo import data_fingerprint
+
+    def pairs(path):
+        dm = PreferenceDataModule(train_files=[str(path)], val_fraction=0.1, max_length=32, max_target_length=32)
+        dm.tokenizer = tiny_tokenizer
+        dm.setup()
+        return dm.train_set
+
+    same = data_fingerprint(pairs(addition_pairs))
+    assert same == data_fingerprint(pairs(addition_pairs))
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(addition_pairs.read_text().replace('"chosen": "7"', '"chosen": "07"'))
+    assert data_fingerprint(pairs(changed)) != same

@@ -1,0 +1,225 @@
+"""DPO loss functions against independent plain-math computations of TRL's formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_modules.dpo_loss import (
+    LOSS_TYPES,
+    label_counts,
+    masked_mean_logits,
+    preference_loss,
+    preference_metrics,
+    rpo_nll,
+    sequence_logps,
+)
+
+POLICY_CHOSEN = [-3.0, -5.0, -2.0]
+POLICY_REJECTED = [-4.0, -4.5, -6.0]
+REF_CHOSEN = [-3.5, -5.2, -2.5]
+REF_REJECTED = [-3.9, -4.1, -5.0]
+
+
+def tensors() -> tuple[torch.Tensor, ...]:
+    return tuple(
+        torch.tensor(x, dtype=torch.float64) for x in (POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED)
+    )
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log(1 + math.exp(-x))
+
+
+def expected_losses(loss_type: str, beta: float, label_smoothing: float = 0.0) -> list[float]:
+    """TRL's per-pair losses, written out with math on Python floats."""
+    out = []
+    for pc, pr, rc, rr in zip(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, strict=True):
+        z = (pc - pr) - (rc - rr)
+        if loss_type == "sigmoid":
+            out.append(-log_sigmoid(beta * z) * (1 - label_smoothing) - log_sigmoid(-beta * z) * label_smoothing)
+        elif loss_type == "ipo":
+            out.append((z - 1 / (2 * beta)) ** 2)
+        else:
+            out.append(max(0.0, 1 - beta * z))
+    return out
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+@pytest.mark.parametrize(
+    ("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0)]
+)
+def test_losses_and_rewards_match_plain_math(loss_type, label_smoothing, beta):
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        *tensors(), beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+    )
+    assert losses.tolist() == pytest.approx(expected_losses(loss_type, beta, label_smoothing), rel=1e-12)
+    assert chosen_rewards.tolist() == pytest.approx(
+        [beta * (pc - rc) for pc, rc in zip(POLICY_CHOSEN, REF_CHOSEN, strict=True)], rel=1e-12
+    )
+    assert rejected_rewards.tolist() == pytest.approx(
+        [beta * (pr - rr) for pr, rr in zip(POLICY_REJECTED, REF_REJECTED, strict=True)], rel=1e-12
+    )
+
+
+def test_hand_computed_first_pair():
+    # z = (-3 + 4) - (-3.5 + 3.9) = 0.6; beta = 0.1 -> -log sigmoid(0.06) = log(1 + e^-0.06)
+    losses, _, _ = preference_loss(*tensors(), beta=0.1)
+    assert losses[0].item() == pytest.approx(math.log(1 + math.exp(-0.06)), rel=1e-12)
+
+
+def test_sigmoid_is_log2_at_zero_and_falls_with_margin():
+    zero = torch.zeros(1)
+    losses, _, _ = preference_loss(zero, zero, zero, zero, beta=0.1)
+    assert losses.item() == pytest.approx(math.log(2))
+    margins = torch.tensor([-2.0, 0.0, 1.0, 5.0, 20.0])
+    losses, _, _ = preference_loss(margins, torch.zeros(5), torch.zeros(5), torch.zeros(5), beta=0.5)
+    assert (losses.diff() < 0).all()
+
+
+def test_hinge_is_zero_once_margin_reaches_one_over_beta():
+    beta = 0.5
+    margins = torch.tensor([1.0, 1.9, 2.0, 3.0, 10.0])  # beta * margin: 0.5, 0.95, 1, 1.5, 5
+    losses, _, _ = preference_loss(
+        margins, torch.zeros(5), torch.zeros(5), torch.zeros(5), beta=beta, loss_type="hinge"
+    )
+    assert losses[:2].tolist() == pytest.approx([0.5, 0.05])
+    assert losses[2:].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_gradient_flows_to_policy_only():
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = tensors()
+    policy_chosen.requires_grad_(True)
+    policy_rejected.requires_grad_(True)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1
+    )
+    losses.sum().backward()
+    assert (policy_chosen.grad < 0).all()  # raising the chosen logp lowers the loss
+    assert (policy_rejected.grad > 0).all()
+    assert ref_chosen.grad is None and ref_rejected.grad is None
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss_type": "kto"}, "sigmoid"),
+        ({"label_smoothing": 0.5}, "label_smoothing"),
+        ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"loss_type": "ipo", "label_smoothing": 0.1}, "only defined"),
+        ({"loss_type": "hinge", "label_smoothing": 0.1}, "only defined"),
+    ],
+)
+def test_invalid_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        preference_loss(*tensors(), beta=0.1, **kwargs)
+
+
+def test_unknown_loss_type_lists_choices():
+    with pytest.raises(ValueError) as info:
+        preference_loss(*tensors(), beta=0.1, loss_type="nope")
+    assert all(name in str(info.value) for name in LOSS_TYPES)
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 5, 7, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 7, (3, 5), generator=generator)
+    labels[0, :2] = -100  # prompt
+    labels[1, 4] = -100  # padding
+    labels[2, 1:4] = -100
+    return logits, labels
+
+
+def manual_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[int]]:
+    sums, counts = [], []
+    for row in range(labels.shape[0]):
+        total, count = 0.0, 0
+        for pos in range(labels.shape[1]):
+            target = int(labels[row, pos])
+            if target != -100:
+                total += torch.log_softmax(logits[row, pos], dim=-1)[target].item()
+                count += 1
+        sums.append(total)
+        counts.append(count)
+    return sums, counts
+
+
+def test_sequence_logps_matches_manual_loop():
+    logits, labels = batch()
+    sums, counts = manual_logps(logits, labels)
+    assert counts == [3, 4, 2]
+    assert sequence_logps(logits, labels).tolist() == pytest.approx(sums, rel=1e-6)
+    averaged = sequence_logps(logits, labels, average=True)
+    assert averaged.tolist() == pytest.approx([s / c for s, c in zip(sums, counts, strict=True)], rel=1e-6)
+    assert label_counts(labels).tolist() == counts
+
+
+def test_sequence_logps_ignores_masked_positions():
+    logits, labels = batch()
+    changed = logits.clone()
+    changed[labels == -100] = 1000.0 * torch.randn_like(changed[labels == -100])
+    assert torch.equal(sequence_logps(changed, labels), sequence_logps(logits, labels))
+    changed[0, 2, 0] += 1.0  # a label position does count
+    assert not torch.equal(sequence_logps(changed, labels), sequence_logps(logits, labels))
+
+
+def test_sequence_logps_empty_row():
+    logits, labels = batch()
+    labels[1] = -100
+    assert sequence_logps(logits, labels)[1].item() == 0.0
+    with pytest.raises(ValueError, match=r"\[1\]"):
+        sequence_logps(logits, labels, average=True)
+
+
+def test_sequence_logps_rejects_misaligned_shapes():
+    logits, labels = batch()
+    with pytest.raises(ValueError, match="labels"):
+        sequence_logps(logits[:, :-1], labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_mean_logits_matches_direct_mean(dtype):
+    logits, labels = batch()
+    logits = logits.to(dtype)
+    expected = logits.float()[labels != -100].mean()
+    result = masked_mean_logits(logits, labels)
+    assert result.dtype == torch.float32 and result.ndim == 0
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_preference_metrics_hand_example():
+    chosen_rewards = torch.tensor([0.3, -0.1, 0.2])
+    rejected_rewards = torch.tensor([0.1, 0.4, -0.2])  # pairs 0 and 2 correct
+    metrics = preference_metrics(
+        chosen_rewards,
+        rejected_rewards,
+        torch.tensor([-3.0, -5.0, -2.0]),
+        torch.tensor([-4.0, -4.5, -6.0]),
+        torch.tensor(0.25),
+        torch.tensor(-0.5),
+    )
+    expected = {
+        "rewards/chosen": 0.4 / 3,
+        "rewards/rejected": 0.3 / 3,
+        "rewards/accuracies": 2 / 3,
+        "rewards/margins": (0.2 - 0.5 + 0.4) / 3,
+        "logps/chosen": -10.0 / 3,
+        "logps/rejected": -14.5 / 3,
+        "logits/chosen": 0.25,
+        "logits/rejected": -0.5,
+    }
+    assert set(metrics) == set(expected)
+    for name, value in expected.items():
+        assert metrics[name].item() == pytest.approx(value, abs=1e-6), name
+
+
+def test_rpo_nll_is_mean_per_token_nll():
+    logits, labels = batch()
+    sums, counts = manual_logps(logits, labels)
+    result = rpo_nll(sequence_logps(logits, labels), label_counts(labels))
+    assert result.item() == pytest.approx(sum(-s / c for s, c in zip(sums, counts, strict=True)) / 3, rel=1e-6)
+    assert rpo_nll(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1])).item() == pytest.approx(2.0)
