@@ -63,28 +63,10 @@ class PreferenceDataModule(SFTDataModule):
     of one ranked record stay together, the template, truncation, skips). Dataset items are
     ``{"chosen": sample, "rejected": sample, "index": i}`` with ``i`` the item's position in its
     split; a pair where either answer has no label token left after truncation is dropped and
-    counted in ``self.skips``.
+    counted in ``self.skips``. The constructor is SFTDataModule's (``train_on_prompt`` has no effect).
     """
 
-    def __init__(
-        self,
-        train_files: Sequence[str],
-        val_files: Sequence[str] | None = None,
-        val_fraction: float = 0.05,
-        format: str = "auto",
-        chat_template: str | None = None,
-        max_length: int = 512,
-        max_target_length: int = 512,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        pad_to_multiple_of: int = 1,
-        seed: int = 0,
-        on_error: str = "raise",
-        arch: str = "causal",
-    ):
-        super().__init__(train_files, val_files, val_fraction, format, chat_template, max_length, max_target_length,
-                         False, batch_size, num_workers, pad_to_multiple_of, seed, on_error, arch)
-        self._pairs: tuple[list, list] | None = None
+    _pairs: tuple[list, list] | None = None  # examples(), built once
 
     def _read(self, files: Sequence[str]) -> list[tuple[str, int, list[tuple[list[dict], str, str]]]]:
         return list(self.records(files, to_preference))
