@@ -152,7 +152,8 @@ class DPOModule(LMModule):
         with torch.no_grad():
             return self._logps(self.reference, batch)[0].chunk(2)
 
-    def _step(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _step(self, batch: dict[str, torch.Tensor], split: str, with_metrics: bool) -> tuple[torch.Tensor, dict]:
+        """The loss, and (``with_metrics``: they cost a pass over the logits) TRL's metrics."""
         policy, logits = self._logps(self.model, batch)
         policy_chosen, policy_rejected = policy.chunk(2)
         ref_chosen, ref_rejected = self._reference_logps(batch, split)
@@ -161,30 +162,31 @@ class DPOModule(LMModule):
             self.hparams.label_smoothing)
         loss = losses.mean()
         labels_chosen, labels_rejected = batch["labels"].chunk(2)
-        logits_chosen, logits_rejected = logits.chunk(2)
         if self.hparams.rpo_alpha:  # the SFT term: per-token NLL of the chosen answers (IPO's logps are per token)
             counts = label_counts(labels_chosen)
             loss = loss + self.hparams.rpo_alpha * rpo_nll(
                 policy_chosen, torch.ones_like(counts) if self.hparams.loss_type == "ipo" else counts)
+        if not with_metrics:
+            return loss, {}
+        logits_chosen, logits_rejected = logits.detach().chunk(2)
         with torch.no_grad():
             metrics = preference_metrics(
                 chosen_rewards, rejected_rewards, policy_chosen.detach(), policy_rejected.detach(),
-                masked_mean_logits(logits_chosen.detach(), labels_chosen),
-                masked_mean_logits(logits_rejected.detach(), labels_rejected))
+                masked_mean_logits(logits_chosen, labels_chosen), masked_mean_logits(logits_rejected, labels_rejected))
         return loss, metrics
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         live_reference = self.hparams.reference == "copy"
         self._count_flops(batch, factor=4 / 3 if live_reference else 1.0)  # + one forward pass of the reference
-        loss, metrics = self._step(batch, "train")
+        log_step = self._is_log_step()
+        loss, metrics = self._step(batch, "train", with_metrics=log_step)
         self._track_non_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
-        if self._is_log_step():
-            self.log_dict({f"train/{k}": v for k, v in metrics.items()})
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()})
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, metrics = self._step(batch, "val")
+        loss, metrics = self._step(batch, "val", with_metrics=True)
         pairs = batch["index"].numel()
         for name, value in {"loss": loss, **metrics}.items():
             self.val_metrics[name].update(value, weight=pairs)

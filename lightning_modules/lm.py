@@ -24,13 +24,15 @@ GROUPS = ("embeddings", "encoder")  # named parameter groups of freeze=[...]; ot
 def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss: bool):
     """The model's output on a batch of datamodules.collate; logits align with ``batch["labels"]``.
 
-    A causal batch's labels are pre-shifted (``shift_labels``); an encoder-decoder's labels
-    always go in, because the model builds its decoder inputs from them.
+    A causal batch's labels are pre-shifted (``shift_labels``). An encoder-decoder builds its
+    decoder inputs from the labels (start token, then the labels shifted right); without
+    ``with_loss`` they go in as those decoder inputs, so no loss is computed that nobody reads.
     """
-    if model.config.is_encoder_decoder:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     use_cache=False)
     labels = batch["labels"] if with_loss else None
+    if model.config.is_encoder_decoder:
+        decoder_input_ids = None if with_loss else model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                     decoder_input_ids=decoder_input_ids, use_cache=False)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                  shift_labels=labels, use_cache=False)
 
