@@ -24,27 +24,16 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.formats import DataError, SkipCounter, read_records, to_messages
-from lmlab.generation import generate_texts
-from lmlab.models import auto_class, resolve_hf_dir
+from lmlab.generation import generate_texts, load_for_inference
 from lmlab.rejected import build_rejected
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 
-def load(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The exported model (in eval mode, on cfg.device) and its tokenizer."""
-    hf_dir = resolve_hf_dir(cfg.init_from)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    model = auto_class(AutoConfig.from_pretrained(str(hf_dir))).from_pretrained(str(hf_dir)).to(device).eval()
-    return model, tokenizer
-
-
 def reply(cfg: DictConfig) -> str:
-    model, tokenizer = load(cfg)
+    model, tokenizer = load_for_inference(cfg.init_from, cfg.device, cfg.dtype)
     if cfg.raw:
         text = cfg.prompt
     else:
@@ -70,7 +59,7 @@ def conversations(data: DictConfig, on_error: str, skips: SkipCounter) -> Iterat
 
 def rejected(cfg: DictConfig) -> dict[str, Any]:
     """Preference pairs from the model's own samples; returns the counts written to <out>.meta.json."""
-    model, tokenizer = load(cfg)
+    model, tokenizer = load_for_inference(cfg.init_from, cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     skips = SkipCounter()
     info = {"init_from": str(cfg.init_from), "data": list(cfg.data.train_files),

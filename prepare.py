@@ -2,6 +2,7 @@
 
     python prepare.py task=tokenizer data=zh_wiki bpe.vocab_size=6400     # train and save a tokenizer
     python prepare.py task=tokenize data=zh_wiki tokenizer=<dir>           # tokenize a corpus into token files
+    python prepare.py task=split data=sms_spam                            # write a classification set's splits
 
 Both read the data preset's training files through its datamodule (so formats, field mapping
 and on_error behave as in training). Token files land in the data cache that train.py reuses.
@@ -52,7 +53,20 @@ def tokenize_corpus(cfg: DictConfig) -> Path:
     return datamodule.token_dir
 
 
-TASKS = {"tokenizer": train_tokenizer, "tokenize": tokenize_corpus}
+def write_splits(cfg: DictConfig) -> Path:
+    """Write a classification preset's train/val/test splits as jsonl (the same seeded cut stage=classify makes).
+
+    A backbone can then be pretrained on the training texts only, never on the test messages.
+    """
+    datamodule = instantiate(cfg.data)
+    if not hasattr(datamodule, "write_splits"):
+        raise ValueError(f"task=split needs a classification preset (data=sms_spam, ...), not data={cfg.data._target_}")
+    for name, path in datamodule.write_splits(cfg.split_dir).items():
+        log.info("%s: %d examples -> %s", name, len(datamodule.splits()[name]), path)
+    return Path(cfg.split_dir)
+
+
+TASKS = {"tokenizer": train_tokenizer, "tokenize": tokenize_corpus, "split": write_splits}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="prepare")

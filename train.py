@@ -1,7 +1,8 @@
 """Train: `python train.py model=<family> stage=<objective> data=<preset> [overrides]`.
 
 Composes conf/train.yaml, builds tokenizer -> data -> model -> LightningModule -> Trainer from
-their `_target_`s, fits (resuming from last.ckpt under resume=auto), exports hf/, and returns
+their `_target_`s, fits (resuming from last.ckpt under resume=auto), tests the best checkpoint where the stage
+has a test split (stage.test), exports hf/, and returns
 the monitored metric for Hydra sweepers.
 """
 
@@ -39,6 +40,14 @@ def get_tokenizer(cfg: DictConfig, datamodule, run_dir: Path):
     return train_and_save(datamodule, saved, cfg.template.chat_template, cfg.bpe)[0]
 
 
+def test_best(trainer: L.Trainer, module: L.LightningModule, datamodule, monitor: str) -> None:
+    """Test on the best checkpoint by the stage's metric, which then stays loaded (and is exported)."""
+    best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor == monitor), "")
+    if not best:
+        log.warning("no best checkpoint by %s was saved (no validation ran?): testing the final weights", monitor)
+    trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+
+
 def train(cfg: DictConfig) -> float | None:
     """One training run in ``paths.output_dir``; returns the monitored metric's final value."""
     run_dir = Path(cfg.paths.output_dir)
@@ -51,7 +60,9 @@ def train(cfg: DictConfig) -> float | None:
         tokenizer.chat_template = cfg.template.chat_template
     datamodule.tokenizer = tokenizer
 
-    model = load_model(cfg.init_from, cfg.model, tokenizer) if cfg.init_from else build_model(cfg.model, tokenizer)
+    labels = OmegaConf.select(cfg, "stage.module.labels")  # a stage with class labels trains a classifier
+    model = (load_model(cfg.init_from, cfg.model, tokenizer, labels) if cfg.init_from
+             else build_model(cfg.model, tokenizer, labels))
     # plain containers: checkpoints then load with torch.load(weights_only=True)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     module = instantiate(cfg.stage.module, model=model, optim=optim, _recursive_=False, _convert_="all")
@@ -67,6 +78,8 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if cfg.stage.test:
+        test_best(trainer, module, datamodule, cfg.stage.monitor)
 
     if trainer.is_global_zero:
         export_hf(module.model, tokenizer, run_dir / "hf")

@@ -3,19 +3,16 @@ non -100 labels."""
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from datamodules.collate import IGNORE_INDEX
-from lightning_modules.optim import param_groups, warmup_cosine
+from lightning_modules.base import TrainingModule
 from lmlab.models import flops_per_batch
 
 GROUPS = ("embeddings", "encoder")  # named parameter groups of freeze=[...]; other entries are regexes
@@ -35,10 +32,6 @@ def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss
                      decoder_input_ids=decoder_input_ids, use_cache=False)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                  shift_labels=labels, use_cache=False)
-
-
-class NonFiniteLossError(RuntimeError):
-    """A NaN/inf training loss; raised before any checkpoint is written after it, so last.ckpt stays good."""
 
 
 def freeze_parameters(model: PreTrainedModel, patterns: Sequence[str]) -> list[str]:
@@ -66,7 +59,7 @@ def freeze_parameters(model: PreTrainedModel, patterns: Sequence[str]) -> list[s
     return names
 
 
-class LMModule(L.LightningModule):
+class LMModule(TrainingModule):
     """Wraps a transformers causal LM or encoder-decoder (T5); see datamodules.collate for the batches.
 
     A causal batch carries pre-shifted labels; an encoder-decoder batch carries the encoder's
@@ -80,21 +73,12 @@ class LMModule(L.LightningModule):
     """
 
     def __init__(self, model: PreTrainedModel, optim: dict, freeze: Sequence[str] = (), compile: bool = False):
-        super().__init__()
+        super().__init__(model, optim, compile)
         self.save_hyperparameters(ignore=["model"])
-        self.model = model
         self.frozen = freeze_parameters(model, list(freeze))
         self._flops: dict[tuple, float] = {}
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
-        self.flops_per_batch = 0.0  # read by ThroughputMonitor for MFU
-        # Non-finite losses are flagged on the device and checked at log steps and before every
-        # checkpoint, so there is no host sync per step and no checkpoint ever holds a bad state.
-        self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
-
-    def configure_model(self) -> None:
-        if self.hparams.compile:
-            self.model.compile()
 
     def _forward(self, batch: dict[str, torch.Tensor], with_loss: bool):
         return lm_forward(self.model, batch, with_loss)
@@ -125,34 +109,6 @@ class LMModule(L.LightningModule):
             self._flops[shapes] = flops_per_batch(self.model, *shapes)
         self.flops_per_batch = self._flops[shapes] * factor
 
-    def _track_non_finite(self, loss: torch.Tensor) -> None:
-        """Remember the first step whose loss is NaN/inf, on the device (no host sync)."""
-        bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(bad, self.global_step, self.first_bad_step)
-
-    def _is_log_step(self) -> bool:
-        """A logging step, where a host sync is affordable: checks the loss flag and logs the lr there."""
-        if (self.global_step + 1) % self.trainer.log_every_n_steps:
-            return False
-        self._raise_if_non_finite()
-        self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
-        return True
-
-    def _raise_if_non_finite(self) -> None:
-        step = int(self.first_bad_step)
-        if step >= 0:
-            raise NonFiniteLossError(
-                f"loss is not finite (nan/inf) at step {step}; stopping. checkpoints/last.ckpt holds the last good "
-                "state (it is never written after a bad step): lower lr, check the data, or use a higher-precision "
-                "setting, then resume=auto"
-            )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._raise_if_non_finite()
-
-    def on_train_end(self) -> None:
-        self._raise_if_non_finite()
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self._forward(batch, with_loss=False).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
@@ -168,30 +124,3 @@ class LMModule(L.LightningModule):
         self.val_loss.reset()
         self.val_acc.reset()
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's own clipping, except under bf16-mixed with a fused optimizer.
-
-        Lightning refuses to clip for any optimizer that unscales gradients itself (fused AdamW)
-        under mixed precision, because fp16's GradScaler would hand it scaled gradients; bf16 has
-        no scaler, so the gradients are the true ones and torch's clipping is exact.
-        """
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if gradient_clip_val and scaler is None and any(g.get("fused") for g in optimizer.param_groups):
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def configure_optimizers(self):
-        cfg = self.hparams.optim
-        groups = param_groups(self.model, cfg["weight_decay"], cfg["decay_embeddings"])
-        optimizer = instantiate(cfg["optimizer"], _partial_=True)(groups)
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("set max_steps or max_epochs: the cosine schedule needs a total number of steps")
-        peak = cfg["optimizer"]["lr"]
-        scheduler = warmup_cosine(optimizer, cfg["warmup_steps"], int(total), cfg["min_lr"] / peak)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -8,13 +8,17 @@ tokens; encoder-decoder: them plus EOS, see datamodules.sft.encoder_ids) and gen
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
 
 from datamodules.collate import pad
 from datamodules.sft import encoder_ids
+from lmlab.models import auto_class, is_classifier, resolve_hf_dir
+from lmlab.tokenizer import load_tokenizer
 
 SAMPLING_KNOBS = ("temperature", "top_p", "top_k")
 
@@ -45,10 +49,15 @@ def decode_reply(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
 
 @torch.no_grad()
 def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                   settings: Mapping[str, Any], batch_size: int = 8) -> list[str]:
-    """Replies to already rendered prompts, ``batch_size`` at a time, with conf/generation ``settings``."""
+                   settings: Mapping[str, Any], batch_size: int = 8, streamer: BaseStreamer | None = None) -> list[str]:
+    """Replies to already rendered prompts, ``batch_size`` at a time, with conf/generation ``settings``.
+
+    ``streamer`` (transformers' TextStreamer and kin; one prompt only) receives the tokens as they are made (chat.py).
+    """
+    if streamer is not None and len(prompts) != 1:
+        raise ValueError(f"a streamer follows one reply; got {len(prompts)} prompts")
     replies: list[str] = []
-    kwargs = generate_kwargs(settings, tokenizer)
+    kwargs = generate_kwargs(settings, tokenizer) | ({"streamer": streamer} if streamer is not None else {})
     for start in range(0, len(prompts), batch_size):
         batch = {k: v.to(model.device) for k, v in encode_prompts(model, tokenizer, prompts[start:start + batch_size]).items()}
         out = model.generate(**batch, **kwargs)
@@ -56,3 +65,33 @@ def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
             out = out[:, batch["input_ids"].shape[1]:]
         replies += [decode_reply(tokenizer, row) for row in out.tolist()]
     return replies
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inference_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto``: bf16 on a GPU that has it, else fp16 on GPU; fp32 on CPU (half precision is slow there)."""
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose auto or one of {list(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_for_inference(path: str | Path, device: str = "auto",
+                       dtype: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A run's (or HF folder's) model in eval mode on ``device`` (auto: cuda if any) in ``dtype``, and its tokenizer.
+
+    eval.py, chat.py and benchmarks/inference_memory.py all load through here, so the memory the benchmark
+    measures is the memory chat uses.
+    """
+    hf_dir = resolve_hf_dir(path)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    tokenizer = load_tokenizer(hf_dir)
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    model_class = auto_class(config, is_classifier(config))
+    model = model_class.from_pretrained(str(hf_dir), dtype=inference_dtype(dtype, device)).to(device).eval()
+    return model, tokenizer

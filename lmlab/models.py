@@ -7,6 +7,7 @@ A preset's ``arch`` (causal | seq2seq) says which kind of model it builds; the d
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -15,6 +16,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -40,9 +42,26 @@ def resolve_hf_dir(path: str | Path) -> Path:
 ARCHS = ("causal", "seq2seq")
 
 
-def auto_class(config: PretrainedConfig) -> type:
-    """AutoModelForSeq2SeqLM for an encoder-decoder config, AutoModelForCausalLM otherwise."""
+def is_classifier(config: PretrainedConfig) -> bool:
+    """Whether a saved model is a sequence classifier (a stage=classify export)."""
+    return any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
+
+
+def auto_class(config: PretrainedConfig, classifier: bool = False) -> type:
+    """AutoModelForSequenceClassification for a classifier, else the LM class: AutoModelForSeq2SeqLM for an
+    encoder-decoder config, AutoModelForCausalLM otherwise."""
+    if classifier:
+        return AutoModelForSequenceClassification
     return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+
+
+def head_config(labels: Sequence[str] | None) -> dict:
+    """A classifier's config entries: its number of classes and their names (saved in config.json)."""
+    if not labels:
+        return {}
+    labels = [str(label) for label in labels]
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)}}
 
 
 def tokenizer_ids(tokenizer: PreTrainedTokenizerBase, model_cfg: DictConfig) -> dict[str, int | None]:
@@ -70,21 +89,32 @@ def check_arch(model_cfg: DictConfig, config: PretrainedConfig, where: str) -> N
         )
 
 
-def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A randomly initialised model of the preset's class and shape, sized to the tokenizer."""
-    config: PretrainedConfig = instantiate(model_cfg.config, **tokenizer_ids(tokenizer, model_cfg))
+def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase,
+                labels: Sequence[str] | None = None) -> PreTrainedModel:
+    """A randomly initialised model of the preset's class and shape, sized to the tokenizer.
+
+    With ``labels`` it is the preset's sequence classifier (e.g. LlamaForSequenceClassification).
+    """
+    config: PretrainedConfig = instantiate(model_cfg.config, **tokenizer_ids(tokenizer, model_cfg),
+                                           **head_config(labels), _convert_="all")
     check_arch(model_cfg, config, f"model={model_cfg.name}")
-    model = auto_class(config).from_config(config, attn_implementation=model_cfg.attn_implementation)
+    model = auto_class(config, bool(labels)).from_config(config, attn_implementation=model_cfg.attn_implementation)
     log.info("built %s: %.2fM parameters", type(model).__name__, count_parameters(model) / 1e6)
     return model
 
 
-def load_model(path: str | Path, model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Weights from an HF folder; the tokenizer must fit its embedding table."""
+def load_model(path: str | Path, model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase,
+               labels: Sequence[str] | None = None) -> PreTrainedModel:
+    """Weights from an HF folder; the tokenizer must fit its embedding table.
+
+    With ``labels`` the folder's backbone gets a classification head (new, unless the folder
+    is already a classifier with these classes).
+    """
     hf_dir = resolve_hf_dir(path)
     config = AutoConfig.from_pretrained(str(hf_dir))
     check_arch(model_cfg, config, f"init_from={path}")
-    model = auto_class(config).from_pretrained(str(hf_dir), attn_implementation=model_cfg.attn_implementation)
+    model = auto_class(config, bool(labels)).from_pretrained(
+        str(hf_dir), attn_implementation=model_cfg.attn_implementation, **head_config(labels))
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(
             f"init_from={path}: the model has {model.get_input_embeddings().num_embeddings} token embeddings but "
@@ -149,8 +179,9 @@ def flops_per_batch(model: PreTrainedModel, input_shape: tuple[int, int], label_
 def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """save_pretrained (safetensors) of model and tokenizer: plain transformers loads the folder."""
     out_dir = Path(out_dir)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model.can_generate():
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     save_tokenizer(tokenizer, out_dir)
     log.info("exported model and tokenizer to %s", out_dir)

@@ -2,7 +2,8 @@
 
 Small English and Chinese texts and instruction pairs built from templates, so the embedded
 default run (`python train.py`) trains on something learnable in a few CPU minutes:
-arithmetic facts, counting stories, word reversal, and multi-turn chats about them.
+arithmetic facts, counting stories, word reversal, and multi-turn chats about them, plus
+SMS-like ham/spam messages for stage=classify.
 
     python scripts/make_sample_data.py [--out data/sample]
 """
@@ -104,6 +105,26 @@ def preference_record(rng: random.Random) -> dict:
     ])
 
 
+def message_record(rng: random.Random) -> tuple[str, str]:
+    """An SMS-like (label, text) pair, three ham to one spam: spam offers prizes and asks for a call or a reply."""
+    name, place, thing = rng.choice(NAMES_EN), rng.choice(PLACES_EN), rng.choice(THINGS_EN)
+    hour, amount, code = rng.randint(1, 12), rng.choice([100, 250, 500, 1000, 2000]), rng.randint(10000, 99999)
+    if rng.random() < 0.25:
+        return "spam", rng.choice([
+            f"WINNER! You have won a {amount} pound prize. Call 0906{code} now to claim, T&C apply.",
+            f"Free entry: text WIN to {code} for a chance of {amount} {thing}. Reply STOP to end.",
+            f"URGENT! Your mobile number has been awarded {amount} pounds. Call 0871{code} before {hour}pm.",
+            f"Congratulations, you are selected for a free holiday. Send YES to {code} to claim your prize.",
+        ])
+    return "ham", rng.choice([
+        f"Are you coming to {place} later? {name} will be there at {hour}.",
+        f"Hey, can you bring the {thing} tomorrow? Thanks!",
+        f"Sorry I missed your call, I was at {place}. Call you back at {hour}.",
+        f"{name} says hi. We are meeting at {place} around {hour}, text me when you are free.",
+        f"Ok, I will pick up {amount % 9 + 1} {thing} on the way home.",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "data" / "sample"))
@@ -120,6 +141,9 @@ def main() -> None:
     rng = random.Random(args.seed + 1)  # its own stream, so the files above stay as they were
     lines = (json.dumps(preference_record(rng), ensure_ascii=False) for _ in range(1200))
     (out / "preference.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rng = random.Random(args.seed + 2)
+    (out / "messages.tsv").write_text("".join("\t".join(message_record(rng)) + "\n" for _ in range(800)),
+                                      encoding="utf-8")
     print(f"wrote sample data to {out}")
 
 

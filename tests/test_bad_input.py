@@ -12,7 +12,7 @@ from conftest import compose_cfg
 from datamodules.formats import DataError, read_records
 from datamodules.pretrain import PretrainDataModule
 from datamodules.sft import SFTDataModule
-from lightning_modules.lm import NonFiniteLossError
+from lightning_modules.base import NonFiniteLossError
 from train import train
 
 GOOD = {"instruction": "Add.", "input": "1 + 2", "output": "3"}

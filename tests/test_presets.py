@@ -12,7 +12,7 @@ from datamodules.collate import IGNORE_INDEX
 PRESETS = {  # preset: the stage that reads it today
     "alpaca_en": "sft", "zh_alpaca": "sft", "lcsts": "sft", "csl": "sft", "dpo_en": "dpo", "zh_dpo": "dpo",
     "oasst_zh": "dpo", "zh_wiki": "pretrain", "cluecorpus": "pretrain", "zh_novels": "pretrain",
-    "tinyshakespeare": "pretrain", "sms_spam": "pretrain",
+    "tinyshakespeare": "pretrain", "sms_spam": "classify", "sms_spam_text": "pretrain",
 }
 
 

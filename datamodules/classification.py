@@ -1,0 +1,224 @@
+"""Text classification data: (text, label) records -> token ids and a class id, split and balanced with a seed.
+
+Labels are names listed in the preset (``labels: [ham, spam]``); a label's id is its position
+there, and the same list becomes the exported model's ``id2label``. A record whose label is not
+in the list is an error naming its file and line (or a counted skip under ``on_error=skip``).
+When a file has no split of its own, a seeded shuffle cuts it into train/val/test; balancing
+undersamples every class to the smallest one's count before that cut, as GPT2-SFT did, or
+leaves the data whole and hands the loss class weights. Both use ``split_seed``, not the run's
+seed, so a sweep over seeds keeps one test set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from datamodules.base import LMDataModule
+from datamodules.collate import round_up
+from datamodules.formats import DataError, _field
+from datamodules.sft import ListDataset
+
+log = logging.getLogger(__name__)
+BALANCE = ("none", "undersample", "class_weights")
+SPLITS = ("train", "val", "test")
+Example = tuple[str, int, str, int]  # (source, line, text, label id)
+
+
+def to_labelled(record: Any, source: str, line: int, text_field: str, label_field: str,
+                labels: Sequence[str]) -> tuple[str, int]:
+    """(text, label id); the label is one of ``labels`` by name, or an integer id into it."""
+    text = _field(record, text_field, source, line)
+    value = record.get(label_field)
+    if isinstance(value, str) and value.strip() in labels:
+        return text, labels.index(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
+        return text, value
+    raise DataError(source, line, f"unknown label {value!r}; data.labels is {list(labels)}", field=label_field)
+
+
+def undersample(examples: list[Example], num_classes: int, seed: int) -> list[Example]:
+    """Every class cut to the smallest class's count (a seeded choice), in the original order."""
+    by_class: dict[int, list[int]] = {c: [] for c in range(num_classes)}
+    for i, example in enumerate(examples):
+        by_class[example[3]].append(i)
+    present = [ids for ids in by_class.values() if ids]
+    n = min(len(ids) for ids in present)
+    rng = random.Random(seed)
+    keep = {i for ids in present for i in rng.sample(ids, n)}
+    return [e for i, e in enumerate(examples) if i in keep]
+
+
+def split_examples(examples: list[Example], fractions: dict[str, float], seed: int) -> dict[str, list[Example]]:
+    """A seeded shuffle cut into the named parts (each at least one example); the rest is train."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    parts, start = {}, 0
+    for name, fraction in fractions.items():
+        n = max(1, int(len(examples) * fraction))
+        parts[name] = sorted(order[start:start + n])
+        start += n
+    parts["train"] = sorted(order[start:])
+    return {name: [examples[i] for i in ids] for name, ids in parts.items()}
+
+
+class ClassificationCollator:
+    """Pads ``input_ids`` (on ``padding_side``) with the pad id; ``labels`` is one class id per row."""
+
+    def __init__(self, pad_id: int, padding_side: str, pad_to_multiple_of: int = 1):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"data.padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.pad_id = pad_id
+        self.left = padding_side == "left"
+        self.multiple = max(1, pad_to_multiple_of)
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        width = round_up(max(len(s["input_ids"]) for s in samples), self.multiple)
+        input_ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            cols = slice(width - n, width) if self.left else slice(0, n)
+            input_ids[i, cols] = s["input_ids"]
+            attention_mask[i, cols] = 1
+        labels = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class ClassificationDataModule(LMDataModule):
+    """(text, label) records from jsonl/json/parquet/csv/tsv files, tokenized in memory, with a test split."""
+
+    def __init__(
+        self,
+        train_files: Sequence[str],
+        labels: Sequence[str],
+        val_files: Sequence[str] | None = None,
+        test_files: Sequence[str] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        format: Any = "auto",
+        text_field: str = "text",
+        label_field: str = "label",
+        balance: str = "undersample",
+        max_length: int = 128,
+        padding_side: str = "right",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pad_to_multiple_of: int = 1,
+        seed: int = 0,
+        split_seed: int = 123,
+        on_error: str = "raise",
+        arch: str = "causal",
+    ):
+        super().__init__(train_files, val_files, val_fraction, format, batch_size, num_workers, pad_to_multiple_of,
+                         seed, on_error, arch)
+        self.split_seed = split_seed
+        if arch != "causal":
+            raise ValueError("stage=classify pools a causal model's last token: choose a causal model preset "
+                             "(llama, gpt2, ...), not an encoder-decoder")
+        if balance not in BALANCE:
+            raise ValueError(f"data.balance must be one of {BALANCE}, got {balance!r}")
+        if len(set(labels)) != len(labels) or len(labels) < 2:
+            raise ValueError(f"data.labels must name at least two distinct classes, got {list(labels)}")
+        self.labels = [str(label) for label in labels]
+        self.test_files = list(test_files or [])
+        self.test_fraction = test_fraction
+        self.text_field = text_field
+        self.label_field = label_field
+        self.balance = balance
+        self.max_length = max_length
+        self.padding_side = padding_side
+        self.test_set: ListDataset | None = None
+        self._splits: dict[str, list[Example]] | None = None
+
+    def _read(self, files: Sequence[str]) -> list[Example]:
+        def adapter(record: Any, source: str, line: int) -> tuple[str, int]:
+            return to_labelled(record, source, line, self.text_field, self.label_field, self.labels)
+
+        return [(source, line, *example) for source, line, example in self.records(files, adapter)]
+
+    def splits(self) -> dict[str, list[Example]]:
+        """train/val/test examples: given files where there are any, else seeded cuts of the training files."""
+        if self._splits is None:
+            pool = self._read(self.train_files)
+            if self.balance == "undersample":
+                pool = undersample(pool, len(self.labels), self.split_seed)
+            fractions = {name: fraction for name, files, fraction in
+                         (("val", self.val_files, self.val_fraction), ("test", self.test_files, self.test_fraction))
+                         if not files}
+            splits = split_examples(pool, fractions, self.split_seed)
+            splits.update({name: self._read(files) for name, files in
+                           (("val", self.val_files), ("test", self.test_files)) if files})
+            for name in SPLITS:
+                if not splits[name]:
+                    raise DataError(", ".join(self.train_files), None, f"no usable records for the {name} split")
+            self._splits = {name: splits[name] for name in SPLITS}
+        return self._splits
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        counts = Counter(label for *_, label in self.splits()[split])
+        return [counts[c] for c in range(len(self.labels))]
+
+    def class_weights(self) -> list[float] | None:
+        """Inverse-frequency weights of the training split under balance=class_weights (else None)."""
+        if self.balance != "class_weights":
+            return None
+        counts = self.class_counts("train")
+        total = sum(counts)
+        return [total / (len(counts) * n) if n else 0.0 for n in counts]
+
+    def iter_texts(self) -> Iterator[str]:
+        for _, _, text, _ in self.splits()["train"]:
+            yield text
+
+    def tokenize(self, text: str) -> list[int]:
+        """The tokenizer's own encoding (its special tokens included), cut to max_length.
+
+        The same call as ``tokenizer(text, truncation=True, max_length=...)`` outside lmlab, so the
+        exported model sees exactly what it was trained on.
+        """
+        return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def _dataset(self, examples: list[Example]) -> ListDataset:
+        return ListDataset([{"input_ids": torch.tensor(self.tokenize(text), dtype=torch.long), "label": label}
+                            for _, _, text, label in examples])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        splits = self.splits()
+        self.tokenizer.model_max_length = self.max_length  # exported with it: tokenizer(text, truncation=True) cuts the same
+        self.train_set, self.val_set, self.test_set = (self._dataset(splits[name]) for name in SPLITS)
+        for name in SPLITS:
+            counts = ", ".join(f"{label} {n}" for label, n in zip(self.labels, self.class_counts(name)))
+            log.info("%s: %d examples (%s)", name, len(splits[name]), counts)
+        self.log_skips()
+
+    def collator(self) -> Callable[[list], dict]:
+        return ClassificationCollator(self.tokenizer.pad_token_id, self.padding_side, self.pad_to_multiple_of)
+
+    def test_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def sample_pairs(self, n: int) -> list[tuple[str, str | None]]:
+        """No generations for a classifier (the stage sets callbacks.samples.num_prompts to 0)."""
+        return []
+
+    def write_splits(self, out_dir: str | Path) -> dict[str, Path]:
+        """The splits as jsonl files ({text, label}), e.g. to pretrain a backbone on the training texts only."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for name, examples in self.splits().items():
+            paths[name] = out_dir / f"{name}.jsonl"
+            with open(paths[name], "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"text": text, "label": self.labels[label]}, ensure_ascii=False) + "\n" for _, _, text, label in examples)
+        return paths

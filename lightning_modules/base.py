@@ -1,0 +1,93 @@
+"""What every training objective shares: the wrapped model, the optimizer and schedule, clipping, compile,
+and the non-finite loss guard that keeps last.ckpt good."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from transformers import PreTrainedModel
+
+from lightning_modules.optim import param_groups, warmup_cosine
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/inf training loss; raised before any checkpoint is written after it, so last.ckpt stays good."""
+
+
+class TrainingModule(L.LightningModule):
+    """Base of LMModule, DPOModule and ClassifierModule: ``self.model`` is a transformers model, ``optim`` conf/optim.
+
+    Non-finite losses are flagged on the device and checked at log steps and before every
+    checkpoint, so there is no host sync per step and no checkpoint ever holds a bad state.
+    """
+
+    def __init__(self, model: PreTrainedModel, optim: dict, compile: bool = False):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.compile_model = compile
+        self.flops_per_batch = 0.0  # read by ThroughputMonitor for MFU
+        self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
+
+    def configure_model(self) -> None:
+        if self.compile_model:
+            self.model.compile()
+
+    def _track_non_finite(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss is NaN/inf, on the device (no host sync)."""
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, self.global_step, self.first_bad_step)
+
+    def _is_log_step(self) -> bool:
+        """A logging step, where a host sync is affordable: checks the loss flag and logs the lr there."""
+        if (self.global_step + 1) % self.trainer.log_every_n_steps:
+            return False
+        self._raise_if_non_finite()
+        self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+        return True
+
+    def _raise_if_non_finite(self) -> None:
+        step = int(self.first_bad_step)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"loss is not finite (nan/inf) at step {step}; stopping. checkpoints/last.ckpt holds the last good "
+                "state (it is never written after a bad step): lower lr, check the data, or use a higher-precision "
+                "setting, then resume=auto"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._raise_if_non_finite()
+
+    def on_train_end(self) -> None:
+        self._raise_if_non_finite()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's own clipping, except under bf16-mixed with a fused optimizer.
+
+        Lightning refuses to clip for any optimizer that unscales gradients itself (fused AdamW)
+        under mixed precision, because fp16's GradScaler would hand it scaled gradients; bf16 has
+        no scaler, so the gradients are the true ones and torch's clipping is exact.
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and any(g.get("fused") for g in optimizer.param_groups):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self):
+        cfg = self.optim
+        groups = param_groups(self.model, cfg["weight_decay"], cfg["decay_embeddings"])
+        optimizer = instantiate(cfg["optimizer"], _partial_=True)(groups)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("set max_steps or max_epochs: the cosine schedule needs a total number of steps")
+        peak = cfg["optimizer"]["lr"]
+        scheduler = warmup_cosine(optimizer, cfg["warmup_steps"], int(total), cfg["min_lr"] / peak)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

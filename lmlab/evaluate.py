@@ -1,0 +1,266 @@
+"""Evaluation tasks of eval.py, one function per task in :data:`TASKS`, and the eval.json / eval.md report.
+
+Every task reads its set through the data preset's own datamodule, so it sees exactly the samples training saw:
+
+- ``ppl``: a text preset (PretrainDataModule). Causal: the non-overlapping windows of ``seq_len + 1`` tokens over
+  the EOS-joined token stream of the split (the same windows, hence the same number, as training's ``val/ppl``;
+  a last window shorter than that is left out). T5: the decoder labels of the span-corruption pairs of those windows.
+- ``sft``: a prompt/response preset (SFTDataModule): the response tokens only (-100 on prompt and padding);
+  for T5 the decoder's labels.
+Both report ``loss`` = summed token NLL / number of predicted tokens over the whole set, ``ppl = exp(loss)`` (not a
+mean of batch perplexities) and ``acc`` = share of predicted tokens whose argmax is the label.
+- ``rouge``: a prompt/response preset: the model's reply to each conversation's first user turn against the
+  dataset's reply, ROUGE-1/2/L F1 (lmlab.rouge; ``char`` segmentation for Chinese).
+- ``judge``: the same replies scored 0-100 by a judge model (lmlab.judge).
+- ``classify``: a classification preset (ClassificationDataModule) and a stage=classify run: accuracy, macro F1,
+  per-class precision and recall, and the confusion matrix (confusion.csv/png), on split train, val or test; texts
+  are cut where training cut them (the length saved in the run's tokenizer).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from datamodules.base import LMDataModule
+from datamodules.classification import ClassificationDataModule
+from datamodules.collate import IGNORE_INDEX
+from datamodules.pretrain import PretrainDataModule
+from datamodules.sft import SFTDataModule
+from lightning_modules.classifier import metric_set, write_confusion
+from lightning_modules.lm import lm_forward
+from lmlab.generation import generate_texts
+from lmlab.judge import Judge, judge_prompt
+from lmlab.rouge import rouge_scores
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class TaskResult:
+    """What a task measured: ``metrics`` (logged), ``info`` (counts and settings for eval.json), per-item ``rows``
+    (written to ``rows_file`` in the output folder)."""
+
+    metrics: dict[str, float | None]
+    info: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows_file: str | None = None
+
+
+@torch.no_grad()
+def token_metrics(model: PreTrainedModel, batches: Iterable[dict[str, torch.Tensor]],
+                  progress: bool = True) -> dict[str, float]:
+    """Token-weighted NLL, perplexity and accuracy over every label that is not -100, summed over the whole set.
+
+    Batches are datamodules.collate's (causal labels already shifted), so the logits align with the labels.
+    """
+    nll, correct, count = 0.0, 0, 0
+    for batch in tqdm(batches, desc="eval", disable=not progress):
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        logits = lm_forward(model, batch, with_loss=False).logits.float()
+        labels = batch["labels"]
+        mask = labels != IGNORE_INDEX
+        nll += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum").item()
+        correct += ((logits.argmax(-1) == labels) & mask).sum().item()
+        count += mask.sum().item()
+    if not count:
+        raise ValueError("the evaluation set has no label tokens")
+    return {"loss": nll / count, "ppl": math.exp(nll / count), "acc": correct / count, "tokens": count}
+
+
+def _split(dm: LMDataModule, split: str) -> Dataset:
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}: choose val or train")
+    return dm.val_set if split == "val" else dm.train_set
+
+
+def _limited(items: Any, limit: int | None) -> Any:
+    return items if limit is None else Subset(items, range(min(limit, len(items))))
+
+
+def _require(dm: LMDataModule, kind: type, task: str, what: str) -> None:
+    if not isinstance(dm, kind):
+        raise ValueError(f"task={task} reads {what}, but the data preset builds a {type(dm).__name__}; "  # noqa: TRY004 - a wrong data= choice
+                         f"choose a {what} preset (data=...)")
+
+
+def _loss_task(dm: LMDataModule, model: PreTrainedModel, cfg: DictConfig) -> TaskResult:
+    dm.prepare_data()
+    dm.setup()
+    dataset = _limited(_split(dm, cfg.split), cfg.limit)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=dm.collator())
+    metrics = token_metrics(model, loader, cfg.progress)
+    tokens = metrics.pop("tokens")
+    return TaskResult(metrics, {"items": len(dataset), "tokens": tokens, "skipped": dict(dm.skips.skipped)})
+
+
+def task_ppl(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+             dm: LMDataModule) -> TaskResult:
+    """Perplexity of a text set (see the module docstring for what is predicted)."""
+    _require(dm, PretrainDataModule, "ppl", "text")
+    return _loss_task(dm, model, cfg)
+
+
+def task_sft(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+             dm: LMDataModule) -> TaskResult:
+    """Loss, perplexity and token accuracy on the responses of a prompt/response set."""
+    _require(dm, SFTDataModule, "sft", "prompt/response")
+    return _loss_task(dm, model, cfg)
+
+
+def prompt_pairs(dm: SFTDataModule, split: str, limit: int | None) -> list[dict[str, Any]]:
+    """Each conversation of the split up to its first reply: where it comes from, the rendered prompt (with the
+    reply header), the user's turn as plain text (for a judge) and the dataset's reply (the reference)."""
+    if dm.chat_template:
+        dm.tokenizer.chat_template = dm.chat_template
+    if not dm.tokenizer.chat_template:
+        raise ValueError("the tokenizer has no chat template: choose one with template=chatml|alpaca|babyllama")
+    train, val = dm.split()
+    pairs = []
+    for source, line, messages in (val if split == "val" else train)[:limit]:
+        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        user = messages[first - 1]
+        pairs.append({
+            "source": source, "line": line,
+            "prompt": dm.tokenizer.apply_chat_template(messages[:first], tokenize=False, add_generation_prompt=True),
+            "question": user["content"] + (f"\n\n{user['input']}" if user.get("input") else ""),
+            "reference": messages[first]["content"],
+        })
+    return pairs
+
+
+def _replies(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+             pairs: list[dict[str, Any]]) -> list[str]:
+    settings = OmegaConf.to_container(cfg.generation)
+    torch.manual_seed(cfg.seed)
+    replies: list[str] = []
+    for start in tqdm(range(0, len(pairs), cfg.batch_size), desc="generate", disable=not cfg.progress):
+        batch = pairs[start:start + cfg.batch_size]
+        replies += generate_texts(model, tokenizer, [p["prompt"] for p in batch], settings, cfg.batch_size)
+    return replies
+
+
+def task_rouge(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+               dm: LMDataModule) -> TaskResult:
+    """ROUGE-1/2/L F1 of the model's replies against the references, with the generation config."""
+    _require(dm, SFTDataModule, "rouge", "prompt/response")
+    pairs = prompt_pairs(dm, cfg.split, cfg.limit)
+    replies = _replies(cfg, model, tokenizer, pairs)
+    scores = rouge_scores(replies, [p["reference"] for p in pairs], cfg.rouge_segmentation)
+    metrics = {name: float(scores[name]) for name in ("rouge1", "rouge2", "rougeL")}
+    rows = [{**p, "output": r} for p, r in zip(pairs, replies)]
+    return TaskResult(metrics, {"items": len(pairs), "rouge_segmentation": scores["segmentation"],
+                                "generation": OmegaConf.to_container(cfg.generation)}, rows, "predictions.jsonl")
+
+
+def task_judge(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+               dm: LMDataModule) -> TaskResult:
+    """The model's replies scored 0-100 by a judge; unparseable judge answers are counted and left out of the mean."""
+    _require(dm, SFTDataModule, "judge", "prompt/response")
+    judge = Judge.from_config(cfg.judge)
+    pairs = prompt_pairs(dm, cfg.split, cfg.limit)
+    replies = _replies(cfg, model, tokenizer, pairs)
+    rows = [{**p, "output": r, "judge_prompt": judge_prompt(cfg.judge.prompt, p["question"], p["reference"], r)}
+            for p, r in zip(pairs, replies)]
+    for start in tqdm(range(0, len(rows), cfg.batch_size), desc="judge", disable=not cfg.progress):
+        batch = rows[start:start + cfg.batch_size]
+        for row, (answer, score) in zip(batch, judge.score([r["judge_prompt"] for r in batch])):
+            row.update(judge_answer=answer, score=score)
+    scores = [r["score"] for r in rows if r["score"] is not None]
+    metrics = {"judge_mean": sum(scores) / len(scores) if scores else None}  # None: no answer had a score
+    info = {"items": len(rows), "scored": len(scores), "unparseable": len(rows) - len(scores),
+            "judge": judge.describe(), "generation": OmegaConf.to_container(cfg.generation)}
+    return TaskResult(metrics, info, rows, "judge_scores.jsonl")
+
+
+@torch.no_grad()
+def task_classify(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                  dm: LMDataModule) -> TaskResult:
+    """Classifier metrics on a split of a classification preset, with one row per text (true and predicted label)."""
+    _require(dm, ClassificationDataModule, "classify", "classification")
+    if model.config.num_labels != len(dm.labels):
+        raise ValueError(f"the model has {model.config.num_labels} classes but data.labels has {len(dm.labels)}")
+    if tokenizer.model_max_length < 1e9:  # stage=classify saved its training length there (else: unset, seq_len)
+        dm.max_length = tokenizer.model_max_length
+    dm.setup()
+    if cfg.split not in ("train", "val", "test"):
+        raise ValueError(f"split={cfg.split!r}: choose train, val or test")
+    examples = dm.splits()[cfg.split][:cfg.limit]
+    dataset = _limited(getattr(dm, f"{cfg.split}_set"), cfg.limit)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=dm.collator())
+    metrics = metric_set(len(dm.labels)).to(model.device)
+    predicted: list[int] = []
+    for batch in tqdm(loader, desc="classify", disable=not cfg.progress):
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        metrics.update(logits.argmax(-1), batch["labels"])
+        predicted += logits.argmax(-1).tolist()
+    values = metrics.compute()
+    result = {"acc": float(values["acc"]), "f1": float(values["f1"])}
+    for i, label in enumerate(dm.labels):
+        result[f"precision/{label}"] = float(values["precision"][i])
+        result[f"recall/{label}"] = float(values["recall"][i])
+    out = Path(cfg.out_dir) / "confusion"
+    write_confusion(values["confusion"], dm.labels, out, f"{cfg.split}: accuracy {result['acc']:.4f}")
+    rows = [{"source": source, "line": line, "text": text, "label": dm.labels[label], "predicted": dm.labels[p]}
+            for (source, line, text, label), p in zip(examples, predicted)]
+    info = {"items": len(rows), "labels": dm.labels, "max_length": dm.max_length,
+            "confusion": values["confusion"].tolist(), "skipped": dict(dm.skips.skipped)}
+    return TaskResult(result, info, rows, "predictions.jsonl")
+
+
+Task = Callable[[DictConfig, PreTrainedModel, PreTrainedTokenizerBase, LMDataModule], TaskResult]
+TASKS: dict[str, Task] = {"ppl": task_ppl, "sft": task_sft, "rouge": task_rouge, "judge": task_judge,
+                          "classify": task_classify}
+
+
+def git_commit() -> str | None:
+    """lmlab's commit, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def report(task: str, run: str, data: dict[str, Any], result: TaskResult) -> dict[str, Any]:
+    """The eval.json record."""
+    return {"task": task, "run": run, "data": data, "metrics": result.metrics, **result.info,
+            "timestamp": datetime.datetime.now().isoformat(timespec="seconds"), "lmlab_commit": git_commit()}
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """eval.md: what was evaluated, then one row per metric."""
+    lines = [f"# eval: task={record['task']}", "", f"- run: `{record['run']}`",
+             (f"- data: {record['data']['preset']} ({record['data']['split']}: "
+              f"{', '.join(record['data']['files'])})")]
+    lines += [f"- {k}: {json.dumps(v, ensure_ascii=False)}" for k, v in record.items()
+              if k not in ("task", "run", "data", "metrics")]
+    lines += ["", "| metric | value |", "| --- | ---: |"]
+    lines += [f"| {k} | {'n/a' if v is None else f'{v:.4f}'} |" for k, v in record["metrics"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out_dir: Path, record: dict[str, Any], result: TaskResult) -> None:
+    """eval.json, eval.md and the per-item rows (if any) in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / "eval.md").write_text(markdown(record), encoding="utf-8")
+    if result.rows_file:
+        with open(out_dir / result.rows_file, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows)

@@ -1,0 +1,190 @@
+"""stage=classify: last-token pooling, freeze policies, balancing and splits, bad labels, learning, export, predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+from conftest import REPO, SHARED_DATA, compose_cfg, run_script
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from datamodules.classification import ClassificationCollator, split_examples, to_labelled, undersample
+from datamodules.formats import DataError
+from lmlab.models import build_model
+
+TEXTS = ["Add the two numbers.", "What is 5 plus 6? It is 11.", "你好"]
+
+
+def tiny_classifier(tokenizer, model: str = "llama-tiny", labels=("a", "b", "c")):
+    with_model = compose_cfg(REPO / "outputs" / "unused", [f"model={model}", "stage=classify"])
+    return build_model(with_model.model, tokenizer, list(labels)).eval()
+
+
+@pytest.mark.parametrize("model", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pooling_reads_the_last_real_token(model, side, tiny_tokenizer):
+    classifier = tiny_classifier(tiny_tokenizer, model)
+    samples = [{"input_ids": torch.tensor(tiny_tokenizer(t)["input_ids"]), "label": 0} for t in TEXTS]
+    batch = ClassificationCollator(tiny_tokenizer.pad_token_id, side)(samples)
+    assert len({len(s["input_ids"]) for s in samples}) == 3  # padding really happens
+    with torch.no_grad():
+        logits = classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        backbone = getattr(classifier, classifier.base_model_prefix)
+        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # the last position whose attention mask is 1, found without the pad id
+    last = torch.tensor([int(row.nonzero().max()) for row in batch["attention_mask"]])
+    assert last.tolist() == ([len(s["input_ids"]) - 1 for s in samples] if side == "right" else [batch["input_ids"].shape[1] - 1] * 3)
+    manual = classifier.score(hidden[torch.arange(3), last])
+    assert logits.shape == (3, 3)  # multi-class head
+    torch.testing.assert_close(logits, manual)
+
+
+def test_left_and_right_padding_classify_alike_with_rotary_positions(tiny_tokenizer):
+    """LLaMA's rotary positions are relative, so the padding side must not change the logits."""
+    classifier = tiny_classifier(tiny_tokenizer, "llama-tiny")
+    samples = [{"input_ids": torch.tensor(tiny_tokenizer(t)["input_ids"]), "label": 0} for t in TEXTS]
+    outputs = []
+    for side in ("right", "left"):
+        batch = ClassificationCollator(tiny_tokenizer.pad_token_id, side)(samples)
+        with torch.no_grad():
+            outputs.append(classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+
+
+EXPECTED_TRAINABLE = {  # (model, policy): predicate on parameter names
+    ("llama-tiny", "head"): lambda n: n == "score.weight",
+    ("llama-tiny", "head+last_block"): lambda n: n == "score.weight" or n.startswith("model.layers.1.")
+    or n == "model.norm.weight",
+    ("gpt2-tiny", "head+last_block"): lambda n: n == "score.weight" or n.startswith("transformer.h.1.")
+    or n.startswith("transformer.ln_f."),
+    ("llama-tiny", "all"): lambda n: True,
+}
+
+
+@pytest.mark.parametrize("model, policy", sorted(EXPECTED_TRAINABLE))
+def test_frozen_parameters_stay_bit_identical(model, policy, tmp_path, tiny_tokenizer):
+    cfg = compose_cfg(tmp_path, [f"model={model}", "stage=classify", f"stage.module.trainable={policy}",
+                                 "data.balance=none"])
+    datamodule = instantiate(cfg.data)
+    datamodule.tokenizer = tiny_tokenizer
+    classifier = build_model(cfg.model, tiny_tokenizer, list(cfg.data.labels))
+    before = {n: p.detach().clone() for n, p in classifier.named_parameters()}
+    module = instantiate(cfg.stage.module, model=classifier, optim=OmegaConf.to_container(cfg.optim, resolve=True),
+                         _recursive_=False, _convert_="all")
+    L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+              enable_model_summary=False).fit(module, datamodule=datamodule)
+    expected = EXPECTED_TRAINABLE[(model, policy)]
+    for name, p in classifier.named_parameters():
+        if expected(name):
+            assert p.requires_grad and not torch.equal(p, before[name]), f"{name} should have trained"
+        else:
+            assert not p.requires_grad and torch.equal(p, before[name]), f"{name} should be frozen"
+
+
+def examples(counts: dict[int, int]) -> list[tuple]:
+    return [("f", i, f"text {label} {i}", label) for label, n in counts.items() for i in range(n)]
+
+
+def test_undersampling_gives_equal_classes_and_a_disjoint_seeded_split():
+    balanced = undersample(examples({0: 50, 1: 9, 2: 13}), 3, seed=1)
+    assert sorted(e[3] for e in balanced) == [0] * 9 + [1] * 9 + [2] * 9
+    assert undersample(examples({0: 50, 1: 9, 2: 13}), 3, seed=1) == balanced  # seeded
+    parts = split_examples(balanced, {"val": 0.1, "test": 0.2}, seed=1)
+    assert {k: len(v) for k, v in parts.items()} == {"val": 2, "test": 5, "train": 20}
+    texts = [{e[2] for e in part} for part in parts.values()]
+    assert set.union(*texts) == {e[2] for e in balanced} and sum(map(len, texts)) == len(balanced)
+
+
+def test_class_weights_are_inverse_frequencies(tmp_path, tiny_tokenizer):
+    cfg = compose_cfg(tmp_path, ["stage=classify", "data.balance=class_weights"])
+    dm = instantiate(cfg.data)
+    ham, spam = dm.class_counts("train")
+    assert ham > 2 * spam  # the bundled messages are unbalanced and stay so
+    weights = dm.class_weights()
+    assert weights == pytest.approx([(ham + spam) / (2 * ham), (ham + spam) / (2 * spam)])
+
+
+def test_an_unknown_label_names_its_file_and_line(tmp_path):
+    data = tmp_path / "msgs.tsv"
+    data.write_text("ham\thello\nspam\tWIN now\nhamm\ttypo in the label\nham\tsee you\n", encoding="utf-8")
+    cfg = compose_cfg(tmp_path, ["stage=classify", f"data.train_files=[{data}]"])
+    with pytest.raises(DataError, match=rf"msgs.tsv:3: field 'label': unknown label 'hamm'; data.labels is \['ham', 'spam'\]"):
+        instantiate(cfg.data).splits()
+    skipping = instantiate(compose_cfg(tmp_path, ["stage=classify", f"data.train_files=[{data}]", "data.on_error=skip",
+                                                  "data.balance=none", "data.val_fraction=0.3",
+                                                  "data.test_fraction=0.3"]).data)
+    assert sum(len(part) for part in skipping.splits().values()) == 3 and skipping.skips.total == 1
+    assert to_labelled({"text": "x", "label": 1}, "f", 1, "text", "label", ["ham", "spam"]) == ("x", 1)  # an id
+
+
+def test_classifier_learns_tests_the_best_checkpoint_and_exports_what_it_tested(tmp_path):
+    run = tmp_path / "run"
+    run_script("train.py", "stage=classify", "logger=csv", "max_steps=60", "batch_size=16", "seq_len=48",
+               "bpe.vocab_size=400", "trainer.val_check_interval=20", "stage.module.trainable=all",
+               f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path}/cache")
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    test = next(r for r in rows if r.get("test/acc"))
+    assert float(test["test/acc"]) > 0.95 and float(test["test/f1"]) > 0.95
+    val_accs = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
+    assert len(val_accs) == 3
+    # the confusion matrices: a CSV whose counts sum to the test split, and a PNG that opens
+    with open(run / "confusion_test.csv") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["true \\ predicted", "ham", "spam"]
+    counts = [[int(x) for x in row[1:]] for row in table[1:]]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(run / "confusion_test.png").ndim == 3
+    # plain transformers on hf/ reproduces the logged test accuracy on the same split: hf/ is the tested model
+    model = AutoModelForSequenceClassification.from_pretrained(run / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "hf")
+    assert model.config.id2label == {0: "ham", 1: "spam"}
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    cfg.paths.sample_dir = str(REPO / "data" / "sample")
+    split = instantiate(cfg.data).splits()["test"]
+    assert sum(map(sum, counts)) == len(split)
+    batch = tokenizer([text for *_, text, _ in split], truncation=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1)
+    labels = torch.tensor([label for *_, label in split])
+    assert float((predicted == labels).float().mean()) == pytest.approx(float(test["test/acc"]), abs=1e-6)
+    assert sum(counts[i][i] for i in range(2)) == int((predicted == labels).sum())
+    # predict.py labels stdin lines with the same model
+    texts = [text for *_, text, _ in split[:5]]
+    out = run_script("predict.py", f"run={run}", "input=-", input="\n".join(texts) + "\n").stdout.splitlines()
+    assert [line.split("\t")[0] for line in out] == [model.config.id2label[int(i)] for i in predicted[:5]]
+    assert [line.split("\t", 2)[2] for line in out] == texts
+    # eval.py task=classify on the test split agrees with the test the run logged
+    run_script("eval.py", f"run={run}", "data=sample_classify", "task=classify", "split=test", "wandb.enabled=false",
+               f"out_dir={tmp_path}/eval")
+    record = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert record["metrics"]["acc"] == pytest.approx(float(test["test/acc"]), abs=1e-6)
+    assert record["confusion"] == counts and record["max_length"] == 48
+
+
+def test_prepare_split_writes_the_split_stage_classify_uses(tmp_path):
+    out = tmp_path / "splits"
+    run_script("prepare.py", "task=split", "data=sample_classify", f"split_dir={out}", f"hydra.run.dir={tmp_path}/h")
+    written = {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+               for name in ("train", "val", "test")}
+    dm = instantiate(compose_cfg(tmp_path, ["stage=classify"]).data)
+    for name, rows in written.items():
+        assert [(r["text"], r["label"]) for r in rows] == [(t, dm.labels[y]) for *_, t, y in dm.splits()[name]]
+    assert {k: len(v) for k, v in written.items()} == {"train": 264, "val": 37, "test": 75}  # 2 x 188 spam: 70/10/20
+
+
+def test_sms_spam_loads_balanced(tmp_path, tiny_tokenizer):
+    if not (SHARED_DATA / "sms_spam" / "SMSSpamCollection").is_file():
+        pytest.skip("../shared/data is not beside this checkout")
+    dm = instantiate(compose_cfg(tmp_path, ["stage=classify", "data=sms_spam"]).data)
+    dm.tokenizer = tiny_tokenizer
+    dm.setup()
+    assert [sum(dm.class_counts(s)[c] for s in ("train", "val", "test")) for c in (0, 1)] == [637, 637]
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (893, 127, 254)
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["labels"].dtype == torch.long and set(batch["labels"].tolist()) <= {0, 1}
