@@ -84,8 +84,8 @@ def write_corpus(path: Path, tokens: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     words = np.array([f"w{i}" for i in range(VOCAB_SIZE - len(SPECIALS))])
     with open(path, "w") as f:
-        for _ in range(math.ceil(tokens / WORDS_PER_DOC)):
-            f.write(" ".join(words[rng.integers(0, len(words), WORDS_PER_DOC)]) + "\n")
+        f.writelines(" ".join(words[rng.integers(0, len(words), WORDS_PER_DOC)]) + "\n"
+                     for _ in range(math.ceil(tokens / WORDS_PER_DOC)))
 
 
 def gpu_peak_flops() -> float | None:
@@ -244,9 +244,9 @@ def markdown(result: dict) -> str:
     lines = [
         f"# {result['preset']} training throughput: lmlab vs raw compiled HF loop ({result['date']})",
         "",
-        f"{result['device']}; torch {result['versions']['torch']}, transformers {result['versions']['transformers']}, "
-        f"lightning {result['versions']['lightning']}; batch {result['batch_size']} x {result['seq_len']} tokens, "
-        f"{precision}, compile={result['compile']}; MFU against {peak} FLOP/s.",
+        (f"{result['device']}; torch {result['versions']['torch']}, transformers {result['versions']['transformers']}, "
+         f"lightning {result['versions']['lightning']}; batch {result['batch_size']} x {result['seq_len']} tokens, "
+         f"{precision}, compile={result['compile']}; MFU against {peak} FLOP/s."),
         "",
         "| side | tokens/s | MFU | peak GiB | steps timed | / raw |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -257,10 +257,10 @@ def markdown(result: dict) -> str:
         if result["lmlab_extra_overrides"]:
             lines += ["", f"lmlab ran with extra overrides: `{' '.join(result['lmlab_extra_overrides'])}`."]
         first = lm["rows_first_step"] - lm["window_steps"] + 2
-        lines += ["", f"lmlab / raw tokens/s: **{result['ratio_tokens_per_sec']:.3f}** (lmlab: median of "
-                  f"{lm['rows_used']} metrics.csv rows, each over {lm['window_steps'] - 1} steps, covering "
-                  f"(0-based) steps {first}-{lm['rows_last_step']} of {lm['max_steps']}; raw: one CUDA-event span "
-                  f"over {raw['steps_timed']} steps after {raw['warmup_steps']} warmup steps)"]
+        lines += ["", (f"lmlab / raw tokens/s: **{result['ratio_tokens_per_sec']:.3f}** (lmlab: median of "
+                       f"{lm['rows_used']} metrics.csv rows, each over {lm['window_steps'] - 1} steps, covering "
+                       f"(0-based) steps {first}-{lm['rows_last_step']} of {lm['max_steps']}; raw: one CUDA-event "
+                       f"span over {raw['steps_timed']} steps after {raw['warmup_steps']} warmup steps)")]
     return "\n".join(lines) + "\n"
 
 

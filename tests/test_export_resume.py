@@ -128,7 +128,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     _atomic_save({"global_step": 1}, path)
 
-    import fsspec.implementations.local as local
+    from fsspec.implementations import local
 
     def broken_write(self, data):
         raise OSError("disk full")

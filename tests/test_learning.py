@@ -19,8 +19,7 @@ PAIRS = [(a, b) for a in range(10) for b in range(10)]
 
 def write_addition_task(path) -> None:
     with open(path, "w") as f:
-        for a, b in PAIRS:
-            f.write(json.dumps({"prompt": f"{a}+{b}=", "response": str(a + b)}) + "\n")
+        f.writelines(json.dumps({"prompt": f"{a}+{b}=", "response": str(a + b)}) + "\n" for a, b in PAIRS)
 
 
 def exact_match(hf_dir) -> float:

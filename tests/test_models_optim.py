@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import REPO
@@ -105,7 +107,7 @@ def test_warmup_then_cosine_to_min_lr():
     assert lrs[0] == pytest.approx(2e-5) and lrs[9] == pytest.approx(2e-4)  # linear warmup
     assert lrs[60] == pytest.approx(2e-5 + (2e-4 - 2e-5) * 0.5)  # halfway down the cosine
     assert lrs[110] == pytest.approx(2e-5) and lrs[119] == pytest.approx(2e-5)  # floor at min_lr
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
 
 
 def test_fused_adamw_with_bf16_clips_gradients(tmp_path, monkeypatch):
