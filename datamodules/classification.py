@@ -209,7 +209,7 @@ class ClassificationDataModule(LMDataModule):
         return self._loader(self.test_set, shuffle=False)
 
     def sample_pairs(self, n: int) -> list[tuple[str, str | None]]:
-        """No generations for a classifier (the stage sets callbacks.samples.num_prompts to 0)."""
+        """None: a classifier generates no text, so the samples callback skips it."""
         return []
 
     def write_splits(self, out_dir: str | Path) -> dict[str, Path]:

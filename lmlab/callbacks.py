@@ -61,6 +61,8 @@ class SampleGenerations(L.Callback):
             return
         dm = trainer.datamodule
         pairs = dm.sample_pairs(self.num_prompts)
+        if not pairs:  # data without prompts (a classifier's texts): nothing to generate
+            return
         outputs = generate_texts(pl_module.model, dm.tokenizer, [p for p, _ in pairs], self.generation,
                                  self.batch_size)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def resolve_hf_dir(path: str | Path) -> Path:
         if (candidate / "config.json").is_file():
             return candidate
     raise FileNotFoundError(
-        f"init_from={path}: no config.json in it or in its hf/ folder; expected an lmlab run folder "
+        f"{path}: no config.json in it or in its hf/ folder (an unfinished run?); expected an lmlab run folder "
         "(outputs/<stage>/<model>/<run>) or a Hugging Face model folder"
     )
 

@@ -40,8 +40,8 @@ SUMMARY_MD = "sweep_summary.md"
 CURVES_PNG = "sweep_curves.png"
 WANDB_TAG_MAX = 64  # wandb rejects longer tags
 CURVES = ("train/loss", "val/loss")
-COLUMNS = ["job", "overrides", "status", "stage", "metric", "best_metric", "final_metric", "best_val_loss", "final_val_loss",
-           "steps", "wall_s", "error"]
+COLUMNS = ["job", "overrides", "status", "stage", "metric", "best_metric", "final_metric", "test_metric", "best_val_loss",
+           "final_val_loss", "steps", "wall_s", "error"]
 
 
 # ---- the job ----------------------------------------------------------------------------------------------------
@@ -130,7 +130,8 @@ def series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[fl
 
 
 def read_job(job_dir: Path) -> dict[str, Any]:
-    """One summary row: overrides, status, best/final of the stage's metric and of val/loss, steps, wall time."""
+    """One summary row: overrides, status, best/final of the stage's metric (and its test value where the stage tests
+    its best checkpoint, e.g. classify's test/acc) and of val/loss, steps, wall time."""
     config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     status_file = job_dir / STATUS_FILE
@@ -139,12 +140,14 @@ def read_job(job_dir: Path) -> dict[str, Any]:
     pick = min if mode == "min" else max
     metrics = read_metrics(job_dir / "metrics.csv")
     _, values = series(metrics, monitor)
+    _, tested = series(metrics, monitor.replace("val/", "test/", 1))  # a stage that tests its best checkpoint
     _, val_loss = series(metrics, "val/loss")
     train_steps, _ = series(metrics, "train/loss")
     return {
         "job": job_dir.name, "all_overrides": yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file()
         else [], "status": status["status"], "stage": config["stage"]["name"], "metric": monitor, "mode": mode,
         "best_metric": pick(values) if values else None, "final_metric": values[-1] if values else None,
+        "test_metric": tested[-1] if tested else None,
         "best_val_loss": min(val_loss) if val_loss else None, "final_val_loss": val_loss[-1] if val_loss else None,
         "steps": int(train_steps[-1]) + 1 if train_steps else None,  # Lightning logs step k after k+1 steps
         "wall_s": status.get("wall_s"), "error": status.get("error"), "dir": job_dir, "metrics": metrics,

@@ -132,6 +132,7 @@ def test_classifier_learns_tests_the_best_checkpoint_and_exports_what_it_tested(
     assert float(test["test/acc"]) > 0.95 and float(test["test/f1"]) > 0.95
     val_accs = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
     assert len(val_accs) == 3
+    assert not (run / "samples.jsonl").exists()  # a classifier generates no text samples
     # the confusion matrices: a CSV whose counts sum to the test split, and a PNG that opens
     with open(run / "confusion_test.csv") as f:
         table = list(csv.reader(f))

@@ -67,4 +67,10 @@ def test_tiny_variant_trains_and_exports(tiny_runs, name):
     assert row["status"] == "ok", row["error"]
     assert int(row["steps"]) == 2 and float(row["final_val_loss"]) > 0
     assert (sweep_dir / row["job"] / "hf" / "config.json").is_file()
+    if row["stage"] == "classify":  # the summary carries the test value of the stage's metric from metrics.csv
+        with open(sweep_dir / row["job"] / "metrics.csv", newline="") as f:
+            tested = [r["test/acc"] for r in csv.DictReader(f) if r.get("test/acc")]
+        assert tested and float(row["test_metric"]) == float(tested[-1])
+    else:
+        assert row["test_metric"] == ""
 
