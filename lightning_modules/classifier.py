@@ -68,6 +68,15 @@ def metric_set(num_classes: int) -> MetricCollection:
     })
 
 
+def scalar_metrics(values: dict[str, torch.Tensor], labels: Sequence[str]) -> dict[str, torch.Tensor]:
+    """metric_set's results as named scalars: acc, f1, precision/<label>, recall/<label> (the confusion matrix aside)."""
+    named = {"acc": values["acc"], "f1": values["f1"]}
+    for i, label in enumerate(labels):
+        named[f"precision/{label}"] = values["precision"][i]
+        named[f"recall/{label}"] = values["recall"][i]
+    return named
+
+
 def write_confusion(confusion: torch.Tensor, labels: Sequence[str], out: Path, title: str) -> tuple[Path, Path]:
     """The confusion matrix as ``<out>.csv`` (rows: true label, columns: predicted) and ``<out>.png``."""
     import matplotlib
@@ -104,6 +113,7 @@ class ClassifierModule(TrainingModule):
         self.losses = torch.nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
         self.train_acc = MulticlassAccuracy(len(labels), average="micro")
         self.register_buffer("class_weights", None, persistent=False)
+        self._flops_per_token = 0.0
 
     def setup(self, stage: str) -> None:
         weights = getattr(self.trainer.datamodule, "class_weights", lambda: None)()
@@ -117,14 +127,18 @@ class ClassifierModule(TrainingModule):
         return F.cross_entropy(logits.float(), labels, weight=self.class_weights)
 
     def _count_flops(self, batch: dict[str, torch.Tensor]) -> None:
-        """Forward over every parameter (2N per token), backward over the trainable ones (4N): an estimate."""
-        n_all = sum(p.numel() for p in self.model.parameters())
-        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.flops_per_batch = batch["input_ids"].numel() * (2 * n_all + 4 * n_trainable)
+        """Forward over every parameter (2N per token), backward over the trainable ones (4N): an estimate.
+
+        The per-token figure is counted once; each batch scales it by its own (padded) length.
+        """
+        if not self._flops_per_token:
+            n_all = sum(p.numel() for p in self.model.parameters())
+            n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            self._flops_per_token = 2 * n_all + 4 * n_trainable
+        self.flops_per_batch = batch["input_ids"].numel() * self._flops_per_token
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if not self.flops_per_batch:
-            self._count_flops(batch)
+        self._count_flops(batch)
         logits = self(batch)
         loss = self._loss(logits, batch["labels"])
         self._track_non_finite(loss)
@@ -155,11 +169,8 @@ class ClassifierModule(TrainingModule):
         """Log loss, accuracy, macro F1, per-class precision/recall; write and log the confusion matrix."""
         values = self.metrics[split].compute()
         self.log(f"{split}/loss", self.losses[split].compute(), prog_bar=True)
-        self.log(f"{split}/acc", values["acc"], prog_bar=True)
-        self.log(f"{split}/f1", values["f1"])
-        for i, label in enumerate(self.labels):
-            self.log(f"{split}/precision/{label}", values["precision"][i])
-            self.log(f"{split}/recall/{label}", values["recall"][i])
+        for name, value in scalar_metrics(values, self.labels).items():
+            self.log(f"{split}/{name}", value, prog_bar=name == "acc")
         self.metrics[split].reset()
         self.losses[split].reset()
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:

@@ -40,7 +40,7 @@ from datamodules.classification import ClassificationDataModule
 from datamodules.collate import IGNORE_INDEX
 from datamodules.pretrain import PretrainDataModule
 from datamodules.sft import SFTDataModule
-from lightning_modules.classifier import metric_set, write_confusion
+from lightning_modules.classifier import metric_set, scalar_metrics, write_confusion
 from lightning_modules.lm import lm_forward
 from lmlab.generation import generate_texts
 from lmlab.judge import Judge, judge_prompt
@@ -210,10 +210,7 @@ def task_classify(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrained
         metrics.update(logits.argmax(-1), batch["labels"])
         predicted += logits.argmax(-1).tolist()
     values = metrics.compute()
-    result = {"acc": float(values["acc"]), "f1": float(values["f1"])}
-    for i, label in enumerate(dm.labels):
-        result[f"precision/{label}"] = float(values["precision"][i])
-        result[f"recall/{label}"] = float(values["recall"][i])
+    result = {name: float(value) for name, value in scalar_metrics(values, dm.labels).items()}
     out = Path(cfg.out_dir) / "confusion"
     write_confusion(values["confusion"], dm.labels, out, f"{cfg.split}: accuracy {result['acc']:.4f}")
     rows = [{"source": source, "line": line, "text": text, "label": dm.labels[label], "predicted": dm.labels[p]}

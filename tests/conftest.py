@@ -54,6 +54,18 @@ def tiny_tokenizer():
     return train_bpe(texts, **{**cfg.bpe, "vocab_size": 400}, chat_template=cfg.template.chat_template)
 
 
+def expected(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Token ids and labels built by hand from known prompt/response texts."""
+    from datamodules.collate import IGNORE_INDEX
+
+    ids, labels = [], []
+    for text, is_response in segments:
+        part = tokenizer.encode(text, add_special_tokens=False)
+        ids += part
+        labels += part if is_response else [IGNORE_INDEX] * len(part)
+    return ids, labels
+
+
 def template(name: str) -> str:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("train", overrides=[f"template={name}"]).template.chat_template

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, expected
 
 from datamodules.collate import IGNORE_INDEX, CausalCollator, PreferenceCollator, Seq2SeqCollator
 from datamodules.formats import DataError, to_preference
@@ -140,15 +140,6 @@ def test_pair_with_an_answer_truncated_away_is_dropped_and_counted(tmp_path, tin
 
 
 # --- token layouts --------------------------------------------------------------------------------------------
-
-
-def expected(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-    ids, labels = [], []
-    for text, is_answer in segments:
-        part = tokenizer.encode(text, add_special_tokens=False)
-        ids += part
-        labels += part if is_answer else [IGNORE_INDEX] * len(part)
-    return ids, labels
 
 
 def test_causal_masks_token_by_token(tiny_tokenizer):

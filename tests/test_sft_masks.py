@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import torch
-from conftest import template
+from conftest import expected, template
 
 from datamodules.collate import IGNORE_INDEX, CausalCollator
 from datamodules.formats import to_messages
 from datamodules.sft import tokenize_conversation
-
-
-def expected(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-    """Token ids and labels built by hand from known prompt/response texts."""
-    ids, labels = [], []
-    for text, is_response in segments:
-        part = tokenizer.encode(text, add_special_tokens=False)
-        ids += part
-        labels += part if is_response else [IGNORE_INDEX] * len(part)
-    return ids, labels
 
 
 def test_alpaca_mask_token_by_token(tiny_tokenizer):
