@@ -40,14 +40,17 @@ def column(rows: list[dict], key: str) -> list[float]:
 
 @pytest.mark.parametrize("model", ["llama-tiny", "t5-tiny"])
 def test_dpo_learns_to_prefer_the_right_answer(tmp_path, addition_pairs, model):
+    """Margin: on 4 seeds x both archs, and with torch's vectorized CPU kernels on or off, the final val
+    accuracy was 0.99-1.0. (At lr 1e-2 the DPO loss oscillated and the seed-42 result hinged on the CPU's
+    rounding: 0.95 without AVX2 kernels, 0.825 with them on the AMD EPYC CI machines.)"""
     run = tmp_path / "run"
     train(compose_cfg(run, [*DPO, f"model={model}", f"data.train_files=[{addition_pairs}]",
-                            f"data.val_files=[{addition_pairs}]", "batch_size=20", "max_steps=200", "lr=1e-2",
-                            "beta=0.5", "trainer.val_check_interval=50"]))
+                            f"data.val_files=[{addition_pairs}]", "batch_size=20", "max_steps=300", "lr=3e-3",
+                            "beta=0.5", "trainer.val_check_interval=100", "trainer.limit_val_batches=null"]))
     rows = metrics(run)
     accuracies = column(rows, "val/rewards/accuracies")
     margins = column(rows, "val/rewards/margins")
-    assert len(accuracies) == 4
+    assert len(accuracies) == 3
     assert accuracies[-1] >= 0.9, f"val rewards/accuracies {accuracies}"
     assert margins[-1] > margins[0] > 0, f"val rewards/margins {margins}"
     for key in ("train/rewards/chosen", "train/rewards/rejected", "train/logps/chosen", "train/logps/rejected",
