@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.formats import DataError, SkipCounter, read_records, to_messages
+from datamodules.sources import fill_placeholders, parse_sources
 from lmlab.generation import generate_texts, load_for_inference
 from lmlab.rejected import build_rejected
 
@@ -49,10 +50,11 @@ def conversations(data: DictConfig, on_error: str, skips: SkipCounter) -> Iterat
     """(source, line, messages) of every record of the preset's training files, or (source, line, DataError)
     for a record that cannot be adapted (build_rejected raises it or counts it, by on_error)."""
     fmt = OmegaConf.to_container(data.format) if OmegaConf.is_config(data.format) else data.format
-    for path in data.train_files:
-        for source, line, record in read_records(path, fmt, skips=skips if on_error == "skip" else None):
+    for entry in parse_sources(OmegaConf.to_container(data.train_files)):  # paths or mixture entries
+        for source, line, record in read_records(entry.path, entry.format or fmt,
+                                                 skips=skips if on_error == "skip" else None):
             try:
-                yield source, line, to_messages(record, source, line)
+                yield source, line, to_messages(fill_placeholders(record, entry.fill), source, line)
             except DataError as e:
                 yield source, line, e
 
@@ -62,7 +64,7 @@ def rejected(cfg: DictConfig) -> dict[str, Any]:
     model, tokenizer = load_for_inference(cfg.init_from, cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     skips = SkipCounter()
-    info = {"init_from": str(cfg.init_from), "data": list(cfg.data.train_files),
+    info = {"init_from": str(cfg.init_from), "data": OmegaConf.to_container(cfg.data.train_files),
             "generation": OmegaConf.to_container(cfg.generation), "seed": cfg.seed,
             "similarity_threshold": cfg.similarity_threshold, "degenerate": OmegaConf.to_container(cfg.degenerate)}
     return build_rejected(

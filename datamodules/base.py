@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from datamodules.collate import CausalCollator, Seq2SeqCollator
 from datamodules.formats import DataError, SkipCounter, read_records
+from datamodules.sources import Source, fill_placeholders, parse_sources
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class LMDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_files: Sequence[str],
+        train_files: Sequence[str | dict],
         val_files: Sequence[str] | None,
         val_fraction: float,
         format: str,
@@ -49,7 +50,8 @@ class LMDataModule(L.LightningDataModule):
         if arch not in ("causal", "seq2seq"):
             raise ValueError(f"data.arch must be 'causal' or 'seq2seq', got {arch!r}")
         self.arch = arch
-        self.train_files = list(train_files)
+        self.sources = parse_sources(train_files)  # weights, names and per-file formats (datamodules/sources.py)
+        self.train_files = [source.path for source in self.sources]
         self.val_files = list(val_files or [])
         self.val_fraction = val_fraction
         self.format = format
@@ -63,17 +65,20 @@ class LMDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
-    def records(self, files: Sequence[str], adapter: Callable[[Any, str, int], Any]) -> Iterator[tuple[str, int, Any]]:
-        """(source, line, adapted record) for every record of ``files``.
+    def records(self, files: Sequence[str | Source],
+                adapter: Callable[[Any, str, int], Any]) -> Iterator[tuple[str, int, Any]]:
+        """(source, line, adapted record) for every record of ``files`` (paths, or Sources with their own format
+        and placeholder fill).
 
         A record that cannot be read or adapted raises its DataError, or under on_error=skip
         is counted in ``self.skips`` and passed over.
         """
         skips = self.skips if self.on_error == "skip" else None
-        for path in files:
-            for source, line, record in read_records(path, self.format, skips=skips):
+        for entry in files:
+            spec = entry if isinstance(entry, Source) else Source(entry)
+            for source, line, record in read_records(spec.path, spec.format or self.format, skips=skips):
                 try:
-                    yield source, line, adapter(record, source, line)
+                    yield source, line, adapter(fill_placeholders(record, spec.fill), source, line)
                 except DataError as e:
                     if skips is None:
                         raise

@@ -7,8 +7,11 @@ and the count is reported at the end of the run.
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import json
+import lzma
 import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("jsonl", "json", "parquet", "csv", "tsv", "txt")
+# Compressed files are read transparently by their last suffix (``train.jsonl.xz``, ``corpus.txt.gz``).
+COMPRESSION = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 csv.field_size_limit(sys.maxsize)  # documents can be long; the default 128 KiB limit would reject them
 ROLE_ALIASES = {
     "user": "user", "human": "user", "人类": "user",
@@ -65,10 +70,26 @@ def detect_format(path: str | Path, fmt: str = "auto") -> str:
         if fmt not in FORMATS:
             raise DataError(str(path), None, f"unknown format '{fmt}'; expected one of {FORMATS}")
         return fmt
-    suffix = Path(path).suffix.lower().lstrip(".")
+    name = Path(path).name.lower()
+    suffixes = Path(name).suffixes
+    if suffixes and suffixes[-1] in COMPRESSION:
+        suffixes = suffixes[:-1]  # the format is the suffix under the compression's (train.jsonl.xz)
+    suffix = suffixes[-1].lstrip(".") if suffixes else ""
     if suffix in FORMATS:
         return suffix
-    raise DataError(str(path), None, f"unknown format '.{suffix}' (set data.format to one of {FORMATS})")
+    raise DataError(str(path), None, f"unknown format '{''.join(Path(name).suffixes) or name}' (set data.format to "
+                    f"one of {FORMATS}; {sorted(COMPRESSION)} compression is read by its suffix)")
+
+
+def open_bytes(path: str | Path):
+    """A binary file object, decompressing ``.gz``/``.xz``/``.bz2`` files on the fly (streamed, never whole)."""
+    opener = COMPRESSION.get(Path(path).suffix.lower(), open)
+    return opener(path, "rb")
+
+
+def _read_all(path: Path) -> bytes:
+    with open_bytes(path) as f:
+        return f.read()
 
 
 def _decode(raw: bytes, source: str, line: int) -> str:
@@ -83,7 +104,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
 
     A line that is not UTF-8 comes back as its DataError, so the caller can skip it and go on.
     """
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         for line_no, raw in enumerate(f, start=1):
             try:
                 yield line_no, _decode(raw, str(path), line_no).rstrip("\r\n")
@@ -105,7 +126,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
     """A JSON list; each record is reported by its index (1-based) as 'line'."""
-    text = _decode(path.read_bytes(), str(path), 1)
+    text = _decode(_read_all(path), str(path), 1)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -146,10 +167,11 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     line_no = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            line_no += 1
-            yield line_no, record
+    with open_bytes(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                line_no += 1
+                yield line_no, record
 
 
 def _read_txt(path: Path, one_doc_per_line: bool) -> Iterator[tuple[int, Any]]:
@@ -160,7 +182,7 @@ def _read_txt(path: Path, one_doc_per_line: bool) -> Iterator[tuple[int, Any]]:
             elif text.strip():
                 yield line_no, {"text": text}
     else:
-        yield 1, {"text": _decode(path.read_bytes(), str(path), 1)}
+        yield 1, {"text": _decode(_read_all(path), str(path), 1)}
 
 
 def read_records(
@@ -304,7 +326,7 @@ def to_messages(record: Any, source: str, line: int) -> list[dict]:
         if key in record:
             messages = _turns(record, key, source, line, needs_reply="chosen" not in record)
             if messages[-1]["role"] != "assistant" and "chosen" in record:
-                messages.append({"role": "assistant", "content": _field(record, "chosen", source, line)})
+                messages.append({"role": "assistant", "content": _answer(record, "chosen", source, line)})
             return messages
     if "instruction" in record:
         user = _alpaca_user(record, source, line)
@@ -320,6 +342,17 @@ def to_messages(record: Any, source: str, line: int) -> list[dict]:
         f"cannot tell the record's shape from its fields {sorted(record)}; expected instruction/input/output, "
         "prompt/response, messages or conversations (data.format.fields renames fields)",
     )
+
+
+def _answer(record: dict, key: str, source: str, line: int) -> str:
+    """A preference answer: a string, or one assistant turn {from|role, value|content} (LLaMA-Factory's DPO data)."""
+    value = record.get(key)
+    if not isinstance(value, dict):
+        return _field(record, key, source, line)
+    role = value.get("role", value.get("from"))
+    if ROLE_ALIASES.get(role) != "assistant":
+        raise DataError(source, line, f"expected an assistant turn, got role {role!r}", field=f"{key}.role")
+    return _field({f"{key}.content": value.get("content", value.get("value"))}, f"{key}.content", source, line)
 
 
 def _preference_prompt(record: dict, source: str, line: int) -> list[dict]:
@@ -367,7 +400,8 @@ def to_preference(record: Any, source: str, line: int) -> list[tuple[list[dict],
 
     The prompt is read like :func:`to_messages` reads it: {prompt}, Alpaca {instruction, input} after any
     ``history`` pairs, or a ``messages``/``conversations`` list (which must end with the user). The answers
-    are ``chosen`` and ``rejected`` (one pair; an Alpaca ``output`` beside them is ignored), or, with neither
+    are ``chosen`` and ``rejected``, strings or assistant turn objects (one pair; an Alpaca ``output`` beside
+    them is ignored), or, with neither
     given, an ``output`` list ranked best first: one pair (best, other) for every lower-ranked answer.
     """
     if not isinstance(record, dict):
@@ -375,8 +409,8 @@ def to_preference(record: Any, source: str, line: int) -> list[tuple[list[dict],
     prompt = _preference_prompt(record, source, line)
     if "chosen" not in record and "rejected" not in record and isinstance(record.get("output"), list):
         return [(prompt, best, other) for best, other in _ranked_pairs(record, source, line)]
-    chosen = _field(record, "chosen", source, line)
-    rejected = _field(record, "rejected", source, line)
+    chosen = _answer(record, "chosen", source, line)
+    rejected = _answer(record, "rejected", source, line)
     if chosen.strip() == rejected.strip():
         raise DataError(source, line, "chosen and rejected are identical")
     return [(prompt, chosen, rejected)]

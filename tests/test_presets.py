@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import REPO, SHARED_DATA
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from datamodules.collate import IGNORE_INDEX
+from datamodules.sources import parse_sources
 
 PRESETS = {  # preset: the stage that reads it today
     "alpaca_en": "sft", "zh_alpaca": "sft", "lcsts": "sft", "csl": "sft", "dpo_en": "dpo", "zh_dpo": "dpo",
@@ -24,7 +27,7 @@ def test_preset_loads_a_first_batch(preset, model, tmp_path, tiny_tokenizer):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"stage={PRESETS[preset]}", f"data={preset}", f"model={model}", "seq_len=1024",
                                           "batch_size=4", f"paths.cache_dir={tmp_path}"])
-    missing = [f for f in cfg.data.train_files if not __import__("os").path.exists(f)]
+    missing = [s.path for s in parse_sources(cfg.data.train_files) if not os.path.exists(s.path)]
     if missing:
         pytest.skip(f"{missing[0]} is absent (../shared/data is not beside this checkout)")
     dm = instantiate(cfg.data)

@@ -1,0 +1,50 @@
+"""Mixture sources: entries parse with clear errors, weights set sample counts, placeholders are filled."""
+
+from __future__ import annotations
+
+import pytest
+
+from datamodules.sources import Source, fill_placeholders, parse_sources, weighted
+
+
+def test_entries_parse_to_sources_with_their_names():
+    sources = parse_sources(["data/wiki.txt", {"path": "data/laws.jsonl.xz", "weight": 0.2},
+                             {"path": "x/identity.json", "name": "self", "fill": {"{{name}}": "小林"}}])
+    assert [s.label for s in sources] == ["wiki", "laws", "self"]
+    assert sources[1].weight == 0.2 and sources[0].weight == 1.0
+    assert sources[2].fill == {"{{name}}": "小林"}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"weight": 2}, r"train_files\[0\]: expected a path or a mapping with 'path'"),
+    ({"path": "a.txt", "weigth": 2}, r"train_files\[0\]: unknown keys \['weigth'\]"),
+    ({"path": "a.txt", "weight": 0}, r"train_files\[0\]\.weight: expected a number > 0"),
+])
+def test_bad_entries_name_their_position_and_key(entry, message):
+    with pytest.raises(ValueError, match=message):
+        parse_sources([entry])
+
+
+def test_two_sources_with_one_name_are_refused():
+    with pytest.raises(ValueError, match=r"share the names \['train'\]"):
+        parse_sources(["a/train.jsonl", "b/train.jsonl"])
+
+
+@pytest.mark.parametrize("weight, count", [(1, 40), (2, 80), (0.25, 10), (2.5, 100)])
+def test_weight_sets_the_sample_count(weight, count):
+    items = list(range(40))
+    out = weighted(items, weight, seed=0)
+    assert len(out) == count
+    assert set(out) <= set(items)
+    assert weighted(items, weight, seed=0) == out  # seeded
+    if weight < 1:
+        assert out == sorted(out) and len(set(out)) == count  # a subset, order kept
+
+
+def test_placeholders_are_filled_in_nested_records():
+    record = {"conversations": [{"from": "human", "value": "你是谁？"},
+                                {"from": "gpt", "value": "我是{{name}}，由{{author}}训练。"}], "n": 3}
+    filled = fill_placeholders(record, {"{{name}}": "小林", "{{author}}": "lmlab"})
+    assert filled["conversations"][1]["value"] == "我是小林，由lmlab训练。"
+    assert filled["n"] == 3 and record["conversations"][1]["value"].startswith("我是{{name}}")
+    assert Source("a.json").fill == {}
