@@ -1,11 +1,13 @@
 """Tokenize a stream of documents into memmap shards, in parallel, resumably and reproducibly.
 
-The reading process cuts the (split, text) stream into shards of about ``shard_mb`` of UTF-8
-text, in document order, per split (``train-00000.bin``, ``val-00000.bin``, ...). The cut
-depends only on the documents and ``shard_mb``, never on the number of processes, so the
-same input and tokenizer always give the same files. Each shard is one task: a worker
-tokenizes it and writes ``<name>.tmp<pid>``, then renames it; a shard is done when its file
-exists, so a rerun after a crash skips the finished shards and redoes only the rest.
+The reading process cuts the (split, source, text) stream into shards of about ``shard_mb`` of
+UTF-8 text, in document order, per split (``train-00000.bin``, ``val-00000.bin``, ...), and also
+where the source changes, so every shard holds one source of a mixture and its tokens count for
+that source (meta.json's per-source counts, the per-source validation sets). The cut depends only
+on the documents and ``shard_mb``, never on the number of processes, so the same input and
+tokenizer always give the same files. Each shard is one task: a worker tokenizes it and writes
+``<name>.tmp<pid>``, then renames it; a shard is done when its file exists, so a rerun after a
+crash skips the finished shards and redoes only the rest.
 
 A shard file is the documents' token ids, each document followed by EOS, as uint16 when the
 vocabulary has fewer than 65536 entries, else uint32. A document longer than
@@ -42,10 +44,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass
 class Shard:
-    """Consecutive documents of one split: the unit of work and of resume."""
+    """Consecutive documents of one split and one source: the unit of work and of resume."""
 
     split: str
     index: int
+    source: str
     docs: list[str] = field(default_factory=list)
     nbytes: int = 0  # UTF-8 bytes of text, for the progress bar and the size cut
 
@@ -54,17 +57,24 @@ class Shard:
         return f"{self.split}-{self.index:05d}.bin"
 
 
-def plan_shards(docs: Iterable[tuple[str, str]], shard_bytes: int) -> Iterator[Shard]:
-    """Group (split, text) documents, in order, into shards of at least ``shard_bytes`` (the last ones smaller)."""
-    open_shards = {split: Shard(split, 0) for split in SPLITS}
-    for split, doc in docs:
-        shard = open_shards[split]
+def plan_shards(docs: Iterable[tuple[str, str, str]], shard_bytes: int) -> Iterator[Shard]:
+    """Group (split, source, text) documents, in order, into shards of at least ``shard_bytes`` of one source each
+    (smaller where a source ends, and the last ones)."""
+    open_shards: dict[str, Shard] = {}
+    next_index = dict.fromkeys(SPLITS, 0)
+    for split, source, doc in docs:
+        shard = open_shards.get(split)
+        if shard is not None and shard.source != source:
+            yield shard
+            shard = None
+        if shard is None:
+            shard = open_shards[split] = Shard(split, next_index[split], source)
+            next_index[split] += 1
         shard.docs.append(doc)
         shard.nbytes += len(doc.encode("utf-8"))
         if shard.nbytes >= shard_bytes:
-            yield shard
-            open_shards[split] = Shard(split, shard.index + 1)
-    yield from (shard for shard in open_shards.values() if shard.docs)
+            yield open_shards.pop(split)
+    yield from open_shards.values()
 
 
 def _pieces(docs: list[str], chunk_chars: int) -> Iterator[tuple[str, bool]]:
@@ -136,7 +146,7 @@ class ShardWriter:
     chunk_chars: int
 
     def write(self, shards: Iterable[Shard], total_bytes: int) -> list[dict]:
-        """One row (file, split, tokens, documents) per shard, in order; tokenizes only the missing shards.
+        """One row (file, split, source, tokens, documents) per shard, in order; tokenizes only the missing shards.
 
         At most two shards per process are in flight, so memory stays bounded however large the corpus.
         """
@@ -176,7 +186,7 @@ class ShardWriter:
         """
         while pending and (len(pending) > keep or not isinstance(pending[0][1], Future)):
             shard, tokens, done_before = pending.popleft()
-            rows.append({"file": shard.name, "split": shard.split, "documents": len(shard.docs),
+            rows.append({"file": shard.name, "split": shard.split, "source": shard.source, "documents": len(shard.docs),
                          "tokens": tokens.result() if isinstance(tokens, Future) else tokens})
             if done_before:
                 bar.total -= shard.nbytes

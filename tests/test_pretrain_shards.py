@@ -169,3 +169,20 @@ def test_a_very_long_line_is_tokenized_in_pieces_with_bounded_memory(tmp_path, t
     path.write_text(f"short one\n{long_doc}\nshort two\n")
     dm = prepared(tiny_tokenizer, [path], tmp_path / "cache", val_fraction=0.0, chunk_chars=20_000, num_proc=1)
     assert decoded_docs(dm, "train") == ["short one", long_doc, "short two"]
+
+
+def test_shards_hold_one_source_each_and_windows_do_not_depend_on_the_cut(tmp_path, corpus, tiny_tokenizer):
+    second = tmp_path / "second.txt"
+    second.write_text("\n".join(reversed(DOCS)) + "\n")
+    small = prepared(tiny_tokenizer, [corpus, second], tmp_path / "small", val_fraction=0.2)
+    meta = json.loads((small.token_dir / "meta.json").read_text())
+    assert {s["source"] for s in meta["shards"]} == {"corpus", "second"}
+    for name, counts in meta["by_source"].items():
+        rows = [s for s in meta["shards"] if s["source"] == name]
+        assert counts["tokens"] == {split: sum(s["tokens"] for s in rows if s["split"] == split)
+                                    for split in ("train", "val")}
+    one_shard = prepared(tiny_tokenizer, [corpus, second], tmp_path / "large", val_fraction=0.2, shard_mb=8)
+    assert len(json.loads((one_shard.token_dir / "meta.json").read_text())["shards"]) == 4, "cut only at the source"
+    small.setup()
+    one_shard.setup()
+    assert [w["input_ids"].tolist() for w in small.train_set] == [w["input_ids"].tolist() for w in one_shard.train_set]
