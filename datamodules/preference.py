@@ -3,10 +3,10 @@
 Records are read by :func:`datamodules.formats.to_preference` ({prompt, chosen, rejected}, Alpaca
 with chosen/rejected, conversations ending with the user plus chosen/rejected, or an ``output``
 list ranked best first, which gives one pair per lower-ranked answer). Each answer is tokenized
-exactly as an SFT reply to the same prompt (:func:`datamodules.sft.tokenize_conversation` for a
-causal LM, :func:`datamodules.sft.tokenize_pair` for an encoder-decoder), with labels only on the
-answer and its end token. A batch is 2B rows: the B chosen samples, then the B rejected ones
-(:class:`datamodules.collate.PreferenceCollator`), and each pair's ``index`` in its split.
+exactly as an SFT reply to the same prompt (causal LM: the whole rendering encoded once,
+:func:`datamodules.sft.encode_labelled`; encoder-decoder: :func:`datamodules.sft.tokenize_pair`), with
+labels only on the answer and its end token. A batch is 2B rows: the B chosen samples, then the B
+rejected ones (:class:`datamodules.collate.PreferenceCollator`), and each pair's ``index`` in its split.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.collate import IGNORE_INDEX, PreferenceCollator
+from datamodules.collate import PreferenceCollator
 from datamodules.formats import to_preference
-from datamodules.sft import SFTDataModule, render_segments, tokenize_conversation, tokenize_pair
+from datamodules.sft import SFTDataModule, encode_labelled, rendered_spans, tokenize_pair
+from datamodules.sources import Source
 
 
 def _tokenize_answer(
@@ -28,13 +29,9 @@ def _tokenize_answer(
     messages = [*prompt, {"role": "assistant", "content": answer}]
     if arch == "seq2seq":
         return tokenize_pair(tokenizer, messages, max_length, max_target_length)
-    sample = tokenize_conversation(tokenizer, messages, max_length)
-    if any(m["role"] == "assistant" for m in prompt):
-        # earlier replies of a multi-turn prompt are context, not the answer being compared: no labels there
-        segments = render_segments(tokenizer, messages)
-        n_prompt = sum(len(tokenizer.encode(text, add_special_tokens=False)) for text, _ in segments[:-1])
-        sample["labels"][:n_prompt] = IGNORE_INDEX
-    return sample
+    # earlier replies of a multi-turn prompt are context, not the answer being compared: labels on the last only
+    text, spans = rendered_spans(tokenizer, messages)
+    return encode_labelled(tokenizer, text, spans[-1:], max_length)
 
 
 def tokenize_preference(
@@ -60,7 +57,7 @@ class PreferenceDataModule(SFTDataModule):
     """Preference records from jsonl/json/parquet/csv files, tokenized in memory as chosen/rejected pairs.
 
     Everything but the examples is SFT's (reading, the seeded hold-out over records, so the pairs
-    of one ranked record stay together, the template, truncation, skips). Dataset items are
+    of one ranked record stay together, mixture weights, the template, truncation, skips). Dataset items are
     ``{"chosen": sample, "rejected": sample, "index": i}`` with ``i`` the item's position in its
     split; a pair where either answer has no label token left after truncation is dropped and
     counted in ``self.skips``. The constructor is SFTDataModule's (``train_on_prompt`` has no effect).
@@ -68,7 +65,7 @@ class PreferenceDataModule(SFTDataModule):
 
     _pairs: tuple[list, list] | None = None  # examples(), built once
 
-    def _read(self, files: Sequence[str]) -> list[tuple[str, int, list[tuple[list[dict], str, str]]]]:
+    def _read(self, files: Sequence[str | Source]) -> list[tuple[str, int, list[tuple[list[dict], str, str]]]]:
         return list(self.records(files, to_preference))
 
     def examples(self) -> tuple[list, list]:

@@ -3,16 +3,20 @@
 Every template is a Jinja chat template (conf/template/), so Alpaca, ChatML-style and the
 babyllama 资料/人类/助手 layouts are one mechanism, and the exported tokenizer formats
 prompts the same way outside lmlab (``tokenizer.apply_chat_template``). A conversation is
-cut into segments by rendering growing prefixes of it; only assistant segments (content +
-EOS) are labels, unless ``train_on_prompt`` is set. For an encoder-decoder the conversation up to
-its last reply (with the reply's header) is the encoder input and the last reply is the decoder's
-labels, each truncated to its own length.
+cut into segments by rendering growing prefixes of it; the whole rendering is encoded once (the
+ids inference sees) and only tokens that start in an assistant segment (content + EOS) are labels,
+unless ``train_on_prompt`` is set. For an encoder-decoder the conversation up to its last reply
+(with the reply's header) is the encoder input and the last reply is the decoder's labels, each
+truncated to its own length. Truncation keeps the beginning: a long chat (KdConv, CrossWOZ: ~20
+turns) keeps its first turns, each reply among them labelled.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -21,6 +25,9 @@ from transformers import PreTrainedTokenizerBase
 from datamodules.base import LMDataModule
 from datamodules.collate import IGNORE_INDEX
 from datamodules.formats import DataError, to_messages
+from datamodules.sources import Source, parse_sources, weighted
+
+log = logging.getLogger(__name__)
 
 
 def render_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -49,23 +56,47 @@ def render_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
     return segments
 
 
+def rendered_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The whole rendering of ``messages`` and the character span (start, end) of each response segment in it."""
+    text, spans = "", []
+    for segment, is_response in render_segments(tokenizer, messages):
+        if is_response:
+            spans.append((len(text), len(text) + len(segment)))
+        text += segment
+    return text, spans
+
+
+def encode_labelled(
+    tokenizer: PreTrainedTokenizerBase, text: str, spans: Sequence[tuple[int, int]], max_length: int
+) -> dict[str, torch.Tensor]:
+    """``text`` encoded once, as a whole, with labels on the tokens that start inside one of ``spans``.
+
+    The whole text is encoded, never its segments one by one, so training sees exactly the ids that inference
+    gives the same text (a Metaspace tokenizer would start every separately encoded segment with its "▁").
+    A token is a label when its first character lies in a span: a token that straddles a prompt/response
+    boundary (BPE merged across it, e.g. under template=plain, where the response follows the prompt with no
+    separator) belongs to the side it starts on. Cut to ``max_length``, which keeps the first turns.
+    """
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = encoding["input_ids"][:max_length]
+    in_span = [False] * (len(text) + 1)
+    for start, end in spans:
+        in_span[start:end] = [True] * (end - start)
+    labels = [token if in_span[first] else IGNORE_INDEX
+              for token, (first, _) in zip(input_ids, encoding["offset_mapping"])]
+    return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
 def tokenize_conversation(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict],
     max_length: int,
     train_on_prompt: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """input_ids and labels (-100 on prompt tokens unless ``train_on_prompt``), cut to max_length."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for text, is_response in render_segments(tokenizer, messages):
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        input_ids += ids
-        labels += ids if (is_response or train_on_prompt) else [IGNORE_INDEX] * len(ids)
-    return {
-        "input_ids": torch.tensor(input_ids[:max_length], dtype=torch.long),
-        "labels": torch.tensor(labels[:max_length], dtype=torch.long),
-    }
+    """input_ids of the whole rendering and labels on every reply (-100 on prompt tokens unless
+    ``train_on_prompt``), cut to max_length."""
+    text, spans = rendered_spans(tokenizer, messages)
+    return encode_labelled(tokenizer, text, [(0, len(text))] if train_on_prompt else spans, max_length)
 
 
 def encoder_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int | None = None) -> torch.Tensor:
@@ -79,13 +110,26 @@ def encoder_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int |
     return torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.long)
 
 
+def continuation_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """``text`` tokenized as text that follows other text, as a decoder generates a reply after its start token.
+
+    Encoded alone, a Metaspace tokenizer (bpe=char) would prepend "▁" to the reply ("▁It", or a lone "▁"
+    before a digit), which the reply never has inside a conversation. Behind a special token the reply no
+    longer starts the text, so it gets no "▁"; that token is then dropped. Byte-level tokenizers are unchanged.
+    """
+    ids = tokenizer.encode(tokenizer.eos_token + text, add_special_tokens=False)
+    if ids[0] != tokenizer.eos_token_id:
+        raise ValueError(f"the tokenizer splits its EOS token {tokenizer.eos_token!r}; it must be a special token")
+    return ids[1:]
+
+
 def tokenize_pair(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int, max_target_length: int
 ) -> dict[str, torch.Tensor]:
     """Encoder input_ids (everything before the last reply) and decoder labels (the last reply and its end)."""
     segments = render_segments(tokenizer, messages)
     source = "".join(text for text, _ in segments[:-1])
-    target = tokenizer.encode(segments[-1][0], add_special_tokens=False)[:max_target_length]
+    target = continuation_ids(tokenizer, segments[-1][0])[:max_target_length]
     return {"input_ids": encoder_ids(tokenizer, source, max_length), "labels": torch.tensor(target, dtype=torch.long)}
 
 
@@ -101,12 +145,16 @@ class ListDataset(Dataset):
 
 
 class SFTDataModule(LMDataModule):
-    """Prompt/response or chat records from jsonl/json/parquet/csv files, tokenized in memory."""
+    """Prompt/response or chat records from jsonl/json/parquet/csv files, tokenized in memory.
+
+    ``train_files`` may be a weighted mixture (datamodules/sources.py); see :meth:`split` for how weights and
+    the held-out validation combine.
+    """
 
     def __init__(
         self,
-        train_files: Sequence[str],
-        val_files: Sequence[str] | None = None,
+        train_files: Sequence[str | dict],
+        val_files: Sequence[str | dict] | None = None,
         val_fraction: float = 0.05,
         format: str = "auto",
         chat_template: str | None = None,
@@ -131,26 +179,58 @@ class SFTDataModule(LMDataModule):
         self.train_on_prompt = train_on_prompt
         self._split: tuple[list, list] | None = None
 
-    def _read(self, files: Sequence[str]) -> list[tuple[str, int, list[dict]]]:
+    def _read(self, files: Sequence[str | Source]) -> list[tuple[str, int, list[dict]]]:
         return list(self.records(files, to_messages))
 
     def split(self) -> tuple[list, list]:
-        """(train, val) conversations; a seeded shuffle holds out val_fraction when no val file is given."""
+        """(train, val) records (source, line, example).
+
+        Without val files a seeded shuffle holds out ``val_fraction`` of all training records, from every source
+        alike and before weighting, so no copy of a validation record is trained on. Each source's remaining
+        records then go into the epoch ``weight`` times (:func:`datamodules.sources.weighted`: whole repeats, and
+        a subsample seeded by ``seed`` and the source's position for a fraction). Validation is never weighted:
+        it measures the sources as they are. ``val_files`` entries may be mappings with their own ``format`` and
+        ``fill``, like ``train_files`` (a weight there is refused).
+        """
         if self._split is None:
-            train = self._read(self.train_files)
+            per_source = [self._read([source]) for source in self.sources]
             if self.val_files:
-                val = self._read(self.val_files)
+                val = self._read(self._val_sources())
             else:
-                order = list(range(len(train)))
-                random.Random(self.seed).shuffle(order)
-                n_val = max(1, int(len(train) * self.val_fraction))
-                held = set(order[:n_val])
-                val = [c for i, c in enumerate(train) if i in held]
-                train = [c for i, c in enumerate(train) if i not in held]
+                val, per_source = self._hold_out(per_source)
+            epoch = [weighted(records, source.weight, self.seed + i)
+                     for i, (source, records) in enumerate(zip(self.sources, per_source))]
+            train = [record for records in epoch for record in records]
             if not train or not val:
                 raise DataError(", ".join(self.train_files), None, "no usable records for training and validation")
+            log.info("data: %s; %d validation records", ", ".join(
+                f"{source.label} {len(records)} records x {source.weight:g} = {len(taken)}"
+                for source, records, taken in zip(self.sources, per_source, epoch)), len(val))
             self._split = (train, val)
         return self._split
+
+    def _hold_out(self, per_source: list[list]) -> tuple[list, list[list]]:
+        """(held-out records, each source's other records): a seeded shuffle over all records keeps val_fraction."""
+        total = sum(len(records) for records in per_source)
+        order = list(range(total))
+        random.Random(self.seed).shuffle(order)
+        held = set(order[: max(1, int(total * self.val_fraction))])
+        val, kept, position = [], [], 0
+        for records in per_source:
+            val += [r for i, r in enumerate(records, start=position) if i in held]
+            kept.append([r for i, r in enumerate(records, start=position) if i not in held])
+            position += len(records)
+        return val, kept
+
+    def _val_sources(self) -> list[Source]:
+        """``val_files`` as Sources, one by one: validation files need no distinct names (nothing is logged per
+        validation source), and a weight there would be ignored, so it is refused."""
+        sources = [parse_sources([entry])[0] for entry in self.val_files]
+        for i, source in enumerate(sources):
+            if source.weight != 1:
+                raise ValueError(f"data.val_files[{i}].weight: weights shape the training epoch only; "
+                                 "validation reads every record once")
+        return sources
 
     def iter_texts(self) -> Iterator[str]:
         for _, _, messages in self.split()[0]:
@@ -196,6 +276,15 @@ class SFTDataModule(LMDataModule):
         self.train_set = self._tokenize_all(train)
         self.val_set = self._tokenize_all(val)
         self.log_skips()
+
+    def source_set(self, split: str, name: str) -> ListDataset:
+        """The ``split``'s samples of one training source, by its name: e.g. a mixture's held-out Alpaca rows,
+        so a model trained on the mixture can be compared on them with one that was not (eval.py source=...)."""
+        paths = {str(Path(s.path)) for s in self.sources if s.label == name}
+        if not paths:
+            raise ValueError(f"source={name!r}: the preset's sources are {[s.label for s in self.sources]}")
+        train, val = self.examples()
+        return self._tokenize_all([e for e in (val if split == "val" else train) if e[0] in paths])
 
     def sample_pairs(self, n: int) -> list[tuple[str, str | None]]:
         """Validation conversations up to their first reply (rendered, with the reply header), and that reply."""

@@ -43,6 +43,23 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "
            "logps/rejected", "logits/chosen", "logits/rejected")  # TRL's names
 
 
+def disable_dropout_in_model(model: torch.nn.Module) -> None:
+    """Switch off every dropout of ``model`` (TRL's disable_dropout_in_model, which DPOTrainer applies by default).
+
+    DPO compares the policy's log-probs with the reference's, which runs in eval mode: with dropout on, the
+    policy's log-probs of even unchanged weights differ from the reference's by noise, which the loss then
+    fits. Every ``nn.Dropout`` gets p=0, and so do the float dropout rates that attention modules copy from
+    their config at construction and apply functionally (LlamaAttention/MixtralAttention.attention_dropout,
+    T5Attention.dropout). ``model.config`` is left as configured, so the export and later stages keep it.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
 def data_fingerprint(dataset) -> str:
     """sha256 of every pair's token ids and labels, so a cache is only reused for exactly the same pairs."""
     h = hashlib.sha256()
@@ -55,7 +72,8 @@ def data_fingerprint(dataset) -> str:
 
 class DPOModule(LMModule):
     """DPO (``loss_type`` sigmoid | ipo | hinge, ``label_smoothing`` for conservative DPO) plus an
-    optional SFT term on the chosen answers (``rpo_alpha``, RPO). Metrics use TRL's names."""
+    optional SFT term on the chosen answers (``rpo_alpha``, RPO). Metrics use TRL's names. ``disable_dropout``
+    (default, as TRL) trains the policy without dropout, like its eval-mode reference."""
 
     def __init__(
         self,
@@ -70,8 +88,11 @@ class DPOModule(LMModule):
         ref_cache: str | None = None,
         freeze: Sequence[str] = (),
         compile: bool = False,
+        disable_dropout: bool = True,
     ):
         super().__init__(model, optim, freeze, compile)
+        if disable_dropout:
+            disable_dropout_in_model(model)
         if reference not in REFERENCES:
             raise ValueError(f"stage.module.reference={reference!r}: choose one of {REFERENCES}")
         if reference == "precomputed" and not ref_cache:

@@ -28,6 +28,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 log = logging.getLogger(__name__)
 
 LEVELS = ("char", "byte")
+# Layout characters a char-level vocabulary always holds. Pretraining corpora hold one document per line, so a
+# trained alphabet would never see them, and every line break of a chat layout or an answer would become unk.
+LAYOUT_CHARS = ["\n", "\t", "\r"]
+# Every other whitespace character (no-break and ideographic spaces, \v, \f, U+2028, ...) means a space to a
+# char-level tokenizer: it becomes " " (then Metaspace's "▁") instead of unk. NFKC alone misses some of them.
+OTHER_WHITESPACE = Regex(r"[^\S\n\t\r ]")
 
 
 def build_pre_tokenizer(
@@ -35,14 +41,19 @@ def build_pre_tokenizer(
 ) -> pre_tokenizers.PreTokenizer:
     """The pieces BPE may merge within (never across).
 
-    Char level starts with Metaspace (spaces become "▁" and start a piece, as in SentencePiece); byte level ends
-    with ByteLevel (bytes become printable characters, GPT-2's regex splits at spaces, kept as "Ġ"). In between:
-    punctuation and digits as pieces of their own, then runs of non-space characters cut to ``max_piece_chars``
-    (a space before a run stays with it, so byte level keeps "Ġword").
+    Char level starts with Metaspace (spaces become "▁" and start a piece, as in SentencePiece) and, with
+    ``split_whitespace``, makes runs of line breaks and tabs pieces of their own (as GPT-2's regex does at byte
+    level), so no token crosses a line: a chat header like "\n助手" or a reply after "<|assistant|>\n" is cut
+    the same way wherever it stands. Byte level ends with ByteLevel (bytes become printable characters, GPT-2's
+    regex splits at spaces, kept as "Ġ"). In between: punctuation and digits as pieces of their own, then runs
+    of non-space characters cut to ``max_piece_chars`` (a space before a run stays with it, so byte level keeps
+    "Ġword").
     """
     steps: list[pre_tokenizers.PreTokenizer] = []
     if level == "char":
         steps.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=split_whitespace))
+        if split_whitespace:
+            steps.append(pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"))
     if split_punctuation:
         steps.append(pre_tokenizers.Punctuation(behavior="isolated"))
     if split_digits:
@@ -150,6 +161,8 @@ def train_bpe_with_report(
     single characters at that share of ``vocab_size`` (the rest become ``unk_token``): Chinese text has thousands
     of distinct characters, which would otherwise fill the whole vocabulary before any merge.
     ``sentinel_tokens`` adds T5's ``<extra_id_0>``, ``<extra_id_1>``, ... for span corruption.
+    A char-level alphabet always holds ``LAYOUT_CHARS`` (line break, tab, carriage return), whatever the text;
+    other whitespace becomes a space (``OTHER_WHITESPACE``).
     """
     if level not in LEVELS:
         raise ValueError(f"bpe.level={level!r}: choose one of {LEVELS}")
@@ -158,7 +171,10 @@ def train_bpe_with_report(
     extra = list(extra_special_tokens) + [f"<extra_id_{i}>" for i in range(sentinel_tokens)]
     specials = list(dict.fromkeys(t for t in [bos_token, eos_token, pad_token, unk_token, *extra] if t))
     tok = Tokenizer(models.BPE(unk_token=unk_token))
-    tok.normalizer = normalizers.NFKC() if nfkc else None
+    normalize = [normalizers.NFKC()] if nfkc else []
+    if level == "char":
+        normalize.append(normalizers.Replace(OTHER_WHITESPACE, " "))
+    tok.normalizer = normalizers.Sequence(normalize) if normalize else None
     tok.pre_tokenizer = build_pre_tokenizer(level, split_punctuation, split_digits, split_whitespace, max_piece_chars)
     tok.decoder = decoders.ByteLevel() if level == "byte" else decoders.Metaspace("▁", prepend_scheme="first")
     limit = {} if alphabet_share is None else {"limit_alphabet": int(alphabet_share * vocab_size)}
@@ -166,7 +182,7 @@ def train_bpe_with_report(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if level == "byte" else [],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if level == "byte" else LAYOUT_CHARS,
         show_progress=False,
         **limit,
     )

@@ -43,26 +43,46 @@ def run_script(*args: str, cwd: Path = REPO, timeout: int = 300, check: bool = T
     return proc
 
 
-@pytest.fixture
-def tiny_tokenizer():
-    """A byte-level BPE trained on a few lines, with the chatml template."""
+TINY_TEXTS = ["Add the two numbers. 3 + 4 = 7", "What is 5 plus 6? It is 11.", "你好，世界。三加四等于七。"] * 20
+
+
+def tiny_bpe(level: str):
+    """A BPE of conf/bpe/<level>.yaml with a 400-token vocabulary, trained on TINY_TEXTS, chatml template."""
     from lmlab.tokenizer import train_bpe
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train")
-    texts = ["Add the two numbers. 3 + 4 = 7", "What is 5 plus 6? It is 11.", "你好，世界。三加四等于七。"] * 20
-    return train_bpe(texts, **{**cfg.bpe, "vocab_size": 400}, chat_template=cfg.template.chat_template)
+        cfg = compose("train", overrides=[f"bpe={level}"])
+    return train_bpe(TINY_TEXTS, **{**cfg.bpe, "vocab_size": 400}, chat_template=cfg.template.chat_template)
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """A byte-level BPE trained on a few lines, with the chatml template."""
+    return tiny_bpe("byte")
+
+
+@pytest.fixture
+def tiny_char_tokenizer():
+    """The same at char level (SentencePiece-style "▁" pieces, NFKC, unk for characters it never saw)."""
+    return tiny_bpe("char")
 
 
 def expected(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-    """Token ids and labels built by hand from known prompt/response texts."""
+    """Token ids and labels built by hand from known prompt/response texts.
+
+    The ids are the whole text's encoding (what inference sees). Segment k owns the tokens between the
+    encodings of the text up to segment k-1 and up to segment k; each such prefix encoding must be the start of
+    the whole encoding (no token crosses a segment boundary in the texts the tests use), which is checked.
+    """
     from datamodules.collate import IGNORE_INDEX
 
-    ids, labels = [], []
+    ids = tokenizer.encode("".join(text for text, _ in segments), add_special_tokens=False)
+    labels, prefix = [], ""
     for text, is_response in segments:
-        part = tokenizer.encode(text, add_special_tokens=False)
-        ids += part
-        labels += part if is_response else [IGNORE_INDEX] * len(part)
+        prefix += text
+        upto = tokenizer.encode(prefix, add_special_tokens=False)
+        assert upto == ids[: len(upto)], f"a token crosses the end of segment {text!r}"
+        labels += ids[len(labels): len(upto)] if is_response else [IGNORE_INDEX] * (len(upto) - len(labels))
     return ids, labels
 
 

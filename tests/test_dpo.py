@@ -118,3 +118,32 @@ def test_precomputed_cache_is_reused_only_for_the_same_pairs(tmp_path, addition_
     changed = tmp_path / "changed.jsonl"
     changed.write_text(addition_pairs.read_text().replace('"chosen": "7"', '"chosen": "07"'))
     assert data_fingerprint(pairs(changed)) != same
+
+
+@pytest.mark.parametrize("model, dropout", [
+    ("llama-tiny", ["+model.config.attention_dropout=0.5"]),  # applied functionally inside attention
+    ("t5-tiny", ["model.config.dropout_rate=0.5"]),  # nn.Dropout modules and T5Attention.dropout
+    ("gpt2-tiny", ["model.config.resid_pdrop=0.5", "model.config.embd_pdrop=0.5", "model.config.attn_pdrop=0.5"]),
+])
+def test_disable_dropout_makes_the_train_mode_policy_deterministic(tmp_path, addition_pairs, tiny_tokenizer, model,
+                                                                   dropout):
+    """The reference runs in eval mode; with stage.module.disable_dropout (default) the policy's train-mode
+    log-probs are as deterministic as the reference's, while the exported config keeps its dropout."""
+    logps = {}
+    for disable in (True, False):
+        cfg = compose_cfg(tmp_path, [*DPO, f"model={model}", *dropout, f"data.train_files=[{addition_pairs}]",
+                                     f"stage.module.disable_dropout={disable}"])
+        dm = instantiate(cfg.data)
+        dm.tokenizer = tiny_tokenizer
+        dm.setup()
+        batch = next(iter(dm.val_dataloader()))
+        module = instantiate(cfg.stage.module, model=build_model(cfg.model, tiny_tokenizer),
+                             optim=OmegaConf.to_container(cfg.optim, resolve=True), _recursive_=False, _convert_="all")
+        module.model.train()
+        torch.manual_seed(0)
+        logps[disable] = [module._logps(module.model, batch)[0] for _ in range(2)]
+        if disable:  # the same numbers as the eval-mode reference (the same starting weights)
+            torch.testing.assert_close(logps[disable][0], module._logps(module.reference, batch)[0])
+        assert module.model.config.to_dict() == build_model(cfg.model, tiny_tokenizer).config.to_dict()
+    assert torch.equal(*logps[True])
+    assert not torch.equal(*logps[False])  # the model does use dropout, so the flag is what makes the difference

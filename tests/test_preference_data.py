@@ -90,6 +90,18 @@ def test_bad_records_name_the_field(record, field, message):
         to_preference(record, "f", 7)
 
 
+def test_answers_given_as_assistant_turns():
+    """LLaMA-Factory's dpo_zh_demo: chosen and rejected are {from, value} turn objects."""
+    record = {"conversations": [{"from": "system", "value": "简短回答。"}, {"from": "human", "value": "三加四？"}],
+              "chosen": {"from": "gpt", "value": "七。"}, "rejected": {"role": "assistant", "content": "八。"}}
+    assert to_preference(record, "f", 1) == [([{"role": "system", "content": "简短回答。"},
+                                               {"role": "user", "content": "三加四？"}], "七。", "八。")]
+    with pytest.raises(DataError, match=r"f:4: field 'rejected.role': expected an assistant turn, got role 'human'"):
+        to_preference({**record, "rejected": {"from": "human", "value": "八。"}}, "f", 4)
+    with pytest.raises(DataError, match=r"f:5: field 'chosen.content': missing or empty"):
+        to_preference({**record, "chosen": {"from": "gpt", "value": " "}}, "f", 5)
+
+
 def test_identical_pair_and_unknown_shape():
     with pytest.raises(DataError, match="f:2: chosen and rejected are identical"):
         to_preference({"prompt": "q", "chosen": "same ", "rejected": " same"}, "f", 2)
@@ -142,8 +154,13 @@ def test_pair_with_an_answer_truncated_away_is_dropped_and_counted(tmp_path, tin
 # --- token layouts --------------------------------------------------------------------------------------------
 
 
-def test_causal_masks_token_by_token(tiny_tokenizer):
-    tok = tiny_tokenizer  # chatml
+@pytest.fixture(params=["byte", "char"])
+def tok(request, tiny_tokenizer, tiny_char_tokenizer):
+    """Both tokenizer levels, chatml template: ids are the whole rendering's, labels only on the answer."""
+    return tiny_tokenizer if request.param == "byte" else tiny_char_tokenizer
+
+
+def test_causal_masks_token_by_token(tok):
     item = tokenize_preference(tok, USER, "7.", "It is 11.", max_length=512, max_target_length=512, arch="causal")
     for side, answer in (("chosen", "7."), ("rejected", "It is 11.")):
         ids, labels = expected(tok, [("<|user|>\nWhat is 3 plus 4?\n<|assistant|>\n", False),
@@ -153,8 +170,7 @@ def test_causal_masks_token_by_token(tiny_tokenizer):
         assert item[side]["labels"][-1].item() == tok.eos_token_id
 
 
-def test_causal_history_replies_are_not_labels(tiny_tokenizer):
-    tok = tiny_tokenizer
+def test_causal_history_replies_are_not_labels(tok):
     prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
               {"role": "user", "content": "3+4?"}]
     item = tokenize_preference(tok, prompt, "7", "8", 512, 512, "causal")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import unicodedata
 
 import pytest
 from conftest import REPO, run_script, template
@@ -142,3 +143,26 @@ def test_prepare_cli_saves_folder_and_report(tmp_path):
     assert len(tok) == 600 and tok.chat_template == template("chatml")
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
     assert tok.tokenize("这是 一个")[0].startswith("▁")
+
+
+def test_char_level_keeps_line_breaks_it_never_saw_in_training():
+    """Pretraining corpora hold one document per line, so "\\n" is never in the training text; chat layouts and
+    answers need it anyway (it used to become unk and decode to nothing)."""
+    one_line_docs = ["人类：请列出三种水果。助手：1. 苹果 2. 香蕉 3. 橙子", "Tabs, spaces and lines: a b c."] * 30
+    tok = train_bpe(one_line_docs, **settings("char", vocab_size=300))
+    assert not any("\n" in doc or "\t" in doc for doc in one_line_docs)
+    for layout in ("\n", "\t", "\r"):
+        assert ids(tok, "a" + layout) == [*ids(tok, "a"), tok.convert_tokens_to_ids(layout)]
+        assert tok.convert_tokens_to_ids(layout) != tok.unk_token_id
+    text = "人类：请列出三种水果\n助手：1. 苹果\n2. 香蕉\n\n3.\t橙子\r\na\nb"
+    encoded = ids(tok, text)
+    assert tok.unk_token_id not in encoded
+    assert tok.decode(encoded) == unicodedata.normalize("NFKC", text)  # the decoder keeps every line break
+    assert tok.decode(ids(tok, "a\nb")) == "a\nb"
+    assert "\n" in tok.tokenize("水果\n助手") and not any(len(t) > 1 and "\n" in t for t in tok.tokenize(text))
+
+
+def test_char_level_reads_other_whitespace_as_a_space():
+    tok = train_bpe(["a b c 苹果 香蕉"] * 30, **settings("char", vocab_size=200, nfkc=False))
+    for space in ("\u3000", "\xa0", "\u2003", "\u2028", "\v", "\f"):
+        assert ids(tok, f"a{space}b") == ids(tok, "a b"), repr(space)
