@@ -1,5 +1,5 @@
 """What every training objective shares: the wrapped model, the optimizer and schedule, clipping, compile,
-and the non-finite loss guard that keeps last.ckpt good."""
+the non-finite loss guard that keeps last.ckpt good, and token-weighted losses over an optimizer step."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ class TrainingModule(L.LightningModule):
         self.compile_model = compile
         self.flops_per_batch = 0.0  # read by ThroughputMonitor for MFU
         self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
+        self._window_anchor: torch.Tensor | None = None  # see _token_weighted
+        self._window_tokens: torch.Tensor | None = None
 
     def configure_model(self) -> None:
         if self.compile_model:
@@ -57,6 +59,46 @@ class TrainingModule(L.LightningModule):
                 "state (it is never written after a bad step): lower lr, check the data, or use a higher-precision "
                 "setting, then resume=auto"
             )
+
+    def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the ranks, in place: a plain all_reduce (Lightning's reduce adds a barrier and a host
+        sync)."""
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(x)
+        return x
+
+    def _token_weighted(self, mean_loss: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate for a micro-batch whose ``mean_loss`` is a mean over its ``n_tokens`` label tokens.
+
+        Lightning divides each micro-batch's loss by accumulate_grad_batches (A) and DDP averages
+        the gradients of the W ranks, so plain per-micro-batch means give a mean of means in which
+        the tokens of short batches weigh more. The step's gradient should be that of the summed
+        token loss over every micro-batch of the window on every rank, divided by the window's
+        label tokens N, which is only known after its last micro-batch. So each micro-batch
+        returns its summed loss S x W / g, with g the label tokens of the window's first
+        micro-batch over all ranks (a window constant, known at once), and on_before_optimizer_step
+        multiplies the gradients by g x A / N: the gradient is then sum(grad S) / N exactly,
+        for any number of micro-batches in the window (an epoch's last one may be short).
+        With A = 1 the factor g / N is 1 and is skipped; on one device n_tokens / g is then
+        exactly 1.0, so the loss and gradient are bit for bit the plain mean's. No host sync:
+        under DDP, an all_reduce of a count at the window's first micro-batch and one at its step.
+        """
+        if self._window_anchor is None:  # the first micro-batch of this optimizer step
+            self._window_anchor = self._global_sum(n_tokens.clone())
+            self._window_tokens = n_tokens
+        else:
+            self._window_tokens = self._window_tokens + n_tokens
+        return mean_loss * (n_tokens * self.trainer.world_size / self._window_anchor)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Finish _token_weighted's normalization: the gradients become the mean over the window's label tokens."""
+        if self._window_anchor is None:  # this objective's loss is not token-weighted
+            return
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate > 1:
+            factor = self._window_anchor * accumulate / self._global_sum(self._window_tokens.clone())
+            torch._foreach_mul_([p.grad for p in self.parameters() if p.grad is not None], factor)
+        self._window_anchor = self._window_tokens = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._raise_if_non_finite()

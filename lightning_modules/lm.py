@@ -68,8 +68,10 @@ class LMModule(TrainingModule):
     ``labels`` + ``shift_labels``), so with ``compile``
     the cross entropy is compiled together with the forward pass and the fp32 logits are
     never materialised; for a mixture of experts it includes the router load-balancing term
-    (``router_aux_loss_coef`` in the model config). Validation loss is the plain token-weighted
-    cross entropy, so val/ppl is a true perplexity.
+    (``router_aux_loss_coef`` in the model config). Every label token of an optimizer step weighs
+    the same in its gradient, across gradient accumulation and DDP ranks (TrainingModule._token_weighted;
+    a router term weighs as its micro-batch's tokens); train/loss logs each micro-batch's mean.
+    Validation loss is the plain token-weighted cross entropy, so val/ppl is a true perplexity.
     """
 
     def __init__(self, model: PreTrainedModel, optim: dict, freeze: Sequence[str] = (), compile: bool = False):
@@ -100,7 +102,7 @@ class LMModule(TrainingModule):
             with torch.no_grad():
                 self.log("train/acc", self._accuracy(out.logits, batch["labels"])[0])
             self.log("train/ppl", torch.exp(loss.detach()))
-        return loss
+        return self._token_weighted(loss, (batch["labels"] != IGNORE_INDEX).sum())
 
     def _count_flops(self, batch: dict[str, torch.Tensor], factor: float = 1.0) -> None:
         """Set flops_per_batch (read by ThroughputMonitor for MFU); ``factor`` scales it for extra passes."""
@@ -109,18 +111,35 @@ class LMModule(TrainingModule):
             self._flops[shapes] = flops_per_batch(self.model, *shapes)
         self.flops_per_batch = self._flops[shapes] * factor
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def on_validation_epoch_start(self) -> None:
+        """A running loss per named validation set when the datamodule gives a dict of val loaders (a mixture's
+        per-source slices, datamodules/pretrain.py), in the loaders' order (Lightning's dataloader_idx)."""
+        loaders = self.trainer.val_dataloaders
+        names = list(loaders) if isinstance(loaders, dict) else []
+        self.val_loss_by_source = [(name, MeanMetric().to(self.device)) for name in names]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self._forward(batch, with_loss=False).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
         acc, n = self._accuracy(logits, batch["labels"])
         self.val_loss.update(loss, weight=n)
         self.val_acc.update(acc, weight=n)
+        if self.val_loss_by_source:
+            self.val_loss_by_source[dataloader_idx][1].update(loss, weight=n)
 
     def on_validation_epoch_end(self) -> None:
+        """val/loss over every validation window of every loader (token-weighted), and per named set val/loss/<name>.
+
+        So the overall val/loss is the per-source losses averaged by their label tokens, and a stage that monitors
+        val/loss behaves the same with one loader or many.
+        """
         loss = self.val_loss.compute()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
         self.log("val/acc", self.val_acc.compute())
         self.val_loss.reset()
         self.val_acc.reset()
-
+        for name, metric in self.val_loss_by_source:
+            source_loss = metric.compute()
+            self.log(f"val/loss/{name}", source_loss)
+            self.log(f"val/ppl/{name}", torch.exp(source_loss))

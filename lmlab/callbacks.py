@@ -1,4 +1,5 @@
-"""Callbacks and logger glue: generations (and ROUGE) at validation, tokens/s in the bar, an appending metrics.csv."""
+"""Callbacks and logger glue: generations (and ROUGE) at validation, tokens/s in the bar, an appending metrics.csv,
+early stopping that conf can switch off."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -18,6 +19,14 @@ from lmlab.rouge import ROUGE_TYPES, rouge_scores
 
 def _tokens(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].numel()
+
+
+def early_stopping(patience: int | None, **kwargs: Any) -> EarlyStopping | None:
+    """Lightning's EarlyStopping, or None (train.py drops it) when ``patience`` is null.
+
+    So conf/callbacks shows the knob, off by default, instead of a callback users must know to add.
+    """
+    return None if patience is None else EarlyStopping(patience=patience, **kwargs)
 
 
 class TokenThroughputMonitor(ThroughputMonitor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -106,6 +107,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, model):
     b = load_file(killed_dir / "hf" / "model.safetensors")
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (straight_dir, killed_dir)]
+    assert summaries[0] == summaries[1], "the memorization guard's counts must survive the kill"
     with open(killed_dir / "metrics.csv") as f:
         steps = {int(row["step"]) for row in csv.DictReader(f)}
     assert min(steps) < 15 and max(steps) == 39, "metrics.csv keeps the rows from before the kill and continues"
