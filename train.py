@@ -1,9 +1,9 @@
 """Train: `python train.py model=<family> stage=<objective> data=<preset> [overrides]`.
 
 Composes conf/train.yaml, builds tokenizer -> data -> model -> LightningModule -> Trainer from
-their `_target_`s, fits (resuming from last.ckpt under resume=auto), tests the best checkpoint where the stage
-has a test split (stage.test), exports hf/, and returns
-the monitored metric for Hydra sweepers.
+their `_target_`s, fits (resuming from last.ckpt under resume=auto), exports hf/ (the best checkpoint by the
+stage's metric under export=best), tests the best checkpoint where the stage has a test split (stage.test),
+and returns the monitored metric for Hydra sweepers.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.models import build_model, export_hf, load_model, resolve_hf_dir
+from lmlab.models import build_model, export_hf, load_model, resolve_hf_dir, set_cudnn_attention
 from lmlab.runs import register_resolvers
 from lmlab.tokenizer import load_tokenizer, train_and_save
 
@@ -40,19 +41,31 @@ def get_tokenizer(cfg: DictConfig, datamodule, run_dir: Path):
     return train_and_save(datamodule, saved, cfg.template.chat_template, cfg.bpe)[0]
 
 
-def test_best(trainer: L.Trainer, module: L.LightningModule, datamodule, monitor: str) -> None:
-    """Test on the best checkpoint by the stage's metric, which then stays loaded (and is exported)."""
-    best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor == monitor), "")
-    if not best:
-        log.warning("no best checkpoint by %s was saved (no validation ran?): testing the final weights", monitor)
-    trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+def best_checkpoint(trainer: L.Trainer, monitor: str) -> ModelCheckpoint | None:
+    """The callback that kept the best checkpoint by the stage's metric; None when it saved none (no validation)."""
+    best = next((c for c in trainer.checkpoint_callbacks if c.monitor == monitor and c.best_model_path), None)
+    if best is None:
+        log.warning("no best checkpoint by %s was saved (no validation ran?): export and test use the final weights",
+                    monitor)
+    return best
+
+
+def load_best(module: L.LightningModule, best: ModelCheckpoint) -> None:
+    """Load the best checkpoint's weights into ``module``, so the export holds the model the run judged best."""
+    ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(ckpt["state_dict"])
+    log.info("export: the best checkpoint by %s, step %d (%s=%.4f): %s", best.monitor, ckpt["global_step"],
+             best.monitor, best.best_model_score, best.best_model_path)
 
 
 def train(cfg: DictConfig) -> float | None:
     """One training run in ``paths.output_dir``; returns the monitored metric's final value."""
+    if cfg.export not in ("best", "last"):
+        raise ValueError(f"export must be 'best' or 'last', got {cfg.export!r}")
     run_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
+    set_cudnn_attention(cfg.cudnn_sdpa)
 
     datamodule = instantiate(cfg.data)
     tokenizer = get_tokenizer(cfg, datamodule, run_dir)
@@ -68,7 +81,7 @@ def train(cfg: DictConfig) -> float | None:
     module = instantiate(cfg.stage.module, model=model, optim=optim, _recursive_=False, _convert_="all")
 
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values()) if cb is not None]  # None: off
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -78,12 +91,16 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if cfg.stage.test:
-        test_best(trainer, module, datamodule, cfg.stage.monitor)
-
+    best = best_checkpoint(trainer, cfg.stage.monitor)
     if trainer.is_global_zero:
+        if cfg.export == "best" and best:
+            load_best(module, best)
+        else:
+            log.info("export: the final weights, step %d", trainer.global_step)
         export_hf(module.model, tokenizer, run_dir / "hf")
         log.info("data: %s", datamodule.skips.report())
+    if cfg.stage.test:  # on the best checkpoint, which then stays loaded
+        trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path if best else None)
     metric = trainer.callback_metrics.get(cfg.stage.monitor)
     log.info("run folder: %s", run_dir)
     return None if metric is None else float(metric)

@@ -6,12 +6,16 @@ Every task reads its set through the data preset's own datamodule, so it sees ex
   the EOS-joined token stream of the split (the same windows, hence the same number, as training's ``val/ppl``;
   a last window shorter than that is left out). T5: the decoder labels of the span-corruption pairs of those windows.
 - ``sft``: a prompt/response preset (SFTDataModule): the response tokens only (-100 on prompt and padding);
-  for T5 the decoder's labels.
+  for T5 the decoder's labels. ``source=<name>`` keeps one source of a mixture preset (its held-out rows with
+  split=val).
 Both report ``loss`` = summed token NLL / number of predicted tokens over the whole set, ``ppl = exp(loss)`` (not a
 mean of batch perplexities) and ``acc`` = share of predicted tokens whose argmax is the label.
 - ``rouge``: a prompt/response preset: the model's reply to each conversation's first user turn against the
   dataset's reply, ROUGE-1/2/L F1 (lmlab.rouge; ``char`` segmentation for Chinese).
 - ``judge``: the same replies scored 0-100 by a judge model (lmlab.judge).
+- ``chat``: replies to fixed user prompts (``prompts``: a text file, one per line, e.g.
+  benchmarks/prompts/zh_chat_20.txt) through the run's chat template: their distinct-2 and the share caught in a
+  repetition loop (lmlab.diversity), with every reply in replies.jsonl to read.
 - ``classify``: a classification preset (ClassificationDataModule) and a stage=classify run: accuracy, macro F1,
   per-class precision and recall, and the confusion matrix (confusion.csv/png), on split train, val or test; texts
   are cut where training cut them (the length saved in the run's tokenizer).
@@ -42,6 +46,7 @@ from datamodules.pretrain import PretrainDataModule
 from datamodules.sft import SFTDataModule
 from lightning_modules.classifier import metric_set, scalar_metrics, write_confusion
 from lightning_modules.lm import lm_forward
+from lmlab.diversity import distinct_n, in_repetition_loop
 from lmlab.generation import generate_texts
 from lmlab.judge import Judge, judge_prompt
 from lmlab.rouge import rouge_scores
@@ -101,7 +106,11 @@ def _require(dm: LMDataModule, kind: type, task: str, what: str) -> None:
 def _loss_task(dm: LMDataModule, model: PreTrainedModel, cfg: DictConfig) -> TaskResult:
     dm.prepare_data()
     dm.setup()
-    dataset = _limited(_split(dm, cfg.split), cfg.limit)
+    if cfg.get("source"):
+        _require(dm, SFTDataModule, "sft source=...", "prompt/response")
+        dataset = _limited(dm.source_set(cfg.split, cfg.source), cfg.limit)
+    else:
+        dataset = _limited(_split(dm, cfg.split), cfg.limit)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=dm.collator())
     metrics = token_metrics(model, loader, cfg.progress)
     tokens = metrics.pop("tokens")
@@ -187,6 +196,28 @@ def task_judge(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTok
     return TaskResult(metrics, info, rows, "judge_scores.jsonl")
 
 
+def task_chat(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+              dm: LMDataModule) -> TaskResult:
+    """Replies to the user prompts of ``cfg.prompts``, each a new one-turn chat; the data preset is not read."""
+    if not cfg.prompts:
+        raise ValueError("task=chat needs prompts=<text file, one user prompt per line>")
+    questions = [q.strip() for q in Path(cfg.prompts).read_text(encoding="utf-8").splitlines() if q.strip()]
+    if cfg.template.chat_template:
+        tokenizer.chat_template = cfg.template.chat_template
+    if not tokenizer.chat_template:
+        raise ValueError("the tokenizer has no chat template: choose one with template=chatml|alpaca|babyllama")
+    pairs = [{"question": q, "prompt": tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                                                     tokenize=False, add_generation_prompt=True)}
+             for q in questions[:cfg.limit]]
+    replies = _replies(cfg, model, tokenizer, pairs)
+    loops = [in_repetition_loop(r) for r in replies]
+    metrics = {"distinct2": distinct_n(replies, 2), "loop_share": sum(loops) / len(loops),
+               "mean_chars": sum(len(r) for r in replies) / len(replies)}
+    rows = [{"question": p["question"], "output": r, "loop": loop} for p, r, loop in zip(pairs, replies, loops)]
+    return TaskResult(metrics, {"items": len(rows), "prompts": str(cfg.prompts),
+                                "generation": OmegaConf.to_container(cfg.generation)}, rows, "replies.jsonl")
+
+
 @torch.no_grad()
 def task_classify(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                   dm: LMDataModule) -> TaskResult:
@@ -222,7 +253,7 @@ def task_classify(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrained
 
 Task = Callable[[DictConfig, PreTrainedModel, PreTrainedTokenizerBase, LMDataModule], TaskResult]
 TASKS: dict[str, Task] = {"ppl": task_ppl, "sft": task_sft, "rouge": task_rouge, "judge": task_judge,
-                          "classify": task_classify}
+                          "chat": task_chat, "classify": task_classify}
 
 
 def git_commit() -> str | None:

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import (
@@ -25,6 +26,17 @@ from transformers import (
 from lmlab.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def set_cudnn_attention(enabled: bool) -> None:
+    """Allow or forbid torch's cuDNN backend of scaled_dot_product_attention (flash and memory-efficient stay).
+
+    Its backward pass (torch 2.11-2.13, H100/H200) returns NaN query gradients for masked attention over a
+    length with ``length % 128 == 64`` once a head's logits in a row are all below about -88 (fp32 exp underflow of
+    the logsumexp): pytorch/pytorch#196678. Batches padded to multiples of 64 meet that length, and T5 (whose
+    relative position bias always travels as a mask) and models with massive activations meet the logits.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
 def resolve_hf_dir(path: str | Path) -> Path:

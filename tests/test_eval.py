@@ -128,16 +128,21 @@ def test_t5_sft_loss_is_token_weighted_over_the_decoder_labels(tmp_path):
     assert result.metrics["loss"] == pytest.approx(total / count, rel=1e-4)
 
 
-def test_rouge_task_on_chinese_pairs_equals_hand_computed_values(llama_dir, tmp_path, monkeypatch):
-    records = [{"instruction": "天气", "output": "今天北京天气不错"}, {"instruction": "问候", "output": "你好世界"}]
-    replies = {"天气": "北京天气很好", "问候": "你好世界"}
-    seen = []
+def script_replies(monkeypatch, replies: dict[str, str]) -> list[str]:
+    """generate_texts replaced by a fixed reply per user turn (chatml prompts); returns the prompts it is given."""
+    seen: list[str] = []
 
     def scripted(model, tokenizer, prompts, settings, batch_size=8):
         seen.extend(prompts)
         return [replies[p.split("<|user|>\n")[1].split("\n")[0]] for p in prompts]
 
     monkeypatch.setattr(evaluate, "generate_texts", scripted)
+    return seen
+
+
+def test_rouge_task_on_chinese_pairs_equals_hand_computed_values(llama_dir, tmp_path, monkeypatch):
+    records = [{"instruction": "天气", "output": "今天北京天气不错"}, {"instruction": "问候", "output": "你好世界"}]
+    seen = script_replies(monkeypatch, {"天气": "北京天气很好", "问候": "你好世界"})
     _, tok = load_for_inference(llama_dir, "cpu")
     result = evaluate.task_rouge(task_cfg(), None, tok, sft_dm(write_jsonl(tmp_path / "s.jsonl", records), tok))
     # 北京天气很好 vs 今天北京天气不错 (see tests/test_rouge.py): rouge1 4/7, rouge2 1/2, rougeL 4/7; 你好世界 exact: 1.
@@ -169,3 +174,15 @@ def test_eval_py_writes_eval_json_md_and_a_wandb_run(llama_dir, tmp_path):
     assert record["metrics"]["ppl"] == pytest.approx(math.exp(record["metrics"]["loss"]))
     assert "| ppl |" in (out / "eval.md").read_text() and "| ppl |" in proc.stdout
     assert list((out / "wandb").glob("offline-run-*")), "the metrics go to an (offline) wandb run"
+
+
+def test_chat_task_scores_distinct_2_and_loops_of_replies_to_fixed_prompts(llama_dir, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("中国的首都是哪里？\n\n你是谁？\n", encoding="utf-8")
+    seen = script_replies(monkeypatch, {"中国的首都是哪里？": "北京。", "你是谁？": "我是我是我是我是"})
+    _, tok = load_for_inference(llama_dir, "cpu")
+    result = evaluate.task_chat(task_cfg(prompts=str(prompts), template={"chat_template": None}), None, tok, None)
+    assert seen == ["<|user|>\n中国的首都是哪里？\n<|assistant|>\n", "<|user|>\n你是谁？\n<|assistant|>\n"]
+    # bigrams: 北京 京。 | 我是 是我 我是 是我 我是 是我 我是: 4 distinct of 9
+    assert result.metrics == {"distinct2": pytest.approx(4 / 9), "loop_share": 0.5, "mean_chars": 5.5}
+    assert [r["loop"] for r in result.rows] == [False, True] and result.rows_file == "replies.jsonl"

@@ -1,0 +1,62 @@
+"""Does cuDNN attention's backward return NaN gradients on this GPU? (the cause of T5's bf16 NaN)
+
+pytorch/pytorch#196678: on H100/H200 with torch 2.11-2.13, the cuDNN backend of scaled_dot_product_attention returns
+NaN query gradients for a masked attention over a length with ``length % 128 == 64`` when every logit of a row is
+below about -88 (its logsumexp underflows in fp32). T5 always passes its relative position bias as the mask, and
+lmlab pads batches to multiples of 64 on GPU, so T5's decoder (max_target_length 64) meets the length.
+
+    python benchmarks/sdpa_cudnn_probe.py [--out results.json]
+
+The bug itself, torch only: non-finite grad_q over lengths, cuDNN allowed vs forbidden. What it does to lmlab's T5
+is measured by training (benchmarks/results/2026-11-30_h200_t5_bf16_cudnn.md): SFT of a span-corruption-pretrained
+t5 on LCSTS in bf16 goes NaN at step 18 with cuDNN attention allowed and trains with it forbidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lmlab.models import set_cudnn_attention
+
+
+def torch_only(length: int, cudnn: bool) -> int:
+    """Non-finite grad_q elements of one masked SDPA whose logits are all about -120 (the issue's repro)."""
+    set_cudnn_attention(cudnn)
+    torch.manual_seed(0)
+    d = 64
+    q = torch.randn(1, 1, length, d, device="cuda", dtype=torch.bfloat16) * 0.1
+    k = torch.randn(1, 1, length, d, device="cuda", dtype=torch.bfloat16) * 0.1
+    v = torch.randn(1, 1, length, d, device="cuda", dtype=torch.bfloat16)
+    q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(d)
+    q.requires_grad_()
+    mask = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()[None, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out.backward(torch.randn_like(out))
+    return int((~torch.isfinite(q.grad)).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "cudnn": torch.backends.cudnn.version(), "torch_only": {}}
+    for length in (640, 704, 768):
+        results["torch_only"][length] = {f"cudnn_{c}": torch_only(length, c) for c in (True, False)}
+    set_cudnn_attention(False)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
