@@ -50,7 +50,7 @@ def conversations(data: DictConfig, on_error: str, skips: SkipCounter) -> Iterat
     """(source, line, messages) of every record of the preset's training files, or (source, line, DataError)
     for a record that cannot be adapted (build_rejected raises it or counts it, by on_error)."""
     fmt = OmegaConf.to_container(data.format) if OmegaConf.is_config(data.format) else data.format
-    for entry in parse_sources(OmegaConf.to_container(data.train_files)):  # paths or mixture entries
+    for entry in parse_sources(OmegaConf.to_container(data.train_files, resolve=True)):  # paths or mixture entries
         for source, line, record in read_records(entry.path, entry.format or fmt,
                                                  skips=skips if on_error == "skip" else None):
             try:
@@ -64,7 +64,7 @@ def rejected(cfg: DictConfig) -> dict[str, Any]:
     model, tokenizer = load_for_inference(cfg.init_from, cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     skips = SkipCounter()
-    info = {"init_from": str(cfg.init_from), "data": OmegaConf.to_container(cfg.data.train_files),
+    info = {"init_from": str(cfg.init_from), "data": OmegaConf.to_container(cfg.data.train_files, resolve=True),
             "generation": OmegaConf.to_container(cfg.generation), "seed": cfg.seed,
             "similarity_threshold": cfg.similarity_threshold, "degenerate": OmegaConf.to_container(cfg.degenerate)}
     return build_rejected(

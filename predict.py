@@ -1,9 +1,12 @@
 """Label new texts with a classifier run: `python predict.py run=<run or hf dir> input=<file | ->`.
 
 One text per line from a file, or from stdin with ``input=-``; prints ``label<TAB>probability<TAB>text``
-per line (and writes jsonl rows to ``output=`` when given). It uses only transformers on the exported
-hf/ folder (AutoModelForSequenceClassification + its tokenizer, the same truncation as training), so
-its labels are the ones any transformers user of the export gets.
+per line (and writes jsonl rows to ``output=`` when given). The model is transformers' own on the
+exported hf/ folder (AutoModelForSequenceClassification + its tokenizer, the same truncation as
+training). The label is the argmax or, where the run chose a threshold on validation
+(``stage.module.positive``), the positive class wherever its log-odds reach the exported
+``config.decision_threshold``: the rule the run's test metrics were measured with. A plain
+transformers ``pipeline`` takes the argmax instead.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_modules.classifier import decide, exported_threshold
 from lmlab.generation import load_for_inference
 from lmlab.models import is_classifier
 
@@ -37,18 +41,21 @@ def load_classifier(run: str, device: str, dtype: str) -> tuple[PreTrainedModel,
 @torch.inference_mode()
 def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int,
             max_length: int | None = None) -> Iterator[tuple[str, float]]:
-    """(label, probability) per text, in batches; the model pools each text's last real token.
+    """(label, its probability) per text, in batches; the model pools each text's last real token.
 
     Texts are cut at ``max_length`` tokens, by default the tokenizer's model_max_length, which a
-    stage=classify run sets to the length it trained with.
+    stage=classify run sets to the length it trained with. The label is decided by the run's
+    exported threshold where it has one (so it may be a class with probability below 0.5).
     """
+    positive, threshold = exported_threshold(model.config)
     for start in tqdm(range(0, len(texts), batch_size), desc="predict", unit="batch", file=sys.stderr,
                       disable=len(texts) <= batch_size):
         batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
                           return_tensors="pt").to(model.device)
-        probs = model(**batch).logits.float().softmax(-1)
-        best = probs.argmax(-1)
-        for i, p in zip(best.tolist(), probs[torch.arange(len(best)), best].tolist()):
+        logits = model(**batch).logits.float()
+        chosen = decide(logits, positive, threshold)
+        probs = logits.softmax(-1)[torch.arange(len(chosen)), chosen]
+        for i, p in zip(chosen.tolist(), probs.tolist()):
             yield model.config.id2label[i], p
 
 

@@ -3,10 +3,14 @@
 Labels are names listed in the preset (``labels: [ham, spam]``); a label's id is its position
 there, and the same list becomes the exported model's ``id2label``. A record whose label is not
 in the list is an error naming its file and line (or a counted skip under ``on_error=skip``).
-When a file has no split of its own, a seeded shuffle cuts it into train/val/test; balancing
-undersamples every class to the smallest one's count before that cut, as GPT2-SFT did, or
-leaves the data whole and hands the loss class weights. Both use ``split_seed``, not the run's
-seed, so a sweep over seeds keeps one test set.
+When a file has no split of its own, a seeded shuffle cuts each class 70/10/20 on its own, so val
+and test keep the data's natural class mix: that is the mix a deployed classifier meets, and
+its false-positive rate is only measurable there. Balancing touches the training split alone:
+``undersample`` cuts every class to the smallest one's count (as GPT2-SFT did, but GPT2-SFT
+balanced before the split, so its test set was balanced too), ``class_weights`` keeps the data
+whole and hands the loss inverse-frequency weights. Both use ``split_seed``, not the run's
+seed, so a sweep over seeds keeps one test set, and every ``balance`` choice sees the same
+val and test messages.
 """
 
 from __future__ import annotations
@@ -58,16 +62,23 @@ def undersample(examples: list[Example], num_classes: int, seed: int) -> list[Ex
 
 
 def split_examples(examples: list[Example], fractions: dict[str, float], seed: int) -> dict[str, list[Example]]:
-    """A seeded shuffle cut into the named parts (each at least one example); the rest is train."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    parts, start = {}, 0
-    for name, fraction in fractions.items():
-        n = max(1, int(len(examples) * fraction))
-        parts[name] = sorted(order[start:start + n])
-        start += n
-    parts["train"] = sorted(order[start:])
-    return {name: [examples[i] for i in ids] for name, ids in parts.items()}
+    """Stratified: each class is shuffled (seeded) and cut on its own, ``round(n_class * fraction)`` examples
+    per named part, the rest to train; so every part keeps the class proportions. In the original order."""
+    by_class: dict[int, list[int]] = {}
+    for i, example in enumerate(examples):
+        by_class.setdefault(example[3], []).append(i)
+    rng = random.Random(seed)
+    parts: dict[str, list[int]] = {name: [] for name in [*fractions, "train"]}
+    for label in sorted(by_class):
+        ids = by_class[label]
+        rng.shuffle(ids)
+        start = 0
+        for name, fraction in fractions.items():
+            n = round(len(ids) * fraction)
+            parts[name] += ids[start:start + n]
+            start += n
+        parts["train"] += ids[start:]
+    return {name: [examples[i] for i in sorted(ids)] for name, ids in parts.items()}
 
 
 class ClassificationCollator:
@@ -146,17 +157,17 @@ class ClassificationDataModule(LMDataModule):
         return [(source, line, *example) for source, line, example in self.records(files, adapter)]
 
     def splits(self) -> dict[str, list[Example]]:
-        """train/val/test examples: given files where there are any, else seeded cuts of the training files."""
+        """train/val/test examples: given files where there are any, else stratified seeded cuts of the training
+        files; under balance=undersample the training split alone is then undersampled."""
         if self._splits is None:
-            pool = self._read(self.train_files)
-            if self.balance == "undersample":
-                pool = undersample(pool, len(self.labels), self.split_seed)
             fractions = {name: fraction for name, files, fraction in
                          (("val", self.val_files, self.val_fraction), ("test", self.test_files, self.test_fraction))
                          if not files}
-            splits = split_examples(pool, fractions, self.split_seed)
+            splits = split_examples(self._read(self.train_files), fractions, self.split_seed)
             splits.update({name: self._read(files) for name, files in
                            (("val", self.val_files), ("test", self.test_files)) if files})
+            if self.balance == "undersample":
+                splits["train"] = undersample(splits["train"], len(self.labels), self.split_seed)
             for name in SPLITS:
                 if not splits[name]:
                     raise DataError(", ".join(self.train_files), None, f"no usable records for the {name} split")

@@ -44,7 +44,14 @@ from datamodules.classification import ClassificationDataModule
 from datamodules.collate import IGNORE_INDEX
 from datamodules.pretrain import PretrainDataModule
 from datamodules.sft import SFTDataModule
-from lightning_modules.classifier import metric_set, scalar_metrics, write_confusion
+from lightning_modules.classifier import (
+    THRESHOLD_KEY,
+    decide,
+    exported_threshold,
+    metric_set,
+    scalar_metrics,
+    write_confusion,
+)
 from lightning_modules.lm import lm_forward
 from lmlab.diversity import distinct_n, in_repetition_loop
 from lmlab.generation import generate_texts
@@ -234,12 +241,14 @@ def task_classify(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrained
     dataset = _limited(getattr(dm, f"{cfg.split}_set"), cfg.limit)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=dm.collator())
     metrics = metric_set(len(dm.labels)).to(model.device)
+    positive, threshold = exported_threshold(model.config)  # the decision rule training chose (else argmax)
     predicted: list[int] = []
     for batch in tqdm(loader, desc="classify", disable=not cfg.progress):
         batch = {k: v.to(model.device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        metrics.update(logits.argmax(-1), batch["labels"])
-        predicted += logits.argmax(-1).tolist()
+        decided = decide(logits, positive, threshold)
+        metrics.update(decided, batch["labels"])
+        predicted += decided.tolist()
     values = metrics.compute()
     result = {name: float(value) for name, value in scalar_metrics(values, dm.labels).items()}
     out = Path(cfg.out_dir) / "confusion"
@@ -247,6 +256,7 @@ def task_classify(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrained
     rows = [{"source": source, "line": line, "text": text, "label": dm.labels[label], "predicted": dm.labels[p]}
             for (source, line, text, label), p in zip(examples, predicted)]
     info = {"items": len(rows), "labels": dm.labels, "max_length": dm.max_length,
+            THRESHOLD_KEY: getattr(model.config, THRESHOLD_KEY, None),
             "confusion": values["confusion"].tolist(), "skipped": dict(dm.skips.skipped)}
     return TaskResult(result, info, rows, "predictions.jsonl")
 

@@ -1,4 +1,5 @@
-"""stage=classify: last-token pooling, freeze policies, balancing and splits, bad labels, learning, export, predict."""
+"""stage=classify: last-token pooling, freeze policies, balancing and splits, thresholds, bad labels, learning, export,
+predict."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from datamodules.classification import ClassificationCollator, split_examples, to_labelled, undersample
 from datamodules.formats import DataError
+from lightning_modules.classifier import choose_threshold, decide, exported_threshold, positive_log_odds, scalar_metrics
 from lmlab.models import build_model
 
 TEXTS = ["Add the two numbers.", "What is 5 plus 6? It is 11.", "你好"]
@@ -94,9 +96,58 @@ def test_undersampling_gives_equal_classes_and_a_disjoint_seeded_split():
     assert sorted(e[3] for e in balanced) == [0] * 9 + [1] * 9 + [2] * 9
     assert undersample(examples({0: 50, 1: 9, 2: 13}), 3, seed=1) == balanced  # seeded
     parts = split_examples(balanced, {"val": 0.1, "test": 0.2}, seed=1)
-    assert {k: len(v) for k, v in parts.items()} == {"val": 2, "test": 5, "train": 20}
+    assert {k: len(v) for k, v in parts.items()} == {"val": 3, "test": 6, "train": 18}  # per class: 1 / 2 / 6
     texts = [{e[2] for e in part} for part in parts.values()]
     assert set.union(*texts) == {e[2] for e in balanced} and sum(map(len, texts)) == len(balanced)
+
+
+def test_the_split_keeps_each_class_share_and_undersampling_touches_train_only(tmp_path):
+    data = examples({0: 410, 1: 63, 2: 7})
+    parts = split_examples(data, {"val": 0.1, "test": 0.2}, seed=3)
+    counts = {name: [sum(e[3] == c for e in part) for c in range(3)] for name, part in parts.items()}
+    assert counts == {"val": [41, 6, 1], "test": [82, 13, 1], "train": [287, 44, 5]}  # round(n * fraction) per class
+    assert sorted(e for part in parts.values() for e in part) == sorted(data)
+    assert split_examples(data, {"val": 0.1, "test": 0.2}, seed=3) == parts  # seeded
+    dm = instantiate(compose_cfg(tmp_path, ["stage=classify", "data.balance=undersample"]).data)  # 612 ham / 188 spam
+    assert {s: dm.class_counts(s) for s in ("train", "val", "test")} == {
+        "train": [131, 131], "val": [61, 19], "test": [122, 38]}
+    natural = instantiate(compose_cfg(tmp_path, ["stage=classify", "data.balance=none"]).data)
+    assert natural.splits()["test"] == dm.splits()["test"] and natural.splits()["val"] == dm.splits()["val"]
+    assert natural.class_counts("train") == [429, 131]
+
+
+def test_metrics_from_a_confusion_matrix():
+    values = scalar_metrics({"confusion": torch.tensor([[90, 10], [5, 15]])}, ["ham", "spam"])
+    expected = {"acc": 105 / 120, "precision/spam": 15 / 25, "recall/spam": 0.75, "recall/ham": 0.9,
+                "fpr/spam": 10 / 100, "fpr/ham": 5 / 20, "balanced_acc": (0.9 + 0.75) / 2,
+                "balanced_precision/spam": 0.75 / (0.75 + 0.1),
+                "f1": (2 * 0.9 * (90 / 95) / (0.9 + 90 / 95) + 2 * 0.75 * 0.6 / 1.35) / 2}
+    for name, value in expected.items():
+        assert float(values[name]) == pytest.approx(value, rel=1e-6), name
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("max_fpr", [0.0, 0.02, 0.1])
+def test_the_threshold_has_the_highest_recall_within_the_fpr_budget(seed, max_fpr):
+    g = torch.Generator().manual_seed(seed)
+    is_positive = torch.rand(400, generator=g) < 0.15
+    scores = torch.randn(400, generator=g) + 2.0 * is_positive
+    scores[:40] = scores[:40].round()  # ties
+    t = choose_threshold(scores, is_positive, max_fpr)
+    negatives = scores[~is_positive]
+    assert (negatives >= t).float().mean() <= max_fpr  # the rule holds
+    lower = scores[scores < t].max()  # any lower threshold flags one negative too many
+    assert (negatives >= lower).float().mean() > max_fpr
+    assert not bool((scores == t).any())  # between scores: a margin on both sides
+
+
+def test_decide_thresholds_the_positive_class_and_argmaxes_the_rest():
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 3.0], [1.0, 0.5, -1.0]])
+    assert decide(logits, None, 0.0).tolist() == [0, 2, 0]
+    odds = positive_log_odds(logits, 1)
+    torch.testing.assert_close(odds, logits.log_softmax(-1)[:, 1] - torch.log1p(-logits.softmax(-1)[:, 1]))
+    assert decide(logits, 1, float(odds[2])).tolist() == [0, 2, 1]  # row 2 reaches it, takes class 1
+    assert decide(logits, 1, float(odds.min())).tolist() == [1, 1, 1]
 
 
 def test_class_weights_are_inverse_frequencies(tmp_path, tiny_tokenizer):
@@ -176,16 +227,57 @@ def test_prepare_split_writes_the_split_stage_classify_uses(tmp_path):
     dm = instantiate(compose_cfg(tmp_path, ["stage=classify"]).data)
     for name, rows in written.items():
         assert [(r["text"], r["label"]) for r in rows] == [(t, dm.labels[y]) for *_, t, y in dm.splits()[name]]
-    assert {k: len(v) for k, v in written.items()} == {"train": 264, "val": 37, "test": 75}  # 2 x 188 spam: 70/10/20
+    # each class cut 70/10/20 (612 ham: 429/61/122, 188 spam: 131/19/38), then train undersampled to 131 + 131
+    assert {k: len(v) for k, v in written.items()} == {"train": 262, "val": 80, "test": 160}
 
 
-def test_sms_spam_loads_balanced(tmp_path, tiny_tokenizer):
+def test_sms_spam_keeps_the_natural_mix(tmp_path, tiny_tokenizer):
     if not (SHARED_DATA / "sms_spam" / "SMSSpamCollection").is_file():
         pytest.skip("../shared/data is not beside this checkout")
     dm = instantiate(compose_cfg(tmp_path, ["stage=classify", "data=sms_spam"]).data)
     dm.tokenizer = tiny_tokenizer
     dm.setup()
-    assert [sum(dm.class_counts(s)[c] for s in ("train", "val", "test")) for c in (0, 1)] == [637, 637]
-    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (893, 127, 254)
+    # 4100 ham / 637 spam, each cut 70/10/20; all kept (balance=class_weights)
+    assert {s: dm.class_counts(s) for s in ("train", "val", "test")} == {
+        "train": [2870, 446], "val": [410, 64], "test": [820, 127]}
+    assert dm.class_weights() == pytest.approx([3316 / (2 * 2870), 3316 / (2 * 446)])
     batch = next(iter(dm.test_dataloader()))
     assert batch["labels"].dtype == torch.long and set(batch["labels"].tolist()) <= {0, 1}
+
+
+def test_the_threshold_chosen_on_val_is_tested_exported_and_used_by_predict(tmp_path):
+    run = tmp_path / "run"
+    run_script("train.py", "stage=classify", "logger=csv", "max_steps=30", "batch_size=16", "seq_len=32",
+               "bpe.vocab_size=300", "trainer.val_check_interval=10", "stage.module.trainable=all",
+               "stage.module.positive=spam", "stage.module.max_fpr=0.05", "trainer.limit_val_batches=1.0",
+               f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path}/cache")
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    vals = [r for r in rows if r.get("val/threshold")]
+    assert len(vals) == 3 and all(float(r["val/fpr/spam"]) <= 0.05 for r in vals)  # the rule, on val
+    test = next(r for r in rows if r.get("test/acc"))
+    saved = json.loads((run / "hf" / "config.json").read_text())["decision_threshold"]
+    assert saved["label"] == "spam" and saved["max_fpr"] == 0.05
+    assert any(float(r["val/threshold"]) == pytest.approx(saved["log_odds"]) for r in vals)
+    # the exported threshold on plain transformers' logits reproduces the logged test numbers
+    model = AutoModelForSequenceClassification.from_pretrained(run / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "hf")
+    assert exported_threshold(model.config) == (1, pytest.approx(saved["log_odds"]))
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    cfg.paths.sample_dir = str(REPO / "data" / "sample")
+    split = instantiate(cfg.data).splits()["test"]
+    batch = tokenizer([text for *_, text, _ in split], truncation=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = decide(model(**batch).logits, *exported_threshold(model.config))
+    labels = torch.tensor([label for *_, label in split])
+    ham = labels == 0
+    assert float((predicted == labels).float().mean()) == pytest.approx(float(test["test/acc"]), abs=1e-6)
+    assert float((predicted[ham] == 1).float().mean()) == pytest.approx(float(test["test/fpr/spam"]), abs=1e-6)
+    # predict.py follows config.json's threshold: everything is spam below every score, nothing above
+    texts = "\n".join(text for *_, text, _ in split[:6]) + "\n"
+    for log_odds, label in ((-1e4, "spam"), (1e4, "ham")):
+        config = json.loads((run / "hf" / "config.json").read_text())
+        config["decision_threshold"]["log_odds"] = log_odds
+        (run / "hf" / "config.json").write_text(json.dumps(config))
+        out = run_script("predict.py", f"run={run}", "input=-", input=texts).stdout.splitlines()
+        assert [line.split("\t")[0] for line in out] == [label] * 6
