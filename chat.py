@@ -3,7 +3,7 @@
 Interactive on a terminal (streamed replies, multi-turn history, /set KEY VALUE, /reset, /show, /exit); for
 scripts, ``--prompt "..."`` (repeatable: turns of one conversation) or ``prompt="..."`` answers and exits, and a
 non-terminal stdin is answered one line per line. Answers go to stdout, everything else to stderr. The session
-logic is lmlab/chat.py; loading (bf16/fp16 on GPU) is lmlab.generation.load_for_inference.
+logic is lmlab/infer/conversation.py; loading (bf16/fp16 on GPU) is lmlab.infer.generation.load_for_inference.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.chat import ChatSession, run_chat, tty_lines
-from lmlab.generation import load_for_inference
+from lmlab.infer.conversation import ChatSession, run_chat, tty_lines
+from lmlab.infer.generation import load_for_inference
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 CLI_PROMPTS: list[str] = []  # --prompt texts, taken out of argv before Hydra parses it
@@ -47,8 +47,9 @@ def chat(cfg: DictConfig) -> None:
         tokenizer.chat_template = cfg.template.chat_template
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    session = ChatSession(model, tokenizer, OmegaConf.to_container(cfg.generation), cfg.system,
-                          cfg.max_context_tokens, cfg.keep_history)
+    session = ChatSession(
+        model, tokenizer, OmegaConf.to_container(cfg.generation), cfg.system, cfg.max_context_tokens, cfg.keep_history
+    )
     prompts = CLI_PROMPTS + ([cfg.prompt] if cfg.prompt is not None else [])
     interactive = sys.stdin.isatty() if cfg.interactive == "auto" else bool(cfg.interactive)
     if prompts:

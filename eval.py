@@ -1,6 +1,6 @@
 """Evaluate a run folder or HF folder, causal or T5: `python eval.py run=<dir> data=<preset> task=<task>`.
 
-Tasks (lmlab/evaluate.py): ppl (text set), sft (response loss and token accuracy), rouge (generated replies against
+Tasks (lmlab/eval/tasks.py): ppl (text set), sft (response loss and token accuracy), rouge (generated replies against
 the references, conf/generation settings), judge (replies scored 0-100 by a judge model). Writes eval.json and
 eval.md (plus predictions.jsonl or judge_scores.jsonl) into ``out_dir`` (default ``<run>/eval/<task>_<data>_<split>``),
 prints the table and logs the metrics to a wandb run in the run's project (offline unless WANDB_MODE=online).
@@ -18,9 +18,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.evaluate import TASKS, markdown, report, write_outputs
-from lmlab.generation import load_for_inference
-from lmlab.runs import register_resolvers
+from lmlab.core.runs import register_resolvers
+from lmlab.eval.tasks import TASKS, markdown, report, write_outputs
+from lmlab.infer.generation import load_for_inference
 
 log = logging.getLogger("lmlab.eval")
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -43,9 +43,15 @@ def log_wandb(cfg: DictConfig, record: dict[str, Any], out_dir: Path) -> None:
         import wandb
 
         project = cfg.wandb.project or run_project(cfg.run) or "lmlab"
-        run = wandb.init(project=project, name=f"eval-{cfg.task}-{Path(cfg.run).resolve().name}", job_type="eval",
-                         dir=str(out_dir), mode="offline" if cfg.wandb.offline else "online",
-                         config={k: v for k, v in record.items() if k != "metrics"}, tags=["eval", cfg.task])
+        run = wandb.init(
+            project=project,
+            name=f"eval-{cfg.task}-{Path(cfg.run).resolve().name}",
+            job_type="eval",
+            dir=str(out_dir),
+            mode="offline" if cfg.wandb.offline else "online",
+            config={k: v for k, v in record.items() if k != "metrics"},
+            tags=["eval", cfg.task],
+        )
         run.log({f"eval/{k}": v for k, v in record["metrics"].items() if v is not None})
         run.finish()
     except Exception as e:  # noqa: BLE001 - logging is a convenience; the results are on disk
@@ -62,8 +68,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm.tokenizer = tokenizer
     result = TASKS[cfg.task](cfg, model, tokenizer, dm)
     files = dm.val_files if cfg.split == "val" and dm.val_files else dm.train_files
-    data = {"preset": HydraConfig.get().runtime.choices.data, "split": cfg.split, "files": [str(f) for f in files],
-            "limit": cfg.limit, "seq_len": cfg.seq_len}
+    data = {
+        "preset": HydraConfig.get().runtime.choices.data,
+        "split": cfg.split,
+        "files": [str(f) for f in files],
+        "limit": cfg.limit,
+        "seq_len": cfg.seq_len,
+    }
     record = report(cfg.task, str(cfg.run), data, result)
     out_dir = Path(cfg.out_dir)
     write_outputs(out_dir, record, result)

@@ -1,12 +1,12 @@
 """Generate from a run folder or HF folder, causal or encoder-decoder (T5).
 
-    python generate.py init_from=<run or hf dir> prompt="..."            # task=reply: print the model's reply
-    python generate.py task=rejected init_from=<sft run> data=<preset> generation=sample [out=...] [limit=N]
+    python generate.py run=<run or hf dir> prompt="..."            # task=reply: print the model's reply
+    python generate.py task=rejected run=<sft run> data=<preset> generation=sample [out=...] [limit=N]
 
 task=rejected makes preference data from the model's own samples: for every record of the preset's
 training files the dataset answer is chosen and the model's reply to the same prompt is rejected
-(lmlab/rejected.py; empty, repetitive and near-duplicate samples are dropped and counted). The rows go
-to ``out`` (default ``<init_from>/rejected/<preset>.jsonl``); rerunning the same command resumes.
+(lmlab/infer/rejected.py; empty, repetitive and near-duplicate samples are dropped and counted). The rows go
+to ``out`` (default ``<run>/rejected/<preset>.jsonl``); rerunning the same command resumes.
 
 Uses only transformers on the exported hf/ folder (chat template from the tokenizer; a causal
 LM or an encoder-decoder such as T5), so what it shows is what any transformers user of the
@@ -27,14 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.formats import DataError, SkipCounter, read_records, to_messages
 from datamodules.sources import fill_placeholders, parse_sources
-from lmlab.generation import generate_texts, load_for_inference
-from lmlab.rejected import build_rejected
+from lmlab.infer.generation import generate_texts, load_for_inference
+from lmlab.infer.rejected import build_rejected
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 
 def reply(cfg: DictConfig) -> str:
-    model, tokenizer = load_for_inference(cfg.init_from, cfg.device, cfg.dtype)
+    model, tokenizer = load_for_inference(cfg.run, cfg.device, cfg.dtype)
     if cfg.raw:
         text = cfg.prompt
     else:
@@ -51,8 +51,9 @@ def conversations(data: DictConfig, on_error: str, skips: SkipCounter) -> Iterat
     for a record that cannot be adapted (build_rejected raises it or counts it, by on_error)."""
     fmt = OmegaConf.to_container(data.format) if OmegaConf.is_config(data.format) else data.format
     for entry in parse_sources(OmegaConf.to_container(data.train_files, resolve=True)):  # paths or mixture entries
-        for source, line, record in read_records(entry.path, entry.format or fmt,
-                                                 skips=skips if on_error == "skip" else None):
+        for source, line, record in read_records(
+            entry.path, entry.format or fmt, skips=skips if on_error == "skip" else None
+        ):
             try:
                 yield source, line, to_messages(fill_placeholders(record, entry.fill), source, line)
             except DataError as e:
@@ -61,17 +62,30 @@ def conversations(data: DictConfig, on_error: str, skips: SkipCounter) -> Iterat
 
 def rejected(cfg: DictConfig) -> dict[str, Any]:
     """Preference pairs from the model's own samples; returns the counts written to <out>.meta.json."""
-    model, tokenizer = load_for_inference(cfg.init_from, cfg.device, cfg.dtype)
+    model, tokenizer = load_for_inference(cfg.run, cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     skips = SkipCounter()
-    info = {"init_from": str(cfg.init_from), "data": OmegaConf.to_container(cfg.data.train_files, resolve=True),
-            "generation": OmegaConf.to_container(cfg.generation), "seed": cfg.seed,
-            "similarity_threshold": cfg.similarity_threshold, "degenerate": OmegaConf.to_container(cfg.degenerate)}
+    info = {
+        "run": str(cfg.run),
+        "data": OmegaConf.to_container(cfg.data.train_files, resolve=True),
+        "generation": OmegaConf.to_container(cfg.generation),
+        "seed": cfg.seed,
+        "similarity_threshold": cfg.similarity_threshold,
+        "degenerate": OmegaConf.to_container(cfg.degenerate),
+    }
     return build_rejected(
-        model, tokenizer, conversations(cfg.data, cfg.on_error, skips), cfg.out, cfg.generation,
-        batch_size=cfg.batch_size, similarity_threshold=cfg.similarity_threshold,
-        degenerate_args=OmegaConf.to_container(cfg.degenerate), limit=cfg.limit, on_error=cfg.on_error,
-        skips=skips, info=info,
+        model,
+        tokenizer,
+        conversations(cfg.data, cfg.on_error, skips),
+        cfg.out,
+        cfg.generation,
+        batch_size=cfg.batch_size,
+        similarity_threshold=cfg.similarity_threshold,
+        degenerate_args=OmegaConf.to_container(cfg.degenerate),
+        limit=cfg.limit,
+        on_error=cfg.on_error,
+        skips=skips,
+        info=info,
     )
 
 
@@ -81,8 +95,11 @@ def main(cfg: DictConfig) -> None:
         print(reply(cfg))
     elif cfg.task == "rejected":
         meta = rejected(cfg)
-        print(json.dumps({k: meta[k] for k in ("kept", "dropped", "total", "this_run", "unreadable_lines")},
-                         ensure_ascii=False))
+        print(
+            json.dumps(
+                {k: meta[k] for k in ("kept", "dropped", "total", "this_run", "unreadable_lines")}, ensure_ascii=False
+            )
+        )
         print(f"wrote {meta['kept']} pairs to {cfg.out} (counts in {cfg.out}.meta.json)")
     else:
         raise ValueError(f"task={cfg.task!r}: choose reply or rejected")

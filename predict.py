@@ -24,8 +24,8 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_modules.classifier import decide, exported_threshold
-from lmlab.generation import load_for_inference
-from lmlab.models import is_classifier
+from lmlab.core.models import is_classifier
+from lmlab.infer.generation import load_for_inference
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
@@ -39,8 +39,13 @@ def load_classifier(run: str, device: str, dtype: str) -> tuple[PreTrainedModel,
 
 
 @torch.inference_mode()
-def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int,
-            max_length: int | None = None) -> Iterator[tuple[str, float]]:
+def predict(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    batch_size: int,
+    max_length: int | None = None,
+) -> Iterator[tuple[str, float]]:
     """(label, its probability) per text, in batches; the model pools each text's last real token.
 
     Texts are cut at ``max_length`` tokens, by default the tokenizer's model_max_length, which a
@@ -48,14 +53,20 @@ def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: l
     exported threshold where it has one (so it may be a class with probability below 0.5).
     """
     positive, threshold = exported_threshold(model.config)
-    for start in tqdm(range(0, len(texts), batch_size), desc="predict", unit="batch", file=sys.stderr,
-                      disable=len(texts) <= batch_size):
-        batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
-                          return_tensors="pt").to(model.device)
+    for start in tqdm(
+        range(0, len(texts), batch_size),
+        desc="predict",
+        unit="batch",
+        file=sys.stderr,
+        disable=len(texts) <= batch_size,
+    ):
+        batch = tokenizer(
+            texts[start : start + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        ).to(model.device)
         logits = model(**batch).logits.float()
         chosen = decide(logits, positive, threshold)
         probs = logits.softmax(-1)[torch.arange(len(chosen)), chosen]
-        for i, p in zip(chosen.tolist(), probs.tolist()):
+        for i, p in zip(chosen.tolist(), probs.tolist(), strict=True):
             yield model.config.id2label[i], p
 
 
@@ -69,8 +80,10 @@ def read_texts(source: str) -> list[str]:
 def main(cfg: DictConfig) -> None:
     model, tokenizer = load_classifier(cfg.run, cfg.device, cfg.dtype)
     texts = read_texts(cfg.input)
-    rows = [{"text": t, "label": label, "probability": p}
-            for t, (label, p) in zip(texts, predict(model, tokenizer, texts, cfg.batch_size, cfg.max_length))]
+    rows = [
+        {"text": t, "label": label, "probability": p}
+        for t, (label, p) in zip(texts, predict(model, tokenizer, texts, cfg.batch_size, cfg.max_length), strict=True)
+    ]
     for row in rows:
         print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
     if cfg.output:

@@ -19,8 +19,8 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lmlab.runs import register_resolvers
-from lmlab.tokenizer import load_tokenizer, train_and_save
+from lmlab.core.runs import register_resolvers
+from lmlab.core.tokenizer import load_tokenizer, train_and_save
 
 log = logging.getLogger("lmlab.prepare")
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -32,8 +32,9 @@ def train_tokenizer(cfg: DictConfig) -> Path:
     datamodule = instantiate(cfg.data)
     tokenizer, report = train_and_save(datamodule, cfg.out, cfg.template.chat_template, cfg.bpe)
     print(json.dumps(report, indent=2))
-    log.info("saved tokenizer (%d tokens) and report.json to %s; %s", len(tokenizer), cfg.out,
-             datamodule.skips.report())
+    log.info(
+        "saved tokenizer (%d tokens) and report.json to %s; %s", len(tokenizer), cfg.out, datamodule.skips.report()
+    )
     return Path(cfg.out)
 
 
@@ -48,8 +49,15 @@ def tokenize_corpus(cfg: DictConfig) -> Path:
     datamodule.tokenizer = load_tokenizer(cfg.tokenizer)
     datamodule.prepare_data()
     meta = json.loads((datamodule.token_dir / "meta.json").read_text())
-    log.info("%s tokens (%s), %s documents in %d shards in %s; %s", meta["tokens"], meta["dtype"],
-             meta["documents"], len(meta["shards"]), datamodule.token_dir, datamodule.skips.report())
+    log.info(
+        "%s tokens (%s), %s documents in %d shards in %s; %s",
+        meta["tokens"],
+        meta["dtype"],
+        meta["documents"],
+        len(meta["shards"]),
+        datamodule.token_dir,
+        datamodule.skips.report(),
+    )
     return datamodule.token_dir
 
 

@@ -4,7 +4,7 @@ The same config tree and task as train.py (conf/sweep.yaml adds conf/train.yaml)
 mode, so `-m` is optional. Named grids: `python sweep.py sweep=sft_lr_batch` (conf/sweep/). Jobs land in
 multirun/<date>_<time>_<sweep_name>/<job number>/, each a full run folder and its own wandb run, all in
 one wandb group named after the sweep folder. A failed job is recorded and the others go on; when the
-multirun ends, the sweep folder gets sweep_summary.{md,csv} and sweep_curves.png (lmlab/sweeps.py), and
+multirun ends, the sweep folder gets sweep_summary.{md,csv} and sweep_curves.png (lmlab/train/sweeps.py), and
 `python sweep.py summarize <sweep folder>` rebuilds them later.
 """
 
@@ -16,7 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lmlab.sweeps import register_resolvers, report, run_job
+from lmlab.train.sweeps import register_resolvers, report, run_job
 from train import run
 
 register_resolvers()

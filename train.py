@@ -20,9 +20,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.models import build_model, export_hf, load_model, resolve_hf_dir, set_cudnn_attention
-from lmlab.runs import register_resolvers
-from lmlab.tokenizer import load_tokenizer, train_and_save
+from lmlab.core.models import build_model, export_hf, load_model, resolve_hf_dir, set_cudnn_attention
+from lmlab.core.runs import register_resolvers
+from lmlab.core.tokenizer import load_tokenizer, train_and_save
 
 log = logging.getLogger("lmlab.train")
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))  # conf/paths: root_dir
@@ -45,8 +45,9 @@ def best_checkpoint(trainer: L.Trainer, monitor: str) -> ModelCheckpoint | None:
     """The callback that kept the best checkpoint by the stage's metric; None when it saved none (no validation)."""
     best = next((c for c in trainer.checkpoint_callbacks if c.monitor == monitor and c.best_model_path), None)
     if best is None:
-        log.warning("no best checkpoint by %s was saved (no validation ran?): export and test use the final weights",
-                    monitor)
+        log.warning(
+            "no best checkpoint by %s was saved (no validation ran?): export and test use the final weights", monitor
+        )
     return best
 
 
@@ -54,8 +55,14 @@ def load_best(module: L.LightningModule, best: ModelCheckpoint) -> None:
     """Load the best checkpoint's weights into ``module``, so the export holds the model the run judged best."""
     ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(ckpt["state_dict"])
-    log.info("export: the best checkpoint by %s, step %d (%s=%.4f): %s", best.monitor, ckpt["global_step"],
-             best.monitor, best.best_model_score, best.best_model_path)
+    log.info(
+        "export: the best checkpoint by %s, step %d (%s=%.4f): %s",
+        best.monitor,
+        ckpt["global_step"],
+        best.monitor,
+        best.best_model_score,
+        best.best_model_path,
+    )
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -74,8 +81,11 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.tokenizer = tokenizer
 
     labels = OmegaConf.select(cfg, "stage.module.labels")  # a stage with class labels trains a classifier
-    model = (load_model(cfg.init_from, cfg.model, tokenizer, labels) if cfg.init_from
-             else build_model(cfg.model, tokenizer, labels))
+    model = (
+        load_model(cfg.init_from, cfg.model, tokenizer, labels)
+        if cfg.init_from
+        else build_model(cfg.model, tokenizer, labels)
+    )
     # plain containers: checkpoints then load with torch.load(weights_only=True)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     module = instantiate(cfg.stage.module, model=model, optim=optim, _recursive_=False, _convert_="all")

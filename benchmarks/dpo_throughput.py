@@ -5,11 +5,11 @@ Everything runs in one process, one side after the other, on the same data, toke
 - Data: ``--pairs`` synthetic preference pairs (seeded random words from a fixed list of made-up two-syllable
   words): a prompt of about ``--prompt-words`` words, chosen and rejected answers of about ``--answer-words``
   words each (each length varies by +-10%), one user turn answered by the assistant. A byte-level BPE
-  (``lmlab.tokenizer.train_bpe``, conf/bpe/byte.yaml with ``--vocab-size``, the chatml template) is trained on
-  that text (it stops near 5.5k tokens, once every word is one token), and a ``model=<preset>`` is built for it (``lmlab.models.build_model``) and exported once
-  (``export_hf``): both sides load that folder, so they start from identical weights and tokenize identically.
-  The token counts each side sees are recorded, and the pairs whose token ids are identical on both sides
-  are counted (all of them, with the chatml template).
+  (``lmlab.core.tokenizer.train_bpe``, conf/bpe/byte.yaml with ``--vocab-size``, the chatml template) is trained on
+  that text (it stops near 5.5k tokens, once every word is one token), and a ``model=<preset>`` is built for it
+  (``lmlab.core.models.build_model``) and exported once (``export_hf``): both sides load that folder, so they start
+  from identical weights and tokenize identically. The token counts each side sees are recorded, and the pairs
+  whose token ids are identical on both sides are counted (all of them, with the chatml template).
 - lmlab: the config ``python train.py stage=dpo model=<preset> trainer=gpu init_from=<exported>`` composes
   (``trainer=cpu`` without a GPU; ``batch_size``, ``beta``, ``seq_len``, ``compile`` from the arguments,
   ``logger=csv``; no validation, no checkpoints, no other callbacks), built as train.py builds it, once with
@@ -76,8 +76,9 @@ def synthetic_pairs(n: int, prompt_words: int, answer_words: int, seed: int) -> 
     def text(words: int) -> str:
         return " ".join(rng.choices(WORDS, k=round(words * rng.uniform(0.9, 1.1))))
 
-    return [{"prompt": text(prompt_words), "chosen": text(answer_words), "rejected": text(answer_words)}
-            for _ in range(n)]
+    return [
+        {"prompt": text(prompt_words), "chosen": text(answer_words), "rejected": text(answer_words)} for _ in range(n)
+    ]
 
 
 def cuda() -> bool:
@@ -153,29 +154,50 @@ def token_stats(pairs: list[tuple[list[int], list[int], list[int]]]) -> dict:
     prompt = [len(p) for p, _, _ in pairs]
     answers = [len(a) for _, c, r in pairs for a in (c, r)]
     sequences = [len(p) + len(a) for p, c, r in pairs for a in (c, r)]
-    return {name: {"mean": round(sum(v) / len(v), 1), "max": max(v)}
-            for name, v in (("prompt", prompt), ("answer", answers), ("sequence", sequences))}
+    return {
+        name: {"mean": round(sum(v) / len(v), 1), "max": max(v)}
+        for name, v in (("prompt", prompt), ("answer", answers), ("sequence", sequences))
+    }
 
 
 def compose_cfg(args: argparse.Namespace, work: Path, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=[
-            "stage=dpo", f"model={args.preset}", f"trainer={'gpu' if cuda() else 'cpu'}", "logger=csv",
-            f"batch_size={args.batch_size}", f"beta={args.beta}", f"seq_len={args.seq_len}",
-            "lr=5e-6", "min_lr=5e-7", "warmup_steps=5",  # GPT2-SFT's DPO lr (the default 3e-3 is for tiny pretraining)
-            f"compile={str(args.compile).lower()}", f"bpe.vocab_size={args.vocab_size}",
-            f"paths.output_dir={work / 'run'}", f"paths.cache_dir={work / 'cache'}", *overrides,
-        ])
+        return compose(
+            "train",
+            overrides=[
+                "stage=dpo",
+                f"model={args.preset}",
+                f"trainer={'gpu' if cuda() else 'cpu'}",
+                "logger=csv",
+                f"batch_size={args.batch_size}",
+                f"beta={args.beta}",
+                f"seq_len={args.seq_len}",
+                "lr=5e-6",
+                "min_lr=5e-7",
+                "warmup_steps=5",  # GPT2-SFT's DPO lr (the default 3e-3 is for tiny pretraining)
+                f"compile={str(args.compile).lower()}",
+                f"bpe.vocab_size={args.vocab_size}",
+                f"paths.output_dir={work / 'run'}",
+                f"paths.cache_dir={work / 'cache'}",
+                *overrides,
+            ],
+        )
 
 
 def lmlab_overrides(args: argparse.Namespace, work: Path, reference: str) -> list[str]:
     return [
-        f"init_from={work / 'init'}", f"tokenizer={work / 'init'}", f"max_steps={args.steps}",
-        f"data.train_files=[{work / 'train.jsonl'}]", f"data.val_files=[{work / 'val.jsonl'}]",
-        f"stage.module.reference={reference}", "trainer.limit_val_batches=0", "+trainer.enable_checkpointing=false",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        f"init_from={work / 'init'}",
+        f"tokenizer={work / 'init'}",
+        f"max_steps={args.steps}",
+        f"data.train_files=[{work / 'train.jsonl'}]",
+        f"data.val_files=[{work / 'val.jsonl'}]",
+        f"stage.module.reference={reference}",
+        "trainer.limit_val_batches=0",
+        "+trainer.enable_checkpointing=false",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
         f"paths.output_dir={work / f'lmlab_{reference}'}",
     ]
 
@@ -184,17 +206,20 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
     """Write the pairs, train the tokenizer, build and export the starting model into work/init."""
     from omegaconf import OmegaConf
 
-    from lmlab.models import build_model, count_parameters, export_hf
-    from lmlab.tokenizer import train_bpe
+    from lmlab.core.models import build_model, count_parameters, export_hf
+    from lmlab.core.tokenizer import train_bpe
 
     records = synthetic_pairs(args.pairs + VAL_PAIRS, args.prompt_words, args.answer_words, seed=0)
-    train, val = records[:args.pairs], records[args.pairs:]
+    train, val = records[: args.pairs], records[args.pairs :]
     for name, rows in (("train", train), ("val", val)):
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = compose_cfg(args, work, [])
     L.seed_everything(cfg.seed)
-    tokenizer = train_bpe((t for r in train for t in r.values()), chat_template=cfg.template.chat_template,
-                          **OmegaConf.to_container(cfg.bpe, resolve=True))
+    tokenizer = train_bpe(
+        (t for r in train for t in r.values()),
+        chat_template=cfg.template.chat_template,
+        **OmegaConf.to_container(cfg.bpe, resolve=True),
+    )
     model = build_model(cfg.model, tokenizer)
     export_hf(model, tokenizer, work / "init")
     return {"parameters": count_parameters(model), "vocab_size": len(tokenizer)}
@@ -205,8 +230,8 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dic
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from lmlab.models import load_model
-    from lmlab.tokenizer import load_tokenizer
+    from lmlab.core.models import load_model
+    from lmlab.core.tokenizer import load_tokenizer
 
     cfg = compose_cfg(args, work, lmlab_overrides(args, work, reference))
     L.seed_everything(cfg.seed, workers=True)
@@ -214,11 +239,17 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dic
     tokenizer = load_tokenizer(cfg.tokenizer)
     datamodule.tokenizer = tokenizer
     model = load_model(cfg.init_from, cfg.model, tokenizer)
-    module = instantiate(cfg.stage.module, model=model, optim=OmegaConf.to_container(cfg.optim, resolve=True),
-                         _recursive_=False, _convert_="all")
+    module = instantiate(
+        cfg.stage.module,
+        model=model,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        _recursive_=False,
+        _convert_="all",
+    )
     clock = StepClock(args.warmup, args.steps)
-    trainer = instantiate(cfg.trainer, logger=[instantiate(c) for c in cfg.logger.values()],
-                          callbacks=[LightningClock(clock)])
+    trainer = instantiate(
+        cfg.trainer, logger=[instantiate(c) for c in cfg.logger.values()], callbacks=[LightningClock(clock)]
+    )
     trainer.fit(module, datamodule=datamodule)
 
     pairs = []
@@ -231,9 +262,14 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dic
         pairs.append((split[0][0], split[0][1], split[1][1]))
     longest = max(len(p) + len(a) for p, c, r in pairs for a in (c, r))
     assert longest < args.seq_len, f"a sequence of {longest} tokens may have been cut to seq_len={args.seq_len}"
-    result = {**clock.result(args.batch_size), "overrides": lmlab_overrides(args, Path("<tmp>"), reference),
-              "precision": cfg.trainer.precision, "optimizer_fused": cfg.optim.optimizer.fused,
-              "pad_to_multiple_of": cfg.data.pad_to_multiple_of, "num_workers": cfg.data.num_workers}
+    result = {
+        **clock.result(args.batch_size),
+        "overrides": lmlab_overrides(args, Path("<tmp>"), reference),
+        "precision": cfg.trainer.precision,
+        "optimizer_fused": cfg.optim.optimizer.fused,
+        "pad_to_multiple_of": cfg.data.pad_to_multiple_of,
+        "num_workers": cfg.data.num_workers,
+    }
     return result, pairs
 
 
@@ -242,7 +278,7 @@ def run_trl(args: argparse.Namespace, work: Path, reference: str) -> tuple[dict,
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from lmlab.tokenizer import load_tokenizer
+    from lmlab.core.tokenizer import load_tokenizer
 
     class RecordingDPOTrainer(DPOTrainer):
         """Hands each training batch's padded width to the clock."""
@@ -253,32 +289,65 @@ def run_trl(args: argparse.Namespace, work: Path, reference: str) -> tuple[dict,
 
     cfg = compose_cfg(args, work, lmlab_overrides(args, work, reference))
     records = [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                                  "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                  "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in records])
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in records
+        ]
+    )
     config = DPOConfig(
-        output_dir=str(work / f"trl_{reference}"), per_device_train_batch_size=args.batch_size, beta=args.beta,
-        loss_type=["sigmoid"], max_length=args.seq_len, precompute_ref_log_probs=reference == "precomputed",
-        max_steps=args.steps, learning_rate=cfg.lr, adam_beta1=cfg.optim.optimizer.betas[0],
-        adam_beta2=cfg.optim.optimizer.betas[1], weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type="cosine", max_grad_norm=cfg.trainer.gradient_clip_val, bf16=cuda(),
-        gradient_checkpointing=False, torch_compile=args.compile,
+        output_dir=str(work / f"trl_{reference}"),
+        per_device_train_batch_size=args.batch_size,
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        max_length=args.seq_len,
+        precompute_ref_log_probs=reference == "precomputed",
+        max_steps=args.steps,
+        learning_rate=cfg.lr,
+        adam_beta1=cfg.optim.optimizer.betas[0],
+        adam_beta2=cfg.optim.optimizer.betas[1],
+        weight_decay=cfg.optim.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="cosine",
+        max_grad_norm=cfg.trainer.gradient_clip_val,
+        bf16=cuda(),
+        gradient_checkpointing=False,
+        torch_compile=args.compile,
         pad_to_multiple_of=cfg.data.pad_to_multiple_of if cfg.data.pad_to_multiple_of > 1 else None,
-        dataloader_num_workers=cfg.data.num_workers, logging_steps=cfg.trainer.log_every_n_steps,
-        eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True, seed=cfg.seed,
+        dataloader_num_workers=cfg.data.num_workers,
+        logging_steps=cfg.trainer.log_every_n_steps,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=cfg.seed,
         model_init_kwargs={"attn_implementation": cfg.model.attn_implementation, "dtype": "float32"},
     )
     clock = StepClock(args.warmup, args.steps)
-    trainer = RecordingDPOTrainer(model=str(work / "init"), args=config, train_dataset=dataset,
-                                  processing_class=load_tokenizer(work / "init"), callbacks=[HFClock(clock)])
+    trainer = RecordingDPOTrainer(
+        model=str(work / "init"),
+        args=config,
+        train_dataset=dataset,
+        processing_class=load_tokenizer(work / "init"),
+        callbacks=[HFClock(clock)],
+    )
     trainer.train()
 
     data = trainer.train_dataset
     pairs = list(zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"], strict=True))
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules())
-    result = {**clock.result(args.batch_size), "bf16": config.bf16, "optim": config.optim.value,
-              "gradient_checkpointing": checkpointing,
-              "pad_to_multiple_of": config.pad_to_multiple_of, "num_workers": config.dataloader_num_workers}
+    result = {
+        **clock.result(args.batch_size),
+        "bf16": config.bf16,
+        "optim": config.optim.value,
+        "gradient_checkpointing": checkpointing,
+        "pad_to_multiple_of": config.pad_to_multiple_of,
+        "num_workers": config.dataloader_num_workers,
+    }
     return result, pairs
 
 
@@ -291,19 +360,35 @@ def markdown(result: dict) -> str:
         return "n/a" if value is None else f"{value:.2f}"
 
     versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
-    setup = (f"{result['device']}; {versions}. {result['pairs']} synthetic pairs, batch {result['batch_size']} pairs "
-             f"({2 * result['batch_size']} rows), beta {result['beta']}, sigmoid loss, compile={result['compile']}; "
-             f"{result['steps']} steps a side, the last {result['steps'] - result['warmup']} timed; vocab "
-             f"{result['vocab_size']}, {result['parameters'] / 1e6:.1f}M parameters.")
+    setup = (
+        f"{result['device']}; {versions}. {result['pairs']} synthetic pairs, batch {result['batch_size']} pairs "
+        f"({2 * result['batch_size']} rows), beta {result['beta']}, sigmoid loss, compile={result['compile']}; "
+        f"{result['steps']} steps a side, the last {result['steps'] - result['warmup']} timed; vocab "
+        f"{result['vocab_size']}, {result['parameters'] / 1e6:.1f}M parameters."
+    )
     lines = [f"# DPO throughput: lmlab vs TRL DPOTrainer, {result['preset']} ({result['date']})", "", setup]
     if "identical_pairs" in result["tokens"]:
         tokens = result["tokens"]["lmlab"]
-        lines += ["", (f"Tokens per pair (lmlab; TRL's token ids identical for {result['tokens']['identical_pairs']}"
-                       f"/{result['pairs']} pairs): prompt {tokens['prompt']['mean']}, answer "
-                       f"{tokens['answer']['mean']} (with its end token), sequence {tokens['sequence']['mean']} "
-                       f"(max {tokens['sequence']['max']}).")]
-    columns = ("side", "reference", "pairs/s", "step ms", "peak GiB train", "peak GiB setup", "mean width",
-               "lmlab / TRL pairs/s", "lmlab / TRL peak")
+        lines += [
+            "",
+            (
+                f"Tokens per pair (lmlab; TRL's token ids identical for {result['tokens']['identical_pairs']}"
+                f"/{result['pairs']} pairs): prompt {tokens['prompt']['mean']}, answer "
+                f"{tokens['answer']['mean']} (with its end token), sequence {tokens['sequence']['mean']} "
+                f"(max {tokens['sequence']['max']})."
+            ),
+        ]
+    columns = (
+        "side",
+        "reference",
+        "pairs/s",
+        "step ms",
+        "peak GiB train",
+        "peak GiB setup",
+        "mean width",
+        "lmlab / TRL pairs/s",
+        "lmlab / TRL peak",
+    )
     lines += ["", "| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * (len(columns) - 2)]
     for framework, reference in SIDES:
         name = side_name(framework, reference)
@@ -315,7 +400,8 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {framework} | {'live copy' if reference == 'copy' else 'precomputed'} | {side['pairs_per_sec']:.1f} "
             f"| {side['step_ms']:.1f} | {gib(side['peak_train_gib'])} | {gib(side['peak_setup_gib'])} "
-            f"| {side['mean_batch_width']:.1f} | {speed} | {memory} |")
+            f"| {side['mean_batch_width']:.1f} | {speed} | {memory} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -358,7 +444,7 @@ def main() -> None:
     import transformers
     import trl
 
-    from lmlab.runs import register_resolvers
+    from lmlab.core.runs import register_resolvers
 
     register_resolvers()
     datasets.disable_progress_bars()
@@ -367,15 +453,34 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     if args.out is None and os.environ.get("OUT"):
         gpu = re.search(r"\b([A-Z]\d{2,4})\b", device)
-        args.out = Path(os.environ["OUT"]) / f"{date}_{gpu.group(1).lower() if gpu else 'cpu'}_{args.preset}_dpo_throughput"
+        args.out = (
+            Path(os.environ["OUT"]) / f"{date}_{gpu.group(1).lower() if gpu else 'cpu'}_{args.preset}_dpo_throughput"
+        )
     result = {
-        "preset": args.preset, "device": device, "date": date,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-                     "lightning": lightning.__version__, "accelerate": accelerate.__version__,
-                     "datasets": datasets.__version__, "python": sys.version.split()[0]},
-        "pairs": args.pairs, "prompt_words": args.prompt_words, "answer_words": args.answer_words,
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "beta": args.beta, "steps": args.steps,
-        "warmup": args.warmup, "compile": args.compile, "sides": {}, "ratios": {}, "tokens": {},
+        "preset": args.preset,
+        "device": device,
+        "date": date,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "lightning": lightning.__version__,
+            "accelerate": accelerate.__version__,
+            "datasets": datasets.__version__,
+            "python": sys.version.split()[0],
+        },
+        "pairs": args.pairs,
+        "prompt_words": args.prompt_words,
+        "answer_words": args.answer_words,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "beta": args.beta,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "compile": args.compile,
+        "sides": {},
+        "ratios": {},
+        "tokens": {},
     }
 
     with tempfile.TemporaryDirectory(prefix="dpo_bench_") as tmp:
@@ -401,9 +506,11 @@ def main() -> None:
                 ours, theirs = result["sides"][side_name("lmlab", reference)], result["sides"][name]
                 result["ratios"][side_name("lmlab", reference)] = {
                     "pairs_per_sec": ours["pairs_per_sec"] / theirs["pairs_per_sec"],
-                    "peak_train_gib": ours["peak_train_gib"] / theirs["peak_train_gib"] if cuda() else None}
+                    "peak_train_gib": ours["peak_train_gib"] / theirs["peak_train_gib"] if cuda() else None,
+                }
                 result["tokens"]["identical_pairs"] = sum(
-                    a == b for a, b in zip(tokens["lmlab"], tokens["trl"], strict=True))
+                    a == b for a, b in zip(tokens["lmlab"], tokens["trl"], strict=True)
+                )
             save(result, args.out)
     print(json.dumps(result, indent=2))
     print(markdown(result))

@@ -65,8 +65,9 @@ def logged_test(run: Path) -> dict[str, float]:
     return {name: float(row[f"test/{name}"]) for name in SHOWN}
 
 
-def metrics_at(logits: torch.Tensor, labels: torch.Tensor, positive: int | None, threshold: float,
-               labels_named: list[str]) -> dict:
+def metrics_at(
+    logits: torch.Tensor, labels: torch.Tensor, positive: int | None, threshold: float, labels_named: list[str]
+) -> dict:
     """scalar_metrics (rounded) and the confusion matrix of one decision rule on one split."""
     confusion = multiclass_confusion_matrix(decide(logits, positive, threshold), labels, len(labels_named))
     metrics = {k: round(float(v), 6) for k, v in scalar_metrics({"confusion": confusion}, labels_named).items()}
@@ -84,21 +85,31 @@ def score_run(name: str, run: Path, batch_size: int, budgets: list[float]) -> di
     positive, threshold = exported_threshold(model.config)
     decisions = {"argmax": (None, 0.0), "threshold": (positive, threshold)}
     overrides = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
-    result: dict = {"name": name, "run": str(run), "overrides": overrides,
-                    "balance": cfg.data.balance, "init_from": cfg.init_from, "seed": cfg.seed,
-                    "decision_threshold": getattr(model.config, "decision_threshold", None),
-                    "counts": {s: dict(zip(dm.labels, dm.class_counts(s))) for s in ("train", "val", "test")}}
+    result: dict = {
+        "name": name,
+        "run": str(run),
+        "overrides": overrides,
+        "balance": cfg.data.balance,
+        "init_from": cfg.init_from,
+        "seed": cfg.seed,
+        "decision_threshold": getattr(model.config, "decision_threshold", None),
+        "counts": {s: dict(zip(dm.labels, dm.class_counts(s), strict=True)) for s in ("train", "val", "test")},
+    }
     scored = {split: split_logits(model, dm, split, batch_size) for split in ("val", "test")}
     for split, (logits, labels) in scored.items():
-        result[split] = {decision: metrics_at(logits, labels, pos, t, dm.labels)
-                         for decision, (pos, t) in decisions.items()}
+        result[split] = {
+            decision: metrics_at(logits, labels, pos, t, dm.labels) for decision, (pos, t) in decisions.items()
+        }
     spam = dm.labels.index("spam")
     val_scores = positive_log_odds(scored["val"][0], spam)
     result["budgets"] = {}
     for budget in budgets:
         t = choose_threshold(val_scores, scored["val"][1] == spam, budget)
-        result["budgets"][str(budget)] = {"log_odds": t, "val": metrics_at(*scored["val"], spam, t, dm.labels),
-                                          "test": metrics_at(*scored["test"], spam, t, dm.labels)}
+        result["budgets"][str(budget)] = {
+            "log_odds": t,
+            "val": metrics_at(*scored["val"], spam, t, dm.labels),
+            "test": metrics_at(*scored["test"], spam, t, dm.labels),
+        }
     result["logged_test"] = logged_test(run)
     test = result["test"]["threshold"]
     result["matches_logged_test"] = all(abs(test[k] - v) < 1e-5 for k, v in result["logged_test"].items())
@@ -122,9 +133,11 @@ def flagged(m: dict) -> str:
 
 def markdown(record: dict) -> str:
     v = record["versions"]
-    about = (f"torch {v['torch']}, transformers {v['transformers']}, lightning {v['lightning']}, torchmetrics "
-             f"{v['torchmetrics']}, python {v['python']}. Target (test, natural mix): ham FPR <= "
-             f"{TARGET['max_fpr']:.0%} at spam recall >= {TARGET['min_recall']:.0%}.")
+    about = (
+        f"torch {v['torch']}, transformers {v['transformers']}, lightning {v['lightning']}, torchmetrics "
+        f"{v['torchmetrics']}, python {v['python']}. Target (test, natural mix): ham FPR <= "
+        f"{TARGET['max_fpr']:.0%} at spam recall >= {TARGET['min_recall']:.0%}."
+    )
     main_rows = []
     for r in record["runs"]:
         for split in ("val", "test"):
@@ -132,21 +145,68 @@ def markdown(record: dict) -> str:
                 met = ("yes" if r["meets_target"] else "no") if (split, decision) == ("test", "threshold") else ""
                 m = r[split][decision]
                 main_rows.append([r["name"], split, decision, *pct(m, *SHOWN), flagged(m), met])
-    budget_rows = [[r["name"], f"{float(budget):.1%}", f"{b['log_odds']:.3f}", *pct(b["val"], "fpr/spam", "recall/spam"),
-                    *pct(b["test"], "acc", "precision/spam", "recall/spam", "fpr/spam"), flagged(b["test"])]
-                   for r in record["runs"] for budget, b in r["budgets"].items()]
-    lines = [f"# gpt2_spam on the natural class mix ({record['date']}, {record['device']})", "", about, "",
-             *table(["run", "split", "decision", "acc", "spam P", "spam R", "ham FPR", "balanced acc",
-                     "balanced spam P", "ham→spam / ham", "target met"], main_rows),
-             "", "The same logits, the threshold chosen on val by the same rule under other ham FPR budgets:", "",
-             *table(["run", "val budget", "log-odds", "val ham FPR", "val spam R", "test acc", "test spam P",
-                     "test spam R", "test ham FPR", "ham→spam / ham (test)"], budget_rows),
-             "", "Runs (train.py overrides; threshold = log-odds of spam, and as a probability):", ""]
+    budget_rows = [
+        [
+            r["name"],
+            f"{float(budget):.1%}",
+            f"{b['log_odds']:.3f}",
+            *pct(b["val"], "fpr/spam", "recall/spam"),
+            *pct(b["test"], "acc", "precision/spam", "recall/spam", "fpr/spam"),
+            flagged(b["test"]),
+        ]
+        for r in record["runs"]
+        for budget, b in r["budgets"].items()
+    ]
+    lines = [
+        f"# gpt2_spam on the natural class mix ({record['date']}, {record['device']})",
+        "",
+        about,
+        "",
+        *table(
+            [
+                "run",
+                "split",
+                "decision",
+                "acc",
+                "spam P",
+                "spam R",
+                "ham FPR",
+                "balanced acc",
+                "balanced spam P",
+                "ham→spam / ham",
+                "target met",
+            ],
+            main_rows,
+        ),
+        "",
+        "The same logits, the threshold chosen on val by the same rule under other ham FPR budgets:",
+        "",
+        *table(
+            [
+                "run",
+                "val budget",
+                "log-odds",
+                "val ham FPR",
+                "val spam R",
+                "test acc",
+                "test spam P",
+                "test spam R",
+                "test ham FPR",
+                "ham→spam / ham (test)",
+            ],
+            budget_rows,
+        ),
+        "",
+        "Runs (train.py overrides; threshold = log-odds of spam, and as a probability):",
+        "",
+    ]
     for r in record["runs"]:
         t = r["decision_threshold"]
         shown = f"{t['log_odds']:.3f} (p = {t['probability']:.4f})" if t else "none (argmax)"
-        lines.append(f"- {r['name']}: `python train.py {' '.join(r['overrides'])}`; threshold {shown}; "
-                     f"train {r['counts']['train']}; test numbers equal the logged ones: {r['matches_logged_test']}")
+        lines.append(
+            f"- {r['name']}: `python train.py {' '.join(r['overrides'])}`; threshold {shown}; "
+            f"train {r['counts']['train']}; test numbers equal the logged ones: {r['matches_logged_test']}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -156,16 +216,31 @@ def main() -> None:
     parser.add_argument("--device", required=True, help="where the runs trained, in words")
     parser.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.005, 0.01, 0.02],
-                        help="val ham FPR budgets to choose thresholds under (from the same logits)")
+    parser.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=[0.005, 0.01, 0.02],
+        help="val ham FPR budgets to choose thresholds under (from the same logits)",
+    )
     args = parser.parse_args()
-    record = {"date": date.today().isoformat(), "device": args.device, "target": TARGET,
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "lightning": lightning.__version__, "torchmetrics": torchmetrics.__version__,
-                           "python": platform.python_version()},
-              "command": "python " + " ".join(sys.argv),
-              "runs": [score_run(name, Path(run), args.batch_size, args.budgets)
-                       for name, run in (spec.split("=", 1) for spec in args.run)]}
+    record = {
+        "date": date.today().isoformat(),
+        "device": args.device,
+        "target": TARGET,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "lightning": lightning.__version__,
+            "torchmetrics": torchmetrics.__version__,
+            "python": platform.python_version(),
+        },
+        "command": "python " + " ".join(sys.argv),
+        "runs": [
+            score_run(name, Path(run), args.batch_size, args.budgets)
+            for name, run in (spec.split("=", 1) for spec in args.run)
+        ],
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

@@ -15,7 +15,7 @@ vocab 50257, batch 16 x 1024 tokens, bf16 autocast, fused AdamW, grad clip 1.0, 
     It runs ``warmup + window + steps`` steps; validation, sample generations and periodic
     checkpoints are off; ``--lmlab-override`` adds Hydra overrides (recorded in the output).
 
-MFU on both sides is ``lmlab.models.flops_per_token`` (6N + 12*L*d*T) x tokens/s over Lightning's
+MFU on both sides is ``lmlab.core.models.flops_per_token`` (6N + 12*L*d*T) x tokens/s over Lightning's
 ``get_available_flops`` for bf16. Peak memory is ``torch.cuda.max_memory_allocated``, reset between
 the sides. Prints a JSON object and a markdown table and writes both as
 ``<date>_<gpu>_<preset>_throughput.{json,md}`` into ``$OUT`` if set, else the current folder
@@ -72,8 +72,11 @@ def write_tokenizer(folder: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS["unk"]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=SPECIALS["eos"], eos_token=SPECIALS["eos"],
-        pad_token=SPECIALS["pad"], unk_token=SPECIALS["unk"],
+        tokenizer_object=tok,
+        bos_token=SPECIALS["eos"],
+        eos_token=SPECIALS["eos"],
+        pad_token=SPECIALS["pad"],
+        unk_token=SPECIALS["unk"],
     )
     assert len(fast) == VOCAB_SIZE, len(fast)
     fast.save_pretrained(folder)
@@ -84,8 +87,10 @@ def write_corpus(path: Path, tokens: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     words = np.array([f"w{i}" for i in range(VOCAB_SIZE - len(SPECIALS))])
     with open(path, "w") as f:
-        f.writelines(" ".join(words[rng.integers(0, len(words), WORDS_PER_DOC)]) + "\n"
-                     for _ in range(math.ceil(tokens / WORDS_PER_DOC)))
+        f.writelines(
+            " ".join(words[rng.integers(0, len(words), WORDS_PER_DOC)]) + "\n"
+            for _ in range(math.ceil(tokens / WORDS_PER_DOC))
+        )
 
 
 def gpu_peak_flops() -> float | None:
@@ -102,20 +107,20 @@ def run_raw(args: argparse.Namespace, steps: int) -> dict:
     """The anchor: a plain compiled HF GPT-2 training loop on random token ids."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmlab.models import count_parameters, flops_per_token
+    from lmlab.core.models import count_parameters, flops_per_token
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        **SHAPES[args.preset])
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **SHAPES[args.preset]
+    )
     config._attn_implementation = "sdpa"
     model = GPT2LMHeadModel(config).to(device)
     model.train()
     if args.compile:
         model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=cuda)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
     shape = (args.batch_size, args.seq_len)
     batches = [torch.randint(0, VOCAB_SIZE, shape, device=device) for _ in range(8)]
 
@@ -166,12 +171,23 @@ def run_raw(args: argparse.Namespace, steps: int) -> dict:
 def lmlab_overrides(args: argparse.Namespace, work: Path, max_steps: int) -> list[str]:
     cuda = torch.cuda.is_available()
     return [
-        f"model={args.preset}", f"trainer={'gpu' if cuda else 'cpu'}", f"compile={str(args.compile).lower()}",
-        "logger=csv", f"batch_size={args.batch_size}", f"seq_len={args.seq_len}", f"max_steps={max_steps}",
-        "trainer.val_check_interval=1000000", "trainer.limit_val_batches=0", "callbacks.samples.num_prompts=0",
-        "checkpoint_every=1000000", f"tokenizer={work / 'tokenizer'}", f"data.train_files=[{work / 'train.txt'}]",
+        f"model={args.preset}",
+        f"trainer={'gpu' if cuda else 'cpu'}",
+        f"compile={str(args.compile).lower()}",
+        "logger=csv",
+        f"batch_size={args.batch_size}",
+        f"seq_len={args.seq_len}",
+        f"max_steps={max_steps}",
+        "trainer.val_check_interval=1000000",
+        "trainer.limit_val_batches=0",
+        "callbacks.samples.num_prompts=0",
+        "checkpoint_every=1000000",
+        f"tokenizer={work / 'tokenizer'}",
+        f"data.train_files=[{work / 'train.txt'}]",
         f"data.val_files=[{work / 'val.txt'}]",
-        f"paths.output_dir={work / 'run'}", f"paths.cache_dir={work / 'cache'}", *args.lmlab_override,
+        f"paths.output_dir={work / 'run'}",
+        f"paths.cache_dir={work / 'cache'}",
+        *args.lmlab_override,
     ]
 
 
@@ -207,8 +223,14 @@ def run_lmlab(args: argparse.Namespace, work: Path) -> dict:
 
     with open(work / "run" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/device/items_per_sec")]
-    all_rows = [{"step": int(r["step"]), "tokens_per_sec": float(r["train/device/items_per_sec"]),
-                 "mfu": float(r["train/device/mfu"]) if r.get("train/device/mfu") else None} for r in rows]
+    all_rows = [
+        {
+            "step": int(r["step"]),
+            "tokens_per_sec": float(r["train/device/items_per_sec"]),
+            "mfu": float(r["train/device/mfu"]) if r.get("train/device/mfu") else None,
+        }
+        for r in rows
+    ]
     timed = [r for r in all_rows if r["step"] >= first_step]
     assert timed, f"no throughput rows at step >= {first_step} in metrics.csv: {all_rows}"
     mfus = [r["mfu"] for r in timed if r["mfu"] is not None]
@@ -244,9 +266,12 @@ def markdown(result: dict) -> str:
     lines = [
         f"# {result['preset']} training throughput: lmlab vs raw compiled HF loop ({result['date']})",
         "",
-        (f"{result['device']}; torch {result['versions']['torch']}, transformers {result['versions']['transformers']}, "
-         f"lightning {result['versions']['lightning']}; batch {result['batch_size']} x {result['seq_len']} tokens, "
-         f"{precision}, compile={result['compile']}; MFU against {peak} FLOP/s."),
+        (
+            f"{result['device']}; torch {result['versions']['torch']}, "
+            f"transformers {result['versions']['transformers']}, "
+            f"lightning {result['versions']['lightning']}; batch {result['batch_size']} x {result['seq_len']} tokens, "
+            f"{precision}, compile={result['compile']}; MFU against {peak} FLOP/s."
+        ),
         "",
         "| side | tokens/s | MFU | peak GiB | steps timed | / raw |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -257,10 +282,15 @@ def markdown(result: dict) -> str:
         if result["lmlab_extra_overrides"]:
             lines += ["", f"lmlab ran with extra overrides: `{' '.join(result['lmlab_extra_overrides'])}`."]
         first = lm["rows_first_step"] - lm["window_steps"] + 2
-        lines += ["", (f"lmlab / raw tokens/s: **{result['ratio_tokens_per_sec']:.3f}** (lmlab: median of "
-                       f"{lm['rows_used']} metrics.csv rows, each over {lm['window_steps'] - 1} steps, covering "
-                       f"(0-based) steps {first}-{lm['rows_last_step']} of {lm['max_steps']}; raw: one CUDA-event "
-                       f"span over {raw['steps_timed']} steps after {raw['warmup_steps']} warmup steps)")]
+        lines += [
+            "",
+            (
+                f"lmlab / raw tokens/s: **{result['ratio_tokens_per_sec']:.3f}** (lmlab: median of "
+                f"{lm['rows_used']} metrics.csv rows, each over {lm['window_steps'] - 1} steps, covering "
+                f"(0-based) steps {first}-{lm['rows_last_step']} of {lm['max_steps']}; raw: one CUDA-event "
+                f"span over {raw['steps_timed']} steps after {raw['warmup_steps']} warmup steps)"
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -275,13 +305,19 @@ def save(result: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300,
-                        help="timed steps (raw); steps after warmup + throughput window (lmlab)")
+    parser.add_argument(
+        "--steps", type=int, default=300, help="timed steps (raw); steps after warmup + throughput window (lmlab)"
+    )
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first, compilation included")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--lmlab-override", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra Hydra override for the lmlab run (repeatable), e.g. optim.optimizer.fused=false")
+    parser.add_argument(
+        "--lmlab-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra override for the lmlab run (repeatable), e.g. optim.optimizer.fused=false",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny CPU check: gpt2-tiny, seq 64, batch 4, no compile")
     args = parser.parse_args()
     args.preset, args.compile = "gpt2", torch.cuda.is_available()
@@ -299,8 +335,12 @@ def main() -> None:
         "preset": args.preset,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.date.today().isoformat(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "lightning": lightning.__version__, "python": sys.version.split()[0]},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "lightning": lightning.__version__,
+            "python": sys.version.split()[0],
+        },
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "compile": args.compile,

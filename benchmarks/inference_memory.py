@@ -3,9 +3,9 @@
 The target (issue 8) comes from the seeds: Matelike reports ~396 MB and ChatLM 512 MB for chatting with their
 0.2B models. The model is built from conf/model/<preset>.yaml at vocab 6400 (a synthetic word-level tokenizer
 of exactly that many entries; random weights, which weigh the same as trained ones), exported with export_hf, then
-loaded and run exactly as chat.py does: ``lmlab.generation.load_for_inference`` in ``--dtype``, then one
-``lmlab.chat.ChatSession.reply`` (generate() with its KV cache and a streamer) whose prompt plus reply fill
-``--context`` tokens (the reply is forced to ``--new-tokens`` tokens with ``min_new_tokens``; greedy).
+loaded and run exactly as chat.py does: ``lmlab.infer.generation.load_for_inference`` in ``--dtype``, then one
+``lmlab.infer.conversation.ChatSession.reply`` (generate() with its KV cache and a streamer) whose prompt plus
+reply fill ``--context`` tokens (the reply is forced to ``--new-tokens`` tokens with ``min_new_tokens``; greedy).
 
 Reported: parameters and their bytes, memory allocated after loading, and over load + generation the peak
 ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` (on a CPU, the process's peak RSS instead),
@@ -48,11 +48,17 @@ def word_tokenizer(vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     words = [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate([*words, *SPECIALS.values()])},
-                                     unk_token=SPECIALS["unk"]))
+    tok = Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate([*words, *SPECIALS.values()])}, unk_token=SPECIALS["unk"])
+    )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS["eos"], eos_token=SPECIALS["eos"],
-                                   pad_token=SPECIALS["pad"], unk_token=SPECIALS["unk"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIALS["eos"],
+        eos_token=SPECIALS["eos"],
+        pad_token=SPECIALS["pad"],
+        unk_token=SPECIALS["unk"],
+    )
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         fast.chat_template = compose("train", overrides=["template=plain"]).template.chat_template
     assert len(fast) == vocab_size, len(fast)
@@ -63,7 +69,7 @@ def export_preset(preset: str, vocab_size: int, dtype: torch.dtype, folder: Path
     """The preset's model at ``vocab_size``, random weights, saved in ``dtype`` with its tokenizer (an hf/ folder)."""
     from hydra import compose, initialize_config_dir
 
-    from lmlab.models import build_model, export_hf
+    from lmlab.core.models import build_model, export_hf
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         model_cfg = compose("train", overrides=[f"model={preset}"]).model
@@ -76,8 +82,8 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
     """Load and chat once as chat.py does; memory and time."""
     import resource
 
-    from lmlab.chat import ChatSession, ReplyStreamer
-    from lmlab.generation import load_for_inference
+    from lmlab.infer.conversation import ChatSession, ReplyStreamer
+    from lmlab.infer.generation import load_for_inference
 
     cuda = args.device == "cuda"
     if cuda:
@@ -123,16 +129,22 @@ def measure_plain(args: argparse.Namespace, folder: Path) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    from lmlab.generation import DTYPES
+    from lmlab.infer.generation import DTYPES
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[args.dtype]).to(args.device).eval()
     prompt_tokens = args.context - args.new_tokens
-    input_ids = torch.tensor([[(7 * i) % (args.vocab_size - len(SPECIALS)) for i in range(prompt_tokens)]],
-                             device=args.device)
+    input_ids = torch.tensor(
+        [[(7 * i) % (args.vocab_size - len(SPECIALS)) for i in range(prompt_tokens)]], device=args.device
+    )
     start = time.perf_counter()
     with torch.no_grad():
-        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=args.new_tokens,
-                       min_new_tokens=args.new_tokens, do_sample=False)
+        model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=False,
+        )
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -154,26 +166,44 @@ def markdown(result: dict) -> str:
         return "n/a" if value is None else f"{value:.1f}"
 
     peak = m["peak_allocated_mib"]
-    verdict = "n/a (CPU)" if peak is None else f"{'yes' if peak <= TARGET_MIB else 'no'} (peak allocated {peak:.1f} MiB)"
-    return "\n".join([
-        f"# {result['preset']} chat inference memory ({result['date']})", "",
-        (f"{result['device']}; {result['dtype']}; vocab {result['vocab_size']}; {m['parameters'] / 1e6:.1f}M "
-         f"parameters; context {result['context']} tokens = {m['prompt_tokens']} prompt + {result['new_tokens']} "
-         f"generated (greedy, KV cache, the chat.py path); torch {result['versions']['torch']}, "
-         f"transformers {result['versions']['transformers']}; "
-         f"CUBLAS_WORKSPACE_CONFIG={result['cublas_workspace_config'] or 'unset (32 MiB workspace on Hopper)'}."), "",
-        ("| weights MiB | allocated after load MiB | peak allocated MiB | peak reserved MiB | peak RSS MiB "
-         "| generate s | new tokens/s |"),
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        (f"| {mib(m['weights_mib'])} | {mib(m['after_load_allocated_mib'])} | {mib(peak)} | "
-         f"{mib(m['peak_reserved_mib'])} | {mib(m['peak_rss_mib'])} | {m['generate_s']:.2f} | "
-         f"{m['new_tokens_per_s']:.1f} |"), "",
-        f"Fits the {TARGET_MIB} MiB target (Matelike ~396 MB, ChatLM 512 MB): {verdict}.", "",
-        ("Anchor, same process: plain transformers from_pretrained + generate() on the same folder and prompt "
-         f"length: peak allocated {mib(result['anchor']['peak_allocated_mib'])} MiB, peak reserved "
-         f"{mib(result['anchor']['peak_reserved_mib'])} MiB, generate {result['anchor']['generate_s']:.2f} s; "
-         f"lmlab / plain peak allocated: {result['ratio_peak_allocated'] or 'n/a'}."), "",
-    ])
+    verdict = (
+        "n/a (CPU)" if peak is None else f"{'yes' if peak <= TARGET_MIB else 'no'} (peak allocated {peak:.1f} MiB)"
+    )
+    return "\n".join(
+        [
+            f"# {result['preset']} chat inference memory ({result['date']})",
+            "",
+            (
+                f"{result['device']}; {result['dtype']}; vocab {result['vocab_size']}; {m['parameters'] / 1e6:.1f}M "
+                f"parameters; context {result['context']} tokens = {m['prompt_tokens']} prompt + "
+                f"{result['new_tokens']} "
+                f"generated (greedy, KV cache, the chat.py path); torch {result['versions']['torch']}, "
+                f"transformers {result['versions']['transformers']}; "
+                f"CUBLAS_WORKSPACE_CONFIG={result['cublas_workspace_config'] or 'unset (32 MiB workspace on Hopper)'}."
+            ),
+            "",
+            (
+                "| weights MiB | allocated after load MiB | peak allocated MiB | peak reserved MiB | peak RSS MiB "
+                "| generate s | new tokens/s |"
+            ),
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            (
+                f"| {mib(m['weights_mib'])} | {mib(m['after_load_allocated_mib'])} | {mib(peak)} | "
+                f"{mib(m['peak_reserved_mib'])} | {mib(m['peak_rss_mib'])} | {m['generate_s']:.2f} | "
+                f"{m['new_tokens_per_s']:.1f} |"
+            ),
+            "",
+            f"Fits the {TARGET_MIB} MiB target (Matelike ~396 MB, ChatLM 512 MB): {verdict}.",
+            "",
+            (
+                "Anchor, same process: plain transformers from_pretrained + generate() on the same folder and prompt "
+                f"length: peak allocated {mib(result['anchor']['peak_allocated_mib'])} MiB, peak reserved "
+                f"{mib(result['anchor']['peak_reserved_mib'])} MiB, generate {result['anchor']['generate_s']:.2f} s; "
+                f"lmlab / plain peak allocated: {result['ratio_peak_allocated'] or 'n/a'}."
+            ),
+            "",
+        ]
+    )
 
 
 def main() -> None:
@@ -192,7 +222,7 @@ def main() -> None:
 
     import transformers
 
-    from lmlab.generation import DTYPES
+    from lmlab.infer.generation import DTYPES
 
     with tempfile.TemporaryDirectory(prefix="lmlab_infmem_") as tmp:
         export_preset(args.preset, args.vocab_size, DTYPES[args.dtype], Path(tmp))
@@ -203,16 +233,27 @@ def main() -> None:
         anchor = measure_plain(args, Path(tmp))  # after lmlab's: both runs see cuBLAS's workspace already there
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     result = {
-        "preset": args.preset, "device": device, "dtype": args.dtype, "vocab_size": args.vocab_size,
-        "context": args.context, "new_tokens": args.new_tokens, "target_mib": TARGET_MIB,
+        "preset": args.preset,
+        "device": device,
+        "dtype": args.dtype,
+        "vocab_size": args.vocab_size,
+        "context": args.context,
+        "new_tokens": args.new_tokens,
+        "target_mib": TARGET_MIB,
         "date": datetime.date.today().isoformat(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": sys.version.split()[0]},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": sys.version.split()[0],
+        },
         "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         "memory": memory,
         "anchor": anchor,
-        "ratio_peak_allocated": (round(memory["peak_allocated_mib"] / anchor["peak_allocated_mib"], 3)
-                                 if memory["peak_allocated_mib"] else None),
+        "ratio_peak_allocated": (
+            round(memory["peak_allocated_mib"] / anchor["peak_allocated_mib"], 3)
+            if memory["peak_allocated_mib"]
+            else None
+        ),
     }
     gpu = re.search(r"\b([A-Z]\d{2,4})\b", device)
     workspace = "_cublas_small" if result["cublas_workspace_config"] else ""

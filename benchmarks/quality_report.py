@@ -44,8 +44,13 @@ RECIPES: dict[str, list[tuple[str, str, str | None]]] = {
     "zh_title": [("pretrain", "zh_chat_pretrain", None), ("title", "zh_title", "pretrain")],
     "zh_lcsts": [("pretrain", "zh_chat_pretrain", None), ("lcsts", "zh_lcsts", "pretrain")],
 }
-TARGETS = {"sft_ppl_max": 30.0, "loop_share_max": 0.10, "csl_rouge1_min": 0.567, "lcsts_rouge1_min": 0.25,
-           "gap_max_nats": 0.3}
+TARGETS = {
+    "sft_ppl_max": 30.0,
+    "loop_share_max": 0.10,
+    "csl_rouge1_min": 0.567,
+    "lcsts_rouge1_min": 0.25,
+    "gap_max_nats": 0.3,
+}
 
 
 def last_metrics(run_dir: Path) -> dict[str, float]:
@@ -92,48 +97,82 @@ class Report:
         """``eval.py run=<run_dir> <args>`` into ``<run_dir>/eval/<name>``; its eval.json record with the wall time."""
         out = run_dir / "eval" / name
         limit = ["limit=8"] if self.tiny else []
-        seconds = self.run(["eval.py", f"run={run_dir}", *args, *limit, f"out_dir={out}", "wandb.enabled=false",
-                            "progress=false"], f"eval_{run_dir.name}_{name}.log")
+        seconds = self.run(
+            ["eval.py", f"run={run_dir}", *args, *limit, f"out_dir={out}", "wandb.enabled=false", "progress=false"],
+            f"eval_{run_dir.name}_{name}.log",
+        )
         return {**json.loads((out / "eval.json").read_text(encoding="utf-8")), "wall_s": seconds}
 
     def measure(self, name: str, run_dir: Path, runs: dict[str, Path]) -> dict[str, Any]:
         """The numbers issue 13 asks of a stage's model."""
         summary = run_dir / "summary.json"
-        out: dict[str, Any] = {"run": str(run_dir), "last": last_metrics(run_dir),
-                               "summary": json.loads(summary.read_text()) if summary.is_file() else None}
+        out: dict[str, Any] = {
+            "run": str(run_dir),
+            "last": last_metrics(run_dir),
+            "summary": json.loads(summary.read_text()) if summary.is_file() else None,
+        }
         tokens = "8" if self.tiny else None
         if name == "sft":
-            heldout = ["task=sft", "data=sample_sft"] if self.tiny else ["task=sft", "data=zh_chat_sft",
-                                                                        "source=zh_alpaca"]
+            heldout = (
+                ["task=sft", "data=sample_sft"] if self.tiny else ["task=sft", "data=zh_chat_sft", "source=zh_alpaca"]
+            )
             out["sft_eval"] = self.evaluate(run_dir, "sft_alpaca", heldout)
             out["pretrain_only_sft_eval"] = self.evaluate(runs["pretrain"], "sft_alpaca", heldout)
-            out["chat"] = self.evaluate(run_dir, "chat20", ["task=chat", f"prompts={PROMPTS}", "generation=sample",
-                                                            f"generation.max_new_tokens={tokens or 256}"])
+            out["chat"] = self.evaluate(
+                run_dir,
+                "chat20",
+                ["task=chat", f"prompts={PROMPTS}", "generation=sample", f"generation.max_new_tokens={tokens or 256}"],
+            )
         elif name in ("title", "lcsts"):
             data = "sample_sft" if self.tiny else ("csl_title" if name == "title" else "lcsts_plus")
-            out["rouge"] = self.evaluate(run_dir, f"rouge_{data}", ["task=rouge", f"data={data}", "generation=beam",
-                                                                    f"generation.max_new_tokens={tokens or 64}",
-                                                                    "batch_size=64"])
+            out["rouge"] = self.evaluate(
+                run_dir,
+                f"rouge_{data}",
+                [
+                    "task=rouge",
+                    f"data={data}",
+                    "generation=beam",
+                    f"generation.max_new_tokens={tokens or 64}",
+                    "batch_size=64",
+                ],
+            )
         return out
 
     def write(self, recipes: list[str]) -> None:
         """``<out>.json`` and ``<out>.md`` with everything measured so far."""
-        record = {"date": datetime.date.today().isoformat(), "device": device_name(), "tiny": self.tiny,
-                  "recipes": recipes, "versions": versions(), "targets": TARGETS, "stages": self.stages,
-                  "commands": self.commands}
+        record = {
+            "date": datetime.date.today().isoformat(),
+            "device": device_name(),
+            "tiny": self.tiny,
+            "recipes": recipes,
+            "versions": versions(),
+            "targets": TARGETS,
+            "stages": self.stages,
+            "commands": self.commands,
+        }
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.out.with_suffix(".json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n",
-                                                 encoding="utf-8")
+        self.out.with_suffix(".json").write_text(
+            json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         self.out.with_suffix(".md").write_text(markdown(record), encoding="utf-8")
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Quality report ({report['date']}, {report['device']})", "",
-             f"- versions: {json.dumps(report['versions'])}", f"- tiny: {report['tiny']}", "",
-             "| stage | wall s | numbers |", "| --- | ---: | --- |"]
+    lines = [
+        f"# Quality report ({report['date']}, {report['device']})",
+        "",
+        f"- versions: {json.dumps(report['versions'])}",
+        f"- tiny: {report['tiny']}",
+        "",
+        "| stage | wall s | numbers |",
+        "| --- | ---: | --- |",
+    ]
     for name, stage in report["stages"].items():
-        nums: dict[str, Any] = {k: round(v, 4) for k, v in stage["last"].items()
-                                if k.startswith(("val/loss", "val/rouge")) or k == "train/loss"}
+        nums: dict[str, Any] = {
+            k: round(v, 4)
+            for k, v in stage["last"].items()
+            if k.startswith(("val/loss", "val/rouge")) or k == "train/loss"
+        }
         for key in ("sft_eval", "pretrain_only_sft_eval", "chat", "rouge"):
             if key in stage:
                 nums[key] = {k: round(v, 4) for k, v in stage[key]["metrics"].items() if v is not None}
@@ -153,8 +192,11 @@ def device_name() -> str:
 
 
 def versions() -> dict[str, str | None]:
-    return {**{p: version(p) for p in ("torch", "transformers", "lightning", "tokenizers")},
-            "python": platform.python_version(), "cuda": torch.version.cuda}
+    return {
+        **{p: version(p) for p in ("torch", "transformers", "lightning", "tokenizers")},
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
 
 
 def main() -> None:
@@ -171,16 +213,18 @@ def main() -> None:
     kind = "tiny" if args.tiny else device_name().split()[-1].lower()
     out = args.out or REPO / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}_{kind}_quality"
     args.work.mkdir(parents=True, exist_ok=True)
-    report = Report(args.work.resolve(), out, args.tiny,
-                    [f"paths.data_dir={args.data_dir.resolve()}"] if args.data_dir else [])
+    report = Report(
+        args.work.resolve(), out, args.tiny, [f"paths.data_dir={args.data_dir.resolve()}"] if args.data_dir else []
+    )
     runs: dict[str, Path] = {"pretrain": args.backbone.resolve()} if args.backbone else {}
     for recipe in args.recipes:
         for name, experiment, parent in RECIPES[recipe]:
             if name in runs:  # the recipes share one pretrained backbone
                 continue
             init_from = runs[parent] if parent else None
-            runs[name], seconds = report.train(name, experiment + ("_tiny" if args.tiny else ""), init_from,
-                                               args.overrides)
+            runs[name], seconds = report.train(
+                name, experiment + ("_tiny" if args.tiny else ""), init_from, args.overrides
+            )
             report.stages[name] = {"wall_s": seconds, **report.measure(name, runs[name], runs)}
             report.write(args.recipes)
     print(markdown(json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lmlab.models import set_cudnn_attention
+from lmlab.core.models import set_cudnn_attention
 
 
 def torch_only(length: int, cudnn: bool) -> int:
@@ -47,8 +47,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "cudnn": torch.backends.cudnn.version(), "torch_only": {}}
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "torch_only": {},
+    }
     for length in (640, 704, 768):
         results["torch_only"][length] = {f"cudnn_{c}": torch_only(length, c) for c in (True, False)}
     set_cudnn_attention(False)

@@ -6,7 +6,7 @@ The two training runs are plain train.py runs (each fits in one GPU command):
     python train.py experiment=t5_lcsts_sft init_from=outputs/pretrain/t5/<run>
 
 This script reads their metrics.csv and rouge.jsonl (the ROUGE of the generations on the 1000 val texts at
-each validation) and computes, in the same process and with the same scorer (lmlab.rouge, char segmentation),
+each validation) and computes, in the same process and with the same scorer (lmlab.eval.rouge, char segmentation),
 the Lead anchor: the first N characters of each text as its summary, N the mean reference length. It prints
 JSON and a markdown table, and writes both with --out.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmlab.rouge import rouge_scores
+from lmlab.eval.rouge import rouge_scores
 
 VAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "zh_summarization_lcsts" / "val.tsv"
 
@@ -36,8 +36,11 @@ def read_run(run: Path) -> dict:
     def series(key: str) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
 
-    rouge = [json.loads(line) for line in (run / "rouge.jsonl").read_text().splitlines()] if (
-        run / "rouge.jsonl").is_file() else []
+    rouge = (
+        [json.loads(line) for line in (run / "rouge.jsonl").read_text().splitlines()]
+        if (run / "rouge.jsonl").is_file()
+        else []
+    )
     tokens_per_sec = [v for _, v in series("train/device/items_per_sec")]
     mfu = [v for _, v in series("train/device/mfu")]
     train_loss, val_loss = series("train/loss"), series("val/loss")
@@ -67,11 +70,15 @@ def table(result: dict) -> str:
     for name in ("pretrain", "sft"):
         run = result[name]
         for r in run["rouge"] if name == "sft" else []:
-            lines.append(f"| lmlab t5 SFT step {r['step']} | {run['steps']} | {run['train_seconds'] or 0:.0f} | "
-                         f"{r['rouge1']:.4f} | {r['rouge2']:.4f} | {r['rougeL']:.4f} | {r['n']} |")
+            lines.append(
+                f"| lmlab t5 SFT step {r['step']} | {run['steps']} | {run['train_seconds'] or 0:.0f} | "
+                f"{r['rouge1']:.4f} | {r['rouge2']:.4f} | {r['rougeL']:.4f} | {r['n']} |"
+            )
     lead = result["lead"]
-    lines.append(f"| Lead-{lead['lead_chars']} (anchor) | - | - | {lead['rouge1']:.4f} | {lead['rouge2']:.4f} | "
-                 f"{lead['rougeL']:.4f} | {lead['n']} |")
+    lines.append(
+        f"| Lead-{lead['lead_chars']} (anchor) | - | - | {lead['rouge1']:.4f} | {lead['rouge2']:.4f} | "
+        f"{lead['rougeL']:.4f} | {lead['n']} |"
+    )
     return "\n".join(lines)
 
 
@@ -83,8 +90,12 @@ def main() -> None:
     parser.add_argument("--val", type=Path, default=VAL)
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     args = parser.parse_args()
-    result = {"device": args.device, "pretrain": read_run(args.pretrain), "sft": read_run(args.sft),
-              "lead": lead_baseline(args.val)}
+    result = {
+        "device": args.device,
+        "pretrain": read_run(args.pretrain),
+        "sft": read_run(args.sft),
+        "lead": lead_baseline(args.val),
+    }
     print(json.dumps(result, indent=2, ensure_ascii=False))
     print(table(result))
     if args.out:

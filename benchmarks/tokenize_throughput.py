@@ -5,7 +5,7 @@
 
 The corpus is the shared Chinese corpora (zh_wiki_sampled, zh_cluecorpus_sampled, zh_classic_novels; one document
 per line) repeated to ``--mb`` in a temp dir; the tokenizer is a byte-level BPE (vocab 6400) trained on their first
-few MB with lmlab.tokenizer.train_bpe. Threads are pinned so "per core" is honest: the raw anchor runs
+few MB with lmlab.core.tokenizer.train_bpe. Threads are pinned so "per core" is honest: the raw anchor runs
 single-threaded (TOKENIZERS_PARALLELISM=false) and, for reference, with the tokenizers thread pool on every core;
 lmlab's workers are single-threaded processes (num_proc of them) plus the reading process. lmlab's time is end to
 end: reading and splitting the file, starting the workers, tokenizing, writing shards and meta.json. Every side runs
@@ -36,8 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PROJECT_ROOT", str(REPO))
 SHARED = REPO.parent / "shared" / "data"
-SOURCES = ["zh_wiki_sampled/zhwiki_sampled.txt", "zh_cluecorpus_sampled/CLUECorpusSmall_sampled.txt",
-           *(f"zh_classic_novels/{name}.txt" for name in ("hongloumeng", "xiyouji", "sanguo_yanyi", "shuihu_zhuan"))]
+SOURCES = [
+    "zh_wiki_sampled/zhwiki_sampled.txt",
+    "zh_cluecorpus_sampled/CLUECorpusSmall_sampled.txt",
+    *(f"zh_classic_novels/{name}.txt" for name in ("hongloumeng", "xiyouji", "sanguo_yanyi", "shuihu_zhuan")),
+]
 BATCH = 1000  # documents per raw encode_batch call
 
 
@@ -56,7 +59,7 @@ def write_corpus(docs: list[str], path: Path, mb: float) -> int:
 def train_tokenizer(docs: list[str], out: Path, train_mb: float):
     from hydra import compose, initialize_config_dir
 
-    from lmlab.tokenizer import train_bpe
+    from lmlab.core.tokenizer import train_bpe
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         bpe = compose("train", overrides=["bpe.vocab_size=6400"]).bpe
@@ -73,8 +76,11 @@ def train_tokenizer(docs: list[str], out: Path, train_mb: float):
 
 def cpu_seconds() -> float:
     """CPU time of this process (all its threads) and of its finished child processes (pool workers)."""
-    return sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for field in ("ru_utime", "ru_stime"))
+    return sum(
+        getattr(resource.getrusage(who), field)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for field in ("ru_utime", "ru_stime")
+    )
 
 
 def best_time(fn: Callable[[], int], repeats: int) -> tuple[float, float, int]:
@@ -139,19 +145,23 @@ def _long_line_in_fresh_process(tokenizer_dir: Path, long_file: Path, cache: Pat
     before = rss_mb("VmRSS")
     start = time.perf_counter()
     run()
-    queue.put({"seconds": round(time.perf_counter() - start, 2), "rss_before_MB": before, "peak_rss_MB": rss_mb("VmHWM")})
+    queue.put(
+        {"seconds": round(time.perf_counter() - start, 2), "rss_before_MB": before, "peak_rss_MB": rss_mb("VmHWM")}
+    )
 
 
 def measure_long_line(docs: list[str], tmp: Path, mb: float) -> dict:
     """The 50 MB single-line case in a fresh process, so its peak memory is its own."""
     block = " ".join(docs).encode("utf-8")
     long_file = tmp / "long.txt"
-    long_file.write_bytes((block * (int(mb * 1e6) // len(block) + 1))[: int(mb * 1e6)].decode("utf-8", "ignore")
-                          .encode("utf-8") + b"\n")
+    long_file.write_bytes(
+        (block * (int(mb * 1e6) // len(block) + 1))[: int(mb * 1e6)].decode("utf-8", "ignore").encode("utf-8") + b"\n"
+    )
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_long_line_in_fresh_process, args=(tmp / "tokenizer", long_file,
-                                                                        tmp / "long_cache", queue))
+    process = context.Process(
+        target=_long_line_in_fresh_process, args=(tmp / "tokenizer", long_file, tmp / "long_cache", queue)
+    )
     process.start()
     result = queue.get()
     process.join()
@@ -163,22 +173,54 @@ def measure_long_line(docs: list[str], tmp: Path, mb: float) -> dict:
 def row(side: str, cores: int, threads: str, seconds: float, cpu: float, tokens: int, text_bytes: int) -> dict:
     """Wall-clock MB/s, per core used, and per CPU-second (what a core really did, robust to a busy machine)."""
     mb = text_bytes / 1e6
-    return {"side": side, "cores": cores, "threads": threads, "seconds": round(seconds, 2),
-            "cpu seconds": round(cpu, 2), "tokens": tokens, "MB/s": round(mb / seconds, 2),
-            "MB/s per core": round(mb / seconds / cores, 2), "MB per CPU-second": round(mb / cpu, 2)}
+    return {
+        "side": side,
+        "cores": cores,
+        "threads": threads,
+        "seconds": round(seconds, 2),
+        "cpu seconds": round(cpu, 2),
+        "tokens": tokens,
+        "MB/s": round(mb / seconds, 2),
+        "MB/s per core": round(mb / seconds / cores, 2),
+        "MB per CPU-second": round(mb / cpu, 2),
+    }
 
 
 def markdown(result: dict) -> str:
-    cols = ["side", "cores", "threads", "seconds", "cpu seconds", "tokens", "MB/s", "MB/s per core", "MB per CPU-second"]
-    lines = [f"# Corpus tokenization throughput on Chinese text ({result['date']})", "", result["setup"], "",
-             "| " + " | ".join(cols) + " |", "| " + " | ".join(["---"] * 3 + ["---:"] * 6) + " |"]
-    lines += ["| " + " | ".join(f"{r[c]:,}" if c == "tokens" else str(r[c]) for c in cols) + " |"
-              for r in result["rows"]]
+    cols = [
+        "side",
+        "cores",
+        "threads",
+        "seconds",
+        "cpu seconds",
+        "tokens",
+        "MB/s",
+        "MB/s per core",
+        "MB per CPU-second",
+    ]
+    lines = [
+        f"# Corpus tokenization throughput on Chinese text ({result['date']})",
+        "",
+        result["setup"],
+        "",
+        "| " + " | ".join(cols) + " |",
+        "| " + " | ".join(["---"] * 3 + ["---:"] * 6) + " |",
+    ]
+    lines += [
+        "| " + " | ".join(f"{r[c]:,}" if c == "tokens" else str(r[c]) for c in cols) + " |" for r in result["rows"]
+    ]
     long = result["long_line"]
-    lines += ["", (f"Single long line: {long['MB']} MB in one document, {long['seconds']} s ({long['MB/s']} MB/s, "
-                   f"num_proc=0 on one thread, chunk_chars={long['chunk_chars']}); the process's peak RSS "
-                   f"{long['peak_rss_MB']} MB, {long['rss_before_MB']} MB before prepare_data."),
-              "", f"Load average (1 min) before / after: {result['loadavg_before']} / {result['loadavg_after']}.", ""]
+    lines += [
+        "",
+        (
+            f"Single long line: {long['MB']} MB in one document, {long['seconds']} s ({long['MB/s']} MB/s, "
+            f"num_proc=0 on one thread, chunk_chars={long['chunk_chars']}); the process's peak RSS "
+            f"{long['peak_rss_MB']} MB, {long['rss_before_MB']} MB before prepare_data."
+        ),
+        "",
+        f"Load average (1 min) before / after: {result['loadavg_before']} / {result['loadavg_after']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -201,17 +243,37 @@ def main() -> None:
         tokenizer = train_tokenizer(docs, tmp / "tokenizer", args.train_mb)
         corpus = tmp / "corpus.txt"
         write_corpus(docs, corpus, args.mb)
-        text_bytes = sum(len(line.encode("utf-8")) for line in corpus.read_text(encoding="utf-8").splitlines()
-                         if line.strip())  # what every side tokenizes: documents without newlines
+        text_bytes = sum(
+            len(line.encode("utf-8")) for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()
+        )  # what every side tokenizes: documents without newlines
         sides = [
-            ("raw encode_batch", 1, "1 (TOKENIZERS_PARALLELISM=false)", raw_encode(tmp / "tokenizer", corpus,
-                                                                                  "false", "encode_batch")),
-            ("raw encode_batch", cores, f"{cores} (tokenizers thread pool)", raw_encode(tmp / "tokenizer", corpus,
-                                                                                        "true", "encode_batch")),
-            ("raw encode_batch_fast", 1, "1 (TOKENIZERS_PARALLELISM=false)",
-             raw_encode(tmp / "tokenizer", corpus, "false", "encode_batch_fast")),
-            *((f"lmlab prepare_data num_proc={n}", n, f"{n} worker(s) x 1 + reader",
-               lmlab_prepare(tokenizer, corpus, tmp / "cache", n)) for n in range(1, cores + 1)),
+            (
+                "raw encode_batch",
+                1,
+                "1 (TOKENIZERS_PARALLELISM=false)",
+                raw_encode(tmp / "tokenizer", corpus, "false", "encode_batch"),
+            ),
+            (
+                "raw encode_batch",
+                cores,
+                f"{cores} (tokenizers thread pool)",
+                raw_encode(tmp / "tokenizer", corpus, "true", "encode_batch"),
+            ),
+            (
+                "raw encode_batch_fast",
+                1,
+                "1 (TOKENIZERS_PARALLELISM=false)",
+                raw_encode(tmp / "tokenizer", corpus, "false", "encode_batch_fast"),
+            ),
+            *(
+                (
+                    f"lmlab prepare_data num_proc={n}",
+                    n,
+                    f"{n} worker(s) x 1 + reader",
+                    lmlab_prepare(tokenizer, corpus, tmp / "cache", n),
+                )
+                for n in range(1, cores + 1)
+            ),
         ]
         long_line = measure_long_line(docs, tmp, args.long_line_mb)
         print(json.dumps(long_line), flush=True)
@@ -224,10 +286,12 @@ def main() -> None:
 
     result = {
         "date": date.today().isoformat(),
-        "setup": (f"{platform.processor() or platform.machine()}, {cores} cores; Python {platform.python_version()}, "
-                  f"tokenizers {tokenizers.__version__}; corpus {text_bytes / 1e6:.1f} MB of document text "
-                  f"({', '.join(SOURCES)} repeated), byte-level BPE vocab 6400 trained on {args.train_mb} MB; "
-                  f"best of {args.repeats}; lmlab with conf/data/sample_text.yaml's shard_mb and chunk_chars."),
+        "setup": (
+            f"{platform.processor() or platform.machine()}, {cores} cores; Python {platform.python_version()}, "
+            f"tokenizers {tokenizers.__version__}; corpus {text_bytes / 1e6:.1f} MB of document text "
+            f"({', '.join(SOURCES)} repeated), byte-level BPE vocab 6400 trained on {args.train_mb} MB; "
+            f"best of {args.repeats}; lmlab with conf/data/sample_text.yaml's shard_mb and chunk_chars."
+        ),
         "rows": rows,
         "long_line": long_line,
         "loadavg_before": loadavg_before,

@@ -33,8 +33,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
-SOURCES = [DATA / "zh_wiki_sampled" / "zhwiki_sampled.txt", DATA / "zh_cluecorpus_sampled" / "CLUECorpusSmall_sampled.txt",
-           *sorted((DATA / "zh_classic_novels").glob("*.txt")), DATA / "zh_summarization_lcsts" / "train.tsv"]
+SOURCES = [
+    DATA / "zh_wiki_sampled" / "zhwiki_sampled.txt",
+    DATA / "zh_cluecorpus_sampled" / "CLUECorpusSmall_sampled.txt",
+    *sorted((DATA / "zh_classic_novels").glob("*.txt")),
+    DATA / "zh_summarization_lcsts" / "train.tsv",
+]
 CLAUSE = re.compile(r"[^，。！？；：、,.!?;:]+[，。！？；：、,.!?;:]*")
 MB = 10**6
 
@@ -54,8 +58,10 @@ def splice(doc: str, rng: random.Random) -> str:
         return doc
     others = clauses[:]
     rng.shuffle(others)
-    return "".join(a[: rng.randint(1, max(1, len(a) - 1))] + b[rng.randint(1, max(1, len(b) - 1)):]
-                   for a, b in zip(clauses, others))
+    return "".join(
+        a[: rng.randint(1, max(1, len(a) - 1))] + b[rng.randint(1, max(1, len(b) - 1)) :]
+        for a, b in zip(clauses, others, strict=True)
+    )
 
 
 def build_corpus(path: Path, target_bytes: int) -> int:
@@ -88,50 +94,70 @@ def worker(job: dict) -> dict:
 
         start = time.perf_counter()
         tok = ByteLevelBPETokenizer()
-        tok.train_from_iterator(lines(job["file"], job["passes"]), vocab_size=job["vocab"], min_frequency=2,
-                                special_tokens=["<|endoftext|>"], show_progress=False)
+        tok.train_from_iterator(
+            lines(job["file"], job["passes"]),
+            vocab_size=job["vocab"],
+            min_frequency=2,
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
+        )
         seconds = time.perf_counter() - start
-        return {"vocab_size": tok.get_vocab_size(), "train_seconds": round(seconds, 1),
-                "train_bytes": job["passes"] * os.path.getsize(job["file"]),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        return {
+            "vocab_size": tok.get_vocab_size(),
+            "train_seconds": round(seconds, 1),
+            "train_bytes": job["passes"] * os.path.getsize(job["file"]),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
     sys.path.insert(0, str(REPO))
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lmlab.tokenizer import train_bpe_with_report
+    from lmlab.core.tokenizer import train_bpe_with_report
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         bpe = OmegaConf.to_container(compose("train", overrides=[f"bpe={job['level']}"]).bpe, resolve=True)
     bpe.update(vocab_size=job["vocab"], max_bytes=job["max_bytes"])
-    _, report = train_bpe_with_report(lines(job["file"], job["passes"]),
-                                      total_bytes=job["passes"] * os.path.getsize(job["file"]), **bpe)
+    _, report = train_bpe_with_report(
+        lines(job["file"], job["passes"]), total_bytes=job["passes"] * os.path.getsize(job["file"]), **bpe
+    )
     return report
 
 
 def run_job(job: dict) -> dict:
     """One configuration in a fresh subprocess, so each peak RSS is its own."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{job} failed:\n{proc.stderr[-3000:]}")
-    result = {**job, **json.loads(proc.stdout.strip().splitlines()[-1]), "wall_seconds": round(time.perf_counter() - start, 1)}
+    result = {
+        **job,
+        **json.loads(proc.stdout.strip().splitlines()[-1]),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
     print(json.dumps(result), flush=True)
     return result
 
 
 def markdown(results: list[dict], meta: dict) -> str:
-    rows = ["| name | corpus MB | trained MB | vocab | train s | peak RSS MB | RSS / naive | chars/token | unk share |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| name | corpus MB | trained MB | vocab | train s | peak RSS MB | RSS / naive | chars/token | unk share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         anchor = next((a for a in results if a["impl"] == "naive" and a["corpus_mb"] == r["corpus_mb"]), None)
         ratio = f"{r['peak_rss_mb'] / anchor['peak_rss_mb']:.2f}" if anchor else "-"
         cpt, unk = r.get("chars_per_token"), r.get("unk_share")
-        rows.append(f"| {r['name']} | {r['corpus_mb']:.0f} | {r['train_bytes'] / MB:.1f} | {r['vocab_size']} | "
-                    f"{r['train_seconds']} | {r['peak_rss_mb']:.0f} | {ratio} | {cpt if cpt else '-'} | "
-                    f"{'-' if unk is None else f'{unk:.4f}'} |")
-    head = (f"# Tokenizer training, {meta['date']}, {meta['device']}\n\n"
-            f"Corpus: {meta['corpus']}\n\nTotal benchmark time: {meta['total_seconds']} s.\n\n")
+        rows.append(
+            f"| {r['name']} | {r['corpus_mb']:.0f} | {r['train_bytes'] / MB:.1f} | {r['vocab_size']} | "
+            f"{r['train_seconds']} | {r['peak_rss_mb']:.0f} | {ratio} | {cpt if cpt else '-'} | "
+            f"{'-' if unk is None else f'{unk:.4f}'} |"
+        )
+    head = (
+        f"# Tokenizer training, {meta['date']}, {meta['device']}\n\n"
+        f"Corpus: {meta['corpus']}\n\nTotal benchmark time: {meta['total_seconds']} s.\n\n"
+    )
     return head + "\n".join(rows) + "\n"
 
 
@@ -166,14 +192,22 @@ def main() -> None:
         ]
         results = []
         for name, impl, level, vocab, path, n, max_bytes in jobs:
-            job = {"name": name, "impl": impl, "level": level, "vocab": vocab, "file": str(path), "passes": n,
-                   "max_bytes": max_bytes, "corpus_mb": n * path.stat().st_size / MB}
+            job = {
+                "name": name,
+                "impl": impl,
+                "level": level,
+                "vocab": vocab,
+                "file": str(path),
+                "passes": n,
+                "max_bytes": max_bytes,
+                "corpus_mb": n * path.stat().st_size / MB,
+            }
             results.append(run_job(job))
     meta = {
         "date": datetime.date.today().isoformat(),
         "device": f"CPU, {os.cpu_count()} cores, {platform.processor() or platform.machine()}",
         "corpus": f"{size / MB:.0f} MB of Chinese (shared corpora, ~16 MB, then clause-spliced repeats); the small "
-                  f"corpus is its first quarter; the {passes}-pass row streams the big file {passes} times",
+        f"corpus is its first quarter; the {passes}-pass row streams the big file {passes} times",
         "total_seconds": round(time.perf_counter() - start, 1),
     }
     for r in results:

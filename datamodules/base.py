@@ -11,9 +11,9 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.collate import CausalCollator, Seq2SeqCollator
 from datamodules.formats import DataError, SkipCounter, read_records
 from datamodules.sources import Source, fill_placeholders, parse_sources
+from lmlab.core.collate import CausalCollator, Seq2SeqCollator
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,9 @@ class LMDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
-    def records(self, files: Sequence[str | Source],
-                adapter: Callable[[Any, str, int], Any]) -> Iterator[tuple[str, int, Any]]:
+    def records(
+        self, files: Sequence[str | Source], adapter: Callable[[Any, str, int], Any]
+    ) -> Iterator[tuple[str, int, Any]]:
         """(source, line, adapted record) for every record of ``files`` (paths, or Sources with their own format
         and placeholder fill).
 
@@ -95,7 +96,8 @@ class LMDataModule(L.LightningDataModule):
     def collator(self) -> Callable[[list], dict]:
         """The loaders' collate_fn: the arch's collator (a subclass may wrap it)."""
         return (Seq2SeqCollator if self.arch == "seq2seq" else CausalCollator)(
-            self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+            self.tokenizer.pad_token_id, self.pad_to_multiple_of
+        )
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> StatefulDataLoader:
         import torch

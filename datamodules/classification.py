@@ -27,9 +27,9 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.base import LMDataModule
-from datamodules.collate import round_up
 from datamodules.formats import DataError, _field
 from datamodules.sft import ListDataset
+from lmlab.core.collate import round_up
 
 log = logging.getLogger(__name__)
 BALANCE = ("none", "undersample", "class_weights")
@@ -37,8 +37,9 @@ SPLITS = ("train", "val", "test")
 Example = tuple[str, int, str, int]  # (source, line, text, label id)
 
 
-def to_labelled(record: Any, source: str, line: int, text_field: str, label_field: str,
-                labels: Sequence[str]) -> tuple[str, int]:
+def to_labelled(
+    record: Any, source: str, line: int, text_field: str, label_field: str, labels: Sequence[str]
+) -> tuple[str, int]:
     """(text, label id); the label is one of ``labels`` by name, or an integer id into it."""
     text = _field(record, text_field, source, line)
     value = record.get(label_field)
@@ -75,7 +76,7 @@ def split_examples(examples: list[Example], fractions: dict[str, float], seed: i
         start = 0
         for name, fraction in fractions.items():
             n = round(len(ids) * fraction)
-            parts[name] += ids[start:start + n]
+            parts[name] += ids[start : start + n]
             start += n
         parts["train"] += ids[start:]
     return {name: [examples[i] for i in sorted(ids)] for name, ids in parts.items()}
@@ -129,12 +130,24 @@ class ClassificationDataModule(LMDataModule):
         on_error: str = "raise",
         arch: str = "causal",
     ):
-        super().__init__(train_files, val_files, val_fraction, format, batch_size, num_workers, pad_to_multiple_of,
-                         seed, on_error, arch)
+        super().__init__(
+            train_files,
+            val_files,
+            val_fraction,
+            format,
+            batch_size,
+            num_workers,
+            pad_to_multiple_of,
+            seed,
+            on_error,
+            arch,
+        )
         self.split_seed = split_seed
         if arch != "causal":
-            raise ValueError("stage=classify pools a causal model's last token: choose a causal model preset "
-                             "(llama, gpt2, ...), not an encoder-decoder")
+            raise ValueError(
+                "stage=classify pools a causal model's last token: choose a causal model preset "
+                "(llama, gpt2, ...), not an encoder-decoder"
+            )
         if balance not in BALANCE:
             raise ValueError(f"data.balance must be one of {BALANCE}, got {balance!r}")
         if len(set(labels)) != len(labels) or len(labels) < 2:
@@ -160,12 +173,22 @@ class ClassificationDataModule(LMDataModule):
         """train/val/test examples: given files where there are any, else stratified seeded cuts of the training
         files; under balance=undersample the training split alone is then undersampled."""
         if self._splits is None:
-            fractions = {name: fraction for name, files, fraction in
-                         (("val", self.val_files, self.val_fraction), ("test", self.test_files, self.test_fraction))
-                         if not files}
+            fractions = {
+                name: fraction
+                for name, files, fraction in (
+                    ("val", self.val_files, self.val_fraction),
+                    ("test", self.test_files, self.test_fraction),
+                )
+                if not files
+            }
             splits = split_examples(self._read(self.train_files), fractions, self.split_seed)
-            splits.update({name: self._read(files) for name, files in
-                           (("val", self.val_files), ("test", self.test_files)) if files})
+            splits.update(
+                {
+                    name: self._read(files)
+                    for name, files in (("val", self.val_files), ("test", self.test_files))
+                    if files
+                }
+            )
             if self.balance == "undersample":
                 splits["train"] = undersample(splits["train"], len(self.labels), self.split_seed)
             for name in SPLITS:
@@ -199,17 +222,23 @@ class ClassificationDataModule(LMDataModule):
         return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
 
     def _dataset(self, examples: list[Example]) -> ListDataset:
-        return ListDataset([{"input_ids": torch.tensor(self.tokenize(text), dtype=torch.long), "label": label}
-                            for _, _, text, label in examples])
+        return ListDataset(
+            [
+                {"input_ids": torch.tensor(self.tokenize(text), dtype=torch.long), "label": label}
+                for _, _, text, label in examples
+            ]
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         splits = self.splits()
-        self.tokenizer.model_max_length = self.max_length  # exported with it: tokenizer(text, truncation=True) cuts the same
+        self.tokenizer.model_max_length = (
+            self.max_length
+        )  # exported with it: tokenizer(text, truncation=True) cuts the same
         self.train_set, self.val_set, self.test_set = (self._dataset(splits[name]) for name in SPLITS)
         for name in SPLITS:
-            counts = ", ".join(f"{label} {n}" for label, n in zip(self.labels, self.class_counts(name)))
+            counts = ", ".join(f"{label} {n}" for label, n in zip(self.labels, self.class_counts(name), strict=True))
             log.info("%s: %d examples (%s)", name, len(splits[name]), counts)
         self.log_skips()
 
@@ -231,5 +260,8 @@ class ClassificationDataModule(LMDataModule):
         for name, examples in self.splits().items():
             paths[name] = out_dir / f"{name}.jsonl"
             with open(paths[name], "w", encoding="utf-8") as f:
-                f.writelines(json.dumps({"text": text, "label": self.labels[label]}, ensure_ascii=False) + "\n" for _, _, text, label in examples)
+                f.writelines(
+                    json.dumps({"text": text, "label": self.labels[label]}, ensure_ascii=False) + "\n"
+                    for _, _, text, label in examples
+                )
         return paths

@@ -24,8 +24,13 @@ FORMATS = ("jsonl", "json", "parquet", "csv", "tsv", "txt")
 COMPRESSION = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 csv.field_size_limit(sys.maxsize)  # documents can be long; the default 128 KiB limit would reject them
 ROLE_ALIASES = {
-    "user": "user", "human": "user", "人类": "user",
-    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "助手": "assistant",
+    "user": "user",
+    "human": "user",
+    "人类": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "助手": "assistant",
     "system": "system",
 }
 
@@ -77,8 +82,12 @@ def detect_format(path: str | Path, fmt: str = "auto") -> str:
     suffix = suffixes[-1].lstrip(".") if suffixes else ""
     if suffix in FORMATS:
         return suffix
-    raise DataError(str(path), None, f"unknown format '{''.join(Path(name).suffixes) or name}' (set data.format to "
-                    f"one of {FORMATS}; {sorted(COMPRESSION)} compression is read by its suffix)")
+    raise DataError(
+        str(path),
+        None,
+        f"unknown format '{''.join(Path(name).suffixes) or name}' (set data.format to "
+        f"one of {FORMATS}; {sorted(COMPRESSION)} compression is read by its suffix)",
+    )
 
 
 def open_bytes(path: str | Path):
@@ -96,7 +105,7 @@ def _decode(raw: bytes, source: str, line: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(source, line, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from e
+        raise DataError(source, line, f"not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})") from e
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
@@ -150,7 +159,10 @@ def _read_delimited(path: Path, delimiter: str, header: bool, columns: list[str]
         try:
             row = next(csv.reader([text], delimiter=delimiter, quoting=quoting))
         except csv.Error as e:
-            yield line_no, DataError(str(path), line_no, f"malformed {'TSV' if quoting == csv.QUOTE_NONE else 'CSV'} row: {e}")
+            yield (
+                line_no,
+                DataError(str(path), line_no, f"malformed {'TSV' if quoting == csv.QUOTE_NONE else 'CSV'} row: {e}"),
+            )
             continue
         if names is None and header:
             names = row
@@ -160,7 +172,7 @@ def _read_delimited(path: Path, delimiter: str, header: bool, columns: list[str]
         if len(row) != len(names):
             yield line_no, DataError(str(path), line_no, f"expected {len(names)} columns {names}, found {len(row)}")
         else:
-            yield line_no, dict(zip(names, row))
+            yield line_no, dict(zip(names, row, strict=True))
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -264,8 +276,9 @@ def _turns(record: dict, key: str, source: str, line: int, needs_reply: bool = T
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         if role not in ROLE_ALIASES:
-            raise DataError(source, line, f"unknown role {role!r}; expected one of {sorted(ROLE_ALIASES)}",
-                            field=f"{where}.role")
+            raise DataError(
+                source, line, f"unknown role {role!r}; expected one of {sorted(ROLE_ALIASES)}", field=f"{where}.role"
+            )
         if not isinstance(content, str) or not content.strip():
             raise DataError(source, line, "missing or empty", field=f"{where}.content")
         message = {"role": ROLE_ALIASES[role], "content": content}
@@ -295,8 +308,9 @@ def _history(record: dict, source: str, line: int) -> list[dict]:
     turns = []
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
-            raise DataError(source, line, "expected a [question, answer] pair of non-empty strings",
-                            field=f"history[{i}]")
+            raise DataError(
+                source, line, "expected a [question, answer] pair of non-empty strings", field=f"history[{i}]"
+            )
         turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return turns
 
@@ -338,7 +352,8 @@ def to_messages(record: Any, source: str, line: int) -> list[dict]:
             {"role": "assistant", "content": _field(record, "response", source, line)},
         ]
     raise DataError(
-        source, line,
+        source,
+        line,
         f"cannot tell the record's shape from its fields {sorted(record)}; expected instruction/input/output, "
         "prompt/response, messages or conversations (data.format.fields renames fields)",
     )
@@ -361,15 +376,21 @@ def _preference_prompt(record: dict, source: str, line: int) -> list[dict]:
         if key in record:
             messages = _turns(record, key, source, line, needs_reply=False)
             if messages[-1]["role"] != "user":
-                raise DataError(source, line, f"expected the conversation to end with a user turn, not "
-                                f"{messages[-1]['role']!r} (the answers are in chosen/rejected)", field=key)
+                raise DataError(
+                    source,
+                    line,
+                    f"expected the conversation to end with a user turn, not "
+                    f"{messages[-1]['role']!r} (the answers are in chosen/rejected)",
+                    field=key,
+                )
             return messages
     if "instruction" in record:
         return [*_history(record, source, line), _alpaca_user(record, source, line)]
     if "prompt" in record:
         return [{"role": "user", "content": _field(record, "prompt", source, line)}]
     raise DataError(
-        source, line,
+        source,
+        line,
         f"cannot tell the record's shape from its fields {sorted(record)}; expected prompt/chosen/rejected, "
         "instruction/input/chosen/rejected, instruction/input/output (a list ranked best first), or messages or "
         "conversations ending with the user plus chosen/rejected (data.format.fields renames fields)",
@@ -384,14 +405,16 @@ def _ranked_pairs(record: dict, source: str, line: int) -> list[tuple[str, str]]
             raise DataError(source, line, f"expected a string, got {type(answer).__name__}", field=f"output[{i}]")
     given = [i for i, answer in enumerate(answers) if answer and answer.strip()]
     if len(given) < 2:
-        raise DataError(source, line, "a ranked list needs at least 2 non-empty answers to make a preference pair",
-                        field="output")
+        raise DataError(
+            source, line, "a ranked list needs at least 2 non-empty answers to make a preference pair", field="output"
+        )
     best = _ranked_best(record, "output", source, line)  # the best one must be there, not only lower ones
     others = [(i, answers[i]) for i in given if i > 0]
     for i, other in others:
         if other.strip() == best.strip():
-            raise DataError(source, line, "chosen and rejected are identical (same answer as output[0])",
-                            field=f"output[{i}]")
+            raise DataError(
+                source, line, "chosen and rejected are identical (same answer as output[0])", field=f"output[{i}]"
+            )
     return [(best, other) for _, other in others]
 
 

@@ -6,7 +6,7 @@ list ranked best first, which gives one pair per lower-ranked answer). Each answ
 exactly as an SFT reply to the same prompt (causal LM: the whole rendering encoded once,
 :func:`datamodules.sft.encode_labelled`; encoder-decoder: :func:`datamodules.sft.tokenize_pair`), with
 labels only on the answer and its end token. A batch is 2B rows: the B chosen samples, then the B
-rejected ones (:class:`datamodules.collate.PreferenceCollator`), and each pair's ``index`` in its split.
+rejected ones (:class:`lmlab.core.collate.PreferenceCollator`), and each pair's ``index`` in its split.
 """
 
 from __future__ import annotations
@@ -16,14 +16,18 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.collate import PreferenceCollator
 from datamodules.formats import to_preference
 from datamodules.sft import SFTDataModule, encode_labelled, rendered_spans, tokenize_pair
 from datamodules.sources import Source
+from lmlab.core.collate import PreferenceCollator
 
 
 def _tokenize_answer(
-    tokenizer: PreTrainedTokenizerBase, prompt: list[dict], answer: str, max_length: int, max_target_length: int,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: list[dict],
+    answer: str,
+    max_length: int,
+    max_target_length: int,
     arch: str,
 ) -> dict[str, torch.Tensor]:
     messages = [*prompt, {"role": "assistant", "content": answer}]
@@ -49,8 +53,10 @@ def tokenize_preference(
     assistant turns included) and set on the answer and its EOS. seq2seq: the prompt (with the reply
     header) and EOS as encoder input_ids, the answer and EOS as labels cut to ``max_target_length``.
     """
-    return {name: _tokenize_answer(tokenizer, prompt, answer, max_length, max_target_length, arch)
-            for name, answer in (("chosen", chosen), ("rejected", rejected))}
+    return {
+        name: _tokenize_answer(tokenizer, prompt, answer, max_length, max_target_length, arch)
+        for name, answer in (("chosen", chosen), ("rejected", rejected))
+    }
 
 
 class PreferenceDataModule(SFTDataModule):
@@ -89,8 +95,9 @@ class PreferenceDataModule(SFTDataModule):
             yield rejected
 
     def tokenize(self, prompt: list[dict], chosen: str, rejected: str) -> dict[str, dict[str, torch.Tensor]]:
-        return tokenize_preference(self.tokenizer, prompt, chosen, rejected, self.max_length, self.max_target_length,
-                                   self.arch)
+        return tokenize_preference(
+            self.tokenizer, prompt, chosen, rejected, self.max_length, self.max_target_length, self.arch
+        )
 
     @staticmethod
     def has_answer(sample: dict) -> bool:
@@ -101,5 +108,7 @@ class PreferenceDataModule(SFTDataModule):
 
     def sample_pairs(self, n: int) -> list[tuple[str, str | None]]:
         """The first n validation prompts (rendered, with the reply header) and their chosen answers."""
-        return [(self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), chosen)
-                for _, _, prompt, chosen, _ in self.examples()[1][:n]]
+        return [
+            (self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), chosen)
+            for _, _, prompt, chosen, _ in self.examples()[1][:n]
+        ]

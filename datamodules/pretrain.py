@@ -164,11 +164,23 @@ class PretrainDataModule(LMDataModule):
         convert: str | None = None,
         val_per_source: bool = False,
     ):
-        super().__init__(train_files, val_files, val_fraction, format, batch_size, num_workers, pad_to_multiple_of,
-                         seed, on_error, arch)
+        super().__init__(
+            train_files,
+            val_files,
+            val_fraction,
+            format,
+            batch_size,
+            num_workers,
+            pad_to_multiple_of,
+            seed,
+            on_error,
+            arch,
+        )
         if arch == "seq2seq" and not span_corruption:
-            raise ValueError("pretraining an encoder-decoder on plain text needs data.span_corruption "
-                             "(noise_density, mean_span_length)")
+            raise ValueError(
+                "pretraining an encoder-decoder on plain text needs data.span_corruption "
+                "(noise_density, mean_span_length)"
+            )
         self.val_sources = [Source(path) for path in self.val_files]  # a val file named like a source is its val set
         self.span_corruption = span_corruption
         self.text_field = text_field
@@ -193,8 +205,10 @@ class PretrainDataModule(LMDataModule):
         try:
             return opencc.OpenCC(config)
         except RuntimeError as e:
-            raise ValueError(f"data.convert={config!r}: not an OpenCC configuration; e.g. t2s (traditional -> "
-                             f"simplified), tw2s, hk2s; or null for no conversion ({e})") from e
+            raise ValueError(
+                f"data.convert={config!r}: not an OpenCC configuration; e.g. t2s (traditional -> "
+                f"simplified), tw2s, hk2s; or null for no conversion ({e})"
+            ) from e
 
     def _source_docs(self, source: Source) -> Iterator[str]:
         """One source's documents in order, converted when ``convert`` is set."""
@@ -236,13 +250,29 @@ class PretrainDataModule(LMDataModule):
                 (val if held_out else train).append(i)
                 sizes["val" if held_out else "train"] += len(doc.encode("utf-8"))
             seed = zlib.crc32(f"{self.seed}:{source.label}".encode())  # adding a source leaves the others' samples
-            plans.append(SourcePlan(source, weighted(train, source.weight, seed), val, documents, duplicates,
-                                    round(sizes["train"] * source.weight), sizes["val"]))
+            plans.append(
+                SourcePlan(
+                    source,
+                    weighted(train, source.weight, seed),
+                    val,
+                    documents,
+                    duplicates,
+                    round(sizes["train"] * source.weight),
+                    sizes["val"],
+                )
+            )
         self._plans = plans
         self._plan_skips = copy.deepcopy(self.skips)
         for plan in plans:
-            log.info("pretrain data: %s: %d documents, %d exact duplicates dropped, %d train (weight %g), %d val",
-                     plan.label, plan.documents, plan.duplicates, len(plan.train), plan.source.weight, len(plan.val))
+            log.info(
+                "pretrain data: %s: %d documents, %d exact duplicates dropped, %d train (weight %g), %d val",
+                plan.label,
+                plan.documents,
+                plan.duplicates,
+                len(plan.train),
+                plan.source.weight,
+                len(plan.val),
+            )
         return plans
 
     def _held_out(self, position: int) -> bool:
@@ -302,11 +332,18 @@ class PretrainDataModule(LMDataModule):
         """Everything besides the input files that the token bytes depend on (the OpenCC version converts)."""
         return {
             "tokenizer_sha256": hashlib.sha256(self.tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
-            "vocab_size": len(self.tokenizer), "eos_id": self.tokenizer.eos_token_id, "format": self.format,
-            "text_field": self.text_field, "val_fraction": self.val_fraction, "seed": self.seed,
-            "on_error": self.on_error, "shard_mb": self.shard_mb, "chunk_chars": self.chunk_chars,
-            "mixture": [{"name": s.label, "weight": s.weight, "format": s.format, "fill": dict(s.fill)}
-                        for s in self.sources],
+            "vocab_size": len(self.tokenizer),
+            "eos_id": self.tokenizer.eos_token_id,
+            "format": self.format,
+            "text_field": self.text_field,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+            "on_error": self.on_error,
+            "shard_mb": self.shard_mb,
+            "chunk_chars": self.chunk_chars,
+            "mixture": [
+                {"name": s.label, "weight": s.weight, "format": s.format, "fill": dict(s.fill)} for s in self.sources
+            ],
             "dedupe": self.dedupe,
             "convert": self.convert and f"{self.convert} (opencc {importlib.metadata.version('opencc')})",
         }
@@ -338,10 +375,18 @@ class PretrainDataModule(LMDataModule):
             raise ValueError("pretraining separates documents with EOS; the tokenizer has no eos token")
         settings = self._settings()
         plans = self._plan()
-        writer = ShardWriter(target, self.tokenizer.backend_tokenizer, settings["eos_id"],
-                             token_dtype(settings["vocab_size"]), self.num_proc, self.chunk_chars)
-        shards = writer.write(plan_shards(self._split_docs(), int(self.shard_mb * 1e6)),
-                              total_bytes=sum(plan.train_bytes + plan.val_bytes for plan in plans))
+        writer = ShardWriter(
+            target,
+            self.tokenizer.backend_tokenizer,
+            settings["eos_id"],
+            token_dtype(settings["vocab_size"]),
+            self.num_proc,
+            self.chunk_chars,
+        )
+        shards = writer.write(
+            plan_shards(self._split_docs(), int(self.shard_mb * 1e6)),
+            total_bytes=sum(plan.train_bytes + plan.val_bytes for plan in plans),
+        )
         self._restore_skips()
 
         def total(key: str, rows: list[dict]) -> dict[str, int]:
@@ -349,8 +394,9 @@ class PretrainDataModule(LMDataModule):
 
         by_source: dict[str, dict] = {}
         for plan in plans:
-            entry = by_source.setdefault(plan.label,
-                                         {"weight": plan.source.weight, "documents_read": 0, "duplicates": 0})
+            entry = by_source.setdefault(
+                plan.label, {"weight": plan.source.weight, "documents_read": 0, "duplicates": 0}
+            )
             entry["documents_read"] += plan.documents
             entry["duplicates"] += plan.duplicates
         for label, entry in by_source.items():
@@ -364,16 +410,23 @@ class PretrainDataModule(LMDataModule):
             "duplicates": sum(plan.duplicates for plan in plans),
             "by_source": by_source,
             "shards": shards,
-            "sources": {split: [{"path": p, "bytes": os.path.getsize(p)} for p in files]
-                        for split, files in (("train", self.train_files), ("val", self.val_files))},
+            "sources": {
+                split: [{"path": p, "bytes": os.path.getsize(p)} for p in files]
+                for split, files in (("train", self.train_files), ("val", self.val_files))
+            },
             "skipped": dict(sorted(self.skips.skipped.items())),
             "skip_examples": self.skips.first_errors,
         }
         tmp = target / f"meta.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp, target / "meta.json")
-        log.info("pretrain data: %s tokens, %s documents in %d shards; %d exact duplicates dropped",
-                 meta["tokens"], meta["documents"], len(shards), meta["duplicates"])
+        log.info(
+            "pretrain data: %s tokens, %s documents in %d shards; %d exact duplicates dropped",
+            meta["tokens"],
+            meta["documents"],
+            len(shards),
+            meta["duplicates"],
+        )
         if len(plans) > 1:
             for label, counts in by_source.items():
                 log.info("pretrain data: %s: %s tokens (weight %g)", label, counts["tokens"], counts["weight"])
@@ -398,16 +451,19 @@ class PretrainDataModule(LMDataModule):
                 rows = [s for s in meta["shards"] if s["split"] == "val" and s["source"] == label]
                 tokens = sum(s["tokens"] for s in rows)
                 if tokens < self.seq_len + 1:
-                    raise ValueError(f"data.val_per_source: source {label!r} holds out {tokens} tokens, fewer than one "
-                                     f"window of seq_len+1={self.seq_len + 1}; raise data.val_fraction or set "
-                                     "data.val_per_source=false")
+                    raise ValueError(
+                        f"data.val_per_source: source {label!r} holds out {tokens} tokens, fewer than one "
+                        f"window of seq_len+1={self.seq_len + 1}; raise data.val_fraction or set "
+                        "data.val_per_source=false"
+                    )
                 self.val_sets[label] = windows(rows)
         if self.arch == "seq2seq":
             sentinels = sentinel_token_ids(self.tokenizer)
 
             def corrupted(windows: TokenWindows) -> SpanCorruption:
-                return SpanCorruption(windows, sentinels, self.tokenizer.eos_token_id, seed=self.seed,
-                                      **self.span_corruption)
+                return SpanCorruption(
+                    windows, sentinels, self.tokenizer.eos_token_id, seed=self.seed, **self.span_corruption
+                )
 
             self.train_set, self.val_set = corrupted(self.train_set), corrupted(self.val_set)
             self.val_sets = {label: corrupted(windows) for label, windows in self.val_sets.items()}
@@ -423,7 +479,11 @@ class PretrainDataModule(LMDataModule):
         """Causal: the first tokens of validation windows. Seq2seq: corrupted windows and their span targets."""
         items = [self.val_set[i] for i in range(min(n, len(self.val_set)))]
         if self.arch == "seq2seq":  # the encoder input's final EOS is added again when the prompt is encoded
-            return [(self.tokenizer.decode(x["input_ids"][:-1]),
-                     self.tokenizer.decode(x["labels"], skip_special_tokens=True))
-                    for x in items]
-        return [(self.tokenizer.decode(x["input_ids"][:min(16, self.seq_len)]), None) for x in items]
+            return [
+                (
+                    self.tokenizer.decode(x["input_ids"][:-1]),
+                    self.tokenizer.decode(x["labels"], skip_special_tokens=True),
+                )
+                for x in items
+            ]
+        return [(self.tokenizer.decode(x["input_ids"][: min(16, self.seq_len)]), None) for x in items]

@@ -23,9 +23,9 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.base import LMDataModule
-from datamodules.collate import IGNORE_INDEX
 from datamodules.formats import DataError, to_messages
 from datamodules.sources import Source, parse_sources, weighted
+from lmlab.core.collate import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def render_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
                 "the chat template does not render growing conversations as growing prefixes, so prompt and "
                 "response tokens cannot be told apart; use a template like those in conf/template/"
             )
-        segments.append((before[len(done):], False))
-        segments.append((after[len(before):], True))
+        segments.append((before[len(done) :], False))
+        segments.append((after[len(before) :], True))
         done = after
     return segments
 
@@ -82,8 +82,10 @@ def encode_labelled(
     in_span = [False] * (len(text) + 1)
     for start, end in spans:
         in_span[start:end] = [True] * (end - start)
-    labels = [token if in_span[first] else IGNORE_INDEX
-              for token, (first, _) in zip(input_ids, encoding["offset_mapping"])]
+    labels = [
+        token if in_span[first] else IGNORE_INDEX
+        for token, (first, _) in zip(input_ids, encoding["offset_mapping"], strict=False)  # offsets: uncut
+    ]
     return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
@@ -168,11 +170,23 @@ class SFTDataModule(LMDataModule):
         on_error: str = "raise",
         arch: str = "causal",
     ):
-        super().__init__(train_files, val_files, val_fraction, format, batch_size, num_workers, pad_to_multiple_of,
-                         seed, on_error, arch)
+        super().__init__(
+            train_files,
+            val_files,
+            val_fraction,
+            format,
+            batch_size,
+            num_workers,
+            pad_to_multiple_of,
+            seed,
+            on_error,
+            arch,
+        )
         if arch == "seq2seq" and train_on_prompt:
-            raise ValueError("data.train_on_prompt applies to causal models: an encoder-decoder reads the prompt "
-                             "with its encoder and has no labels there")
+            raise ValueError(
+                "data.train_on_prompt applies to causal models: an encoder-decoder reads the prompt "
+                "with its encoder and has no labels there"
+            )
         self.chat_template = chat_template
         self.max_length = max_length
         self.max_target_length = max_target_length
@@ -198,14 +212,21 @@ class SFTDataModule(LMDataModule):
                 val = self._read(self._val_sources())
             else:
                 val, per_source = self._hold_out(per_source)
-            epoch = [weighted(records, source.weight, self.seed + i)
-                     for i, (source, records) in enumerate(zip(self.sources, per_source))]
+            epoch = [
+                weighted(records, source.weight, self.seed + i)
+                for i, (source, records) in enumerate(zip(self.sources, per_source, strict=True))
+            ]
             train = [record for records in epoch for record in records]
             if not train or not val:
                 raise DataError(", ".join(self.train_files), None, "no usable records for training and validation")
-            log.info("data: %s; %d validation records", ", ".join(
-                f"{source.label} {len(records)} records x {source.weight:g} = {len(taken)}"
-                for source, records, taken in zip(self.sources, per_source, epoch)), len(val))
+            log.info(
+                "data: %s; %d validation records",
+                ", ".join(
+                    f"{source.label} {len(records)} records x {source.weight:g} = {len(taken)}"
+                    for source, records, taken in zip(self.sources, per_source, epoch, strict=True)
+                ),
+                len(val),
+            )
             self._split = (train, val)
         return self._split
 
@@ -228,8 +249,10 @@ class SFTDataModule(LMDataModule):
         sources = [parse_sources([entry])[0] for entry in self.val_files]
         for i, source in enumerate(sources):
             if source.weight != 1:
-                raise ValueError(f"data.val_files[{i}].weight: weights shape the training epoch only; "
-                                 "validation reads every record once")
+                raise ValueError(
+                    f"data.val_files[{i}].weight: weights shape the training epoch only; "
+                    "validation reads every record once"
+                )
         return sources
 
     def iter_texts(self) -> Iterator[str]:
@@ -291,7 +314,8 @@ class SFTDataModule(LMDataModule):
         pairs = []
         for _, _, messages in self.split()[1][:n]:
             first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompt = self.tokenizer.apply_chat_template(messages[:first_reply], tokenize=False,
-                                                        add_generation_prompt=True)
+            prompt = self.tokenizer.apply_chat_template(
+                messages[:first_reply], tokenize=False, add_generation_prompt=True
+            )
             pairs.append((prompt, messages[first_reply]["content"]))
         return pairs

@@ -98,8 +98,9 @@ def _batches(pieces: Iterator[tuple[str, bool]], chunk_chars: int) -> Iterator[l
         yield batch
 
 
-def encode_shard(tokenizer: Tokenizer, docs: list[str], path: Path, eos_id: int, dtype: np.dtype,
-                 chunk_chars: int) -> int:
+def encode_shard(
+    tokenizer: Tokenizer, docs: list[str], path: Path, eos_id: int, dtype: np.dtype, chunk_chars: int
+) -> int:
     """Write the documents' tokens (EOS after each) to ``path`` atomically; return the token count."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tokens = 0
@@ -107,8 +108,9 @@ def encode_shard(tokenizer: Tokenizer, docs: list[str], path: Path, eos_id: int,
         with open(tmp, "wb") as f:
             for batch in _batches(_pieces(docs, chunk_chars), chunk_chars):
                 ids: list[int] = []
-                for encoding, (_, last) in zip(tokenizer.encode_batch_fast([p for p, _ in batch],
-                                                                           add_special_tokens=False), batch):
+                for encoding, (_, last) in zip(
+                    tokenizer.encode_batch_fast([p for p, _ in batch], add_special_tokens=False), batch, strict=True
+                ):
                     ids.extend(encoding.ids)
                     if last:
                         ids.append(eos_id)
@@ -153,8 +155,12 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         rows: list[dict] = []
         pending: deque[tuple[Shard, Future | int, bool]] = deque()  # shard, its tokens (or their future), done before
-        with self._pool() as pool, tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
-                                        desc="tokenize", mininterval=1.0) as bar:
+        with (
+            self._pool() as pool,
+            tqdm(
+                total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenize", mininterval=1.0
+            ) as bar,
+        ):
             for shard in shards:
                 path = self.out_dir / shard.name
                 if path.exists():
@@ -169,8 +175,12 @@ class ShardWriter:
     def _pool(self) -> ProcessPoolExecutor | contextlib.nullcontext:
         if self.num_proc == 0:
             return contextlib.nullcontext()
-        return ProcessPoolExecutor(self.num_proc, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(self.tokenizer.to_str(),))
+        return ProcessPoolExecutor(
+            self.num_proc,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self.tokenizer.to_str(),),
+        )
 
     def _submit(self, pool: ProcessPoolExecutor | None, docs: list[str], path: Path) -> Future | int:
         """Tokenize in a worker (a future) or, without a pool, here and now (the token count)."""
@@ -186,8 +196,15 @@ class ShardWriter:
         """
         while pending and (len(pending) > keep or not isinstance(pending[0][1], Future)):
             shard, tokens, done_before = pending.popleft()
-            rows.append({"file": shard.name, "split": shard.split, "source": shard.source, "documents": len(shard.docs),
-                         "tokens": tokens.result() if isinstance(tokens, Future) else tokens})
+            rows.append(
+                {
+                    "file": shard.name,
+                    "split": shard.split,
+                    "source": shard.source,
+                    "documents": len(shard.docs),
+                    "tokens": tokens.result() if isinstance(tokens, Future) else tokens,
+                }
+            )
             if done_before:
                 bar.total -= shard.nbytes
                 bar.refresh()

@@ -57,8 +57,15 @@ def parse_sources(entries: Sequence[str | Mapping[str, Any]]) -> list[Source]:
         weight = float(entry.get("weight", 1.0))
         if not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"data.train_files[{i}].weight: expected a number > 0, got {entry.get('weight')!r}")
-        sources.append(Source(str(entry["path"]), weight, str(entry.get("name") or ""), entry.get("format"),
-                              dict(entry.get("fill") or {})))
+        sources.append(
+            Source(
+                str(entry["path"]),
+                weight,
+                str(entry.get("name") or ""),
+                entry.get("format"),
+                dict(entry.get("fill") or {}),
+            )
+        )
     labels = [s.label for s in sources]
     repeated = sorted({x for x in labels if labels.count(x) > 1})
     if repeated:

@@ -58,8 +58,11 @@ def trainable_names(model: PreTrainedModel, policy: str) -> set[str]:
     last_block = {id(p) for p in blocks[-1].parameters()}
     in_blocks = {id(p) for p in blocks.parameters()}
     embeddings = {id(p) for m in backbone.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    rest = {f"{prefix}.{name}" for name, p in backbone.named_parameters()
-            if id(p) in last_block or (id(p) not in in_blocks and id(p) not in embeddings)}
+    rest = {
+        f"{prefix}.{name}"
+        for name, p in backbone.named_parameters()
+        if id(p) in last_block or (id(p) not in in_blocks and id(p) not in embeddings)
+    }
     return head | rest
 
 
@@ -106,7 +109,7 @@ def positive_log_odds(logits: torch.Tensor, positive: int) -> torch.Tensor:
     well-trained model stay distinct and a threshold between them survives float32 and export.
     """
     logits = logits.float()
-    others = torch.cat([logits[:, :positive], logits[:, positive + 1:]], dim=-1)
+    others = torch.cat([logits[:, :positive], logits[:, positive + 1 :]], dim=-1)
     return logits[:, positive] - others.logsumexp(-1)
 
 
@@ -159,7 +162,7 @@ def write_confusion(confusion: torch.Tensor, labels: Sequence[str], out: Path, t
     with open(out.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted", *labels])
-        writer.writerows([label, *row] for label, row in zip(labels, counts))
+        writer.writerows([label, *row] for label, row in zip(labels, counts, strict=True))
     fig, ax = MulticlassConfusionMatrix(len(labels)).plot(val=confusion.cpu(), add_text=True, labels=list(labels))
     ax.set_title(title)
     fig.savefig(out.with_suffix(".png"), dpi=100, bbox_inches="tight")
@@ -176,8 +179,17 @@ class ClassifierModule(TrainingModule):
     """Cross entropy over classes (with the datamodule's class weights under data.balance=class_weights);
     predictions by argmax, or by a threshold on ``positive``'s log-odds chosen on val (see the module doc)."""
 
-    def __init__(self, model: PreTrainedModel, optim: dict, labels: Sequence[str], trainable: str,
-                 report_dir: str, positive: str | None, max_fpr: float, compile: bool = False):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        optim: dict,
+        labels: Sequence[str],
+        trainable: str,
+        report_dir: str,
+        positive: str | None,
+        max_fpr: float,
+        compile: bool = False,
+    ):
         super().__init__(model, optim, compile)
         self.save_hyperparameters(ignore=["model"])
         if model.config.num_labels != len(labels):
@@ -216,8 +228,12 @@ class ClassifierModule(TrainingModule):
         entry = None
         if self.positive is not None:
             t = float(self.threshold)
-            entry = {"label": self.labels[self.positive], "log_odds": t, "probability": 1 / (1 + math.exp(-t)),
-                     "max_fpr": self.max_fpr}
+            entry = {
+                "label": self.labels[self.positive],
+                "log_odds": t,
+                "probability": 1 / (1 + math.exp(-t)),
+                "max_fpr": self.max_fpr,
+            }
         setattr(self.model.config, THRESHOLD_KEY, entry)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -272,15 +288,20 @@ class ClassifierModule(TrainingModule):
         class-balanced numbers; write and log the confusion matrix."""
         logits, labels = self.logits[split].compute(), self.targets[split].compute().long()
         if split == "val" and self.positive is not None:
-            if not self.trainer.sanity_checking and sum(self.trainer.num_val_batches) < len(self.trainer.val_dataloaders):
-                rank_zero_warn(f"the threshold is chosen on {sum(self.trainer.num_val_batches)} of the "
-                               f"{len(self.trainer.val_dataloaders)} val batches: set trainer.limit_val_batches=1.0")
+            if not self.trainer.sanity_checking and sum(self.trainer.num_val_batches) < len(
+                self.trainer.val_dataloaders
+            ):
+                rank_zero_warn(
+                    f"the threshold is chosen on {sum(self.trainer.num_val_batches)} of the "
+                    f"{len(self.trainer.val_dataloaders)} val batches: set trainer.limit_val_batches=1.0"
+                )
             scores = positive_log_odds(logits, self.positive)
             self.threshold.fill_(choose_threshold(scores, labels == self.positive, self.max_fpr))
             self._export_threshold()
             self.log("val/threshold", self.threshold)
-        confusion = multiclass_confusion_matrix(decide(logits, self.positive, float(self.threshold)), labels,
-                                                len(self.labels))
+        confusion = multiclass_confusion_matrix(
+            decide(logits, self.positive, float(self.threshold)), labels, len(self.labels)
+        )
         self.log(f"{split}/loss", self.losses[split].compute(), prog_bar=True)
         for name, value in scalar_metrics({"confusion": confusion}, self.labels).items():
             self.log(f"{split}/{name}", value, prog_bar=name == "acc")
@@ -293,6 +314,6 @@ class ClassifierModule(TrainingModule):
         _, png = write_confusion(confusion, self.labels, self.report_dir / f"confusion_{split}", title)
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
-                rows = [[label, *row] for label, row in zip(self.labels, confusion.tolist())]
+                rows = [[label, *row] for label, row in zip(self.labels, confusion.tolist(), strict=True)]
                 logger.log_table(f"{split}/confusion_matrix", columns=["true", *self.labels], data=rows)
                 logger.log_image(f"{split}/confusion_matrix_png", images=[str(png)])

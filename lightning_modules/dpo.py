@@ -34,13 +34,22 @@ from lightning_modules.dpo_loss import (
     sequence_logps,
 )
 from lightning_modules.lm import LMModule, lm_forward
-from lmlab.models import auto_class, resolve_hf_dir
+from lmlab.core.models import auto_class, resolve_hf_dir
 
 log = logging.getLogger(__name__)
 
 REFERENCES = ("copy", "precomputed")
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected", "logits/chosen", "logits/rejected")  # TRL's names
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)  # TRL's names
 
 
 def disable_dropout_in_model(model: torch.nn.Module) -> None:
@@ -129,8 +138,10 @@ class DPOModule(LMModule):
         if self.hparams.reference == "copy":
             self.reference.to(self.device)
         elif not self.ref_logps:
-            for split, dataset in (("train", self.trainer.datamodule.train_set),
-                                   ("val", self.trainer.datamodule.val_set)):
+            for split, dataset in (
+                ("train", self.trainer.datamodule.train_set),
+                ("val", self.trainer.datamodule.val_set),
+            ):
                 self.ref_logps[split] = self._precompute(split, dataset)
             self._reference.clear()  # the reference's job is done: free its memory
             torch.cuda.empty_cache()
@@ -179,21 +190,33 @@ class DPOModule(LMModule):
         policy_chosen, policy_rejected = policy.chunk(2)
         ref_chosen, ref_rejected = self._reference_logps(batch, split)
         losses, chosen_rewards, rejected_rewards = preference_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.hparams.beta, self.hparams.loss_type,
-            self.hparams.label_smoothing)
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            self.hparams.beta,
+            self.hparams.loss_type,
+            self.hparams.label_smoothing,
+        )
         loss = losses.mean()
         labels_chosen, labels_rejected = batch["labels"].chunk(2)
         if self.hparams.rpo_alpha:  # the SFT term: per-token NLL of the chosen answers (IPO's logps are per token)
             counts = label_counts(labels_chosen)
             loss = loss + self.hparams.rpo_alpha * rpo_nll(
-                policy_chosen, torch.ones_like(counts) if self.hparams.loss_type == "ipo" else counts)
+                policy_chosen, torch.ones_like(counts) if self.hparams.loss_type == "ipo" else counts
+            )
         if not with_metrics:
             return loss, {}
         logits_chosen, logits_rejected = logits.detach().chunk(2)
         with torch.no_grad():
             metrics = preference_metrics(
-                chosen_rewards, rejected_rewards, policy_chosen.detach(), policy_rejected.detach(),
-                masked_mean_logits(logits_chosen, labels_chosen), masked_mean_logits(logits_rejected, labels_rejected))
+                chosen_rewards,
+                rejected_rewards,
+                policy_chosen.detach(),
+                policy_rejected.detach(),
+                masked_mean_logits(logits_chosen, labels_chosen),
+                masked_mean_logits(logits_rejected, labels_rejected),
+            )
         return loss, metrics
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

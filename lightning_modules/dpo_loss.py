@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from datamodules.collate import IGNORE_INDEX
+from lmlab.core.collate import IGNORE_INDEX
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from datamodules.collate import IGNORE_INDEX
 from lightning_modules.base import TrainingModule
-from lmlab.models import flops_per_batch
+from lmlab.core.collate import IGNORE_INDEX
+from lmlab.core.models import flops_per_batch
 
 GROUPS = ("embeddings", "encoder")  # named parameter groups of freeze=[...]; other entries are regexes
 
 
 def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss: bool):
-    """The model's output on a batch of datamodules.collate; logits align with ``batch["labels"]``.
+    """The model's output on a batch of lmlab.core.collate; logits align with ``batch["labels"]``.
 
     A causal batch's labels are pre-shifted (``shift_labels``). An encoder-decoder builds its
     decoder inputs from the labels (start token, then the labels shifted right); without
@@ -28,10 +28,20 @@ def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss
     labels = batch["labels"] if with_loss else None
     if model.config.is_encoder_decoder:
         decoder_input_ids = None if with_loss else model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                     decoder_input_ids=decoder_input_ids, use_cache=False)
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                 shift_labels=labels, use_cache=False)
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=labels,
+            decoder_input_ids=decoder_input_ids,
+            use_cache=False,
+        )
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        shift_labels=labels,
+        use_cache=False,
+    )
 
 
 def freeze_parameters(model: PreTrainedModel, patterns: Sequence[str]) -> list[str]:
@@ -60,7 +70,7 @@ def freeze_parameters(model: PreTrainedModel, patterns: Sequence[str]) -> list[s
 
 
 class LMModule(TrainingModule):
-    """Wraps a transformers causal LM or encoder-decoder (T5); see datamodules.collate for the batches.
+    """Wraps a transformers causal LM or encoder-decoder (T5); see lmlab.core.collate for the batches.
 
     A causal batch carries pre-shifted labels; an encoder-decoder batch carries the encoder's
     input_ids and the decoder's labels, which the model shifts right behind its decoder start

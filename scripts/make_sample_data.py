@@ -37,72 +37,107 @@ def zh_number(n: int) -> str:
 def english_doc(rng: random.Random) -> str:
     name, thing, place = rng.choice(NAMES_EN), rng.choice(THINGS_EN), rng.choice(PLACES_EN)
     a, b = rng.randint(1, 9), rng.randint(1, 9)
-    return rng.choice([
-        f"{name} has {a} {thing}. {name} finds {b} more {thing} at {place}, so now {name} has {a + b} {thing}.",
-        f"The sum of {a} and {b} is {a + b}. The product of {a} and {b} is {a * b}.",
-        f"{name} walked to {place} and counted {a} {thing} on the way there and {b} on the way back: {a + b} in all.",
-        f"In the morning {name} went to {place}. There were {a} {thing} on the table and {b} under it.",
-        f"{a} plus {b} equals {a + b}, and {a + b} minus {b} equals {a}.",
-    ])
+    return rng.choice(
+        [
+            f"{name} has {a} {thing}. {name} finds {b} more {thing} at {place}, so now {name} has {a + b} {thing}.",
+            f"The sum of {a} and {b} is {a + b}. The product of {a} and {b} is {a * b}.",
+            f"{name} walked to {place} and counted {a} {thing} on the way there and {b} on the way back: "
+            f"{a + b} in all.",
+            f"In the morning {name} went to {place}. There were {a} {thing} on the table and {b} under it.",
+            f"{a} plus {b} equals {a + b}, and {a + b} minus {b} equals {a}.",
+        ]
+    )
 
 
 def chinese_doc(rng: random.Random) -> str:
     name, (unit, thing), place = rng.choice(NAMES_ZH), rng.choice(THINGS_ZH), rng.choice(PLACES_ZH)
     a, b = rng.randint(1, 9), rng.randint(1, 9)
     za, zb, zs = zh_number(a), zh_number(b), zh_number(a + b)
-    return rng.choice([
-        f"{name}有{za}{unit}{thing}，在{place}又找到{zb}{unit}，现在一共有{zs}{unit}{thing}。",
-        f"{za}加{zb}等于{zs}。{za}乘{zb}等于{zh_number(a * b)}。",
-        f"早上{name}去了{place}，路上看见{za}{unit}{thing}，回来时又看见{zb}{unit}，一共{zs}{unit}。",
-        f"{zs}减{zb}等于{za}，{za}加{zb}等于{zs}。",
-    ])
+    return rng.choice(
+        [
+            f"{name}有{za}{unit}{thing}，在{place}又找到{zb}{unit}，现在一共有{zs}{unit}{thing}。",
+            f"{za}加{zb}等于{zs}。{za}乘{zb}等于{zh_number(a * b)}。",
+            f"早上{name}去了{place}，路上看见{za}{unit}{thing}，回来时又看见{zb}{unit}，一共{zs}{unit}。",
+            f"{zs}减{zb}等于{za}，{za}加{zb}等于{zs}。",
+        ]
+    )
 
 
 def alpaca_record(rng: random.Random) -> dict:
     a, b = rng.randint(0, 20), rng.randint(0, 20)
     word = rng.choice(WORDS)
-    return rng.choice([
-        {"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)},
-        {"instruction": "Reverse the letters of the word.", "input": word, "output": word[::-1]},
-        {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."},
-        {"instruction": "计算两个数的和。", "input": f"{zh_number(a % 10)}加{zh_number(b % 10)}",
-         "output": zh_number(a % 10 + b % 10)},
-        {"instruction": f"{zh_number(a % 10)}乘{zh_number(b % 10)}等于多少？", "input": "",
-         "output": f"等于{zh_number((a % 10) * (b % 10))}。"},
-    ])
+    return rng.choice(
+        [
+            {"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)},
+            {"instruction": "Reverse the letters of the word.", "input": word, "output": word[::-1]},
+            {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."},
+            {
+                "instruction": "计算两个数的和。",
+                "input": f"{zh_number(a % 10)}加{zh_number(b % 10)}",
+                "output": zh_number(a % 10 + b % 10),
+            },
+            {
+                "instruction": f"{zh_number(a % 10)}乘{zh_number(b % 10)}等于多少？",
+                "input": "",
+                "output": f"等于{zh_number((a % 10) * (b % 10))}。",
+            },
+        ]
+    )
 
 
 def chat_record(rng: random.Random) -> dict:
     a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(2, 3)
     if rng.random() < 0.5:
-        return {"messages": [
-            {"role": "system", "content": "You are a careful calculator."},
-            {"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"{a + b}."},
-            {"role": "user", "content": f"And that times {c}?"},
-            {"role": "assistant", "content": f"{(a + b) * c}."},
-        ]}
-    return {"conversations": [
-        {"from": "human", "value": f"{zh_number(a)}加{zh_number(b)}等于多少？"},
-        {"from": "gpt", "value": f"等于{zh_number(a + b)}。"},
-        {"from": "human", "value": f"再乘{zh_number(c)}呢？"},
-        {"from": "gpt", "value": f"等于{zh_number((a + b) * c)}。"},
-    ]}
+        return {
+            "messages": [
+                {"role": "system", "content": "You are a careful calculator."},
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"{a + b}."},
+                {"role": "user", "content": f"And that times {c}?"},
+                {"role": "assistant", "content": f"{(a + b) * c}."},
+            ]
+        }
+    return {
+        "conversations": [
+            {"from": "human", "value": f"{zh_number(a)}加{zh_number(b)}等于多少？"},
+            {"from": "gpt", "value": f"等于{zh_number(a + b)}。"},
+            {"from": "human", "value": f"再乘{zh_number(c)}呢？"},
+            {"from": "gpt", "value": f"等于{zh_number((a + b) * c)}。"},
+        ]
+    }
 
 
 def preference_record(rng: random.Random) -> dict:
     """A DPO pair: the right answer (or a polite one, as GPT2-SFT's data) chosen, a wrong or rude one rejected."""
     a, b = rng.randint(0, 20), rng.randint(0, 20)
     wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
-    return rng.choice([
-        {"instruction": f"What is {a} plus {b}?", "input": "", "chosen": f"{a} plus {b} is {a + b}.",
-         "rejected": f"{a} plus {b} is {wrong}."},
-        {"instruction": "Add the two numbers.", "input": f"{a} + {b}", "chosen": str(a + b), "rejected": str(wrong)},
-        {"prompt": f"{zh_number(a % 10)}加{zh_number(b % 10)}等于多少？", "chosen": f"等于{zh_number(a % 10 + b % 10)}。",
-         "rejected": f"等于{zh_number((a % 10 + b % 10 + 1) % 19)}。"},
-        {"instruction": f"Please tell me what {a} plus {b} is.", "input": "",
-         "chosen": f"Of course! {a} plus {b} is {a + b}.", "rejected": f"Figure it out yourself. It is {a + b}."},
-    ])
+    return rng.choice(
+        [
+            {
+                "instruction": f"What is {a} plus {b}?",
+                "input": "",
+                "chosen": f"{a} plus {b} is {a + b}.",
+                "rejected": f"{a} plus {b} is {wrong}.",
+            },
+            {
+                "instruction": "Add the two numbers.",
+                "input": f"{a} + {b}",
+                "chosen": str(a + b),
+                "rejected": str(wrong),
+            },
+            {
+                "prompt": f"{zh_number(a % 10)}加{zh_number(b % 10)}等于多少？",
+                "chosen": f"等于{zh_number(a % 10 + b % 10)}。",
+                "rejected": f"等于{zh_number((a % 10 + b % 10 + 1) % 19)}。",
+            },
+            {
+                "instruction": f"Please tell me what {a} plus {b} is.",
+                "input": "",
+                "chosen": f"Of course! {a} plus {b} is {a + b}.",
+                "rejected": f"Figure it out yourself. It is {a + b}.",
+            },
+        ]
+    )
 
 
 def message_record(rng: random.Random) -> tuple[str, str]:
@@ -110,19 +145,23 @@ def message_record(rng: random.Random) -> tuple[str, str]:
     name, place, thing = rng.choice(NAMES_EN), rng.choice(PLACES_EN), rng.choice(THINGS_EN)
     hour, amount, code = rng.randint(1, 12), rng.choice([100, 250, 500, 1000, 2000]), rng.randint(10000, 99999)
     if rng.random() < 0.25:
-        return "spam", rng.choice([
-            f"WINNER! You have won a {amount} pound prize. Call 0906{code} now to claim, T&C apply.",
-            f"Free entry: text WIN to {code} for a chance of {amount} {thing}. Reply STOP to end.",
-            f"URGENT! Your mobile number has been awarded {amount} pounds. Call 0871{code} before {hour}pm.",
-            f"Congratulations, you are selected for a free holiday. Send YES to {code} to claim your prize.",
-        ])
-    return "ham", rng.choice([
-        f"Are you coming to {place} later? {name} will be there at {hour}.",
-        f"Hey, can you bring the {thing} tomorrow? Thanks!",
-        f"Sorry I missed your call, I was at {place}. Call you back at {hour}.",
-        f"{name} says hi. We are meeting at {place} around {hour}, text me when you are free.",
-        f"Ok, I will pick up {amount % 9 + 1} {thing} on the way home.",
-    ])
+        return "spam", rng.choice(
+            [
+                f"WINNER! You have won a {amount} pound prize. Call 0906{code} now to claim, T&C apply.",
+                f"Free entry: text WIN to {code} for a chance of {amount} {thing}. Reply STOP to end.",
+                f"URGENT! Your mobile number has been awarded {amount} pounds. Call 0871{code} before {hour}pm.",
+                f"Congratulations, you are selected for a free holiday. Send YES to {code} to claim your prize.",
+            ]
+        )
+    return "ham", rng.choice(
+        [
+            f"Are you coming to {place} later? {name} will be there at {hour}.",
+            f"Hey, can you bring the {thing} tomorrow? Thanks!",
+            f"Sorry I missed your call, I was at {place}. Call you back at {hour}.",
+            f"{name} says hi. We are meeting at {place} around {hour}, text me when you are free.",
+            f"Ok, I will pick up {amount % 9 + 1} {thing} on the way home.",
+        ]
+    )
 
 
 def main() -> None:
@@ -142,8 +181,9 @@ def main() -> None:
     lines = (json.dumps(preference_record(rng), ensure_ascii=False) for _ in range(1200))
     (out / "preference.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     rng = random.Random(args.seed + 2)
-    (out / "messages.tsv").write_text("".join("\t".join(message_record(rng)) + "\n" for _ in range(800)),
-                                      encoding="utf-8")
+    (out / "messages.tsv").write_text(
+        "".join("\t".join(message_record(rng)) + "\n" for _ in range(800)), encoding="utf-8"
+    )
     print(f"wrote sample data to {out}")
 
 

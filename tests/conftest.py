@@ -16,28 +16,54 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PROJECT_ROOT", str(REPO))
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs one worker per core (pytest -n 2): one torch thread each, here and in the entry points the
+    # tests start as subprocesses; two workers with a thread per core each spin-wait on each other (DPO's learning
+    # test took 7x longer than alone)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 # Tiny, quick settings every test run starts from.
 TINY = [
-    "model=llama-tiny", "logger=csv", "max_steps=30", "batch_size=8", "seq_len=64", "warmup_steps=5",
-    "trainer.val_check_interval=15", "trainer.limit_val_batches=2", "trainer.enable_model_summary=false",
-    "generation.max_new_tokens=4", "bpe.vocab_size=512",
+    "model=llama-tiny",
+    "logger=csv",
+    "max_steps=30",
+    "batch_size=8",
+    "seq_len=64",
+    "warmup_steps=5",
+    "trainer.val_check_interval=15",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_model_summary=false",
+    "generation.max_new_tokens=4",
+    "bpe.vocab_size=512",
 ]
 
 
 def compose_cfg(tmp_path: Path, overrides: list[str]) -> DictConfig:
     """The composed training config, writing into tmp_path (no Hydra run dir needed)."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=[*TINY, f"paths.output_dir={tmp_path}",
-                                           f"paths.cache_dir={tmp_path}/cache", *overrides])
+        return compose(
+            "train", overrides=[*TINY, f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", *overrides]
+        )
 
 
-def run_script(*args: str, cwd: Path = REPO, timeout: int = 300, check: bool = True,
-               input: str | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    *args: str, cwd: Path = REPO, timeout: int = 300, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess:
     """Run an entry point (train.py, sweep.py, generate.py, ...) as a user would, ``input`` on its stdin."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          input=input, check=False)
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        check=False,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -48,7 +74,7 @@ TINY_TEXTS = ["Add the two numbers. 3 + 4 = 7", "What is 5 plus 6? It is 11.", "
 
 def tiny_bpe(level: str):
     """A BPE of conf/bpe/<level>.yaml with a 400-token vocabulary, trained on TINY_TEXTS, chatml template."""
-    from lmlab.tokenizer import train_bpe
+    from lmlab.core.tokenizer import train_bpe
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"bpe={level}"])
@@ -74,7 +100,7 @@ def expected(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], li
     encodings of the text up to segment k-1 and up to segment k; each such prefix encoding must be the start of
     the whole encoding (no token crosses a segment boundary in the texts the tests use), which is checked.
     """
-    from datamodules.collate import IGNORE_INDEX
+    from lmlab.core.collate import IGNORE_INDEX
 
     ids = tokenizer.encode("".join(text for text, _ in segments), add_special_tokens=False)
     labels, prefix = [], ""
@@ -82,7 +108,7 @@ def expected(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], li
         prefix += text
         upto = tokenizer.encode(prefix, add_special_tokens=False)
         assert upto == ids[: len(upto)], f"a token crosses the end of segment {text!r}"
-        labels += ids[len(labels): len(upto)] if is_response else [IGNORE_INDEX] * (len(upto) - len(labels))
+        labels += ids[len(labels) : len(upto)] if is_response else [IGNORE_INDEX] * (len(upto) - len(labels))
     return ids, labels
 
 

@@ -32,15 +32,20 @@ def good_line() -> bytes:
     return json.dumps(GOOD).encode()
 
 
-@pytest.mark.parametrize("bad, message", [
-    (b'{"instruction": "Add.", "output": "3"', "malformed JSON"),
-    (json.dumps({"instruction": "Add.", "input": ""}).encode(), "field 'output': missing or empty"),
-    (json.dumps({"instruction": "  ", "output": "3"}).encode(), "field 'instruction': missing or empty"),
-    (b'{"instruction": "Add \xff", "output": "3"}', "not valid UTF-8"),
-    (json.dumps({"question": "?", "answer": "!"}).encode(), "cannot tell the record's shape"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}).encode(),
-     "field 'messages[1].role': unknown role"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (b'{"instruction": "Add.", "output": "3"', "malformed JSON"),
+        (json.dumps({"instruction": "Add.", "input": ""}).encode(), "field 'output': missing or empty"),
+        (json.dumps({"instruction": "  ", "output": "3"}).encode(), "field 'instruction': missing or empty"),
+        (b'{"instruction": "Add \xff", "output": "3"}', "not valid UTF-8"),
+        (json.dumps({"question": "?", "answer": "!"}).encode(), "cannot tell the record's shape"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}).encode(),
+            "field 'messages[1].role': unknown role",
+        ),
+    ],
+)
 @pytest.mark.parametrize("arch", ["causal", "seq2seq"])
 def test_bad_sft_record_names_file_line_and_field(tmp_path, tiny_tokenizer, bad, message, arch):
     path = tmp_path / "train.jsonl"
@@ -93,8 +98,9 @@ def test_pretrain_text_with_bad_bytes_names_the_line(tmp_path, tiny_tokenizer):
     dm.tokenizer = tiny_tokenizer
     with pytest.raises(DataError, match=r"corpus\.txt:3: not valid UTF-8"):
         dm.prepare_data()
-    dm_skip = PretrainDataModule(train_files=[str(path)], cache_dir=str(tmp_path / "cache"), seq_len=4,
-                                 on_error="skip", val_fraction=0.0)
+    dm_skip = PretrainDataModule(
+        train_files=[str(path)], cache_dir=str(tmp_path / "cache"), seq_len=4, on_error="skip", val_fraction=0.0
+    )
     dm_skip.tokenizer = tiny_tokenizer
     dm_skip.prepare_data()
     assert dm_skip.skips.skipped == {"unreadable lines": 1}

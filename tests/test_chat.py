@@ -1,5 +1,5 @@
-"""chat.py and lmlab/chat.py: streamed replies, history through the chat template, /set, /reset, /exit, T5, and a
-script driving it through stdin."""
+"""chat.py and lmlab/infer/conversation.py: streamed replies, history through the chat template, /set, /reset,
+/exit, T5, and a script driving it through stdin."""
 
 from __future__ import annotations
 
@@ -13,11 +13,19 @@ from conftest import REPO
 from test_eval import llama_dir, tiny_hf  # noqa: F401 - llama_dir is a fixture
 
 from chat import take_prompts
-from lmlab.chat import ChatSession, ReplyStreamer, run_chat
-from lmlab.generation import load_for_inference
+from lmlab.infer.conversation import ChatSession, ReplyStreamer, run_chat
+from lmlab.infer.generation import load_for_inference
 
-SETTINGS = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
-            "top_k": 50, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+SETTINGS = {
+    "max_new_tokens": 12,
+    "min_new_tokens": 12,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 50,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+}
 
 
 class Recorder(io.StringIO):
@@ -48,18 +56,27 @@ def test_reply_is_streamed_in_pieces_and_equals_the_returned_answer(session):
 def test_history_goes_into_the_next_prompt_and_reset_clears_it(session):
     first = session.reply("What is 3 plus 4?")
     prompt = session.render("And times 2?")
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 plus 4?"},
-                {"role": "assistant", "content": first}, {"role": "user", "content": "And times 2?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 3 plus 4?"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And times 2?"},
+    ]
     assert prompt == session.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert session.command("/reset") == ("conversation cleared", True)
     assert session.render("hi") == "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\n"
 
 
 def test_oldest_exchanges_are_left_out_to_fit_the_context(session):
-    session.history = [m for i in range(6) for m in ({"role": "user", "content": f"question {i} " * 5},
-                                                     {"role": "assistant", "content": "ok"})]
-    session.max_context_tokens = len(session.tokenizer.encode(session._render(session.history[-4:] + [
-        {"role": "user", "content": "now"}]))) + session.settings["max_new_tokens"]
+    session.history = [
+        m
+        for i in range(6)
+        for m in ({"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": "ok"})
+    ]
+    session.max_context_tokens = (
+        len(session.tokenizer.encode(session._render(session.history[-4:] + [{"role": "user", "content": "now"}])))
+        + session.settings["max_new_tokens"]
+    )
     prompt = session.render("now")
     assert "question 4" in prompt and "question 5" in prompt and "question 3" not in prompt
     assert session.dropped == 4
@@ -96,15 +113,33 @@ def test_t5_chats_with_the_encoder_reading_the_conversation(tmp_path):
 
 def test_prompt_flag_is_taken_out_before_hydra():
     assert take_prompts(["run=x", "--prompt", "a, b [c]", "--prompt=d=e", "seed=1"]) == (
-        ["a, b [c]", "d=e"], ["run=x", "seed=1"])
+        ["a, b [c]", "d=e"],
+        ["run=x", "seed=1"],
+    )
 
 
+@pytest.mark.slow
 def test_chat_py_driven_through_stdin(llama_dir):  # noqa: F811
     lines = "hello there\n/set temperature 0.5\nsecond turn\n/reset\nthird turn\n/exit\nnever answered\n"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "chat.py", f"run={llama_dir}", "verbose=true", "seed=0",
-                           "generation.max_new_tokens=6", "system=Be brief."], input=lines, cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "chat.py",
+            f"run={llama_dir}",
+            "verbose=true",
+            "seed=0",
+            "generation.max_new_tokens=6",
+            "system=Be brief.",
+        ],
+        input=lines,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     answers = proc.stdout.splitlines()
     assert len(answers) == 3, proc.stdout

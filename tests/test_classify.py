@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from datamodules.classification import ClassificationCollator, split_examples, to_labelled, undersample
 from datamodules.formats import DataError
 from lightning_modules.classifier import choose_threshold, decide, exported_threshold, positive_log_odds, scalar_metrics
-from lmlab.models import build_model
+from lmlab.core.models import build_model
 
 TEXTS = ["Add the two numbers.", "What is 5 plus 6? It is 11.", "你好"]
 
@@ -40,7 +40,9 @@ def test_pooling_reads_the_last_real_token(model, side, tiny_tokenizer):
         hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     # the last position whose attention mask is 1, found without the pad id
     last = torch.tensor([int(row.nonzero().max()) for row in batch["attention_mask"]])
-    assert last.tolist() == ([len(s["input_ids"]) - 1 for s in samples] if side == "right" else [batch["input_ids"].shape[1] - 1] * 3)
+    assert last.tolist() == (
+        [len(s["input_ids"]) - 1 for s in samples] if side == "right" else [batch["input_ids"].shape[1] - 1] * 3
+    )
     manual = classifier.score(hidden[torch.arange(3), last])
     assert logits.shape == (3, 3)  # multi-class head
     torch.testing.assert_close(logits, manual)
@@ -60,25 +62,40 @@ def test_left_and_right_padding_classify_alike_with_rotary_positions(tiny_tokeni
 
 EXPECTED_TRAINABLE = {  # (model, policy): predicate on parameter names
     ("llama-tiny", "head"): lambda n: n == "score.weight",
-    ("llama-tiny", "head+last_block"): lambda n: n in ("score.weight", "model.norm.weight")
-    or n.startswith("model.layers.1."),
-    ("gpt2-tiny", "head+last_block"): lambda n: n == "score.weight" or n.startswith(("transformer.h.1.", "transformer.ln_f.")),
+    ("llama-tiny", "head+last_block"): lambda n: (
+        n in ("score.weight", "model.norm.weight") or n.startswith("model.layers.1.")
+    ),
+    ("gpt2-tiny", "head+last_block"): lambda n: (
+        n == "score.weight" or n.startswith(("transformer.h.1.", "transformer.ln_f."))
+    ),
     ("llama-tiny", "all"): lambda n: True,
 }
 
 
 @pytest.mark.parametrize("model, policy", sorted(EXPECTED_TRAINABLE))
 def test_frozen_parameters_stay_bit_identical(model, policy, tmp_path, tiny_tokenizer):
-    cfg = compose_cfg(tmp_path, [f"model={model}", "stage=classify", f"stage.module.trainable={policy}",
-                                 "data.balance=none"])
+    cfg = compose_cfg(
+        tmp_path, [f"model={model}", "stage=classify", f"stage.module.trainable={policy}", "data.balance=none"]
+    )
     datamodule = instantiate(cfg.data)
     datamodule.tokenizer = tiny_tokenizer
     classifier = build_model(cfg.model, tiny_tokenizer, list(cfg.data.labels))
     before = {n: p.detach().clone() for n, p in classifier.named_parameters()}
-    module = instantiate(cfg.stage.module, model=classifier, optim=OmegaConf.to_container(cfg.optim, resolve=True),
-                         _recursive_=False, _convert_="all")
-    L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-              enable_model_summary=False).fit(module, datamodule=datamodule)
+    module = instantiate(
+        cfg.stage.module,
+        model=classifier,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        _recursive_=False,
+        _convert_="all",
+    )
+    L.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+    ).fit(module, datamodule=datamodule)
     expected = EXPECTED_TRAINABLE[(model, policy)]
     for name, p in classifier.named_parameters():
         if expected(name):
@@ -110,7 +127,10 @@ def test_the_split_keeps_each_class_share_and_undersampling_touches_train_only(t
     assert split_examples(data, {"val": 0.1, "test": 0.2}, seed=3) == parts  # seeded
     dm = instantiate(compose_cfg(tmp_path, ["stage=classify", "data.balance=undersample"]).data)  # 612 ham / 188 spam
     assert {s: dm.class_counts(s) for s in ("train", "val", "test")} == {
-        "train": [131, 131], "val": [61, 19], "test": [122, 38]}
+        "train": [131, 131],
+        "val": [61, 19],
+        "test": [122, 38],
+    }
     natural = instantiate(compose_cfg(tmp_path, ["stage=classify", "data.balance=none"]).data)
     assert natural.splits()["test"] == dm.splits()["test"] and natural.splits()["val"] == dm.splits()["val"]
     assert natural.class_counts("train") == [429, 131]
@@ -118,10 +138,17 @@ def test_the_split_keeps_each_class_share_and_undersampling_touches_train_only(t
 
 def test_metrics_from_a_confusion_matrix():
     values = scalar_metrics({"confusion": torch.tensor([[90, 10], [5, 15]])}, ["ham", "spam"])
-    expected = {"acc": 105 / 120, "precision/spam": 15 / 25, "recall/spam": 0.75, "recall/ham": 0.9,
-                "fpr/spam": 10 / 100, "fpr/ham": 5 / 20, "balanced_acc": (0.9 + 0.75) / 2,
-                "balanced_precision/spam": 0.75 / (0.75 + 0.1),
-                "f1": (2 * 0.9 * (90 / 95) / (0.9 + 90 / 95) + 2 * 0.75 * 0.6 / 1.35) / 2}
+    expected = {
+        "acc": 105 / 120,
+        "precision/spam": 15 / 25,
+        "recall/spam": 0.75,
+        "recall/ham": 0.9,
+        "fpr/spam": 10 / 100,
+        "fpr/ham": 5 / 20,
+        "balanced_acc": (0.9 + 0.75) / 2,
+        "balanced_precision/spam": 0.75 / (0.75 + 0.1),
+        "f1": (2 * 0.9 * (90 / 95) / (0.9 + 90 / 95) + 2 * 0.75 * 0.6 / 1.35) / 2,
+    }
     for name, value in expected.items():
         assert float(values[name]) == pytest.approx(value, rel=1e-6), name
 
@@ -163,20 +190,43 @@ def test_an_unknown_label_names_its_file_and_line(tmp_path):
     data = tmp_path / "msgs.tsv"
     data.write_text("ham\thello\nspam\tWIN now\nhamm\ttypo in the label\nham\tsee you\n", encoding="utf-8")
     cfg = compose_cfg(tmp_path, ["stage=classify", f"data.train_files=[{data}]"])
-    with pytest.raises(DataError, match=r"msgs.tsv:3: field 'label': unknown label 'hamm'; data.labels is \['ham', 'spam'\]"):
+    with pytest.raises(
+        DataError, match=r"msgs.tsv:3: field 'label': unknown label 'hamm'; data.labels is \['ham', 'spam'\]"
+    ):
         instantiate(cfg.data).splits()
-    skipping = instantiate(compose_cfg(tmp_path, ["stage=classify", f"data.train_files=[{data}]", "data.on_error=skip",
-                                                  "data.balance=none", "data.val_fraction=0.3",
-                                                  "data.test_fraction=0.3"]).data)
+    skipping = instantiate(
+        compose_cfg(
+            tmp_path,
+            [
+                "stage=classify",
+                f"data.train_files=[{data}]",
+                "data.on_error=skip",
+                "data.balance=none",
+                "data.val_fraction=0.3",
+                "data.test_fraction=0.3",
+            ],
+        ).data
+    )
     assert sum(len(part) for part in skipping.splits().values()) == 3 and skipping.skips.total == 1
     assert to_labelled({"text": "x", "label": 1}, "f", 1, "text", "label", ["ham", "spam"]) == ("x", 1)  # an id
 
 
+@pytest.mark.slow
 def test_classifier_learns_tests_the_best_checkpoint_and_exports_what_it_tested(tmp_path):
     run = tmp_path / "run"
-    run_script("train.py", "stage=classify", "logger=csv", "max_steps=60", "batch_size=16", "seq_len=48",
-               "bpe.vocab_size=400", "trainer.val_check_interval=20", "stage.module.trainable=all",
-               f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path}/cache")
+    run_script(
+        "train.py",
+        "stage=classify",
+        "logger=csv",
+        "max_steps=60",
+        "batch_size=16",
+        "seq_len=48",
+        "bpe.vocab_size=400",
+        "trainer.val_check_interval=20",
+        "stage.module.trainable=all",
+        f"hydra.run.dir={run}",
+        f"paths.cache_dir={tmp_path}/cache",
+    )
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     test = next(r for r in rows if r.get("test/acc"))
@@ -212,18 +262,28 @@ def test_classifier_learns_tests_the_best_checkpoint_and_exports_what_it_tested(
     assert [line.split("\t")[0] for line in out] == [model.config.id2label[int(i)] for i in predicted[:5]]
     assert [line.split("\t", 2)[2] for line in out] == texts
     # eval.py task=classify on the test split agrees with the test the run logged
-    run_script("eval.py", f"run={run}", "data=sample_classify", "task=classify", "split=test", "wandb.enabled=false",
-               f"out_dir={tmp_path}/eval")
+    run_script(
+        "eval.py",
+        f"run={run}",
+        "data=sample_classify",
+        "task=classify",
+        "split=test",
+        "wandb.enabled=false",
+        f"out_dir={tmp_path}/eval",
+    )
     record = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert record["metrics"]["acc"] == pytest.approx(float(test["test/acc"]), abs=1e-6)
     assert record["confusion"] == counts and record["max_length"] == 48
 
 
+@pytest.mark.slow
 def test_prepare_split_writes_the_split_stage_classify_uses(tmp_path):
     out = tmp_path / "splits"
     run_script("prepare.py", "task=split", "data=sample_classify", f"split_dir={out}", f"hydra.run.dir={tmp_path}/h")
-    written = {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
-               for name in ("train", "val", "test")}
+    written = {
+        name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        for name in ("train", "val", "test")
+    }
     dm = instantiate(compose_cfg(tmp_path, ["stage=classify"]).data)
     for name, rows in written.items():
         assert [(r["text"], r["label"]) for r in rows] == [(t, dm.labels[y]) for *_, t, y in dm.splits()[name]]
@@ -239,18 +299,34 @@ def test_sms_spam_keeps_the_natural_mix(tmp_path, tiny_tokenizer):
     dm.setup()
     # 4100 ham / 637 spam, each cut 70/10/20; all kept (balance=class_weights)
     assert {s: dm.class_counts(s) for s in ("train", "val", "test")} == {
-        "train": [2870, 446], "val": [410, 64], "test": [820, 127]}
+        "train": [2870, 446],
+        "val": [410, 64],
+        "test": [820, 127],
+    }
     assert dm.class_weights() == pytest.approx([3316 / (2 * 2870), 3316 / (2 * 446)])
     batch = next(iter(dm.test_dataloader()))
     assert batch["labels"].dtype == torch.long and set(batch["labels"].tolist()) <= {0, 1}
 
 
+@pytest.mark.slow
 def test_the_threshold_chosen_on_val_is_tested_exported_and_used_by_predict(tmp_path):
     run = tmp_path / "run"
-    run_script("train.py", "stage=classify", "logger=csv", "max_steps=30", "batch_size=16", "seq_len=32",
-               "bpe.vocab_size=300", "trainer.val_check_interval=10", "stage.module.trainable=all",
-               "stage.module.positive=spam", "stage.module.max_fpr=0.05", "trainer.limit_val_batches=1.0",
-               f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path}/cache")
+    run_script(
+        "train.py",
+        "stage=classify",
+        "logger=csv",
+        "max_steps=30",
+        "batch_size=16",
+        "seq_len=32",
+        "bpe.vocab_size=300",
+        "trainer.val_check_interval=10",
+        "stage.module.trainable=all",
+        "stage.module.positive=spam",
+        "stage.module.max_fpr=0.05",
+        "trainer.limit_val_batches=1.0",
+        f"hydra.run.dir={run}",
+        f"paths.cache_dir={tmp_path}/cache",
+    )
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     vals = [r for r in rows if r.get("val/threshold")]

@@ -9,13 +9,20 @@ import yaml
 from conftest import TINY, run_script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+pytestmark = pytest.mark.slow  # entry points run as subprocesses
+
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """python train.py (tiny limits), then stage=sft init_from=<that run>."""
     out = tmp_path_factory.mktemp("outputs")
-    common = [*[t for t in TINY if not t.startswith("logger=")], "max_steps=20", "trainer.val_check_interval=10",
-              f"paths.log_dir={out}", f"paths.cache_dir={out}/cache"]
+    common = [
+        *[t for t in TINY if not t.startswith("logger=")],
+        "max_steps=20",
+        "trainer.val_check_interval=10",
+        f"paths.log_dir={out}",
+        f"paths.cache_dir={out}/cache",
+    ]
     run_script("train.py", *common)
     (pretrain,) = (out / "pretrain" / "llama-tiny").iterdir()
     run_script("train.py", "stage=sft", f"init_from={pretrain}", *common)
@@ -32,7 +39,8 @@ def test_train_leaves_a_self_describing_run_folder(chain):
     assert (pretrain / "checkpoints" / "last.ckpt").is_file()
     assert list((pretrain / "checkpoints").glob("best-step*.ckpt"))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in (pretrain / "hf").iterdir()}
+        p.name for p in (pretrain / "hf").iterdir()
+    }
     samples = [json.loads(line) for line in (pretrain / "samples.jsonl").read_text().splitlines()]
     assert samples and {"step", "prompt", "output"} <= samples[0].keys()
     # wandb ran offline into the run folder, under the run's stable id
@@ -44,19 +52,31 @@ def test_sft_from_pretrain_then_chat_style_generation(chain):
     config = yaml.safe_load((sft / ".hydra" / "config.yaml").read_text())
     assert config["stage"]["name"] == "sft" and config["init_from"]
     assert "loaded LlamaForCausalLM" in (sft / "train.log").read_text()
-    out = run_script("generate.py", f"init_from={sft}", "prompt=What is 3 plus 4?", "generation.max_new_tokens=8")
+    out = run_script("generate.py", f"run={sft}", "prompt=What is 3 plus 4?", "generation.max_new_tokens=8")
     # what plain transformers makes of the export with the tokenizer's chat template, greedy
     tok = AutoTokenizer.from_pretrained(sft / "hf")
     model = AutoModelForCausalLM.from_pretrained(sft / "hf")
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 3 plus 4?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     reply = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.stdout == tok.decode(reply[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) + "\n"
+    assert out.stdout == tok.decode(reply[0, ids["input_ids"].shape[1] :], skip_special_tokens=True) + "\n"
 
 
 def test_sweep_runs_one_job_per_value(tmp_path):
-    proc = run_script("sweep.py", "-m", "lr=5e-3,5e-4", *TINY, "max_steps=5", "callbacks.samples.num_prompts=0",
-                      f"hydra.sweep.dir={tmp_path}/sweep", f"paths.cache_dir={tmp_path}/cache")
+    proc = run_script(
+        "sweep.py",
+        "-m",
+        "lr=5e-3,5e-4",
+        *TINY,
+        "max_steps=5",
+        "callbacks.samples.num_prompts=0",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        f"paths.cache_dir={tmp_path}/cache",
+    )
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
     lrs = [yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["lr"] for job in jobs]

@@ -13,7 +13,7 @@ from conftest import compose_cfg
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lmlab.models import build_model
+from lmlab.core.models import build_model
 from train import train
 
 DPO = ["stage=dpo", "callbacks.samples.num_prompts=0", "trainer.log_every_n_steps=1"]
@@ -23,8 +23,11 @@ DPO = ["stage=dpo", "callbacks.samples.num_prompts=0", "trainer.log_every_n_step
 def addition_pairs(tmp_path_factory):
     """a+b: the right sum chosen, a wrong one rejected (the train file is also the val file)."""
     path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
-    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + (1 if (a + b) % 2 else -1))}
-            for a in range(10) for b in range(10)]
+    rows = [
+        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + (1 if (a + b) % 2 else -1))}
+        for a in range(10)
+        for b in range(10)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -38,37 +41,72 @@ def column(rows: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["llama-tiny", "t5-tiny"])
 def test_dpo_learns_to_prefer_the_right_answer(tmp_path, addition_pairs, model):
     """Margin: on 4 seeds x both archs, and with torch's vectorized CPU kernels on or off, the final val
     accuracy was 0.99-1.0. (At lr 1e-2 the DPO loss oscillated and the seed-42 result hinged on the CPU's
     rounding: 0.95 without AVX2 kernels, 0.825 with them on the AMD EPYC CI machines.)"""
     run = tmp_path / "run"
-    train(compose_cfg(run, [*DPO, f"model={model}", f"data.train_files=[{addition_pairs}]",
-                            f"data.val_files=[{addition_pairs}]", "batch_size=20", "max_steps=300", "lr=3e-3",
-                            "beta=0.5", "trainer.val_check_interval=100", "trainer.limit_val_batches=null"]))
+    train(
+        compose_cfg(
+            run,
+            [
+                *DPO,
+                f"model={model}",
+                f"data.train_files=[{addition_pairs}]",
+                f"data.val_files=[{addition_pairs}]",
+                "batch_size=20",
+                "max_steps=300",
+                "lr=3e-3",
+                "beta=0.5",
+                "trainer.val_check_interval=100",
+                "trainer.limit_val_batches=null",
+            ],
+        )
+    )
     rows = metrics(run)
     accuracies = column(rows, "val/rewards/accuracies")
     margins = column(rows, "val/rewards/margins")
     assert len(accuracies) == 3
     assert accuracies[-1] >= 0.9, f"val rewards/accuracies {accuracies}"
     assert margins[-1] > margins[0] > 0, f"val rewards/margins {margins}"
-    for key in ("train/rewards/chosen", "train/rewards/rejected", "train/logps/chosen", "train/logps/rejected",
-                "train/logits/chosen", "train/logits/rejected", "val/loss"):
+    for key in (
+        "train/rewards/chosen",
+        "train/rewards/rejected",
+        "train/logps/chosen",
+        "train/logps/rejected",
+        "train/logits/chosen",
+        "train/logits/rejected",
+        "val/loss",
+    ):
         assert column(rows, key), f"{key} is not logged"
 
 
-def test_reference_is_frozen_bit_identical_and_outside_optimizer_and_checkpoint(tmp_path, addition_pairs,
-                                                                                 tiny_tokenizer):
+def test_reference_is_frozen_bit_identical_and_outside_optimizer_and_checkpoint(
+    tmp_path, addition_pairs, tiny_tokenizer
+):
     cfg = compose_cfg(tmp_path, [*DPO, f"data.train_files=[{addition_pairs}]", "max_steps=10", "lr=1e-2"])
     dm = instantiate(cfg.data)
     dm.tokenizer = tiny_tokenizer
-    module = instantiate(cfg.stage.module, model=build_model(cfg.model, tiny_tokenizer),
-                         optim=OmegaConf.to_container(cfg.optim, resolve=True), _recursive_=False, _convert_="all")
+    module = instantiate(
+        cfg.stage.module,
+        model=build_model(cfg.model, tiny_tokenizer),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        _recursive_=False,
+        _convert_="all",
+    )
     before = {k: v.clone() for k, v in module.reference.state_dict().items()}
     policy_before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, gradient_clip_val=1.0)
+    trainer = L.Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+    )
     trainer.fit(module, datamodule=dm)
     after = module.reference.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the reference changed"
@@ -83,12 +121,23 @@ def test_precomputed_reference_gives_the_live_reference_losses(tmp_path, additio
     runs = {}
     for reference in ("copy", "precomputed"):
         runs[reference] = tmp_path / reference
-        train(compose_cfg(runs[reference], [*DPO, f"data.train_files=[{addition_pairs}]", "max_steps=12",
-                                            f"stage.module.reference={reference}", "trainer.val_check_interval=12"]))
+        train(
+            compose_cfg(
+                runs[reference],
+                [
+                    *DPO,
+                    f"data.train_files=[{addition_pairs}]",
+                    "max_steps=12",
+                    f"stage.module.reference={reference}",
+                    "trainer.val_check_interval=12",
+                ],
+            )
+        )
     live, cached = metrics(runs["copy"]), metrics(runs["precomputed"])
     for key in ("train/loss", "val/loss", "val/rewards/margins"):
-        torch.testing.assert_close(torch.tensor(column(cached, key)), torch.tensor(column(live, key)),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(column(cached, key)), torch.tensor(column(live, key)), rtol=1e-4, atol=1e-5
+        )
     assert (runs["precomputed"] / "ref_logps" / "train.pt").is_file()
     assert (runs["precomputed"] / "ref_logps" / "val.pt").is_file()
 
@@ -96,9 +145,19 @@ def test_precomputed_reference_gives_the_live_reference_losses(tmp_path, additio
 @pytest.mark.parametrize("loss_type, smoothing", [("ipo", 0.0), ("hinge", 0.0), ("sigmoid", 0.1)])
 def test_loss_variants_and_rpo_train(tmp_path, addition_pairs, loss_type, smoothing):
     run = tmp_path / "run"
-    train(compose_cfg(run, [*DPO, f"data.train_files=[{addition_pairs}]", "max_steps=6",
-                            f"stage.module.loss_type={loss_type}", f"stage.module.label_smoothing={smoothing}",
-                            "stage.module.rpo_alpha=0.5"]))
+    train(
+        compose_cfg(
+            run,
+            [
+                *DPO,
+                f"data.train_files=[{addition_pairs}]",
+                "max_steps=6",
+                f"stage.module.loss_type={loss_type}",
+                f"stage.module.label_smoothing={smoothing}",
+                "stage.module.rpo_alpha=0.5",
+            ],
+        )
+    )
     losses = column(metrics(run), "train/loss")
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
 
@@ -120,25 +179,42 @@ def test_precomputed_cache_is_reused_only_for_the_same_pairs(tmp_path, addition_
     assert data_fingerprint(pairs(changed)) != same
 
 
-@pytest.mark.parametrize("model, dropout", [
-    ("llama-tiny", ["+model.config.attention_dropout=0.5"]),  # applied functionally inside attention
-    ("t5-tiny", ["model.config.dropout_rate=0.5"]),  # nn.Dropout modules and T5Attention.dropout
-    ("gpt2-tiny", ["model.config.resid_pdrop=0.5", "model.config.embd_pdrop=0.5", "model.config.attn_pdrop=0.5"]),
-])
-def test_disable_dropout_makes_the_train_mode_policy_deterministic(tmp_path, addition_pairs, tiny_tokenizer, model,
-                                                                   dropout):
+@pytest.mark.parametrize(
+    "model, dropout",
+    [
+        ("llama-tiny", ["+model.config.attention_dropout=0.5"]),  # applied functionally inside attention
+        ("t5-tiny", ["model.config.dropout_rate=0.5"]),  # nn.Dropout modules and T5Attention.dropout
+        ("gpt2-tiny", ["model.config.resid_pdrop=0.5", "model.config.embd_pdrop=0.5", "model.config.attn_pdrop=0.5"]),
+    ],
+)
+def test_disable_dropout_makes_the_train_mode_policy_deterministic(
+    tmp_path, addition_pairs, tiny_tokenizer, model, dropout
+):
     """The reference runs in eval mode; with stage.module.disable_dropout (default) the policy's train-mode
     log-probs are as deterministic as the reference's, while the exported config keeps its dropout."""
     logps = {}
     for disable in (True, False):
-        cfg = compose_cfg(tmp_path, [*DPO, f"model={model}", *dropout, f"data.train_files=[{addition_pairs}]",
-                                     f"stage.module.disable_dropout={disable}"])
+        cfg = compose_cfg(
+            tmp_path,
+            [
+                *DPO,
+                f"model={model}",
+                *dropout,
+                f"data.train_files=[{addition_pairs}]",
+                f"stage.module.disable_dropout={disable}",
+            ],
+        )
         dm = instantiate(cfg.data)
         dm.tokenizer = tiny_tokenizer
         dm.setup()
         batch = next(iter(dm.val_dataloader()))
-        module = instantiate(cfg.stage.module, model=build_model(cfg.model, tiny_tokenizer),
-                             optim=OmegaConf.to_container(cfg.optim, resolve=True), _recursive_=False, _convert_="all")
+        module = instantiate(
+            cfg.stage.module,
+            model=build_model(cfg.model, tiny_tokenizer),
+            optim=OmegaConf.to_container(cfg.optim, resolve=True),
+            _recursive_=False,
+            _convert_="all",
+        )
         module.model.train()
         torch.manual_seed(0)
         logps[disable] = [module._logps(module.model, batch)[0] for _ in range(2)]

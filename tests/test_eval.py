@@ -1,4 +1,4 @@
-"""eval.py and lmlab/evaluate.py: perplexity and token accuracy equal independent manual computations, ROUGE of a
+"""eval.py and lmlab/eval/tasks.py: perplexity and token accuracy equal independent manual computations, ROUGE of a
 task equals hand-computed values, and eval.py writes eval.json / eval.md."""
 
 from __future__ import annotations
@@ -15,26 +15,45 @@ from omegaconf import OmegaConf
 
 from datamodules.pretrain import PretrainDataModule
 from datamodules.sft import SFTDataModule
-from lmlab import evaluate
-from lmlab.generation import load_for_inference
-from lmlab.models import build_model, export_hf
-from lmlab.tokenizer import train_bpe
+from lmlab.core.models import build_model, export_hf
+from lmlab.core.tokenizer import train_bpe
+from lmlab.eval import tasks as evaluate
+from lmlab.infer.generation import load_for_inference
 
-LINES = ["The cat sat on the mat.", "A dog ran in the park today.", "三加四等于七。", "Numbers: 3 + 4 = 7.",
-         "What is 5 plus 6? It is 11.", "你好，世界。今天北京天气不错。"]
-RECORDS = [{"instruction": "What is 3 plus 4?", "output": "It is 7."},
-           {"instruction": "Add the two numbers.", "input": "11 + 10", "output": "21"},
-           {"instruction": "三加四等于多少？", "output": "等于七。"},
-           {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-                         {"role": "assistant", "content": "hello there, friend"}]},
-           {"instruction": "Say something long.", "output": "the cat sat on the mat and the dog ran in the park"}]
+LINES = [
+    "The cat sat on the mat.",
+    "A dog ran in the park today.",
+    "三加四等于七。",
+    "Numbers: 3 + 4 = 7.",
+    "What is 5 plus 6? It is 11.",
+    "你好，世界。今天北京天气不错。",
+]
+RECORDS = [
+    {"instruction": "What is 3 plus 4?", "output": "It is 7."},
+    {"instruction": "Add the two numbers.", "input": "11 + 10", "output": "21"},
+    {"instruction": "三加四等于多少？", "output": "等于七。"},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello there, friend"},
+        ]
+    },
+    {"instruction": "Say something long.", "output": "the cat sat on the mat and the dog ran in the park"},
+]
 
 
 def tiny_hf(folder: Path, model: str = "llama-tiny") -> Path:
     """A random tiny model and a byte-level BPE (chatml template) saved as an HF folder, as a run's hf/ is."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={model}", "bpe.vocab_size=400",
-                                          *(["bpe.sentinel_tokens=100"] if model.startswith("t5") else [])])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"model={model}",
+                "bpe.vocab_size=400",
+                *(["bpe.sentinel_tokens=100"] if model.startswith("t5") else []),
+            ],
+        )
     tok = train_bpe(LINES * 20, **cfg.bpe, chat_template=cfg.template.chat_template)
     torch.manual_seed(0)
     return export_hf(build_model(cfg.model, tok), tok, folder)
@@ -46,9 +65,18 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 def task_cfg(**overrides) -> OmegaConf:
-    return OmegaConf.create({"split": "val", "limit": None, "batch_size": 3, "progress": False, "seed": 0,
-                             "rouge_segmentation": "char", "generation": {"max_new_tokens": 4, "do_sample": False},
-                             **overrides})
+    return OmegaConf.create(
+        {
+            "split": "val",
+            "limit": None,
+            "batch_size": 3,
+            "progress": False,
+            "seed": 0,
+            "rouge_segmentation": "char",
+            "generation": {"max_new_tokens": 4, "do_sample": False},
+            **overrides,
+        }
+    )
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -57,8 +85,9 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def sft_dm(path: Path, tokenizer, arch: str = "causal") -> SFTDataModule:
-    dm = SFTDataModule(train_files=[str(path)], val_files=[str(path)], max_length=64, max_target_length=64,
-                       batch_size=3, arch=arch)
+    dm = SFTDataModule(
+        train_files=[str(path)], val_files=[str(path)], max_length=64, max_target_length=64, batch_size=3, arch=arch
+    )
     dm.tokenizer = tokenizer
     return dm
 
@@ -68,15 +97,16 @@ def test_perplexity_is_exp_of_the_mean_token_nll_over_the_whole_set(llama_dir, t
     text = tmp_path / "text.txt"
     text.write_text("\n".join(LINES) + "\n", encoding="utf-8")
     seq_len = 8
-    dm = PretrainDataModule(train_files=[str(text)], val_files=[str(text)], seq_len=seq_len,
-                            cache_dir=str(tmp_path / "cache"), batch_size=3)
+    dm = PretrainDataModule(
+        train_files=[str(text)], val_files=[str(text)], seq_len=seq_len, cache_dir=str(tmp_path / "cache"), batch_size=3
+    )
     dm.tokenizer = tok
     result = evaluate.task_ppl(task_cfg(batch_size=4), model, tok, dm)
 
     # Independently: the documents' tokens, each followed by EOS, cut into non-overlapping windows of seq_len + 1
     # (a short tail is left out); per window, -log p(next token) at every position, one window at a time.
     stream = [i for line in LINES for i in tok.encode(line, add_special_tokens=False) + [tok.eos_token_id]]
-    windows = [stream[s:s + seq_len + 1] for s in range(0, len(stream) - seq_len, seq_len)]
+    windows = [stream[s : s + seq_len + 1] for s in range(0, len(stream) - seq_len, seq_len)]
     assert [w["input_ids"].tolist() for w in dm.val_set] == windows
     assert len(windows) % 4, "the last batch must be partial, so a mean of batch means would differ"
     nll, count = 0.0, 0
@@ -146,8 +176,11 @@ def test_rouge_task_on_chinese_pairs_equals_hand_computed_values(llama_dir, tmp_
     _, tok = load_for_inference(llama_dir, "cpu")
     result = evaluate.task_rouge(task_cfg(), None, tok, sft_dm(write_jsonl(tmp_path / "s.jsonl", records), tok))
     # 北京天气很好 vs 今天北京天气不错 (see tests/test_rouge.py): rouge1 4/7, rouge2 1/2, rougeL 4/7; 你好世界 exact: 1.
-    assert result.metrics == {"rouge1": pytest.approx((4 / 7 + 1) / 2), "rouge2": pytest.approx((1 / 2 + 1) / 2),
-                              "rougeL": pytest.approx((4 / 7 + 1) / 2)}
+    assert result.metrics == {
+        "rouge1": pytest.approx((4 / 7 + 1) / 2),
+        "rouge2": pytest.approx((1 / 2 + 1) / 2),
+        "rougeL": pytest.approx((4 / 7 + 1) / 2),
+    }
     assert result.info["rouge_segmentation"] == "char" and result.info["items"] == 2
     assert seen[0] == "<|user|>\n天气\n<|assistant|>\n"  # the prompt is rendered with the tokenizer's template
     assert [r["output"] for r in result.rows] == ["北京天气很好", "你好世界"]
@@ -159,17 +192,31 @@ def test_wrong_kind_of_preset_is_a_clear_error(llama_dir, tmp_path):
         evaluate.task_ppl(task_cfg(), model, tok, sft_dm(write_jsonl(tmp_path / "s.jsonl", RECORDS), tok))
 
 
+@pytest.mark.slow
 def test_eval_py_writes_eval_json_md_and_a_wandb_run(llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", RECORDS)
     out = tmp_path / "out"
-    proc = run_script("eval.py", f"run={llama_dir}", "task=sft", "data=sample_sft", f"data.train_files=[{data}]",
-                      f"data.val_files=[{data}]", "seq_len=64", f"out_dir={out}", f"paths.cache_dir={tmp_path}/c")
+    proc = run_script(
+        "eval.py",
+        f"run={llama_dir}",
+        "task=sft",
+        "data=sample_sft",
+        f"data.train_files=[{data}]",
+        f"data.val_files=[{data}]",
+        "seq_len=64",
+        f"out_dir={out}",
+        f"paths.cache_dir={tmp_path}/c",
+    )
     record = json.loads((out / "eval.json").read_text())
-    assert set(record) == {"task", "run", "data", "metrics", "items", "tokens", "skipped", "timestamp",
-                           "lmlab_commit"}
+    assert set(record) == {"task", "run", "data", "metrics", "items", "tokens", "skipped", "timestamp", "lmlab_commit"}
     assert record["task"] == "sft" and record["items"] == len(RECORDS)
-    assert record["data"] == {"preset": "sample_sft", "split": "val", "files": [str(data)], "limit": None,
-                              "seq_len": 64}
+    assert record["data"] == {
+        "preset": "sample_sft",
+        "split": "val",
+        "files": [str(data)],
+        "limit": None,
+        "seq_len": 64,
+    }
     assert set(record["metrics"]) == {"loss", "ppl", "acc"}
     assert record["metrics"]["ppl"] == pytest.approx(math.exp(record["metrics"]["loss"]))
     assert "| ppl |" in (out / "eval.md").read_text() and "| ppl |" in proc.stdout

@@ -53,13 +53,22 @@ def test_every_recipe_has_a_cpu_sized_tiny_variant(name):
 def tiny_runs(tmp_path_factory):
     """Every *_tiny recipe as a job of one sweep, two at a time (the joblib launcher)."""
     tmp = tmp_path_factory.mktemp("experiments")
-    run_script("sweep.py", f"experiment={','.join(TINY)}", "max_steps=2", "logger=csv",
-               "sweep_name=experiments", "hydra/launcher=parallel", f"hydra.sweep.dir={tmp}/sweep",
-               f"paths.cache_dir={tmp}/cache", timeout=600)
+    run_script(
+        "sweep.py",
+        f"experiment={','.join(TINY)}",
+        "max_steps=2",
+        "logger=csv",
+        "sweep_name=experiments",
+        "hydra/launcher=parallel",
+        f"hydra.sweep.dir={tmp}/sweep",
+        f"paths.cache_dir={tmp}/cache",
+        timeout=600,
+    )
     with open(tmp / "sweep" / "sweep_summary.csv", newline="") as f:
         return tmp / "sweep", {r["overrides"].removeprefix("experiment="): r for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_variant_trains_and_exports(tiny_runs, name):
     sweep_dir, rows = tiny_runs
@@ -73,4 +82,3 @@ def test_tiny_variant_trains_and_exports(tiny_runs, name):
         assert tested and float(row["test_metric"]) == float(tested[-1])
     else:
         assert row["test_metric"] == ""
-

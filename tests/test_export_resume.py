@@ -31,11 +31,12 @@ def test_hf_export_loads_in_plain_transformers_with_equal_logits(tmp_path, model
     if exported.config.is_encoder_decoder:
         ids["decoder_input_ids"] = tok("Alice has", return_tensors="pt")["input_ids"]
 
-    from lmlab.models import build_model
+    from lmlab.core.models import build_model
 
     rebuilt = build_model(cfg.model, tok)
-    rebuilt.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
-                             if k.startswith("model.")})
+    rebuilt.load_state_dict(
+        {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    )
     rebuilt.eval()
     with torch.no_grad():
         assert torch.equal(exported(**ids).logits, rebuilt(**ids).logits)
@@ -43,11 +44,14 @@ def test_hf_export_loads_in_plain_transformers_with_equal_logits(tmp_path, model
     assert tok.chat_template  # chat formatting travels with the export
 
 
+@pytest.mark.slow
 def test_init_from_starts_from_the_previous_weights(tmp_path):
     first = tmp_path / "pretrain"
     train(compose_cfg(first, ["max_steps=10", "callbacks.samples.num_prompts=0"]))
-    cfg = compose_cfg(tmp_path / "sft", ["stage=sft", f"init_from={first}", "max_steps=1", "lr=1e-12", "min_lr=0",
-                                         "callbacks.samples.num_prompts=0"])
+    cfg = compose_cfg(
+        tmp_path / "sft",
+        ["stage=sft", f"init_from={first}", "max_steps=1", "lr=1e-12", "min_lr=0", "callbacks.samples.num_prompts=0"],
+    )
     train(cfg)
     before = load_file(first / "hf" / "model.safetensors")
     after = load_file(tmp_path / "sft" / "hf" / "model.safetensors")
@@ -58,11 +62,22 @@ def test_init_from_starts_from_the_previous_weights(tmp_path):
     assert saved_tok.get_vocab() == AutoTokenizer.from_pretrained(first / "hf").get_vocab()
 
 
+@pytest.mark.slow
 def test_freeze_embeddings_keeps_them_bit_identical(tmp_path):
     first = tmp_path / "pretrain"
     train(compose_cfg(first, ["max_steps=5", "callbacks.samples.num_prompts=0"]))
-    train(compose_cfg(tmp_path / "sft", ["stage=sft", f"init_from={first}", "max_steps=5",
-                                         "stage.module.freeze=[embeddings]", "callbacks.samples.num_prompts=0"]))
+    train(
+        compose_cfg(
+            tmp_path / "sft",
+            [
+                "stage=sft",
+                f"init_from={first}",
+                "max_steps=5",
+                "stage.module.freeze=[embeddings]",
+                "callbacks.samples.num_prompts=0",
+            ],
+        )
+    )
     before = load_file(first / "hf" / "model.safetensors")
     after = load_file(tmp_path / "sft" / "hf" / "model.safetensors")
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
@@ -71,14 +86,24 @@ def test_freeze_embeddings_keeps_them_bit_identical(tmp_path):
 
 def _train_cmd(outputs: Path, *extra: str, wandb: bool = False) -> list[str]:
     tiny = [t for t in TINY if not (wandb and t.startswith("logger="))]
-    return ["train.py", *tiny, "max_steps=40", "checkpoint_every=5", "trainer.val_check_interval=10",
-            "callbacks.samples.num_prompts=0", f"paths.log_dir={outputs}", f"paths.cache_dir={outputs}/cache", *extra]
+    return [
+        "train.py",
+        *tiny,
+        "max_steps=40",
+        "checkpoint_every=5",
+        "trainer.val_check_interval=10",
+        "callbacks.samples.num_prompts=0",
+        f"paths.log_dir={outputs}",
+        f"paths.cache_dir={outputs}/cache",
+        *extra,
+    ]
 
 
 def _run_folders(outputs: Path, model: str = "llama-tiny") -> list[Path]:
     return sorted((outputs / "pretrain" / model).iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["llama-tiny", "t5-tiny"])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, model):
     """SIGKILL mid-run, then `resume=auto`: the final weights equal an uninterrupted run's."""
@@ -86,8 +111,14 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, model):
     run_script(*_train_cmd(straight, f"model={model}"))
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, *_train_cmd(crashed, f"model={model}", wandb=True)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *_train_cmd(crashed, f"model={model}", wandb=True)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         ckpts = list(crashed.glob(f"pretrain/{model}/*/checkpoints/last.ckpt"))
@@ -114,9 +145,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, model):
     assert min(steps) < 15 and max(steps) == 39, "metrics.csv keeps the rows from before the kill and continues"
     wandb_runs = sorted((killed_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1, (
-        f"the resumed run must log to the same wandb run id: {[p.name for p in wandb_runs]}")
+        f"the resumed run must log to the same wandb run id: {[p.name for p in wandb_runs]}"
+    )
 
 
+@pytest.mark.slow
 def test_resume_auto_without_an_interrupted_run_starts_fresh(tmp_path):
     run_script(*_train_cmd(tmp_path, "max_steps=5", "resume=auto"))
     assert len(_run_folders(tmp_path)) == 1

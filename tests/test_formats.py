@@ -52,8 +52,10 @@ def test_txt_is_one_document_per_line_skipping_blank_lines(tmp_path):
 def test_adapters_map_alpaca_prompt_response_and_chat_layouts():
     alpaca = to_messages({"instruction": "Add.", "input": "1 + 2", "output": "3"}, "f", 1)
     assert alpaca == [{"role": "user", "content": "Add.", "input": "1 + 2"}, {"role": "assistant", "content": "3"}]
-    assert to_messages({"instruction": "Hi.", "input": "", "output": "Hello"}, "f", 1)[0] == {"role": "user",
-                                                                                            "content": "Hi."}
+    assert to_messages({"instruction": "Hi.", "input": "", "output": "Hello"}, "f", 1)[0] == {
+        "role": "user",
+        "content": "Hi.",
+    }
     chat = to_messages({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "f", 1)
     assert chat == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
@@ -68,11 +70,17 @@ def test_shared_alpaca_en_reads_as_messages():
 
 
 def test_history_and_ranked_outputs_become_turns_and_the_best_answer():
-    record = {"instruction": "再说一遍", "input": "", "output": ["最好的回答", "次好的回答"],
-              "history": [["你好", "你好！"]]}
+    record = {
+        "instruction": "再说一遍",
+        "input": "",
+        "output": ["最好的回答", "次好的回答"],
+        "history": [["你好", "你好！"]],
+    }
     assert to_messages(record, "f", 1) == [
-        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
-        {"role": "user", "content": "再说一遍"}, {"role": "assistant", "content": "最好的回答"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "再说一遍"},
+        {"role": "assistant", "content": "最好的回答"},
     ]
 
 
@@ -81,11 +89,14 @@ def test_preference_conversation_takes_chosen_as_the_reply():
     assert to_messages(record, "f", 1)[-1] == {"role": "assistant", "content": "good"}
 
 
-@pytest.mark.parametrize("record, field", [
-    ({"instruction": "x", "output": []}, "output"),
-    ({"instruction": "x", "output": "y", "history": [["only question"]]}, "history[0]"),
-    ({"conversations": [{"from": "human", "value": "q"}]}, "conversations"),
-])
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ({"instruction": "x", "output": []}, "output"),
+        ({"instruction": "x", "output": "y", "history": [["only question"]]}, "history[0]"),
+        ({"conversations": [{"from": "human", "value": "q"}]}, "conversations"),
+    ],
+)
 def test_bad_history_ranking_or_missing_reply_names_the_field(record, field):
     from datamodules.formats import DataError
 

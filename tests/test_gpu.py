@@ -17,9 +17,19 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_gpu_run_learns_and_logs_throughput_and_mfu(tmp_path, model, compile):
     text = tmp_path / "rep.txt"
     text.write_text("\n".join(["the cat sat on the mat and the dog sat on the log."] * 400))
-    cfg = compose_cfg(tmp_path / "run", ["trainer=gpu", f"model={model}", f"compile={compile}", f"data.train_files=[{text}]",
-                                         "max_steps=40", "lr=1e-2", "trainer.log_every_n_steps=1",
-                                         "callbacks.throughput.window_size=5"])
+    cfg = compose_cfg(
+        tmp_path / "run",
+        [
+            "trainer=gpu",
+            f"model={model}",
+            f"compile={compile}",
+            f"data.train_files=[{text}]",
+            "max_steps=40",
+            "lr=1e-2",
+            "trainer.log_every_n_steps=1",
+            "callbacks.throughput.window_size=5",
+        ],
+    )
     train(cfg)
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -32,9 +42,19 @@ def test_gpu_run_learns_and_logs_throughput_and_mfu(tmp_path, model, compile):
 
 
 def test_gpu_classifier_learns_in_bf16(tmp_path):
-    """stage=classify under bf16-mixed with fused AdamW: the bundled ham/spam messages, tested on the best checkpoint."""
-    cfg = compose_cfg(tmp_path / "run", ["trainer=gpu", "stage=classify", "stage.module.trainable=all", "max_steps=60",
-                                         "batch_size=16", "trainer.val_check_interval=20"])
+    """stage=classify under bf16-mixed with fused AdamW: the bundled ham/spam messages, tested on the best
+    checkpoint."""
+    cfg = compose_cfg(
+        tmp_path / "run",
+        [
+            "trainer=gpu",
+            "stage=classify",
+            "stage.module.trainable=all",
+            "max_steps=60",
+            "batch_size=16",
+            "trainer.val_check_interval=20",
+        ],
+    )
     train(cfg)
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -11,7 +11,7 @@ from conftest import compose_cfg
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import datamodules.sft
-from datamodules.collate import IGNORE_INDEX
+from lmlab.core.collate import IGNORE_INDEX
 from train import train
 
 PAIRS = [(a, b) for a in range(10) for b in range(10)]
@@ -27,13 +27,15 @@ def exact_match(hf_dir) -> float:
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     tok.padding_side = "left"
-    prompts = [tok.apply_chat_template([{"role": "user", "content": f"{a}+{b}="}], tokenize=False,
-                                       add_generation_prompt=True) for a, b in PAIRS]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": f"{a}+{b}="}], tokenize=False, add_generation_prompt=True)
+        for a, b in PAIRS
+    ]
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     hits = 0
-    for (a, b), row in zip(PAIRS, out[:, batch["input_ids"].shape[1]:].tolist()):
+    for (a, b), row in zip(PAIRS, out[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
         if tok.eos_token_id in row:
             answer = tok.decode(row[: row.index(tok.eos_token_id)])
             hits += answer == str(a + b)
@@ -64,15 +66,26 @@ def addition_file(tmp_path_factory):
 
 
 def sft_exact_match(tmp_path, addition_file) -> float:
-    cfg = compose_cfg(tmp_path, [
-        "stage=sft", f"data.train_files=[{addition_file}]", f"data.val_files=[{addition_file}]",
-        "max_steps=400", "batch_size=20", "lr=5e-3", "min_lr=5e-4", "warmup_steps=10",
-        "trainer.val_check_interval=400", "callbacks.samples.num_prompts=0",
-    ])
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            "stage=sft",
+            f"data.train_files=[{addition_file}]",
+            f"data.val_files=[{addition_file}]",
+            "max_steps=400",
+            "batch_size=20",
+            "lr=5e-3",
+            "min_lr=5e-4",
+            "warmup_steps=10",
+            "trainer.val_check_interval=400",
+            "callbacks.samples.num_prompts=0",
+        ],
+    )
     train(cfg)
     return exact_match(tmp_path / "hf")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask", ["correct", "prompt_only", "no_eos"])
 def test_sft_learns_addition_only_with_the_right_mask(tmp_path, addition_file, monkeypatch, mask):
     if mask != "correct":
@@ -87,8 +100,9 @@ def test_sft_learns_addition_only_with_the_right_mask(tmp_path, addition_file, m
 def test_pretraining_on_repetitive_text_halves_the_loss(tmp_path):
     text = tmp_path / "rep.txt"
     text.write_text("\n".join(["the cat sat on the mat and the dog sat on the log."] * 400))
-    cfg = compose_cfg(tmp_path / "run", [f"data.train_files=[{text}]", "max_steps=40", "lr=1e-2",
-                                         "trainer.log_every_n_steps=1"])
+    cfg = compose_cfg(
+        tmp_path / "run", [f"data.train_files=[{text}]", "max_steps=40", "lr=1e-2", "trainer.log_every_n_steps=1"]
+    )
     train(cfg)
     with open(tmp_path / "run" / "metrics.csv") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]

@@ -21,27 +21,39 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM, T5ForConditionalGeneration
 
-from datamodules.collate import IGNORE_INDEX
 from lightning_modules.lm import LMModule, lm_forward
-from lmlab.models import count_parameters
-from lmlab.tokenizer import load_tokenizer
+from lmlab.core.collate import IGNORE_INDEX
+from lmlab.core.models import count_parameters
+from lmlab.core.tokenizer import load_tokenizer
 from train import train
 
 # --- a run that memorizes: 8 random digit strings, 40 epochs at a constant high lr, validated on 8 others
 
 
 def digit_rows(rng: random.Random, n: int) -> str:
-    return "".join(json.dumps({"prompt": f"code {i}", "response": "".join(rng.choices("0123456789", k=12))}) + "\n"
-                   for i in range(n))
+    return "".join(
+        json.dumps({"prompt": f"code {i}", "response": "".join(rng.choices("0123456789", k=12))}) + "\n"
+        for i in range(n)
+    )
 
 
 def overfit_overrides(tmp_path: Path, *extra: str) -> list[str]:
     rng = random.Random(0)
     (tmp_path / "train.jsonl").write_text(digit_rows(rng, 8))
     (tmp_path / "val.jsonl").write_text(digit_rows(rng, 8))
-    return ["stage=sft", f"data.train_files=[{tmp_path}/train.jsonl]", f"data.val_files=[{tmp_path}/val.jsonl]",
-            "max_steps=40", "lr=1e-2", "min_lr=1e-2", "warmup_steps=2", "trainer.val_check_interval=4",
-            "trainer.log_every_n_steps=1", "callbacks.samples.num_prompts=0", *extra]
+    return [
+        "stage=sft",
+        f"data.train_files=[{tmp_path}/train.jsonl]",
+        f"data.val_files=[{tmp_path}/val.jsonl]",
+        "max_steps=40",
+        "lr=1e-2",
+        "min_lr=1e-2",
+        "warmup_steps=2",
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=1",
+        "callbacks.samples.num_prompts=0",
+        *extra,
+    ]
 
 
 @contextmanager
@@ -96,7 +108,9 @@ def test_export_holds_the_best_val_loss_weights(overfit_run):
 
 def test_memorization_warnings_fire_on_a_run_that_memorizes(overfit_run):
     _, records = overfit_run
-    warnings = [r.getMessage() for r in records if r.name == "lmlab.memorization" and r.levelno == logging.WARNING]
+    warnings = [
+        r.getMessage() for r in records if r.name == "lmlab.train.memorization" and r.levelno == logging.WARNING
+    ]
     assert any("= 40 epochs of the 8 training samples" in w for w in warnings), warnings
     assert any("gap widened at each of the last 3 validations" in w for w in warnings), warnings
 
@@ -122,21 +136,41 @@ def test_summary_counts_what_the_run_saw(overfit_run):
 
 
 def test_a_run_that_does_not_memorize_stays_quiet(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lmlab.memorization")
-    train(compose_cfg(tmp_path, ["max_steps=20", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
-                                 "callbacks.samples.num_prompts=0"]))
-    records = [r for r in caplog.records if r.name == "lmlab.memorization"]
+    caplog.set_level(logging.INFO, logger="lmlab.train.memorization")
+    train(
+        compose_cfg(
+            tmp_path,
+            [
+                "max_steps=20",
+                "trainer.val_check_interval=4",
+                "trainer.log_every_n_steps=1",
+                "callbacks.samples.num_prompts=0",
+            ],
+        )
+    )
+    records = [r for r in caplog.records if r.name == "lmlab.train.memorization"]
     assert not [r for r in records if r.levelno >= logging.WARNING]
     assert any(r.getMessage().startswith("plan: 20 steps") for r in records)
     assert len(val_losses(tmp_path)) == 5  # enough validations for the gap rule (3 widenings) to have looked
     assert set(json.loads((tmp_path / "summary.json").read_text())) == {
-        "steps", "tokens_seen", "epochs_seen", "parameters", "trainable_parameters", "tokens_per_parameter", "best",
-        "final"}
+        "steps",
+        "tokens_seen",
+        "epochs_seen",
+        "parameters",
+        "trainable_parameters",
+        "tokens_per_parameter",
+        "best",
+        "final",
+    }
 
 
 def test_early_stopping_ends_the_run_and_export_last_keeps_the_final_weights(tmp_path):
-    train(compose_cfg(tmp_path / "run", overfit_overrides(tmp_path, "callbacks.early_stopping.patience=2",
-                                                          "export=last", "checkpoint_every=1")))
+    train(
+        compose_cfg(
+            tmp_path / "run",
+            overfit_overrides(tmp_path, "callbacks.early_stopping.patience=2", "export=last", "checkpoint_every=1"),
+        )
+    )
     run = tmp_path / "run"
     losses = val_losses(run)
     best_step = min(losses, key=losses.get)
@@ -154,8 +188,9 @@ def test_early_stopping_ends_the_run_and_export_last_keeps_the_final_weights(tmp
 class GradRecorder(LMModule):
     """LMModule keeping the gradients the optimizer is handed (rank 0 also saves them to ``grads_path``)."""
 
-    def __init__(self, *args, per_rank_batches: list[list[dict]] | None = None, grads_path: str | None = None,
-                 **kwargs):
+    def __init__(
+        self, *args, per_rank_batches: list[list[dict]] | None = None, grads_path: str | None = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.per_rank_batches = per_rank_batches
         self.grads_path = grads_path
@@ -171,8 +206,13 @@ class GradRecorder(LMModule):
             torch.save(self.grads, self.grads_path)
 
 
-OPTIM = {"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3}, "weight_decay": 0.0, "decay_embeddings": False,
-         "warmup_steps": 1, "min_lr": 1e-4}
+OPTIM = {
+    "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3},
+    "weight_decay": 0.0,
+    "decay_embeddings": False,
+    "warmup_steps": 1,
+    "min_lr": 1e-4,
+}
 
 
 def tiny_model(arch: str) -> torch.nn.Module:
@@ -197,16 +237,33 @@ def merged(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
-def trained_grads(model: torch.nn.Module, per_rank: list[list[dict]], accumulate: int, tmp_path: Path,
-                  devices: int = 1, gpu: bool = False) -> dict[str, torch.Tensor]:
+def trained_grads(
+    model: torch.nn.Module,
+    per_rank: list[list[dict]],
+    accumulate: int,
+    tmp_path: Path,
+    devices: int = 1,
+    gpu: bool = False,
+) -> dict[str, torch.Tensor]:
     """The gradients of one optimizer step through Lightning's automatic optimization (``gpu``: bf16 and compile)."""
-    module = GradRecorder(copy.deepcopy(model), OPTIM, compile=gpu, per_rank_batches=per_rank,
-                          grads_path=str(tmp_path / "g.pt"))
-    trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=devices, precision="bf16-mixed" if gpu else None,
-                        strategy="ddp_spawn" if devices > 1 else "auto", max_steps=1,
-                        accumulate_grad_batches=accumulate,
-                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1, use_distributed_sampler=False)
+    module = GradRecorder(
+        copy.deepcopy(model), OPTIM, compile=gpu, per_rank_batches=per_rank, grads_path=str(tmp_path / "g.pt")
+    )
+    trainer = L.Trainer(
+        accelerator="gpu" if gpu else "cpu",
+        devices=devices,
+        precision="bf16-mixed" if gpu else None,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        use_distributed_sampler=False,
+    )
     trainer.fit(module)
     return torch.load(tmp_path / "g.pt", map_location="cpu", weights_only=True)
 
@@ -237,6 +294,7 @@ def test_one_micro_batch_on_one_device_is_the_plain_mean_loss_bit_for_bit(tmp_pa
     assert all(torch.equal(p.grad, grads[n]) for n, p in plain.named_parameters())
 
 
+@pytest.mark.slow
 def test_ddp_ranks_and_accumulation_give_the_gradient_of_one_batch(tmp_path):
     """2 ranks x 2 micro-batches with 3, 20, 11 and 7 label tokens equal one batch of all 41 tokens."""
     model = tiny_model("causal")

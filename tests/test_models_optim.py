@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from transformers import PreTrainedTokenizerFast
 
 from lightning_modules.optim import param_groups, warmup_cosine
-from lmlab.models import build_model, count_parameters, flops_per_token
+from lmlab.core.models import build_model, count_parameters, flops_per_token
 
 
 def preset(name: str):
@@ -122,13 +122,25 @@ def test_fused_adamw_with_bf16_clips_gradients(tmp_path, monkeypatch):
     def recording_clip(params, max_norm, *args, **kwargs):
         params = list(params)
         total = real_clip(params, max_norm, *args, **kwargs)
-        norms.append((float(total), float(torch.linalg.vector_norm(torch.stack(
-            [p.grad.norm() for p in params if p.grad is not None])))))
+        norms.append(
+            (
+                float(total),
+                float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))),
+            )
+        )
         return total
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
-    cfg = compose_cfg(tmp_path, ["trainer.precision=bf16-mixed", "optim.optimizer.fused=true", "max_steps=4",
-                                 "trainer.gradient_clip_val=0.01", "callbacks.samples.num_prompts=0"])
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            "trainer.precision=bf16-mixed",
+            "optim.optimizer.fused=true",
+            "max_steps=4",
+            "trainer.gradient_clip_val=0.01",
+            "callbacks.samples.num_prompts=0",
+        ],
+    )
     train(cfg)
     assert len(norms) == 4
     assert all(before > 0.01 and after == pytest.approx(0.01, rel=1e-3) for before, after in norms)

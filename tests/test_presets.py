@@ -9,24 +9,46 @@ from conftest import REPO, SHARED_DATA
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from datamodules.collate import IGNORE_INDEX
 from datamodules.sources import parse_sources
+from lmlab.core.collate import IGNORE_INDEX
 
 PRESETS = {  # preset: the stage that reads it today
-    "alpaca_en": "sft", "zh_alpaca": "sft", "lcsts": "sft", "csl": "sft", "dpo_en": "dpo", "zh_dpo": "dpo",
-    "oasst_zh": "dpo", "zh_wiki": "pretrain", "cluecorpus": "pretrain", "zh_novels": "pretrain",
-    "tinyshakespeare": "pretrain", "sms_spam": "classify", "sms_spam_text": "pretrain",
+    "alpaca_en": "sft",
+    "zh_alpaca": "sft",
+    "lcsts": "sft",
+    "csl": "sft",
+    "dpo_en": "dpo",
+    "zh_dpo": "dpo",
+    "oasst_zh": "dpo",
+    "zh_wiki": "pretrain",
+    "cluecorpus": "pretrain",
+    "zh_novels": "pretrain",
+    "tinyshakespeare": "pretrain",
+    "sms_spam": "classify",
+    "sms_spam_text": "pretrain",
 }
 
 
 SEQ2SEQ = ["lcsts", "csl"]  # summarization presets, as T5 reads them (text -> encoder, summary -> labels)
 
 
-@pytest.mark.parametrize("preset, model", [(p, "llama-tiny") for p in sorted(PRESETS)] + [(p, "t5-tiny") for p in SEQ2SEQ])
+@pytest.mark.parametrize(
+    "preset, model", [(p, "llama-tiny") for p in sorted(PRESETS)] + [(p, "t5-tiny") for p in SEQ2SEQ]
+)
+@pytest.mark.slow
 def test_preset_loads_a_first_batch(preset, model, tmp_path, tiny_tokenizer):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"stage={PRESETS[preset]}", f"data={preset}", f"model={model}", "seq_len=1024",
-                                          "batch_size=4", f"paths.cache_dir={tmp_path}"])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"stage={PRESETS[preset]}",
+                f"data={preset}",
+                f"model={model}",
+                "seq_len=1024",
+                "batch_size=4",
+                f"paths.cache_dir={tmp_path}",
+            ],
+        )
     missing = [s.path for s in parse_sources(cfg.data.train_files) if not os.path.exists(s.path)]
     if missing:
         pytest.skip(f"{missing[0]} is absent (../shared/data is not beside this checkout)")

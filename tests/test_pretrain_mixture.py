@@ -20,7 +20,7 @@ from test_pretrain_shards import decoded_docs
 
 import datamodules.base
 from datamodules.pretrain import PretrainDataModule
-from lmlab.tokenizer import train_bpe
+from lmlab.core.tokenizer import train_bpe
 from train import train
 
 ENGLISH = [f"note {i}: the cat sat on the mat and looked at bird number {i}." for i in range(80)]
@@ -35,8 +35,12 @@ def write(path: Path, docs: list[str]) -> Path:
 
 def mixture(tmp_path: Path, tokenizer, entries: list[dict], **kwargs) -> PretrainDataModule:
     """A prepared datamodule over ``entries`` (train_files mappings), its cache under ``tmp_path``."""
-    dm = PretrainDataModule(train_files=entries, cache_dir=str(tmp_path / "cache"), seq_len=8,
-                            **{"val_fraction": 0.2, "shard_mb": 0.0005, **kwargs})
+    dm = PretrainDataModule(
+        train_files=entries,
+        cache_dir=str(tmp_path / "cache"),
+        seq_len=8,
+        **{"val_fraction": 0.2, "shard_mb": 0.0005, **kwargs},
+    )
     dm.tokenizer = tokenizer
     dm.prepare_data()
     return dm
@@ -96,8 +100,14 @@ def test_traditional_script_is_converted_before_duplicates_are_found(tmp_path, t
     simplified = ["汉字转换很简单。", "国际化与本地化。", "床前明月光，疑是地上霜。"]
     traditional = write(tmp_path / "tang.jsonl", ["漢字轉換很簡單。", "國際化與本地化。"] + ENGLISH[:20])
     modern = write(tmp_path / "modern.jsonl", simplified + ENGLISH[20:40])
-    dm = mixture(tmp_path / "t2s", tiny_tokenizer, [{"path": str(traditional)}, {"path": str(modern)}],
-                 dedupe=True, convert="t2s", val_fraction=0.0)
+    dm = mixture(
+        tmp_path / "t2s",
+        tiny_tokenizer,
+        [{"path": str(traditional)}, {"path": str(modern)}],
+        dedupe=True,
+        convert="t2s",
+        val_fraction=0.0,
+    )
     assert decoded_docs(dm, "train")[:2] == simplified[:2]
     assert meta(dm)["duplicates"] == 2 and meta(dm)["convert"].startswith("t2s (opencc ")
     assert next(dm.iter_texts()) == simplified[0], "the tokenizer reads the converted text too"
@@ -120,9 +130,18 @@ def test_tokenizer_text_interleaves_the_sources_by_their_weighted_size(tmp_path,
 def test_each_source_reports_its_own_val_loss_next_to_the_token_weighted_val_loss(tmp_path, sources):
     en, zh = sources
     entries = f"[{{path: '{en}', name: english, weight: 2}}, {{path: '{zh}', name: chinese}}]"
-    cfg = compose_cfg(tmp_path, [f"data.train_files={entries}", "data.val_fraction=0.25", "++data.val_per_source=true",
-                                 "++data.dedupe=true", "max_steps=6", "trainer.val_check_interval=3",
-                                 "callbacks.samples.num_prompts=0"])
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            f"data.train_files={entries}",
+            "data.val_fraction=0.25",
+            "++data.val_per_source=true",
+            "++data.dedupe=true",
+            "max_steps=6",
+            "trainer.val_check_interval=3",
+            "callbacks.samples.num_prompts=0",
+        ],
+    )
     train(cfg)
     with open(next(tmp_path.rglob("metrics.csv"))) as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/loss")]
@@ -141,8 +160,9 @@ def test_each_source_reports_its_own_val_loss_next_to_the_token_weighted_val_los
 
 def test_a_source_without_a_val_window_is_named(tmp_path, sources, tiny_tokenizer):
     en, zh = sources
-    dm = mixture(tmp_path, tiny_tokenizer, [{"path": str(en)}, {"path": str(zh)}], val_per_source=True,
-                 val_fraction=0.002)
+    dm = mixture(
+        tmp_path, tiny_tokenizer, [{"path": str(en)}, {"path": str(zh)}], val_per_source=True, val_fraction=0.002
+    )
     with pytest.raises(ValueError, match=r"source 'zh' holds out 0 tokens.*raise data.val_fraction"):
         dm.setup()
 
@@ -150,8 +170,13 @@ def test_a_source_without_a_val_window_is_named(tmp_path, sources, tiny_tokenize
 def test_val_files_are_the_validation_sets_by_their_names(tmp_path, sources, tiny_tokenizer):
     """A val file named like a training source (here the same file, as eval tests do) is that source's val set."""
     en, zh = sources
-    dm = mixture(tmp_path, tiny_tokenizer, [{"path": str(en), "weight": 2}, {"path": str(zh)}],
-                 val_files=[str(en), str(zh)], val_per_source=True)
+    dm = mixture(
+        tmp_path,
+        tiny_tokenizer,
+        [{"path": str(en), "weight": 2}, {"path": str(zh)}],
+        val_files=[str(en), str(zh)],
+        val_per_source=True,
+    )
     counts = meta(dm)["by_source"]
     assert counts["en"]["documents"] == {"train": 160, "val": 80} and counts["en"]["documents_read"] == 160
     assert counts["zh"]["documents"] == {"train": 80, "val": 80}
@@ -164,8 +189,17 @@ def test_val_files_are_the_validation_sets_by_their_names(tmp_path, sources, tin
 def test_shared_preset_loads_a_first_batch(preset, tmp_path, monkeypatch):
     """The real files, first 60 records of each (so the test stays quick), through the preset's own settings."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"data={preset}", "seq_len=64", "batch_size=4", "data.val_fraction=0.2",
-                                          "data.num_proc=0", f"paths.cache_dir={tmp_path}"])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"data={preset}",
+                "seq_len=64",
+                "batch_size=4",
+                "data.val_fraction=0.2",
+                "data.num_proc=0",
+                f"paths.cache_dir={tmp_path}",
+            ],
+        )
     entries = OmegaConf.to_container(cfg.data.train_files, resolve=True)
     paths = [entry["path"] if isinstance(entry, dict) else entry for entry in entries]
     missing = [p for p in paths if not Path(p).exists()]
@@ -174,8 +208,9 @@ def test_shared_preset_loads_a_first_batch(preset, tmp_path, monkeypatch):
     real = datamodules.base.read_records
     monkeypatch.setattr(datamodules.base, "read_records", lambda *a, **k: itertools.islice(real(*a, **k), 60))
     dm = instantiate(cfg.data)
-    dm.tokenizer = train_bpe(dm.iter_texts(), **{**cfg.bpe, "vocab_size": 400, "max_bytes": 100_000},
-                             total_bytes=100_000)
+    dm.tokenizer = train_bpe(
+        dm.iter_texts(), **{**cfg.bpe, "vocab_size": 400, "max_bytes": 100_000}, total_bytes=100_000
+    )
     dm.prepare_data()
     dm.setup()
     batch = next(iter(dm.train_dataloader()))

@@ -1,4 +1,5 @@
-"""Pretraining token shards: exact round trip, same bytes for any num_proc and after a crash, bad input named or counted."""
+"""Pretraining token shards: exact round trip, the same bytes for any num_proc and after a crash, bad input named
+or counted."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import datamodules.shards
 from datamodules.formats import DataError
 from datamodules.pretrain import PretrainDataModule
 
-DOCS = [f"document {i}: the cat sat on mat {i}." if i % 3 else f"第{i}篇：三加四等于七，你好世界。" * (i % 7 + 1)
-        for i in range(60)]
+DOCS = [
+    f"document {i}: the cat sat on mat {i}." if i % 3 else f"第{i}篇：三加四等于七，你好世界。" * (i % 7 + 1)
+    for i in range(60)
+]
 
 
 @pytest.fixture
@@ -26,16 +29,23 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(DOCS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                      show_progress=False))
+    tok.train_from_iterator(
+        DOCS,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def prepared(tokenizer, files: list[Path], cache: Path, **kwargs) -> PretrainDataModule:
     """A datamodule whose prepare_data has run; small shards so even a tiny corpus has several."""
-    dm = PretrainDataModule(train_files=[str(f) for f in files], cache_dir=str(cache), seq_len=8,
-                            **{"shard_mb": 0.0005, **kwargs})
+    dm = PretrainDataModule(
+        train_files=[str(f) for f in files], cache_dir=str(cache), seq_len=8, **{"shard_mb": 0.0005, **kwargs}
+    )
     dm.tokenizer = tokenizer
     dm.prepare_data()
     return dm
@@ -76,8 +86,9 @@ def test_shards_decode_back_to_the_documents_in_order(tmp_path, corpus, tiny_tok
     assert meta["sources"]["train"] == [{"path": str(corpus), "bytes": corpus.stat().st_size}]
     # Windows read across shard boundaries exactly as from one concatenated file.
     dm.setup()
-    stream = np.concatenate([np.fromfile(dm.token_dir / s["file"], dtype=meta["dtype"])
-                             for s in meta["shards"] if s["split"] == "train"])
+    stream = np.concatenate(
+        [np.fromfile(dm.token_dir / s["file"], dtype=meta["dtype"]) for s in meta["shards"] if s["split"] == "train"]
+    )
     assert len(dm.train_set) == (len(stream) - 1) // 8 == (meta["tokens"]["train"] - 1) // 8
     for i in range(len(dm.train_set)):
         assert dm.train_set[i]["input_ids"].tolist() == stream[i * 8 : i * 8 + 9].tolist()
@@ -90,8 +101,9 @@ def test_same_bytes_for_any_num_proc(tmp_path, corpus, tiny_tokenizer):
     assert folder_bytes(inline.token_dir) == folder_bytes(pooled.token_dir)
 
 
-def test_resume_after_a_crash_keeps_finished_shards_and_gives_the_same_bytes(tmp_path, corpus, tiny_tokenizer,
-                                                                            monkeypatch):
+def test_resume_after_a_crash_keeps_finished_shards_and_gives_the_same_bytes(
+    tmp_path, corpus, tiny_tokenizer, monkeypatch
+):
     clean = prepared(tiny_tokenizer, [corpus], tmp_path / "clean")
     real = datamodules.shards.encode_shard
     calls = []
@@ -134,21 +146,43 @@ def test_uint32_when_the_vocabulary_does_not_fit_uint16(tmp_path, corpus, tiny_t
 
 BAD_INPUT = [  # file, its lines (line 2 or 3 bad), the error, the skip reason, the good documents
     ("c.txt", [b"good", b"bad \xc3\x28 bytes", b"good"], r"c\.txt:2: not valid UTF-8", "unreadable lines", 2),
-    ("c.jsonl", [b'{"text": "good"}', b'{"text": "good"', b'{"text": "good"}'], r"c\.jsonl:2: malformed JSON",
-     "unreadable lines", 2),
-    ("c.jsonl", [b'{"text": "good"}', b'{"body": "x"}', b'{"text": "good"}'],
-     r"c\.jsonl:2: field 'text': missing or empty", "bad records", 2),
-    ("c.jsonl", [b'{"text": "good"}', b'{"text": "  "}', b'{"text": "good"}'],
-     r"c\.jsonl:2: field 'text': missing or empty", "bad records", 2),
-    ("c.csv", [b"text,id", b"good,1", b"bad,2,extra", b"good,3"], r"c\.csv:3: expected 2 columns",
-     "unreadable lines", 2),
+    (
+        "c.jsonl",
+        [b'{"text": "good"}', b'{"text": "good"', b'{"text": "good"}'],
+        r"c\.jsonl:2: malformed JSON",
+        "unreadable lines",
+        2,
+    ),
+    (
+        "c.jsonl",
+        [b'{"text": "good"}', b'{"body": "x"}', b'{"text": "good"}'],
+        r"c\.jsonl:2: field 'text': missing or empty",
+        "bad records",
+        2,
+    ),
+    (
+        "c.jsonl",
+        [b'{"text": "good"}', b'{"text": "  "}', b'{"text": "good"}'],
+        r"c\.jsonl:2: field 'text': missing or empty",
+        "bad records",
+        2,
+    ),
+    (
+        "c.csv",
+        [b"text,id", b"good,1", b"bad,2,extra", b"good,3"],
+        r"c\.csv:3: expected 2 columns",
+        "unreadable lines",
+        2,
+    ),
     ("c.csv", [b"body,id", b"good,1"], r"c\.csv:2: field 'text': missing or empty", "bad records", 0),
 ]
 
 
-@pytest.mark.parametrize("name,lines,error,reason,good", BAD_INPUT,
-                         ids=["bad-utf8", "bad-json", "missing-field", "empty-document", "bad-csv-row",
-                              "csv-no-field"])
+@pytest.mark.parametrize(
+    "name,lines,error,reason,good",
+    BAD_INPUT,
+    ids=["bad-utf8", "bad-json", "missing-field", "empty-document", "bad-csv-row", "csv-no-field"],
+)
 def test_bad_input_is_named_or_counted_in_meta(tmp_path, tiny_tokenizer, name, lines, error, reason, good):
     path = tmp_path / name
     path.write_bytes(b"\n".join(lines) + b"\n")
@@ -179,8 +213,9 @@ def test_shards_hold_one_source_each_and_windows_do_not_depend_on_the_cut(tmp_pa
     assert {s["source"] for s in meta["shards"]} == {"corpus", "second"}
     for name, counts in meta["by_source"].items():
         rows = [s for s in meta["shards"] if s["source"] == name]
-        assert counts["tokens"] == {split: sum(s["tokens"] for s in rows if s["split"] == split)
-                                    for split in ("train", "val")}
+        assert counts["tokens"] == {
+            split: sum(s["tokens"] for s in rows if s["split"] == split) for split in ("train", "val")
+        }
     one_shard = prepared(tiny_tokenizer, [corpus, second], tmp_path / "large", val_fraction=0.2, shard_mb=8)
     assert len(json.loads((one_shard.token_dir / "meta.json").read_text())["shards"]) == 4, "cut only at the source"
     small.setup()

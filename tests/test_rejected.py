@@ -1,4 +1,4 @@
-"""Preference data from a model's own samples (generate.py task=rejected, lmlab/rejected.py)."""
+"""Preference data from a model's own samples (generate.py task=rejected, lmlab/infer/rejected.py)."""
 
 from __future__ import annotations
 
@@ -12,29 +12,47 @@ from conftest import REPO, TINY, compose_cfg, run_script
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-import lmlab.rejected as rejected_mod
+import lmlab.infer.rejected as rejected_mod
 from datamodules.formats import DataError
-from lmlab.models import build_model
-from lmlab.rejected import build_rejected, degenerate, too_similar
+from lmlab.core.models import build_model
+from lmlab.infer.rejected import build_rejected, degenerate, too_similar
 
 
 def chat(question: str, answer: str, system: str | None = None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 RECORDS = [
     ("a.jsonl", 1, chat("What is 3 plus 4?", "It is 7.")),
     ("a.jsonl", 2, chat("What is 5 plus 6?", "It is 11.", system="Be brief.")),
-    ("a.jsonl", 3, [*chat("What is 4 plus 2?", "6."), {"role": "user", "content": "And times 2?"},
-                    {"role": "assistant", "content": "12."}]),
+    (
+        "a.jsonl",
+        3,
+        [
+            *chat("What is 4 plus 2?", "6."),
+            {"role": "user", "content": "And times 2?"},
+            {"role": "assistant", "content": "12."},
+        ],
+    ),
     ("b.jsonl", 1, chat("三加四等于多少？", "等于七。")),
     ("b.jsonl", 2, chat("Add the two numbers.", "3 + 4 = 7")),
     ("b.jsonl", 3, chat("你好", "你好，世界。")),
 ]
 NO_MODEL = torch.nn.Identity()  # for tests with a scripted generate_texts (build_rejected only calls .eval())
-GREEDY = {"max_new_tokens": 6, "do_sample": False, "num_beams": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 50,
-          "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "length_penalty": 1.0}
+GREEDY = {
+    "max_new_tokens": 6,
+    "do_sample": False,
+    "num_beams": 1,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 50,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "length_penalty": 1.0,
+}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -50,12 +68,14 @@ def tiny_model(tmp_path, tiny_tokenizer):
 @pytest.fixture
 def scripted(monkeypatch):
     """generate_texts replaced by a reply chosen by the prompt's last user turn; records the prompts it saw."""
-    replies = {"What is 3 plus 4?": "It is  7.",                  # the chosen answer: too_similar
-               "What is 5 plus 6?": "好的好的好的好的好的好的",      # degenerate: repetition
-               "And times 2?": "   ",                             # degenerate: empty
-               "三加四等于多少？": "等于八。我不太确定。",
-               "Add the two numbers.": "I cannot add numbers.",
-               "你好": "Hello there, how are you today?"}
+    replies = {
+        "What is 3 plus 4?": "It is  7.",  # the chosen answer: too_similar
+        "What is 5 plus 6?": "好的好的好的好的好的好的",  # degenerate: repetition
+        "And times 2?": "   ",  # degenerate: empty
+        "三加四等于多少？": "等于八。我不太确定。",
+        "Add the two numbers.": "I cannot add numbers.",
+        "你好": "Hello there, how are you today?",
+    }
     seen: list[str] = []
 
     def fake(model, tokenizer, prompts, settings, batch_size=8):
@@ -72,8 +92,15 @@ def scripted(monkeypatch):
 
 
 def test_degenerate_flags_empty_and_loops_only():
-    for fine in ("The capital of France is Paris, a city on the Seine.", "北京是中国的首都，也是一座历史悠久的城市。",
-                 "12.", "6", "14 plus 15 is 29.", "ha ha", "1000000"):
+    for fine in (
+        "The capital of France is Paris, a city on the Seine.",
+        "北京是中国的首都，也是一座历史悠久的城市。",
+        "12.",
+        "6",
+        "14 plus 15 is 29.",
+        "ha ha",
+        "1000000",
+    ):
         assert degenerate(fine) is None, fine
     for loop in ("好的好的好的好的好的好的", "the the the the the the", "!!!!!!!!!!!!", "ok ok ok ok ok ok ok"):
         assert degenerate(loop) == "repetition", loop
@@ -97,12 +124,11 @@ def test_build_rejected_with_a_tiny_model_writes_pairs(tmp_path, tiny_model):
     sample = {**GREEDY, "do_sample": True}  # an untrained model's greedy reply is a run of newlines
     out = tmp_path / "rej.jsonl"
     torch.manual_seed(0)
-    meta = build_rejected(model, tokenizer, RECORDS, out, sample, batch_size=4, progress=False,
-                          info={"init_from": "tiny"})
+    meta = build_rejected(model, tokenizer, RECORDS, out, sample, batch_size=4, progress=False, info={"run": "tiny"})
     rows = read_rows(out)
     assert meta["total"] == len(RECORDS) == meta["kept"] + sum(meta["dropped"].values())
     assert meta["kept"] == len(rows) > 0
-    assert json.loads((tmp_path / "rej.jsonl.meta.json").read_text()) == meta and meta["init_from"] == "tiny"
+    assert json.loads((tmp_path / "rej.jsonl.meta.json").read_text()) == meta and meta["run"] == "tiny"
     by_key = {(s, n): m for s, n, m in RECORDS}
     for row in rows:
         assert set(row) == {"messages", "chosen", "rejected", "source", "line"}
@@ -112,27 +138,31 @@ def test_build_rejected_with_a_tiny_model_writes_pairs(tmp_path, tiny_model):
     # the samples are what generate_texts makes of the rendered prompts, batch by batch
     prompts = [tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) for *_, m in RECORDS]
     torch.manual_seed(0)
-    samples = dict(zip(by_key, rejected_mod.generate_texts(model, tokenizer, prompts, sample, batch_size=4)))
+    samples = dict(
+        zip(by_key, rejected_mod.generate_texts(model, tokenizer, prompts, sample, batch_size=4), strict=True)
+    )
     assert all(row["rejected"] == samples[row["source"], row["line"]] for row in rows)
     # greedy: nothing but newlines, so every sample is dropped as empty
-    meta = build_rejected(model, tokenizer, RECORDS, tmp_path / "greedy.jsonl", GREEDY, batch_size=4,
-                          progress=False)
+    meta = build_rejected(model, tokenizer, RECORDS, tmp_path / "greedy.jsonl", GREEDY, batch_size=4, progress=False)
     assert meta["kept"] == 0 and meta["dropped"] == {"degenerate: empty": len(RECORDS)}
 
 
 def test_drops_are_counted_by_reason(tmp_path, scripted):
-    records = [*RECORDS, ("c.jsonl", 1, [{"role": "user", "content": "no answer"}]),
-               ("c.jsonl", 2, DataError("c.jsonl", 2, "missing or empty", field="output"))]
+    records = [
+        *RECORDS,
+        ("c.jsonl", 1, [{"role": "user", "content": "no answer"}]),
+        ("c.jsonl", 2, DataError("c.jsonl", 2, "missing or empty", field="output")),
+    ]
     out = tmp_path / "rej.jsonl"
     meta = build_rejected(NO_MODEL, _Tok(), records, out, GREEDY, batch_size=3, on_error="skip", progress=False)
-    assert meta["dropped"] == {"too_similar": 1, "degenerate: repetition": 1, "degenerate: empty": 1,
-                               "bad record": 2}
+    assert meta["dropped"] == {"too_similar": 1, "degenerate: repetition": 1, "degenerate: empty": 1, "bad record": 2}
     assert meta["kept"] == 3 and meta["total"] == 8
     assert [(r["source"], r["line"]) for r in read_rows(out)] == [("b.jsonl", 1), ("b.jsonl", 2), ("b.jsonl", 3)]
     assert "c.jsonl:2: field 'output': missing or empty" in meta["this_run"]["bad_record_examples"]
     done = [json.loads(line) for line in (tmp_path / "rej.jsonl.done").read_text().splitlines()]
-    assert Counter(d["status"] for d in done) == Counter({"kept": 3, "too_similar": 1, "degenerate: repetition": 1,
-                                                         "degenerate: empty": 1, "bad record": 2})
+    assert Counter(d["status"] for d in done) == Counter(
+        {"kept": 3, "too_similar": 1, "degenerate: repetition": 1, "degenerate: empty": 1, "bad record": 2}
+    )
     with pytest.raises(DataError, match="no assistant turn"):
         build_rejected(NO_MODEL, _Tok(), records, tmp_path / "strict.jsonl", GREEDY, on_error="raise", progress=False)
 
@@ -151,8 +181,9 @@ def test_resume_never_duplicates_rows(tmp_path, scripted):
     n_prompts = len(scripted)
     full = build_rejected(NO_MODEL, _Tok(), RECORDS, out, GREEDY, batch_size=2, progress=False)
     rows = read_rows(out)
-    assert Counter((r["source"], r["line"]) for r in rows) == Counter({("b.jsonl", 1): 1, ("b.jsonl", 2): 1,
-                                                                     ("b.jsonl", 3): 1})
+    assert Counter((r["source"], r["line"]) for r in rows) == Counter(
+        {("b.jsonl", 1): 1, ("b.jsonl", 2): 1, ("b.jsonl", 3): 1}
+    )
     assert len(scripted) == n_prompts + 2  # only b.jsonl:2 and b.jsonl:3 were new
     assert full["total"] == len(keys) and full["this_run"]["already_done"] == 4 and full["kept"] == 3
     done = [json.loads(line) for line in done_path.read_text().splitlines()]
@@ -194,10 +225,11 @@ class _Tok:
 
 def test_config_composes_the_data_presets(tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("generate", overrides=["init_from=/runs/sft", "prompt=hi"], return_hydra_config=True)
+        cfg = compose("generate", overrides=["run=/runs/sft", "prompt=hi"], return_hydra_config=True)
         assert cfg.task == "reply" and cfg.hydra.run.dir == "." and cfg.hydra.output_subdir is None
-        cfg = compose("generate", overrides=["task=rejected", "init_from=/runs/sft", "data=zh_alpaca"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "generate", overrides=["task=rejected", "run=/runs/sft", "data=zh_alpaca"], return_hydra_config=True
+        )
     HydraConfig.instance().set_config(cfg)  # as @hydra.main does: ${hydra:runtime.choices.data} is the preset
     try:
         assert cfg.out == "/runs/sft/rejected/zh_alpaca.jsonl"
@@ -212,10 +244,13 @@ def test_generate_reads_records_through_the_preset_format(tmp_path):
     import generate
 
     path = tmp_path / "d.jsonl"
-    path.write_text('{"instruction": "Say hi.", "output": "Hi."}\n{"instruction": "x", "output": ""}\nnot json\n'
-                    '{"prompt": "p", "response": "r"}\n', encoding="utf-8")
+    path.write_text(
+        '{"instruction": "Say hi.", "output": "Hi."}\n{"instruction": "x", "output": ""}\nnot json\n'
+        '{"prompt": "p", "response": "r"}\n',
+        encoding="utf-8",
+    )
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("generate", overrides=["task=rejected", "init_from=x", f"data.train_files=[{path}]"])
+        cfg = compose("generate", overrides=["task=rejected", "run=x", f"data.train_files=[{path}]"])
     from datamodules.formats import SkipCounter
 
     skips = SkipCounter()
@@ -226,15 +261,31 @@ def test_generate_reads_records_through_the_preset_format(tmp_path):
         list(generate.conversations(cfg.data, "raise", SkipCounter()))
 
 
+@pytest.mark.slow
 def test_generate_task_rejected_end_to_end(tmp_path):
-    common = [*[t for t in TINY if not t.startswith(("max_steps", "trainer.val_check"))], "max_steps=4",
-              "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "callbacks.samples.num_prompts=0",
-              f"paths.log_dir={tmp_path}/outputs", f"paths.cache_dir={tmp_path}/cache"]
+    common = [
+        *[t for t in TINY if not t.startswith(("max_steps", "trainer.val_check"))],
+        "max_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1",
+        "callbacks.samples.num_prompts=0",
+        f"paths.log_dir={tmp_path}/outputs",
+        f"paths.cache_dir={tmp_path}/cache",
+    ]
     run_script("train.py", "stage=sft", *common)
     (sft,) = (tmp_path / "outputs" / "sft" / "llama-tiny").iterdir()
     out = tmp_path / "rej.jsonl"
-    args = ["generate.py", "task=rejected", f"init_from={sft}", "data=sample_sft", "limit=6",
-            "generation=sample", "generation.max_new_tokens=8", "batch_size=4", f"out={out}"]
+    args = [
+        "generate.py",
+        "task=rejected",
+        f"run={sft}",
+        "data=sample_sft",
+        "limit=6",
+        "generation=sample",
+        "generation.max_new_tokens=8",
+        "batch_size=4",
+        f"out={out}",
+    ]
     proc = run_script(*args)
     meta = json.loads(out.with_name("rej.jsonl.meta.json").read_text())
     rows = read_rows(out)
@@ -246,7 +297,8 @@ def test_generate_task_rejected_end_to_end(tmp_path):
     assert not (sft / "rejected").exists() and not (tmp_path / "outputs" / "generate").exists()
     assert rows, "seeded sampling keeps some pairs"
     # the written pairs are DPO data as they are: the chain SFT -> rejected samples -> DPO
-    run_script("train.py", "stage=dpo", f"init_from={sft}", f"data.train_files=[{out}]", f"data.val_files=[{out}]",
-               *common)
+    run_script(
+        "train.py", "stage=dpo", f"init_from={sft}", f"data.train_files=[{out}]", f"data.val_files=[{out}]", *common
+    )
     (dpo,) = (tmp_path / "outputs" / "dpo" / "llama-tiny").iterdir()
     assert (dpo / "hf" / "model.safetensors").is_file()

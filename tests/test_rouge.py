@@ -1,12 +1,12 @@
-"""lmlab.rouge: character-level ROUGE for Chinese (rouge_score's default tokenizer scores Chinese 0), word-level for
-English, checked against values worked out by hand."""
+"""lmlab.eval.rouge: character-level ROUGE for Chinese (rouge_score's default tokenizer scores Chinese 0),
+word-level for English, checked against values worked out by hand."""
 
 from __future__ import annotations
 
 import pytest
 from rouge_score import rouge_scorer
 
-from lmlab.rouge import SEGMENTATIONS, CharTokenizer, pair_f1, rouge_scores, rouge_tokenizer
+from lmlab.eval.rouge import SEGMENTATIONS, CharTokenizer, pair_f1, rouge_scores, rouge_tokenizer
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -93,7 +93,7 @@ def test_single_token_pair_has_no_bigrams():
 def test_rouge_scores_is_mean_of_pair_f1():
     predictions = ["北京天气很好", "我爱北京天安门"]
     references = ["今天北京天气不错", "我爱天安门"]
-    pairs = [pair_f1(p, r) for p, r in zip(predictions, references)]
+    pairs = [pair_f1(p, r) for p, r in zip(predictions, references, strict=True)]
     got = rouge_scores(predictions, references)
     assert got["n"] == 2 and got["segmentation"] == "char"
     for name in ROUGE_TYPES:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from lmlab.runs import find_interrupted, fingerprint, wandb_offline
+from lmlab.core.runs import find_interrupted, fingerprint, wandb_offline
 
 
 def composed(*overrides: str):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import expected, template
 
-from datamodules.collate import IGNORE_INDEX, CausalCollator
 from datamodules.formats import to_messages
 from datamodules.sft import tokenize_conversation, tokenize_pair
+from lmlab.core.collate import IGNORE_INDEX, CausalCollator
 
 
 @pytest.fixture(params=["byte", "char"])
@@ -41,16 +41,25 @@ def test_alpaca_without_input_has_no_input_section(tok):
 
 
 def test_two_turn_chat_labels_every_assistant_turn_only(tok):
-    record = {"conversations": [
-        {"from": "human", "value": "What is 3 plus 4?"}, {"from": "gpt", "value": "7."},
-        {"from": "human", "value": "And plus 4?"}, {"from": "gpt", "value": "11."},
-    ]}
+    record = {
+        "conversations": [
+            {"from": "human", "value": "What is 3 plus 4?"},
+            {"from": "gpt", "value": "7."},
+            {"from": "human", "value": "And plus 4?"},
+            {"from": "gpt", "value": "11."},
+        ]
+    }
     sample = tokenize_conversation(tok, to_messages(record, "x.jsonl", 1), max_length=512)
     eos = tok.eos_token
-    ids, labels = expected(tok, [
-        ("<|user|>\nWhat is 3 plus 4?\n<|assistant|>\n", False), ("7." + eos, True),
-        ("<|user|>\nAnd plus 4?\n<|assistant|>\n", False), ("11." + eos, True),
-    ])
+    ids, labels = expected(
+        tok,
+        [
+            ("<|user|>\nWhat is 3 plus 4?\n<|assistant|>\n", False),
+            ("7." + eos, True),
+            ("<|user|>\nAnd plus 4?\n<|assistant|>\n", False),
+            ("11." + eos, True),
+        ],
+    )
     assert sample["input_ids"].tolist() == ids
     assert sample["labels"].tolist() == labels
     assert sample["labels"].tolist().count(tok.eos_token_id) == 2  # both turns end with a labelled EOS
@@ -65,15 +74,22 @@ def test_train_on_prompt_labels_everything(tok):
 
 def test_babyllama_template_segments(tok):
     tok.chat_template = template("babyllama")
-    messages = [{"role": "system", "content": "资料"}, {"role": "user", "content": "你好"},
-                {"role": "assistant", "content": "你好！"}]
+    messages = [
+        {"role": "system", "content": "资料"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+    ]
     sample = tokenize_conversation(tok, messages, 512)
     ids, labels = expected(tok, [("资料：资料\n人类：你好\n助手：", False), ("你好！" + tok.eos_token, True)])
     assert (sample["input_ids"].tolist(), sample["labels"].tolist()) == (ids, labels)
 
 
-CHAT = [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "It is 7."},
-        {"role": "user", "content": "And 5 plus 6?"}, {"role": "assistant", "content": "11, I think."}]
+CHAT = [
+    {"role": "user", "content": "What is 3 plus 4?"},
+    {"role": "assistant", "content": "It is 7."},
+    {"role": "user", "content": "And 5 plus 6?"},
+    {"role": "assistant", "content": "11, I think."},
+]
 
 
 def test_ids_are_the_whole_rendering_as_inference_encodes_it(tok):
@@ -82,8 +98,9 @@ def test_ids_are_the_whole_rendering_as_inference_encodes_it(tok):
     sample = tokenize_conversation(tok, CHAT, max_length=512)
     whole = tok.encode(tok.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)
     assert sample["input_ids"].tolist() == whole
-    prompt = tok.encode(tok.apply_chat_template(CHAT[:1], tokenize=False, add_generation_prompt=True),
-                        add_special_tokens=False)
+    prompt = tok.encode(
+        tok.apply_chat_template(CHAT[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
     assert whole[: len(prompt)] == prompt  # generation continues from exactly the ids training saw
     labelled = (sample["labels"] != IGNORE_INDEX).tolist()
     replies = [tok.convert_ids_to_tokens(whole[i]) for i in range(1, len(whole)) if labelled[i] and not labelled[i - 1]]

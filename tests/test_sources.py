@@ -8,18 +8,26 @@ from datamodules.sources import Source, fill_placeholders, parse_sources, weight
 
 
 def test_entries_parse_to_sources_with_their_names():
-    sources = parse_sources(["data/wiki.txt", {"path": "data/laws.jsonl.xz", "weight": 0.2},
-                             {"path": "x/identity.json", "name": "self", "fill": {"{{name}}": "小林"}}])
+    sources = parse_sources(
+        [
+            "data/wiki.txt",
+            {"path": "data/laws.jsonl.xz", "weight": 0.2},
+            {"path": "x/identity.json", "name": "self", "fill": {"{{name}}": "小林"}},
+        ]
+    )
     assert [s.label for s in sources] == ["wiki", "laws", "self"]
     assert sources[1].weight == 0.2 and sources[0].weight == 1.0
     assert sources[2].fill == {"{{name}}": "小林"}
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"weight": 2}, r"train_files\[0\]: expected a path or a mapping with 'path'"),
-    ({"path": "a.txt", "weigth": 2}, r"train_files\[0\]: unknown keys \['weigth'\]"),
-    ({"path": "a.txt", "weight": 0}, r"train_files\[0\]\.weight: expected a number > 0"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"weight": 2}, r"train_files\[0\]: expected a path or a mapping with 'path'"),
+        ({"path": "a.txt", "weigth": 2}, r"train_files\[0\]: unknown keys \['weigth'\]"),
+        ({"path": "a.txt", "weight": 0}, r"train_files\[0\]\.weight: expected a number > 0"),
+    ],
+)
 def test_bad_entries_name_their_position_and_key(entry, message):
     with pytest.raises(ValueError, match=message):
         parse_sources([entry])
@@ -42,8 +50,13 @@ def test_weight_sets_the_sample_count(weight, count):
 
 
 def test_placeholders_are_filled_in_nested_records():
-    record = {"conversations": [{"from": "human", "value": "你是谁？"},
-                                {"from": "gpt", "value": "我是{{name}}，由{{author}}训练。"}], "n": 3}
+    record = {
+        "conversations": [
+            {"from": "human", "value": "你是谁？"},
+            {"from": "gpt", "value": "我是{{name}}，由{{author}}训练。"},
+        ],
+        "n": 3,
+    }
     filled = fill_placeholders(record, {"{{name}}": "小林", "{{author}}": "lmlab"})
     assert filled["conversations"][1]["value"] == "我是小林，由lmlab训练。"
     assert filled["n"] == 3 and record["conversations"][1]["value"].startswith("我是{{name}}")

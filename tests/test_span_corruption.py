@@ -16,8 +16,11 @@ from datamodules.span_corruption import (
 
 SENTINELS = list(range(1000, 1300))  # more than the 256 spans of the densest case
 EOS = 2
-CASES = [(length, density, span) for length in (2, 3, 10, 64, 257, 512) for density, span in
-         ((0.15, 3.0), (0.5, 1.0), (0.3, 8.0), (0.01, 3.0), (0.99, 2.0))]
+CASES = [
+    (length, density, span)
+    for length in (2, 3, 10, 64, 257, 512)
+    for density, span in ((0.15, 3.0), (0.5, 1.0), (0.3, 8.0), (0.01, 3.0), (0.99, 2.0))
+]
 
 
 def runs(mask: np.ndarray) -> list[tuple[bool, int]]:
@@ -135,8 +138,9 @@ def tiny_tokenizer(special: list[str]):
 
     tok = Tokenizer(WordLevel({"<unk>": 0, "</s>": 1, "hello": 2, "world": 3}, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
-                                   additional_special_tokens=special)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", additional_special_tokens=special
+    )
 
 
 def test_sentinel_token_ids_in_order():
@@ -194,8 +198,9 @@ def test_each_pass_over_a_window_gets_a_fresh_mask():
     assert len(ds) == 12
     for w in range(3):
         passes = [ds[w + 3 * k] for k in range(4)]
-        assert all(rebuild(p["input_ids"].numpy(), p["labels"].numpy()) == windows[w]["input_ids"].tolist()
-                   for p in passes)
+        assert all(
+            rebuild(p["input_ids"].numpy(), p["labels"].numpy()) == windows[w]["input_ids"].tolist() for p in passes
+        )
         assert len({tuple(p["input_ids"].tolist()) for p in passes}) > 1
     with pytest.raises(IndexError):
         ds[12]

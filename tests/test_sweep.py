@@ -14,12 +14,23 @@ from matplotlib import colormaps
 from PIL import Image
 
 import sweep
-from lmlab.sweeps import CURVES, plot_curves, read_metrics, read_sweep, series
+from lmlab.train.sweeps import CURVES, plot_curves, read_metrics, read_sweep, series
+
+pytestmark = pytest.mark.slow  # sweeps of real training jobs
 
 # tiny jobs: 4 steps, validation after steps 2 and 4, every step's train loss logged
-QUICK = ["model=llama-tiny", "max_steps=4", "seq_len=64", "warmup_steps=1", "trainer.val_check_interval=2",
-         "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_model_summary=false",
-         "bpe.vocab_size=512", "callbacks.samples.num_prompts=0"]
+QUICK = [
+    "model=llama-tiny",
+    "max_steps=4",
+    "seq_len=64",
+    "warmup_steps=1",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "bpe.vocab_size=512",
+    "callbacks.samples.num_prompts=0",
+]
 
 
 def summary_rows(sweep_dir):
@@ -31,8 +42,15 @@ def summary_rows(sweep_dir):
 def grid(tmp_path_factory):
     """`python sweep.py -m lr=5e-5,5e-6 batch_size=4,8` (+ tiny settings): 4 jobs, each its own wandb run (offline)."""
     tmp = tmp_path_factory.mktemp("grid")
-    proc = run_script("sweep.py", "-m", "lr=5e-5,5e-6", "batch_size=4,8", *QUICK, f"hydra.sweep.dir={tmp}/sweep",
-                      f"paths.cache_dir={tmp}/cache")
+    proc = run_script(
+        "sweep.py",
+        "-m",
+        "lr=5e-5,5e-6",
+        "batch_size=4,8",
+        *QUICK,
+        f"hydra.sweep.dir={tmp}/sweep",
+        f"paths.cache_dir={tmp}/cache",
+    )
     return tmp / "sweep", proc.stdout
 
 
@@ -40,8 +58,10 @@ def test_grid_makes_one_job_per_combination(grid):
     sweep_dir, _ = grid
     jobs = sorted(p.name for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
     assert jobs == ["0", "1", "2", "3"]
-    combos = {(c["lr"], c["batch_size"]) for c in
-              (yaml.safe_load((sweep_dir / j / ".hydra" / "config.yaml").read_text()) for j in jobs)}
+    combos = {
+        (c["lr"], c["batch_size"])
+        for c in (yaml.safe_load((sweep_dir / j / ".hydra" / "config.yaml").read_text()) for j in jobs)
+    }
     assert combos == {(5e-5, 4), (5e-5, 8), (5e-6, 4), (5e-6, 8)}
 
 
@@ -49,8 +69,12 @@ def test_summary_numbers_are_each_jobs_metrics(grid):
     sweep_dir, stdout = grid
     rows = summary_rows(sweep_dir)
     assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
-    assert [r["overrides"] for r in rows] == ["lr=5e-05 batch_size=4", "lr=5e-05 batch_size=8", "lr=5e-06 batch_size=4",
-                                              "lr=5e-06 batch_size=8"]  # only what differs between jobs
+    assert [r["overrides"] for r in rows] == [
+        "lr=5e-05 batch_size=4",
+        "lr=5e-05 batch_size=8",
+        "lr=5e-06 batch_size=4",
+        "lr=5e-06 batch_size=8",
+    ]  # only what differs between jobs
     for row in rows:
         with open(sweep_dir / row["job"] / "metrics.csv", newline="") as f:
             logged = list(csv.DictReader(f))
@@ -71,9 +95,9 @@ def test_curves_png_overlays_every_job(grid):
     sweep_dir, _ = grid
     rows, _ = read_sweep(sweep_dir)
     fig = plot_curves(rows)  # what sweep_curves.png was drawn from
-    for ax, key in zip(fig.axes, CURVES):
+    for ax, key in zip(fig.axes, CURVES, strict=True):
         assert len(ax.lines) == 4
-        for line, row in zip(ax.lines, rows):
+        for line, row in zip(ax.lines, rows, strict=True):
             steps, values = series(read_metrics(sweep_dir / row["job"] / "metrics.csv"), key)
             assert list(line.get_xdata()) == steps and list(line.get_ydata()) == values and len(values) >= 2
     image = Image.open(sweep_dir / "sweep_curves.png").convert("RGB")
@@ -105,13 +129,25 @@ def test_summary_is_rebuilt_from_the_folder(grid, tmp_path, capsys):
 
 def test_failed_job_is_recorded_and_the_next_ddp_job_still_runs(tmp_path):
     """Two DDP jobs (2 CPU ranks, gloo): the first fails, the second launches its own ranks in its own folder."""
-    proc = run_script("sweep.py", "-m", "lr=-1,5e-3", *QUICK, "max_steps=2", "trainer.devices=2",
-                      "trainer.deterministic=false", "logger=csv", f"hydra.sweep.dir={tmp_path}/sweep",
-                      f"paths.cache_dir={tmp_path}/cache", f"paths.log_dir={tmp_path}/outputs")
+    proc = run_script(
+        "sweep.py",
+        "-m",
+        "lr=-1,5e-3",
+        *QUICK,
+        "max_steps=2",
+        "trainer.devices=2",
+        "trainer.deterministic=false",
+        "logger=csv",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        f"paths.cache_dir={tmp_path}/cache",
+        f"paths.log_dir={tmp_path}/outputs",
+    )
     failed, ok = summary_rows(tmp_path / "sweep")
     assert failed["status"] == "failed" and failed["error"] == "ValueError: Invalid learning rate: -1"
     assert failed["best_metric"] == "" and "1 jobs did not finish" in proc.stdout
-    assert ok["status"] == "ok" and int(ok["steps"]) == 2 and (tmp_path / "sweep" / "1" / "hf" / "config.json").is_file()
+    assert (
+        ok["status"] == "ok" and int(ok["steps"]) == 2 and (tmp_path / "sweep" / "1" / "hf" / "config.json").is_file()
+    )
     assert "best: Job 1 (lr=0.005)" in proc.stdout
     assert (proc.stdout + proc.stderr).count("MEMBER: 2/2") == 2  # each job started its second rank
     # the relaunched rank ran this one job in its folder: no run folder elsewhere, no extra job folders
@@ -120,8 +156,15 @@ def test_failed_job_is_recorded_and_the_next_ddp_job_still_runs(tmp_path):
 
 
 def test_optuna_search_gets_each_jobs_metric(tmp_path):
-    run_script("sweep.py", "sweep=optuna", "hydra.sweeper.n_trials=2", *QUICK, "logger=csv",
-               f"hydra.sweep.dir={tmp_path}/sweep", f"paths.cache_dir={tmp_path}/cache")
+    run_script(
+        "sweep.py",
+        "sweep=optuna",
+        "hydra.sweeper.n_trials=2",
+        *QUICK,
+        "logger=csv",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        f"paths.cache_dir={tmp_path}/cache",
+    )
     rows = summary_rows(tmp_path / "sweep")
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
@@ -140,9 +183,14 @@ def test_optuna_direction_follows_the_stages_metric():
 @pytest.mark.parametrize("launcher", ["parallel", "slurm"])
 def test_launcher_configs_compose(launcher):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("sweep", overrides=[f"hydra/launcher={launcher}", "hydra.launcher.partition=gpu"
-                                          if launcher == "slurm" else "hydra.launcher.n_jobs=2"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "sweep",
+            overrides=[
+                f"hydra/launcher={launcher}",
+                "hydra.launcher.partition=gpu" if launcher == "slurm" else "hydra.launcher.n_jobs=2",
+            ],
+            return_hydra_config=True,
+        )
     launcher_cfg = cfg.hydra.launcher
     if launcher == "slurm":
         assert launcher_cfg.partition == "gpu" and launcher_cfg.tasks_per_node == launcher_cfg.gpus_per_node == 1

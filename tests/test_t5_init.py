@@ -6,7 +6,7 @@ import torch
 from conftest import compose_cfg
 from transformers import AutoModelForSeq2SeqLM
 
-from lmlab.models import build_model
+from lmlab.core.models import build_model
 
 
 def test_t5_head_is_tied_unscaled_and_starts_at_unit_logits(tmp_path, tiny_tokenizer):
@@ -26,8 +26,11 @@ def test_t5_output_layout_survives_export(tmp_path, tiny_tokenizer):
     loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
     assert loaded.config.scale_decoder_outputs is False and loaded.lm_head.weight is loaded.shared.weight
     x = torch.randint(10, len(tiny_tokenizer), (2, 16))
-    assert torch.allclose(model(input_ids=x, labels=x[:, :5].clone()).logits, loaded(input_ids=x, labels=x[:, :5].clone()).logits,
-                          atol=1e-5)
+    assert torch.allclose(
+        model(input_ids=x, labels=x[:, :5].clone()).logits,
+        loaded(input_ids=x, labels=x[:, :5].clone()).logits,
+        atol=1e-5,
+    )
 
 
 def test_adamw_lowers_t5_loss_to_the_unigram_level_quickly(tmp_path, tiny_tokenizer):

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from lmlab.tokenizer import CorpusStream, train_bpe, train_bpe_with_report
+from lmlab.core.tokenizer import CorpusStream, train_bpe, train_bpe_with_report
 
 SAMPLE = [REPO / "data" / "sample" / "pretrain_en.txt", REPO / "data" / "sample" / "pretrain_zh.txt"]
 NUMBERS = ["2024年12月31日，价格是12345元。", "Call 0123 456 789 at 10:30, room 2048."] * 50
@@ -72,8 +72,14 @@ def test_char_level_pieces_carry_metaspace(char_tokenizer):
 
 
 def test_byte_level_round_trips_any_unicode(byte_tokenizer):
-    texts = ["emoji 🧪👩‍👩‍👧 ok", "ＡＢＣ１２３ full width", "e\u0301 combining, Ελληνικά, العربية", "𠀀𪚥 rare CJK",
-             "tabs\tand  two spaces\n\nnew lines", "混合 text 123 和 ！？…"]
+    texts = [
+        "emoji 🧪👩‍👩‍👧 ok",
+        "ＡＢＣ１２３ full width",
+        "e\u0301 combining, Ελληνικά, العربية",
+        "𠀀𪚥 rare CJK",
+        "tabs\tand  two spaces\n\nnew lines",
+        "混合 text 123 和 ！？…",
+    ]
     for text in texts:
         encoded = ids(byte_tokenizer, text)
         assert byte_tokenizer.unk_token_id not in encoded
@@ -124,15 +130,24 @@ def test_byte_budget_reads_about_that_many_bytes_spread_evenly():
     assert positions[0] < 50 and positions[-1] > 4900  # from the whole corpus, not its first quarter
     assert 0.2 < len(kept) / len(docs) < 0.3
 
-    _, report = train_bpe_with_report(iter(docs), total_bytes=total,
-                                      **settings("char", vocab_size=300, max_bytes=budget, heldout_every=10**9))
+    _, report = train_bpe_with_report(
+        iter(docs), total_bytes=total, **settings("char", vocab_size=300, max_bytes=budget, heldout_every=10**9)
+    )
     assert budget - 400 <= report["train_bytes"] <= budget + 400
 
 
+@pytest.mark.slow
 def test_prepare_cli_saves_folder_and_report(tmp_path):
     out = tmp_path / "tok"
-    proc = run_script("prepare.py", "task=tokenizer", "data=sample_text", "bpe=char", "bpe.vocab_size=600",
-                      f"out={out}", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_script(
+        "prepare.py",
+        "task=tokenizer",
+        "data=sample_text",
+        "bpe=char",
+        "bpe.vocab_size=600",
+        f"out={out}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     report = json.loads((out / "report.json").read_text())
     assert '"chars_per_token"' in proc.stdout  # the report is printed too
     assert report["vocab_size"] == 600 and report["level"] == "char"

@@ -18,9 +18,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from datamodules.collate import IGNORE_INDEX
 from datamodules.sft import SFTDataModule
 from datamodules.sources import parse_sources
+from lmlab.core.collate import IGNORE_INDEX
 
 # preset: (stage, records in its train and val files, bad records it skips and counts)
 PRESETS = {
@@ -48,11 +48,14 @@ def char_tokenizer():
 def preset_module(preset: str, tokenizer, *overrides: str) -> SFTDataModule:
     """The preset's datamodule as train.py builds it (tiny settings), or a skip when its files are absent."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"stage={PRESETS[preset][0]}", f"data={preset}", "seq_len=256",
-                                          "batch_size=4", *overrides])
+        cfg = compose(
+            "train",
+            overrides=[f"stage={PRESETS[preset][0]}", f"data={preset}", "seq_len=256", "batch_size=4", *overrides],
+        )
     files = OmegaConf.to_container(cfg.data, resolve=True)
-    missing = [s.path for s in parse_sources(files["train_files"] + (files["val_files"] or []))
-               if not os.path.exists(s.path)]
+    missing = [
+        s.path for s in parse_sources(files["train_files"] + (files["val_files"] or [])) if not os.path.exists(s.path)
+    ]
     if missing:
         pytest.skip(f"{missing[0]} is absent (../shared/data is not beside this checkout)")
     dm = instantiate(cfg.data)
@@ -85,12 +88,14 @@ def test_preset_loads_a_first_batch_and_loses_nothing_unannounced(preset, char_t
     assert_first_batch(next(iter(dm._loader(first, shuffle=False))), preset)
 
 
+@pytest.mark.slow
 def test_mixture_loads_a_first_batch(mixture):
     assert_first_batch(next(iter(mixture.train_dataloader())), "zh_chat_sft")
     assert len(mixture.val_set) > 400
     assert mixture.skips.skipped.get("bad records", 0) == PRESETS["zh_chat_sft"][2]
 
 
+@pytest.mark.slow
 def test_mixture_weights_set_each_sources_share(mixture):
     """A source's records (those not held out) go into the epoch `weight` times: whole repeats, then a seeded
     subsample for a fraction."""
@@ -109,10 +114,16 @@ def test_mixture_weights_set_each_sources_share(mixture):
     assert not held & {line for s, line, _ in train if s == alpaca}
 
 
+@pytest.mark.slow
 def test_mixture_fills_the_identity_placeholders(mixture):
     identity = str(Path(mixture.sources[-1].path))
-    replies = [m["content"] for s, _, messages in mixture.split()[0] if s == identity
-               for m in messages if m["role"] == "assistant"]
+    replies = [
+        m["content"]
+        for s, _, messages in mixture.split()[0]
+        if s == identity
+        for m in messages
+        if m["role"] == "assistant"
+    ]
     assert len(replies) > 200 and all("{{" not in r for r in replies)
     assert sum("小林" in r for r in replies) > 100 and sum("lmlab" in r for r in replies) > 100
 
@@ -127,8 +138,7 @@ def test_glaive_skips_exactly_the_tool_call_chats(char_tokenizer):
     dm = preset_module("zh_glaive_toolcall", char_tokenizer)
     dm.split()
     assert dm.skips.skipped == {"bad records": 159}
-    assert all("unknown role 'function_call'" in e or "unknown role 'observation'" in e
-               for e in dm.skips.first_errors)
+    assert all("unknown role 'function_call'" in e or "unknown role 'observation'" in e for e in dm.skips.first_errors)
 
 
 def test_csl_title_validates_on_the_disjoint_csl_dev_set(char_tokenizer):

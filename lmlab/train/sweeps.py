@@ -32,7 +32,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
-log = logging.getLogger("lmlab.sweeps")
+log = logging.getLogger("lmlab.train.sweeps")
 
 STATUS_FILE = "job_status.json"
 SUMMARY_CSV = "sweep_summary.csv"
@@ -40,11 +40,25 @@ SUMMARY_MD = "sweep_summary.md"
 CURVES_PNG = "sweep_curves.png"
 WANDB_TAG_MAX = 64  # wandb rejects longer tags
 CURVES = ("train/loss", "val/loss")
-COLUMNS = ["job", "overrides", "status", "stage", "metric", "best_metric", "final_metric", "test_metric", "best_val_loss",
-           "final_val_loss", "steps", "wall_s", "error"]
+COLUMNS = [
+    "job",
+    "overrides",
+    "status",
+    "stage",
+    "metric",
+    "best_metric",
+    "final_metric",
+    "test_metric",
+    "best_val_loss",
+    "final_val_loss",
+    "steps",
+    "wall_s",
+    "error",
+]
 
 
 # ---- the job ----------------------------------------------------------------------------------------------------
+
 
 def run_job(cfg: DictConfig, task: Callable[[DictConfig], float | None]) -> float | None:
     """Run one multirun job; a failure is recorded in the job folder instead of ending the sweep."""
@@ -59,8 +73,10 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], float | None]) -> floa
         _reset_distributed(environ)
     if value is not None and math.isnan(value):
         value = None
-    _write_status(Path(cfg.paths.output_dir), {"status": status, "error": error, "value": value,
-                                               "wall_s": round(time.time() - start, 2)})
+    _write_status(
+        Path(cfg.paths.output_dir),
+        {"status": status, "error": error, "value": value, "wall_s": round(time.time() - start, 2)},
+    )
     return value
 
 
@@ -109,6 +125,7 @@ def register_resolvers() -> None:
 
 # ---- reading a sweep folder --------------------------------------------------------------------------------------
 
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The job folders of a sweep (those with a Hydra config), in job-number order."""
     dirs = [d for d in sweep_dir.iterdir() if (d / ".hydra" / "config.yaml").is_file()]
@@ -144,13 +161,22 @@ def read_job(job_dir: Path) -> dict[str, Any]:
     _, val_loss = series(metrics, "val/loss")
     train_steps, _ = series(metrics, "train/loss")
     return {
-        "job": job_dir.name, "all_overrides": yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file()
-        else [], "status": status["status"], "stage": config["stage"]["name"], "metric": monitor, "mode": mode,
-        "best_metric": pick(values) if values else None, "final_metric": values[-1] if values else None,
+        "job": job_dir.name,
+        "all_overrides": yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else [],
+        "status": status["status"],
+        "stage": config["stage"]["name"],
+        "metric": monitor,
+        "mode": mode,
+        "best_metric": pick(values) if values else None,
+        "final_metric": values[-1] if values else None,
         "test_metric": tested[-1] if tested else None,
-        "best_val_loss": min(val_loss) if val_loss else None, "final_val_loss": val_loss[-1] if val_loss else None,
+        "best_val_loss": min(val_loss) if val_loss else None,
+        "final_val_loss": val_loss[-1] if val_loss else None,
         "steps": int(train_steps[-1]) + 1 if train_steps else None,  # Lightning logs step k after k+1 steps
-        "wall_s": status.get("wall_s"), "error": status.get("error"), "dir": job_dir, "metrics": metrics,
+        "wall_s": status.get("wall_s"),
+        "error": status.get("error"),
+        "dir": job_dir,
+        "metrics": metrics,
     }
 
 
@@ -174,6 +200,7 @@ def best_job(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 # ---- writing the summary ------------------------------------------------------------------------------------------
 
+
 def plot_curves(rows: list[dict[str, Any]]) -> Figure:
     """Train and val loss against step, one colour per job (the seeds' run-comparison figures)."""
     fig = Figure(figsize=(12, 5), layout="constrained")  # no pyplot: no GUI backend, no global figure state
@@ -181,10 +208,10 @@ def plot_curves(rows: list[dict[str, Any]]) -> Figure:
     colours = colormaps["tab10" if len(rows) <= 10 else "tab20"]
     for i, row in enumerate(rows):
         label = f"{row['job']}: {row['overrides'] or '(no overrides)'}"
-        for ax, key in zip(axes, CURVES):
+        for ax, key in zip(axes, CURVES, strict=True):
             steps, values = series(row["metrics"], key)
             ax.plot(steps, values, color=colours(i % colours.N), label=label, marker="." if len(steps) < 20 else None)
-    for ax, key in zip(axes, CURVES):
+    for ax, key in zip(axes, CURVES, strict=True):
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -207,8 +234,14 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# Sweep {sweep_dir.name}", "", f"Every job: `{' '.join(shared) or '(no common overrides)'}`", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"# Sweep {sweep_dir.name}",
+        "",
+        f"Every job: `{' '.join(shared) or '(no common overrides)'}`",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
     failed = [r for r in rows if r["status"] != "ok"]
     lines += ["", f"{len(rows) - len(failed)} of {len(rows)} jobs finished.", "", "## Best", "", _best_text(best)]
@@ -222,8 +255,9 @@ def report(sweep_dir: str | Path) -> str:
     """Write the summary and return what to print: where it is, failed jobs, the best job and its config."""
     sweep_dir = Path(sweep_dir)
     rows = write_summary(sweep_dir)
-    failed = [f"  job {r['job']} ({r['overrides']}): {r['status']} {r['error'] or ''}" for r in rows
-              if r["status"] != "ok"]
+    failed = [
+        f"  job {r['job']} ({r['overrides']}): {r['status']} {r['error'] or ''}" for r in rows if r["status"] != "ok"
+    ]
     lines = [f"sweep summary: {sweep_dir / SUMMARY_MD} ({len(rows)} jobs)"]
     lines += [f"{len(failed)} jobs did not finish:", *failed] if failed else []
     return "\n".join([*lines, "best: " + _best_text(best_job(rows))])
@@ -232,9 +266,11 @@ def report(sweep_dir: str | Path) -> str:
 def _best_text(best: dict[str, Any] | None) -> str:
     if best is None:
         return "No best job: none finished with a value of its metric, or the jobs train different stages or metrics."
-    return (f"Job {best['job']} ({best['overrides'] or 'no overrides'}): best {best['metric']} = "
-            f"{best['best_metric']:.6g}\n\nConfig: {best['dir'] / '.hydra' / 'config.yaml'}\n\n"
-            f"Rerun it alone (a one-job sweep): `python sweep.py {' '.join(best['all_overrides'])}`")
+    return (
+        f"Job {best['job']} ({best['overrides'] or 'no overrides'}): best {best['metric']} = "
+        f"{best['best_metric']:.6g}\n\nConfig: {best['dir'] / '.hydra' / 'config.yaml'}\n\n"
+        f"Rerun it alone (a one-job sweep): `python sweep.py {' '.join(best['all_overrides'])}`"
+    )
 
 
 class SweepSummary(Callback):

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
-from lmlab.generation import generate_texts
+from lmlab.infer.generation import generate_texts
 
 HELP = """commands:
   /set KEY VALUE   change a generation knob (e.g. /set temperature 0.7) or the system prompt (/set system ...)
@@ -68,19 +68,31 @@ def memory_report(model: PreTrainedModel) -> str:
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     head = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.dtype} on {model.device}"
     if model.device.type == "cuda":
-        return (f"{head}: weights {weights:.0f} MiB, allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB, "
-                f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-    return f"{head}: weights {weights:.0f} MiB, process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB"
+        return (
+            f"{head}: weights {weights:.0f} MiB, allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB, "
+            f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+        )
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+    return f"{head}: weights {weights:.0f} MiB, process peak RSS {peak_rss:.0f} MiB"
 
 
 class ChatSession:
     """One conversation: its history, system prompt and generation settings."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: dict[str, Any],
-                 system: str | None = None, max_context_tokens: int = 1024, keep_history: bool = True):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: dict[str, Any],
+        system: str | None = None,
+        max_context_tokens: int = 1024,
+        keep_history: bool = True,
+    ):
         if not tokenizer.chat_template:
-            raise ValueError("the tokenizer has no chat template: choose one with template=chatml|alpaca|babyllama "
-                             "(template=plain for a model that only continues text)")
+            raise ValueError(
+                "the tokenizer has no chat template: choose one with template=chatml|alpaca|babyllama "
+                "(template=plain for a model that only continues text)"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.settings = dict(settings)
@@ -126,8 +138,11 @@ class ChatSession:
 
     def show(self) -> str:
         knobs = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
-        return (f"system={self.system!r}; {knobs}; history {len(self.history) // 2} exchanges"
-                f" ({self.dropped} left out of the last prompt to fit {self.max_context_tokens} tokens)\n{memory_report(self.model)}")
+        return (
+            f"system={self.system!r}; {knobs}; history {len(self.history) // 2} exchanges"
+            f" ({self.dropped} left out of the last prompt to fit {self.max_context_tokens} tokens)\n"
+            f"{memory_report(self.model)}"
+        )
 
     def command(self, line: str) -> tuple[str, bool]:
         """Run a ``/command``; returns (its message, whether the session goes on)."""
@@ -159,8 +174,9 @@ def tty_lines(prompt: str) -> Iterator[str]:
             return
 
 
-def run_chat(session: ChatSession, lines: Iterable[str], out: TextIO, err: TextIO, interactive: bool,
-             verbose: bool = False) -> None:
+def run_chat(
+    session: ChatSession, lines: Iterable[str], out: TextIO, err: TextIO, interactive: bool, verbose: bool = False
+) -> None:
     """Answer each line (a ``/command`` or a user turn), streaming replies to ``out``; messages go to ``err``.
 
     Not interactive (a script's stdin, ``--prompt``): no banner, one answer per line of ``out``. ``verbose`` writes

@@ -1,6 +1,6 @@
 """Preference pairs from a model's own samples: the dataset answer is chosen, the model's answer rejected.
 
-``python generate.py task=rejected init_from=<sft run> data=<preset>`` reads every record of the
+``python generate.py task=rejected run=<sft run> data=<preset>`` reads every record of the
 preset's training files, renders its prompt (the conversation up to the last assistant turn) with the
 tokenizer's chat template, samples the model's reply and writes one jsonl row per kept pair::
 
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.formats import DataError, SkipCounter
-from lmlab.generation import generate_texts
+from lmlab.infer.generation import generate_texts
 
 Key = tuple[str, int]
 BAD_RECORD = "bad record"
@@ -46,8 +46,9 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def degenerate(text: str, ngram_sizes: Sequence[int] = (3, 4, 5), max_ngram_share: float = 0.5,
-               min_repeats: int = 3) -> str | None:
+def degenerate(
+    text: str, ngram_sizes: Sequence[int] = (3, 4, 5), max_ngram_share: float = 0.5, min_repeats: int = 3
+) -> str | None:
     """Why ``text`` is unusable as an answer (``"empty"`` or ``"repetition"``), or None if it is fine.
 
     Rule (on the text with whitespace collapsed): for each n in ``ngram_sizes``, take the most frequent
@@ -62,7 +63,7 @@ def degenerate(text: str, ngram_sizes: Sequence[int] = (3, 4, 5), max_ngram_shar
     for n in ngram_sizes:
         if n <= 0 or len(norm) < n * min_repeats:
             continue
-        counts = Counter(norm[i:i + n] for i in range(len(norm) - n + 1))
+        counts = Counter(norm[i : i + n] for i in range(len(norm) - n + 1))
         for gram, _ in counts.most_common(5):  # the most frequent (overlapping) n-grams are the candidates
             repeats = norm.count(gram)  # non-overlapping occurrences
             if repeats >= min_repeats and repeats * n / len(norm) > max_ngram_share:
@@ -79,8 +80,9 @@ def too_similar(sample: str, chosen: str, threshold: float) -> bool:
     """Is the sample a near-duplicate of the chosen answer (SequenceMatcher ratio >= ``threshold``)?"""
     matcher = difflib.SequenceMatcher(None, _normalise(sample), _normalise(chosen), autojunk=False)
     # the cheap upper bounds first: most pairs are far apart
-    return matcher.real_quick_ratio() >= threshold and matcher.quick_ratio() >= threshold \
-        and matcher.ratio() >= threshold
+    return (
+        matcher.real_quick_ratio() >= threshold and matcher.quick_ratio() >= threshold and matcher.ratio() >= threshold
+    )
 
 
 def split_prompt(messages: Any, source: str, line: int) -> tuple[list[dict], str]:
@@ -134,8 +136,9 @@ def load_progress(out_path: Path, done_path: Path) -> dict[Key, str]:
             status[key] = "kept"
     if missing:
         with open(done_path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"source": s, "line": n, "status": "kept"}, ensure_ascii=False) + "\n"
-                         for s, n in missing)
+            f.writelines(
+                json.dumps({"source": s, "line": n, "status": "kept"}, ensure_ascii=False) + "\n" for s, n in missing
+            )
     return status
 
 
@@ -168,7 +171,7 @@ def build_rejected(
     dataset answer, as :func:`datamodules.formats.to_messages` makes them), or ``(source, line, error)``
     with the DataError of a record that could not be adapted. The first ``limit`` records are
     processed (None: all); records already in ``out_path`` or its ``.done`` sidecar are passed over, so
-    rerunning the same command resumes. Samples come from :func:`lmlab.generation.generate_texts`
+    rerunning the same command resumes. Samples come from :func:`lmlab.infer.generation.generate_texts`
     with ``settings`` (conf/generation), ``batch_size`` prompts at a time. ``on_error``: ``raise`` stops
     at a bad record, ``skip`` counts it as ``bad record``. ``skips`` (the reader's counter of unreadable
     lines) and ``info`` (e.g. the settings used) are reported in ``<out>.meta.json``, which also holds
@@ -197,8 +200,13 @@ def build_rejected(
             return {"kept": counts["kept"], "dropped": dropped, "total": counts["kept"] + sum(dropped.values())}
 
         this_run = {**split(run), "already_done": run["already done"], "bad_record_examples": examples}
-        meta = {**split(totals), "this_run": this_run, "unreadable_lines": skips.total if skips is not None else 0,
-                "out": str(out_path), **(info or {})}
+        meta = {
+            **split(totals),
+            "this_run": this_run,
+            "unreadable_lines": skips.total if skips is not None else 0,
+            "out": str(out_path),
+            **(info or {}),
+        }
         meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return meta
 
@@ -210,8 +218,9 @@ def build_rejected(
         done.append(json.dumps({"source": key[0], "line": key[1], "status": outcome}, ensure_ascii=False) + "\n")
 
     def flush(pending: list[tuple[Key, list[dict], str, str]], done: list[str]) -> None:
-        samples = generate_texts(model, tokenizer, [text for *_, text in pending], settings, batch_size) \
-            if pending else []
+        samples = (
+            generate_texts(model, tokenizer, [text for *_, text in pending], settings, batch_size) if pending else []
+        )
         rows = []
         for (key, prompt, chosen, _), sample in zip(pending, samples, strict=True):
             reason = degenerate(sample, **deg_args)
@@ -220,8 +229,13 @@ def build_rejected(
             elif too_similar(sample, chosen, similarity_threshold):
                 mark(key, TOO_SIMILAR, done)
             else:
-                rows.append(json.dumps({"messages": prompt, "chosen": chosen, "rejected": sample,
-                                        "source": key[0], "line": key[1]}, ensure_ascii=False) + "\n")
+                rows.append(
+                    json.dumps(
+                        {"messages": prompt, "chosen": chosen, "rejected": sample, "source": key[0], "line": key[1]},
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
                 mark(key, "kept", done)
         _append(out_f, rows)  # rows first: a key is marked done only once its row is on disk
         _append(done_f, done)
@@ -233,8 +247,11 @@ def build_rejected(
     pending: list[tuple[Key, list[dict], str, str]] = []
     done: list[str] = []
     items = records if limit is None else islice(records, limit)
-    with open(out_path, "a", encoding="utf-8") as out_f, open(done_path, "a", encoding="utf-8") as done_f, \
-            tqdm(items, total=limit, desc="rejected", unit="record", disable=not progress) as bar:
+    with (
+        open(out_path, "a", encoding="utf-8") as out_f,
+        open(done_path, "a", encoding="utf-8") as done_f,
+        tqdm(items, total=limit, desc="rejected", unit="record", disable=not progress) as bar,
+    ):
         for source, line, messages in bar:
             key = (str(source), int(line))
             if key in status:

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lmlab.generation import generate_texts, load_for_inference
+from lmlab.infer.generation import generate_texts, load_for_inference
 
 _INTEGER = re.compile(r"\d+")
 
@@ -54,8 +54,10 @@ class Judge:
     def from_config(cfg: DictConfig) -> Judge:
         """An HTTP judge for an ``http(s)://`` URL, else a local model folder."""
         if not cfg.model:
-            raise ValueError("task=judge needs judge.model: a local HF model folder or an OpenAI-compatible "
-                             "endpoint URL such as http://localhost:8000/v1")
+            raise ValueError(
+                "task=judge needs judge.model: a local HF model folder or an OpenAI-compatible "
+                "endpoint URL such as http://localhost:8000/v1"
+            )
         if str(cfg.model).startswith(("http://", "https://")):
             return HTTPJudge(cfg.model, cfg.name, cfg.max_new_tokens, cfg.timeout_s, cfg.api_key)
         return LocalJudge(cfg.model, cfg.max_new_tokens, cfg.device, cfg.dtype, cfg.batch_size)
@@ -72,8 +74,12 @@ class LocalJudge(Judge):
 
     def answers(self, prompts: Sequence[str]) -> list[str]:
         if self.tokenizer.chat_template:
-            prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                          add_generation_prompt=True) for p in prompts]
+            prompts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts
+            ]
         return generate_texts(self.model, self.tokenizer, prompts, self.settings, self.batch_size)
 
     def describe(self) -> dict[str, Any]:
@@ -92,10 +98,16 @@ class HTTPJudge(Judge):
         self.api_key = api_key
 
     def _ask(self, prompt: str) -> str:
-        body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0,
-                "max_tokens": self.max_new_tokens, **({"model": self.name} if self.name else {})}
-        headers = {"Content-Type": "application/json",
-                   **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "max_tokens": self.max_new_tokens,
+            **({"model": self.name} if self.name else {}),
+        }
+        headers = {
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
+        }
         request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:

@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lmlab.models import count_parameters
+from lmlab.core.models import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,14 @@ class MemorizationGuard(L.Callback):
     run counts the tokens before the resume as rank 0's times the world size.
     """
 
-    def __init__(self, summary_path: str, monitor: str, monitor_mode: str, max_epochs_warning: float | None,
-                 gap_validations: int | None):
+    def __init__(
+        self,
+        summary_path: str,
+        monitor: str,
+        monitor_mode: str,
+        max_epochs_warning: float | None,
+        gap_validations: int | None,
+    ):
         if monitor_mode not in ("min", "max"):
             raise ValueError(f"monitor_mode must be 'min' or 'max', got {monitor_mode!r}")
         self.summary_path = Path(summary_path)
@@ -59,8 +65,13 @@ class MemorizationGuard(L.Callback):
         self._tokens: torch.Tensor | None = None  # on the device, since this process started
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens_seen": self.tokens_before + int(self._tokens), "batches_seen": self.batches_seen,
-                "validations": self.validations, "train_losses": self.train_losses, "sampled_step": self.sampled_step}
+        return {
+            "tokens_seen": self.tokens_before + int(self._tokens),
+            "batches_seen": self.batches_seen,
+            "validations": self.validations,
+            "train_losses": self.train_losses,
+            "sampled_step": self.sampled_step,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens_before = state_dict["tokens_seen"]
@@ -80,17 +91,28 @@ class MemorizationGuard(L.Callback):
         per_rank = trainer.num_training_batches  # micro-batches per epoch on each rank
         epochs = steps * trainer.accumulate_grad_batches / per_rank
         loader = trainer.train_dataloader
-        plan = (f"{steps} steps x {trainer.accumulate_grad_batches} micro-batches x {loader.batch_size} samples x "
-                f"{trainer.world_size} ranks = {epochs:.3g} epochs of the {len(loader.dataset)} training samples")
+        plan = (
+            f"{steps} steps x {trainer.accumulate_grad_batches} micro-batches x {loader.batch_size} samples x "
+            f"{trainer.world_size} ranks = {epochs:.3g} epochs of the {len(loader.dataset)} training samples"
+        )
         if self.max_epochs_warning is not None and epochs > self.max_epochs_warning:
-            log.warning("memorization: the plan is %s (more than max_epochs_warning=%s): after this many passes a "
-                        "model learns its data by heart; use more data or fewer steps, and watch val/loss",
-                        plan, self.max_epochs_warning)
+            log.warning(
+                "memorization: the plan is %s (more than max_epochs_warning=%s): after this many passes a "
+                "model learns its data by heart; use more data or fewer steps, and watch val/loss",
+                plan,
+                self.max_epochs_warning,
+            )
         else:
             log.info("plan: %s", plan)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: dict[str, torch.Tensor],
+        batch_idx: int,
+    ) -> None:
         self._tokens += batch["attention_mask"].sum()
         self.batches_seen += 1
         step = trainer.global_step
@@ -103,8 +125,14 @@ class MemorizationGuard(L.Callback):
             return
         metrics = trainer.callback_metrics
         train_loss = sum(self.train_losses) / len(self.train_losses) if self.train_losses else None  # None: no log step
-        self.validations.append({"step": trainer.global_step, "train_loss": train_loss,
-                                 "val_loss": float(metrics[VAL_LOSS]), "monitor": float(metrics[self.monitor])})
+        self.validations.append(
+            {
+                "step": trainer.global_step,
+                "train_loss": train_loss,
+                "val_loss": float(metrics[VAL_LOSS]),
+                "monitor": float(metrics[self.monitor]),
+            }
+        )
         self.train_losses = []
         if trainer.is_global_zero:
             self._check_gap()
@@ -113,17 +141,23 @@ class MemorizationGuard(L.Callback):
         """Warn when the gap widened at each of the last gap_validations validations and val/loss is above its best."""
         if self.gap_validations is None:
             return
-        recent = self.validations[-(self.gap_validations + 1):]
+        recent = self.validations[-(self.gap_validations + 1) :]
         if len(recent) <= self.gap_validations or any(v["train_loss"] is None for v in recent):
             return
         gaps = [v["val_loss"] - v["train_loss"] for v in recent]
         best = min(self.validations, key=lambda v: v["val_loss"])
         if all(b > a for a, b in pairwise(gaps)) and recent[-1]["val_loss"] > best["val_loss"]:
-            log.warning("memorization: the val/loss - train/loss gap widened at each of the last %d validations (%s) "
-                        "and val/loss %.4f is above its best %.4f (step %d): the model is learning its training data "
-                        "by heart; stop earlier (callbacks.early_stopping.patience), or use more data or a smaller "
-                        "model", self.gap_validations, " -> ".join(f"{g:.3f}" for g in gaps), recent[-1]["val_loss"],
-                        best["val_loss"], best["step"])
+            log.warning(
+                "memorization: the val/loss - train/loss gap widened at each of the last %d validations (%s) "
+                "and val/loss %.4f is above its best %.4f (step %d): the model is learning its training data "
+                "by heart; stop earlier (callbacks.early_stopping.patience), or use more data or a smaller "
+                "model",
+                self.gap_validations,
+                " -> ".join(f"{g:.3f}" for g in gaps),
+                recent[-1]["val_loss"],
+                best["val_loss"],
+                best["step"],
+            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tokens = int(trainer.strategy.reduce(self._tokens + self.tokens_before, reduce_op="sum"))
@@ -148,6 +182,12 @@ class MemorizationGuard(L.Callback):
             "trainable_parameters": count_parameters(pl_module.model, trainable_only=True),
             "tokens_per_parameter": tokens / parameters,
             "best": {"metric": self.monitor, "value": best["monitor"], "step": best["step"]} if best else None,
-            "final": {"step": final["step"], "train_loss": final["train_loss"], "val_loss": final["val_loss"],
-                      "gap": gap} if final else None,
+            "final": {
+                "step": final["step"],
+                "train_loss": final["train_loss"],
+                "val_loss": final["val_loss"],
+                "gap": gap,
+            }
+            if final
+            else None,
         }

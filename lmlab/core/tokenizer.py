@@ -75,10 +75,18 @@ class CorpusStream:
     seek), but never reach the trainer.
     """
 
-    def __init__(self, texts: Iterable[str], max_bytes: int | None, total_bytes: int | None, heldout_every: int,
-                 heldout_bytes: int):
+    def __init__(
+        self,
+        texts: Iterable[str],
+        max_bytes: int | None,
+        total_bytes: int | None,
+        heldout_every: int,
+        heldout_bytes: int,
+    ):
         if max_bytes is not None and not total_bytes:
-            raise ValueError("bpe.max_bytes samples evenly over the corpus, so it needs total_bytes (its size in bytes)")
+            raise ValueError(
+                "bpe.max_bytes samples evenly over the corpus, so it needs total_bytes (its size in bytes)"
+            )
         self.texts = texts
         self.max_bytes = max_bytes
         self.rate = 1.0 if max_bytes is None else min(1.0, max_bytes / total_bytes)
@@ -214,8 +222,9 @@ def train_bpe_with_report(
     return fast, report
 
 
-def train_bpe(texts: Iterable[str], chat_template: str | None = None, total_bytes: int | None = None,
-              **settings: Any) -> PreTrainedTokenizerFast:
+def train_bpe(
+    texts: Iterable[str], chat_template: str | None = None, total_bytes: int | None = None, **settings: Any
+) -> PreTrainedTokenizerFast:
     """:func:`train_bpe_with_report` for callers that only need the tokenizer (the report is logged)."""
     return train_bpe_with_report(texts, chat_template=chat_template, total_bytes=total_bytes, **settings)[0]
 
@@ -230,8 +239,12 @@ def train_and_save(
     datamodule: Any, out: str | Path, chat_template: str | None, settings: dict[str, Any]
 ) -> tuple[PreTrainedTokenizerFast, dict[str, Any]]:
     """Train on a datamodule's training text (sized for ``max_bytes`` by its files); save it with report.json."""
-    tokenizer, report = train_bpe_with_report(datamodule.iter_texts(), chat_template=chat_template,
-                                              total_bytes=corpus_bytes(datamodule.train_files), **settings)
+    tokenizer, report = train_bpe_with_report(
+        datamodule.iter_texts(),
+        chat_template=chat_template,
+        total_bytes=corpus_bytes(datamodule.train_files),
+        **settings,
+    )
     out = save_tokenizer(tokenizer, out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return tokenizer, report

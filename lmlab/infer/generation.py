@@ -15,10 +15,10 @@ import torch
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
-from datamodules.collate import pad
 from datamodules.sft import encoder_ids
-from lmlab.models import auto_class, is_classifier, resolve_hf_dir
-from lmlab.tokenizer import load_tokenizer
+from lmlab.core.collate import pad
+from lmlab.core.models import auto_class, is_classifier, resolve_hf_dir
+from lmlab.core.tokenizer import load_tokenizer
 
 SAMPLING_KNOBS = ("temperature", "top_p", "top_k")
 
@@ -29,14 +29,17 @@ def generate_kwargs(settings: Mapping[str, Any], tokenizer: PreTrainedTokenizerB
     return {**kwargs, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
 
 
-def encode_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                   prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+def encode_prompts(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]
+) -> dict[str, torch.Tensor]:
     """A padded batch: encoder inputs padded on the right, causal prompts on the left (so replies follow them)."""
     if model.config.is_encoder_decoder:
         rows = [encoder_ids(tokenizer, p) for p in prompts]
         width = max(len(r) for r in rows)
-        return {"input_ids": pad(rows, tokenizer.pad_token_id, width),
-                "attention_mask": pad([torch.ones(len(r), dtype=torch.long) for r in rows], 0, width)}
+        return {
+            "input_ids": pad(rows, tokenizer.pad_token_id, width),
+            "attention_mask": pad([torch.ones(len(r), dtype=torch.long) for r in rows], 0, width),
+        }
     return tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
 
 
@@ -48,8 +51,14 @@ def decode_reply(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
 
 
 @torch.no_grad()
-def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                   settings: Mapping[str, Any], batch_size: int = 8, streamer: BaseStreamer | None = None) -> list[str]:
+def generate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    settings: Mapping[str, Any],
+    batch_size: int = 8,
+    streamer: BaseStreamer | None = None,
+) -> list[str]:
     """Replies to already rendered prompts, ``batch_size`` at a time, with conf/generation ``settings``.
 
     ``streamer`` (transformers' TextStreamer and kin; one prompt only) receives the tokens as they are made (chat.py).
@@ -59,10 +68,13 @@ def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     replies: list[str] = []
     kwargs = generate_kwargs(settings, tokenizer) | ({"streamer": streamer} if streamer is not None else {})
     for start in range(0, len(prompts), batch_size):
-        batch = {k: v.to(model.device) for k, v in encode_prompts(model, tokenizer, prompts[start:start + batch_size]).items()}
+        batch = {
+            k: v.to(model.device)
+            for k, v in encode_prompts(model, tokenizer, prompts[start : start + batch_size]).items()
+        }
         out = model.generate(**batch, **kwargs)
         if not model.config.is_encoder_decoder:  # a causal model's output starts with its prompt
-            out = out[:, batch["input_ids"].shape[1]:]
+            out = out[:, batch["input_ids"].shape[1] :]
         replies += [decode_reply(tokenizer, row) for row in out.tolist()]
     return replies
 
@@ -81,8 +93,9 @@ def inference_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_for_inference(path: str | Path, device: str = "auto",
-                       dtype: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_for_inference(
+    path: str | Path, device: str = "auto", dtype: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A run's (or HF folder's) model in eval mode on ``device`` (auto: cuda if any) in ``dtype``, and its tokenizer.
 
     eval.py, chat.py and benchmarks/inference_memory.py all load through here, so the memory the benchmark

@@ -16,7 +16,7 @@ LOOP = re.compile(r"(.{2,40}?)\1{2,}|(.)\2{5,}", re.DOTALL)
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float | None:
     """Distinct character n-grams over all n-grams of all ``texts`` (Li et al., 2016, on characters)."""
-    grams = [text[i:i + n] for text in texts for i in range(len(text) - n + 1)]
+    grams = [text[i : i + n] for text in texts for i in range(len(text) - n + 1)]
     return len(set(grams)) / len(grams) if grams else None
 
 

@@ -86,7 +86,7 @@ def rouge_scores(
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise ValueError("no prediction/reference pairs to score")
-    pairs = [pair_f1(p, r, segmentation) for p, r in zip(predictions, references)]
+    pairs = [pair_f1(p, r, segmentation) for p, r in zip(predictions, references, strict=True)]
     result: dict[str, float | int | str] = {name: sum(s[name] for s in pairs) / len(pairs) for name in ROUGE_TYPES}
     result["n"] = len(pairs)
     result["segmentation"] = segmentation

@@ -28,7 +28,8 @@ def fingerprint(cfg: DictConfig) -> str:
 def find_interrupted(parent: Path, short_id: str) -> Path | None:
     """The newest run folder under ``parent`` with this id, a last.ckpt, and no finished export."""
     candidates = [
-        d for d in parent.glob(f"*_{short_id}")
+        d
+        for d in parent.glob(f"*_{short_id}")
         if (d / "checkpoints" / "last.ckpt").is_file() and not (d / FINISHED_MARKER).is_file()
     ]
     return max(candidates, key=lambda d: d.name) if candidates else None

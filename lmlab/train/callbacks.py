@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ThroughputMonitor, TQDMPr
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from lmlab.generation import generate_texts
-from lmlab.rouge import ROUGE_TYPES, rouge_scores
+from lmlab.eval.rouge import ROUGE_TYPES, rouge_scores
+from lmlab.infer.generation import generate_texts
 
 
 def _tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -33,8 +33,9 @@ class TokenThroughputMonitor(ThroughputMonitor):
     """Lightning's ThroughputMonitor counting tokens: logs train|device/items_per_sec (tokens/s) and MFU."""
 
     def __init__(self, window_size: int = 20, **kwargs: Any):
-        super().__init__(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=_tokens, window_size=window_size,
-                         **kwargs)
+        super().__init__(
+            batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=_tokens, window_size=window_size, **kwargs
+        )
 
 
 class ProgressBar(TQDMProgressBar):
@@ -57,8 +58,7 @@ class SampleGenerations(L.Callback):
     val/rouge1, val/rouge2, val/rougeL and written with its segmentation to rouge.jsonl.
     """
 
-    def __init__(self, path: str, num_prompts: int, batch_size: int, rouge: str | None,
-                 generation: dict[str, Any]):
+    def __init__(self, path: str, num_prompts: int, batch_size: int, rouge: str | None, generation: dict[str, Any]):
         self.path = Path(path)
         self.num_prompts = num_prompts
         self.batch_size = batch_size
@@ -72,14 +72,13 @@ class SampleGenerations(L.Callback):
         pairs = dm.sample_pairs(self.num_prompts)
         if not pairs:  # data without prompts (a classifier's texts): nothing to generate
             return
-        outputs = generate_texts(pl_module.model, dm.tokenizer, [p for p, _ in pairs], self.generation,
-                                 self.batch_size)
+        outputs = generate_texts(pl_module.model, dm.tokenizer, [p for p, _ in pairs], self.generation, self.batch_size)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            for (prompt, reference), output in zip(pairs, outputs):
+            for (prompt, reference), output in zip(pairs, outputs, strict=True):
                 record = {"step": trainer.global_step, "prompt": prompt, "output": output, "reference": reference}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        scored = [(o, r) for o, (_, r) in zip(outputs, pairs) if r is not None]
+        scored = [(o, r) for o, (_, r) in zip(outputs, pairs, strict=True) if r is not None]
         if self.rouge and scored:
             scores = rouge_scores([o for o, _ in scored], [r for _, r in scored], self.rouge)
             for name in ROUGE_TYPES:

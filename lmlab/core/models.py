@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lmlab.tokenizer import save_tokenizer
+from lmlab.core.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,11 @@ def head_config(labels: Sequence[str] | None) -> dict:
     if not labels:
         return {}
     labels = [str(label) for label in labels]
-    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-            "label2id": {label: i for i, label in enumerate(labels)}}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
 
 
 def tokenizer_ids(tokenizer: PreTrainedTokenizerBase, model_cfg: DictConfig) -> dict[str, int | None]:
@@ -85,7 +88,9 @@ def tokenizer_ids(tokenizer: PreTrainedTokenizerBase, model_cfg: DictConfig) -> 
         "pad_token_id": tokenizer.pad_token_id,
     }
     if model_cfg.arch == "seq2seq":
-        ids["decoder_start_token_id"] = tokenizer.convert_tokens_to_ids(getattr(tokenizer, model_cfg.decoder_start_token))
+        ids["decoder_start_token_id"] = tokenizer.convert_tokens_to_ids(
+            getattr(tokenizer, model_cfg.decoder_start_token)
+        )
     return ids
 
 
@@ -101,14 +106,16 @@ def check_arch(model_cfg: DictConfig, config: PretrainedConfig, where: str) -> N
         )
 
 
-def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase,
-                labels: Sequence[str] | None = None) -> PreTrainedModel:
+def build_model(
+    model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, labels: Sequence[str] | None = None
+) -> PreTrainedModel:
     """A randomly initialised model of the preset's class and shape, sized to the tokenizer.
 
     With ``labels`` it is the preset's sequence classifier (e.g. LlamaForSequenceClassification).
     """
-    config: PretrainedConfig = instantiate(model_cfg.config, **tokenizer_ids(tokenizer, model_cfg),
-                                           **head_config(labels), _convert_="all")
+    config: PretrainedConfig = instantiate(
+        model_cfg.config, **tokenizer_ids(tokenizer, model_cfg), **head_config(labels), _convert_="all"
+    )
     check_arch(model_cfg, config, f"model={model_cfg.name}")
     model = auto_class(config, bool(labels)).from_config(config, attn_implementation=model_cfg.attn_implementation)
     init_t5_unscaled_head(model)
@@ -133,12 +140,14 @@ def init_t5_unscaled_head(model: PreTrainedModel) -> None:
     config = model.config
     if config.model_type != "t5" or getattr(config, "scale_decoder_outputs", True):
         return
-    torch.nn.init.normal_(model.get_input_embeddings().weight, mean=0.0,
-                          std=config.initializer_factor * config.d_model**-0.5)
+    torch.nn.init.normal_(
+        model.get_input_embeddings().weight, mean=0.0, std=config.initializer_factor * config.d_model**-0.5
+    )
 
 
-def load_model(path: str | Path, model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase,
-               labels: Sequence[str] | None = None) -> PreTrainedModel:
+def load_model(
+    path: str | Path, model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, labels: Sequence[str] | None = None
+) -> PreTrainedModel:
     """Weights from an HF folder; the tokenizer must fit its embedding table.
 
     With ``labels`` the folder's backbone gets a classification head (new, unless the folder
@@ -148,7 +157,8 @@ def load_model(path: str | Path, model_cfg: DictConfig, tokenizer: PreTrainedTok
     config = AutoConfig.from_pretrained(str(hf_dir))
     check_arch(model_cfg, config, f"init_from={path}")
     model = auto_class(config, bool(labels)).from_pretrained(
-        str(hf_dir), attn_implementation=model_cfg.attn_implementation, **head_config(labels))
+        str(hf_dir), attn_implementation=model_cfg.attn_implementation, **head_config(labels)
+    )
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(
             f"init_from={path}: the model has {model.get_input_embeddings().num_embeddings} token embeddings but "

@@ -11,11 +11,11 @@ Every task reads its set through the data preset's own datamodule, so it sees ex
 Both report ``loss`` = summed token NLL / number of predicted tokens over the whole set, ``ppl = exp(loss)`` (not a
 mean of batch perplexities) and ``acc`` = share of predicted tokens whose argmax is the label.
 - ``rouge``: a prompt/response preset: the model's reply to each conversation's first user turn against the
-  dataset's reply, ROUGE-1/2/L F1 (lmlab.rouge; ``char`` segmentation for Chinese).
-- ``judge``: the same replies scored 0-100 by a judge model (lmlab.judge).
+  dataset's reply, ROUGE-1/2/L F1 (lmlab.eval.rouge; ``char`` segmentation for Chinese).
+- ``judge``: the same replies scored 0-100 by a judge model (lmlab.eval.judge).
 - ``chat``: replies to fixed user prompts (``prompts``: a text file, one per line, e.g.
   benchmarks/prompts/zh_chat_20.txt) through the run's chat template: their distinct-2 and the share caught in a
-  repetition loop (lmlab.diversity), with every reply in replies.jsonl to read.
+  repetition loop (lmlab.eval.diversity), with every reply in replies.jsonl to read.
 - ``classify``: a classification preset (ClassificationDataModule) and a stage=classify run: accuracy, macro F1,
   per-class precision and recall, and the confusion matrix (confusion.csv/png), on split train, val or test; texts
   are cut where training cut them (the length saved in the run's tokenizer).
@@ -41,7 +41,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.base import LMDataModule
 from datamodules.classification import ClassificationDataModule
-from datamodules.collate import IGNORE_INDEX
 from datamodules.pretrain import PretrainDataModule
 from datamodules.sft import SFTDataModule
 from lightning_modules.classifier import (
@@ -53,10 +52,11 @@ from lightning_modules.classifier import (
     write_confusion,
 )
 from lightning_modules.lm import lm_forward
-from lmlab.diversity import distinct_n, in_repetition_loop
-from lmlab.generation import generate_texts
-from lmlab.judge import Judge, judge_prompt
-from lmlab.rouge import rouge_scores
+from lmlab.core.collate import IGNORE_INDEX
+from lmlab.eval.diversity import distinct_n, in_repetition_loop
+from lmlab.eval.judge import Judge, judge_prompt
+from lmlab.eval.rouge import rouge_scores
+from lmlab.infer.generation import generate_texts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,11 +73,12 @@ class TaskResult:
 
 
 @torch.no_grad()
-def token_metrics(model: PreTrainedModel, batches: Iterable[dict[str, torch.Tensor]],
-                  progress: bool = True) -> dict[str, float]:
+def token_metrics(
+    model: PreTrainedModel, batches: Iterable[dict[str, torch.Tensor]], progress: bool = True
+) -> dict[str, float]:
     """Token-weighted NLL, perplexity and accuracy over every label that is not -100, summed over the whole set.
 
-    Batches are datamodules.collate's (causal labels already shifted), so the logits align with the labels.
+    Batches are lmlab.core.collate's (causal labels already shifted), so the logits align with the labels.
     """
     nll, correct, count = 0.0, 0, 0
     for batch in tqdm(batches, desc="eval", disable=not progress):
@@ -85,8 +86,9 @@ def token_metrics(model: PreTrainedModel, batches: Iterable[dict[str, torch.Tens
         logits = lm_forward(model, batch, with_loss=False).logits.float()
         labels = batch["labels"]
         mask = labels != IGNORE_INDEX
-        nll += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum").item()
+        nll += F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
         correct += ((logits.argmax(-1) == labels) & mask).sum().item()
         count += mask.sum().item()
     if not count:
@@ -106,8 +108,10 @@ def _limited(items: Any, limit: int | None) -> Any:
 
 def _require(dm: LMDataModule, kind: type, task: str, what: str) -> None:
     if not isinstance(dm, kind):
-        raise ValueError(f"task={task} reads {what}, but the data preset builds a {type(dm).__name__}; "  # noqa: TRY004 - a wrong data= choice
-                         f"choose a {what} preset (data=...)")
+        raise ValueError(
+            f"task={task} reads {what}, but the data preset builds a {type(dm).__name__}; "  # noqa: TRY004 - a wrong data= choice
+            f"choose a {what} preset (data=...)"
+        )
 
 
 def _loss_task(dm: LMDataModule, model: PreTrainedModel, cfg: DictConfig) -> TaskResult:
@@ -124,15 +128,17 @@ def _loss_task(dm: LMDataModule, model: PreTrainedModel, cfg: DictConfig) -> Tas
     return TaskResult(metrics, {"items": len(dataset), "tokens": tokens, "skipped": dict(dm.skips.skipped)})
 
 
-def task_ppl(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-             dm: LMDataModule) -> TaskResult:
+def task_ppl(
+    cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dm: LMDataModule
+) -> TaskResult:
     """Perplexity of a text set (see the module docstring for what is predicted)."""
     _require(dm, PretrainDataModule, "ppl", "text")
     return _loss_task(dm, model, cfg)
 
 
-def task_sft(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-             dm: LMDataModule) -> TaskResult:
+def task_sft(
+    cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dm: LMDataModule
+) -> TaskResult:
     """Loss, perplexity and token accuracy on the responses of a prompt/response set."""
     _require(dm, SFTDataModule, "sft", "prompt/response")
     return _loss_task(dm, model, cfg)
@@ -150,61 +156,85 @@ def prompt_pairs(dm: SFTDataModule, split: str, limit: int | None) -> list[dict[
     for source, line, messages in (val if split == "val" else train)[:limit]:
         first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
         user = messages[first - 1]
-        pairs.append({
-            "source": source, "line": line,
-            "prompt": dm.tokenizer.apply_chat_template(messages[:first], tokenize=False, add_generation_prompt=True),
-            "question": user["content"] + (f"\n\n{user['input']}" if user.get("input") else ""),
-            "reference": messages[first]["content"],
-        })
+        pairs.append(
+            {
+                "source": source,
+                "line": line,
+                "prompt": dm.tokenizer.apply_chat_template(
+                    messages[:first], tokenize=False, add_generation_prompt=True
+                ),
+                "question": user["content"] + (f"\n\n{user['input']}" if user.get("input") else ""),
+                "reference": messages[first]["content"],
+            }
+        )
     return pairs
 
 
-def _replies(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-             pairs: list[dict[str, Any]]) -> list[str]:
+def _replies(
+    cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[dict[str, Any]]
+) -> list[str]:
     settings = OmegaConf.to_container(cfg.generation)
     torch.manual_seed(cfg.seed)
     replies: list[str] = []
     for start in tqdm(range(0, len(pairs), cfg.batch_size), desc="generate", disable=not cfg.progress):
-        batch = pairs[start:start + cfg.batch_size]
+        batch = pairs[start : start + cfg.batch_size]
         replies += generate_texts(model, tokenizer, [p["prompt"] for p in batch], settings, cfg.batch_size)
     return replies
 
 
-def task_rouge(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-               dm: LMDataModule) -> TaskResult:
+def task_rouge(
+    cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dm: LMDataModule
+) -> TaskResult:
     """ROUGE-1/2/L F1 of the model's replies against the references, with the generation config."""
     _require(dm, SFTDataModule, "rouge", "prompt/response")
     pairs = prompt_pairs(dm, cfg.split, cfg.limit)
     replies = _replies(cfg, model, tokenizer, pairs)
     scores = rouge_scores(replies, [p["reference"] for p in pairs], cfg.rouge_segmentation)
     metrics = {name: float(scores[name]) for name in ("rouge1", "rouge2", "rougeL")}
-    rows = [{**p, "output": r} for p, r in zip(pairs, replies)]
-    return TaskResult(metrics, {"items": len(pairs), "rouge_segmentation": scores["segmentation"],
-                                "generation": OmegaConf.to_container(cfg.generation)}, rows, "predictions.jsonl")
+    rows = [{**p, "output": r} for p, r in zip(pairs, replies, strict=True)]
+    return TaskResult(
+        metrics,
+        {
+            "items": len(pairs),
+            "rouge_segmentation": scores["segmentation"],
+            "generation": OmegaConf.to_container(cfg.generation),
+        },
+        rows,
+        "predictions.jsonl",
+    )
 
 
-def task_judge(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-               dm: LMDataModule) -> TaskResult:
+def task_judge(
+    cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dm: LMDataModule
+) -> TaskResult:
     """The model's replies scored 0-100 by a judge; unparseable judge answers are counted and left out of the mean."""
     _require(dm, SFTDataModule, "judge", "prompt/response")
     judge = Judge.from_config(cfg.judge)
     pairs = prompt_pairs(dm, cfg.split, cfg.limit)
     replies = _replies(cfg, model, tokenizer, pairs)
-    rows = [{**p, "output": r, "judge_prompt": judge_prompt(cfg.judge.prompt, p["question"], p["reference"], r)}
-            for p, r in zip(pairs, replies)]
+    rows = [
+        {**p, "output": r, "judge_prompt": judge_prompt(cfg.judge.prompt, p["question"], p["reference"], r)}
+        for p, r in zip(pairs, replies, strict=True)
+    ]
     for start in tqdm(range(0, len(rows), cfg.batch_size), desc="judge", disable=not cfg.progress):
-        batch = rows[start:start + cfg.batch_size]
-        for row, (answer, score) in zip(batch, judge.score([r["judge_prompt"] for r in batch])):
+        batch = rows[start : start + cfg.batch_size]
+        for row, (answer, score) in zip(batch, judge.score([r["judge_prompt"] for r in batch]), strict=True):
             row.update(judge_answer=answer, score=score)
     scores = [r["score"] for r in rows if r["score"] is not None]
     metrics = {"judge_mean": sum(scores) / len(scores) if scores else None}  # None: no answer had a score
-    info = {"items": len(rows), "scored": len(scores), "unparseable": len(rows) - len(scores),
-            "judge": judge.describe(), "generation": OmegaConf.to_container(cfg.generation)}
+    info = {
+        "items": len(rows),
+        "scored": len(scores),
+        "unparseable": len(rows) - len(scores),
+        "judge": judge.describe(),
+        "generation": OmegaConf.to_container(cfg.generation),
+    }
     return TaskResult(metrics, info, rows, "judge_scores.jsonl")
 
 
-def task_chat(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-              dm: LMDataModule) -> TaskResult:
+def task_chat(
+    cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dm: LMDataModule
+) -> TaskResult:
     """Replies to the user prompts of ``cfg.prompts``, each a new one-turn chat; the data preset is not read."""
     if not cfg.prompts:
         raise ValueError("task=chat needs prompts=<text file, one user prompt per line>")
@@ -213,21 +243,37 @@ def task_chat(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedToke
         tokenizer.chat_template = cfg.template.chat_template
     if not tokenizer.chat_template:
         raise ValueError("the tokenizer has no chat template: choose one with template=chatml|alpaca|babyllama")
-    pairs = [{"question": q, "prompt": tokenizer.apply_chat_template([{"role": "user", "content": q}],
-                                                                     tokenize=False, add_generation_prompt=True)}
-             for q in questions[:cfg.limit]]
+    pairs = [
+        {
+            "question": q,
+            "prompt": tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            ),
+        }
+        for q in questions[: cfg.limit]
+    ]
     replies = _replies(cfg, model, tokenizer, pairs)
     loops = [in_repetition_loop(r) for r in replies]
-    metrics = {"distinct2": distinct_n(replies, 2), "loop_share": sum(loops) / len(loops),
-               "mean_chars": sum(len(r) for r in replies) / len(replies)}
-    rows = [{"question": p["question"], "output": r, "loop": loop} for p, r, loop in zip(pairs, replies, loops)]
-    return TaskResult(metrics, {"items": len(rows), "prompts": str(cfg.prompts),
-                                "generation": OmegaConf.to_container(cfg.generation)}, rows, "replies.jsonl")
+    metrics = {
+        "distinct2": distinct_n(replies, 2),
+        "loop_share": sum(loops) / len(loops),
+        "mean_chars": sum(len(r) for r in replies) / len(replies),
+    }
+    rows = [
+        {"question": p["question"], "output": r, "loop": loop} for p, r, loop in zip(pairs, replies, loops, strict=True)
+    ]
+    return TaskResult(
+        metrics,
+        {"items": len(rows), "prompts": str(cfg.prompts), "generation": OmegaConf.to_container(cfg.generation)},
+        rows,
+        "replies.jsonl",
+    )
 
 
 @torch.no_grad()
-def task_classify(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                  dm: LMDataModule) -> TaskResult:
+def task_classify(
+    cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dm: LMDataModule
+) -> TaskResult:
     """Classifier metrics on a split of a classification preset, with one row per text (true and predicted label)."""
     _require(dm, ClassificationDataModule, "classify", "classification")
     if model.config.num_labels != len(dm.labels):
@@ -237,7 +283,7 @@ def task_classify(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrained
     dm.setup()
     if cfg.split not in ("train", "val", "test"):
         raise ValueError(f"split={cfg.split!r}: choose train, val or test")
-    examples = dm.splits()[cfg.split][:cfg.limit]
+    examples = dm.splits()[cfg.split][: cfg.limit]
     dataset = _limited(getattr(dm, f"{cfg.split}_set"), cfg.limit)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=dm.collator())
     metrics = metric_set(len(dm.labels)).to(model.device)
@@ -253,24 +299,38 @@ def task_classify(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrained
     result = {name: float(value) for name, value in scalar_metrics(values, dm.labels).items()}
     out = Path(cfg.out_dir) / "confusion"
     write_confusion(values["confusion"], dm.labels, out, f"{cfg.split}: accuracy {result['acc']:.4f}")
-    rows = [{"source": source, "line": line, "text": text, "label": dm.labels[label], "predicted": dm.labels[p]}
-            for (source, line, text, label), p in zip(examples, predicted)]
-    info = {"items": len(rows), "labels": dm.labels, "max_length": dm.max_length,
-            THRESHOLD_KEY: getattr(model.config, THRESHOLD_KEY, None),
-            "confusion": values["confusion"].tolist(), "skipped": dict(dm.skips.skipped)}
+    rows = [
+        {"source": source, "line": line, "text": text, "label": dm.labels[label], "predicted": dm.labels[p]}
+        for (source, line, text, label), p in zip(examples, predicted, strict=True)
+    ]
+    info = {
+        "items": len(rows),
+        "labels": dm.labels,
+        "max_length": dm.max_length,
+        THRESHOLD_KEY: getattr(model.config, THRESHOLD_KEY, None),
+        "confusion": values["confusion"].tolist(),
+        "skipped": dict(dm.skips.skipped),
+    }
     return TaskResult(result, info, rows, "predictions.jsonl")
 
 
 Task = Callable[[DictConfig, PreTrainedModel, PreTrainedTokenizerBase, LMDataModule], TaskResult]
-TASKS: dict[str, Task] = {"ppl": task_ppl, "sft": task_sft, "rouge": task_rouge, "judge": task_judge,
-                          "chat": task_chat, "classify": task_classify}
+TASKS: dict[str, Task] = {
+    "ppl": task_ppl,
+    "sft": task_sft,
+    "rouge": task_rouge,
+    "judge": task_judge,
+    "chat": task_chat,
+    "classify": task_classify,
+}
 
 
 def git_commit() -> str | None:
     """lmlab's commit, when it runs from a git checkout."""
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=False)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -278,17 +338,30 @@ def git_commit() -> str | None:
 
 def report(task: str, run: str, data: dict[str, Any], result: TaskResult) -> dict[str, Any]:
     """The eval.json record."""
-    return {"task": task, "run": run, "data": data, "metrics": result.metrics, **result.info,
-            "timestamp": datetime.datetime.now().isoformat(timespec="seconds"), "lmlab_commit": git_commit()}
+    return {
+        "task": task,
+        "run": run,
+        "data": data,
+        "metrics": result.metrics,
+        **result.info,
+        "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
+        "lmlab_commit": git_commit(),
+    }
 
 
 def markdown(record: dict[str, Any]) -> str:
     """eval.md: what was evaluated, then one row per metric."""
-    lines = [f"# eval: task={record['task']}", "", f"- run: `{record['run']}`",
-             (f"- data: {record['data']['preset']} ({record['data']['split']}: "
-              f"{', '.join(record['data']['files'])})")]
-    lines += [f"- {k}: {json.dumps(v, ensure_ascii=False)}" for k, v in record.items()
-              if k not in ("task", "run", "data", "metrics")]
+    lines = [
+        f"# eval: task={record['task']}",
+        "",
+        f"- run: `{record['run']}`",
+        (f"- data: {record['data']['preset']} ({record['data']['split']}: {', '.join(record['data']['files'])})"),
+    ]
+    lines += [
+        f"- {k}: {json.dumps(v, ensure_ascii=False)}"
+        for k, v in record.items()
+        if k not in ("task", "run", "data", "metrics")
+    ]
     lines += ["", "| metric | value |", "| --- | ---: |"]
     lines += [f"| {k} | {'n/a' if v is None else f'{v:.4f}'} |" for k, v in record["metrics"].items()]
     return "\n".join(lines) + "\n"

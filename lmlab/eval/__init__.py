@@ -1,0 +1,1 @@
+"""Evaluation tasks and metrics (perplexity, accuracy, ROUGE, distinct-n, LLM judge). Above infer."""

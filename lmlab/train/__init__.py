@@ -1,0 +1,1 @@
+"""What only a training run needs: Lightning callbacks, the memorization guard, sweep summaries. The top lmlab layer."""
