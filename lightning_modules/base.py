@@ -43,8 +43,10 @@ class TrainingModule(L.LightningModule):
         bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(bad, self.global_step, self.first_bad_step)
 
-    def _is_log_step(self) -> bool:
-        """A logging step, where a host sync is affordable: checks the loss flag and logs the lr there."""
+    def _on_log_step(self) -> bool:
+        """The work of a logging step (one in ``log_every_n_steps``, where a host sync is affordable): stop on a
+        non-finite loss flagged since the last one and log the lr. Returns whether this step is one, so that an
+        objective can log its costlier metrics there too."""
         if (self.global_step + 1) % self.trainer.log_every_n_steps:
             return False
         self._raise_if_non_finite()

@@ -261,7 +261,7 @@ class ClassifierModule(TrainingModule):
         self.train_acc(logits.argmax(-1), batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc)
-        self._is_log_step()
+        self._on_log_step()
         return loss
 
     def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:

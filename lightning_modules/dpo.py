@@ -222,7 +222,7 @@ class DPOModule(LMModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         live_reference = self.hparams.reference == "copy"
         self._count_flops(batch, factor=4 / 3 if live_reference else 1.0)  # + one forward pass of the reference
-        log_step = self._is_log_step()
+        log_step = self._on_log_step()
         loss, metrics = self._step(batch, "train", with_metrics=log_step)
         self._track_non_finite(loss)
         self.log("train/loss", loss, prog_bar=True)

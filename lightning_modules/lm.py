@@ -108,7 +108,7 @@ class LMModule(TrainingModule):
         loss = out.loss
         self._track_non_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
-        if self._is_log_step():
+        if self._on_log_step():
             with torch.no_grad():
                 self.log("train/acc", self._accuracy(out.logits, batch["labels"])[0])
             self.log("train/ppl", torch.exp(loss.detach()))
