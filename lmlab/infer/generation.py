@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from datamodules.sft import encoder_ids
@@ -23,9 +31,48 @@ from lmlab.core.tokenizer import load_tokenizer
 SAMPLING_KNOBS = ("temperature", "top_p", "top_k")
 
 
-def generate_kwargs(settings: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """generate() arguments from conf/generation; sampling knobs only when sampling (else transformers warns)."""
+class ReplyOnly(LogitsProcessor):
+    """Runs ``processor`` on the generated tokens only, not on the prompt before them.
+
+    transformers' repetition penalty and n-gram ban look at all of a causal model's ``input_ids``, prompt included:
+    with ``no_repeat_ngram_size: 3`` a summary could not copy any 3 tokens of its source text, and a repetition
+    penalty pushed a chat answer away from the question's words. conf/generation means repeats of the reply itself.
+    """
+
+    def __init__(self, processor: LogitsProcessor, prompt_length: int):
+        self.processor = processor
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.processor(input_ids[:, self.prompt_length :], scores)
+
+
+def reply_only_processors(settings: Mapping[str, Any], prompt_length: int) -> LogitsProcessorList:
+    """conf/generation's repetition knobs for a causal model, blind to its ``prompt_length`` prompt tokens.
+
+    A knob missing from ``settings`` is off, as it is for generate().
+    """
+    processors = []
+    if settings.get("repetition_penalty", 1.0) != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(float(settings["repetition_penalty"])))
+    if settings.get("no_repeat_ngram_size", 0) > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(int(settings["no_repeat_ngram_size"])))
+    return LogitsProcessorList(ReplyOnly(p, prompt_length) for p in processors)
+
+
+def generate_kwargs(
+    settings: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, prompt_length: int | None = None
+) -> dict[str, Any]:
+    """generate() arguments from conf/generation; sampling knobs only when sampling (else transformers warns).
+
+    ``prompt_length``: the causal prompt width, whose tokens the repetition knobs then ignore (:class:`ReplyOnly`;
+    transformers runs custom processors before temperature, top-k and top-p, where it runs its own). An
+    encoder-decoder's decoder holds only the reply, so it leaves the knobs to transformers (``None``).
+    """
     kwargs = {k: v for k, v in settings.items() if k not in SAMPLING_KNOBS or settings["do_sample"]}
+    if prompt_length is not None:
+        kwargs["logits_processor"] = reply_only_processors(settings, prompt_length)
+        kwargs |= {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
     return {**kwargs, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
 
 
@@ -66,15 +113,17 @@ def generate_texts(
     if streamer is not None and len(prompts) != 1:
         raise ValueError(f"a streamer follows one reply; got {len(prompts)} prompts")
     replies: list[str] = []
-    kwargs = generate_kwargs(settings, tokenizer) | ({"streamer": streamer} if streamer is not None else {})
+    causal = not model.config.is_encoder_decoder
     for start in range(0, len(prompts), batch_size):
         batch = {
             k: v.to(model.device)
             for k, v in encode_prompts(model, tokenizer, prompts[start : start + batch_size]).items()
         }
-        out = model.generate(**batch, **kwargs)
-        if not model.config.is_encoder_decoder:  # a causal model's output starts with its prompt
-            out = out[:, batch["input_ids"].shape[1] :]
+        width = batch["input_ids"].shape[1]
+        kwargs = generate_kwargs(settings, tokenizer, width if causal else None)
+        out = model.generate(**batch, **kwargs, **({"streamer": streamer} if streamer is not None else {}))
+        if causal:  # a causal model's output starts with its prompt
+            out = out[:, width:]
         replies += [decode_reply(tokenizer, row) for row in out.tolist()]
     return replies
 
