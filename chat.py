@@ -42,9 +42,7 @@ def take_prompts(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def chat(cfg: DictConfig) -> None:
-    model, tokenizer = load_for_inference(cfg.run, cfg.device, cfg.dtype)
-    if cfg.template.chat_template:
-        tokenizer.chat_template = cfg.template.chat_template
+    model, tokenizer = load_for_inference(cfg.run, cfg.device, cfg.dtype, cfg.template.chat_template)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     session = ChatSession(

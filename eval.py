@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.core.runs import register_resolvers
-from lmlab.eval.tasks import TASKS, markdown, report, write_outputs
+from lmlab.eval.tasks import TASKS, eval_record, markdown, write_outputs
 from lmlab.infer.generation import load_for_inference
 
 log = logging.getLogger("lmlab.eval")
@@ -62,10 +62,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg.task`` and write its outputs; returns the eval.json record."""
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r}: choose one of {list(TASKS)}")
-    model, tokenizer = load_for_inference(cfg.run, cfg.device, cfg.dtype)
+    model, tokenizer = load_for_inference(cfg.run, cfg.device, cfg.dtype, cfg.template.chat_template)
     cfg.model.arch = "seq2seq" if model.config.is_encoder_decoder else "causal"
     dm = instantiate(cfg.data)
-    dm.tokenizer = tokenizer
+    dm.connect(tokenizer)
     result = TASKS[cfg.task](cfg, model, tokenizer, dm)
     files = dm.val_files if cfg.split == "val" and dm.val_files else dm.train_files
     data = {
@@ -75,7 +75,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "limit": cfg.limit,
         "seq_len": cfg.seq_len,
     }
-    record = report(cfg.task, str(cfg.run), data, result)
+    record = eval_record(cfg.task, str(cfg.run), data, result)
     out_dir = Path(cfg.out_dir)
     write_outputs(out_dir, record, result)
     if cfg.wandb.enabled:

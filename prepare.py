@@ -46,7 +46,7 @@ def tokenize_corpus(cfg: DictConfig) -> Path:
     if not cfg.tokenizer:
         raise ValueError("task=tokenize needs tokenizer=<dir> (make one with task=tokenizer)")
     datamodule = instantiate(cfg.data)
-    datamodule.tokenizer = load_tokenizer(cfg.tokenizer)
+    datamodule.connect(load_tokenizer(cfg.tokenizer))
     datamodule.prepare_data()
     meta = json.loads((datamodule.token_dir / "meta.json").read_text())
     log.info(
@@ -74,14 +74,14 @@ def write_splits(cfg: DictConfig) -> Path:
     return Path(cfg.split_dir)
 
 
-TASKS = {"tokenizer": train_tokenizer, "tokenize": tokenize_corpus, "split": write_splits}
+PREPARE_TASKS = {"tokenizer": train_tokenizer, "tokenize": tokenize_corpus, "split": write_splits}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task!r}: choose one of {sorted(TASKS)}")
-    TASKS[cfg.task](cfg)
+    if cfg.task not in PREPARE_TASKS:
+        raise ValueError(f"task={cfg.task!r}: choose one of {sorted(PREPARE_TASKS)}")
+    PREPARE_TASKS[cfg.task](cfg)
 
 
 if __name__ == "__main__":

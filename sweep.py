@@ -16,22 +16,22 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lmlab.train.sweeps import register_resolvers, report, run_job
+from lmlab.train.sweeps import register_sweep_resolvers, run_job, sweep_report
 from train import run
 
-register_resolvers()
+register_sweep_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sweep")
 def main(cfg: DictConfig) -> float | None:
-    register_resolvers()  # again here: joblib and submitit workers unpickle this function without running the module
+    register_sweep_resolvers()  # again: joblib and submitit workers unpickle this function without running the module
     return run_job(cfg, run)
 
 
 def summarize(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="sweep.py summarize", description="Rebuild a sweep folder's summary.")
     parser.add_argument("sweep_dir", help="multirun/<date>_<time>_<name>")
-    print(report(parser.parse_args(argv).sweep_dir))
+    print(sweep_report(parser.parse_args(argv).sweep_dir))
 
 
 if __name__ == "__main__":

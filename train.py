@@ -20,9 +20,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_modules.dpo import build_reference
 from lmlab.core.models import build_model, export_hf, load_model, resolve_hf_dir, set_cudnn_attention
 from lmlab.core.runs import register_resolvers
-from lmlab.core.tokenizer import load_tokenizer, train_and_save
+from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
 
 log = logging.getLogger("lmlab.train")
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))  # conf/paths: root_dir
@@ -39,6 +40,25 @@ def get_tokenizer(cfg: DictConfig, datamodule, run_dir: Path):
     if saved.is_dir():  # a resumed run keeps the tokenizer it started with
         return load_tokenizer(saved)
     return train_and_save(datamodule, saved, cfg.template.chat_template, cfg.bpe)[0]
+
+
+def prepare_tokenizer(cfg: DictConfig, datamodule, run_dir: Path, classifier: bool):
+    """The run's tokenizer, configured once for everything downstream and the export.
+
+    Chat template: the data's own (SFT and preference presets render with it), else the tokenizer's, else the
+    template preset's. A classifier's tokenizer carries its training length (data.max_length) into the export.
+    """
+    tokenizer = get_tokenizer(cfg, datamodule, run_dir)
+    template = getattr(datamodule, "chat_template", None) or tokenizer.chat_template or cfg.template.chat_template
+    return configure_tokenizer(tokenizer, template, datamodule.max_length if classifier else None)
+
+
+def reference_model(cfg: DictConfig, policy) -> dict:
+    """``reference_model=`` for a stage whose module compares with a frozen reference (stage.module.reference: DPO),
+    built from the starting weights or ``stage.module.ref_from``; nothing for other stages."""
+    if OmegaConf.select(cfg, "stage.module.reference") is None:
+        return {}
+    return {"reference_model": build_reference(policy, cfg.stage.module.ref_from)}
 
 
 def best_checkpoint(trainer: L.Trainer, monitor: str) -> ModelCheckpoint | None:
@@ -74,13 +94,11 @@ def train(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
     set_cudnn_attention(cfg.cudnn_sdpa)
 
-    datamodule = instantiate(cfg.data)
-    tokenizer = get_tokenizer(cfg, datamodule, run_dir)
-    if cfg.template.chat_template and not tokenizer.chat_template:
-        tokenizer.chat_template = cfg.template.chat_template
-    datamodule.tokenizer = tokenizer
-
     labels = OmegaConf.select(cfg, "stage.module.labels")  # a stage with class labels trains a classifier
+    datamodule = instantiate(cfg.data)
+    tokenizer = prepare_tokenizer(cfg, datamodule, run_dir, classifier=labels is not None)
+    datamodule.connect(tokenizer)
+
     model = (
         load_model(cfg.init_from, cfg.model, tokenizer, labels)
         if cfg.init_from
@@ -88,7 +106,9 @@ def train(cfg: DictConfig) -> float | None:
     )
     # plain containers: checkpoints then load with torch.load(weights_only=True)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    module = instantiate(cfg.stage.module, model=model, optim=optim, _recursive_=False, _convert_="all")
+    module = instantiate(
+        cfg.stage.module, model=model, optim=optim, **reference_model(cfg, model), _recursive_=False, _convert_="all"
+    )
 
     loggers = [instantiate(c) for c in cfg.logger.values()]
     callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values()) if cb is not None]  # None: off

@@ -25,8 +25,8 @@ class LMDataModule(L.LightningDataModule):
     sequence with aligned labels; ``seq2seq`` samples are the encoder's ``input_ids`` and the
     decoder's ``labels``.
 
-    The tokenizer is set after construction (``dm.tokenizer = ...``) because, without a
-    given one, it is trained on this datamodule's own text (:meth:`iter_texts`). Loaders are
+    The tokenizer arrives after construction, through :meth:`connect`, because without a given
+    one it is trained on this datamodule's own text (:meth:`iter_texts`). Loaders are
     torchdata's ``StatefulDataLoader`` so Lightning stores the position inside the epoch in
     every checkpoint and a resumed run sees exactly the batches it had not seen yet.
     """
@@ -85,6 +85,11 @@ class LMDataModule(L.LightningDataModule):
                         raise
                     skips.add("bad records", e)
 
+    def connect(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Hand over the run's tokenizer, configured by the caller (lmlab.core.tokenizer.configure_tokenizer: chat
+        template, length); the datamodule reads it and never changes it (after litgpt's ``DataModule.connect``)."""
+        self.tokenizer = tokenizer
+
     def iter_texts(self) -> Iterator[str]:
         """Training text, for training a tokenizer when none is given."""
         raise NotImplementedError
@@ -102,7 +107,7 @@ class LMDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> StatefulDataLoader:
         import torch
 
-        assert self.tokenizer is not None, "set datamodule.tokenizer before building loaders"
+        assert self.tokenizer is not None, "datamodule.connect(tokenizer) before building loaders"
         return StatefulDataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -33,7 +33,7 @@ from lmlab.core.collate import round_up
 
 log = logging.getLogger(__name__)
 BALANCE = ("none", "undersample", "class_weights")
-SPLITS = ("train", "val", "test")
+CLASSIFY_SPLITS = ("train", "val", "test")
 Example = tuple[str, int, str, int]  # (source, line, text, label id)
 
 
@@ -191,10 +191,10 @@ class ClassificationDataModule(LMDataModule):
             )
             if self.balance == "undersample":
                 splits["train"] = undersample(splits["train"], len(self.labels), self.split_seed)
-            for name in SPLITS:
+            for name in CLASSIFY_SPLITS:
                 if not splits[name]:
                     raise DataError(", ".join(self.train_files), None, f"no usable records for the {name} split")
-            self._splits = {name: splits[name] for name in SPLITS}
+            self._splits = {name: splits[name] for name in CLASSIFY_SPLITS}
         return self._splits
 
     def class_counts(self, split: str = "train") -> list[int]:
@@ -233,11 +233,8 @@ class ClassificationDataModule(LMDataModule):
         if self.train_set is not None:
             return
         splits = self.splits()
-        self.tokenizer.model_max_length = (
-            self.max_length
-        )  # exported with it: tokenizer(text, truncation=True) cuts the same
-        self.train_set, self.val_set, self.test_set = (self._dataset(splits[name]) for name in SPLITS)
-        for name in SPLITS:
+        self.train_set, self.val_set, self.test_set = (self._dataset(splits[name]) for name in CLASSIFY_SPLITS)
+        for name in CLASSIFY_SPLITS:
             counts = ", ".join(f"{label} {n}" for label, n in zip(self.labels, self.class_counts(name), strict=True))
             log.info("%s: %d examples (%s)", name, len(splits[name]), counts)
         self.log_skips()

@@ -53,7 +53,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.base import LMDataModule
 from datamodules.formats import SkipCounter, to_text
-from datamodules.shards import SPLITS, ShardWriter, plan_shards, token_dtype
+from datamodules.shards import SHARD_SPLITS, ShardWriter, plan_shards, token_dtype
 from datamodules.sources import Source, weighted
 from datamodules.span_corruption import SpanCorruption, sentinel_token_ids
 
@@ -390,7 +390,7 @@ class PretrainDataModule(LMDataModule):
         self._restore_skips()
 
         def total(key: str, rows: list[dict]) -> dict[str, int]:
-            return {split: sum(s[key] for s in rows if s["split"] == split) for split in SPLITS}
+            return {split: sum(s[key] for s in rows if s["split"] == split) for split in SHARD_SPLITS}
 
         by_source: dict[str, dict] = {}
         for plan in plans:
@@ -445,7 +445,9 @@ class PretrainDataModule(LMDataModule):
         def windows(rows: list[dict]) -> TokenWindows:
             return TokenWindows([self.token_dir / s["file"] for s in rows], dtype, self.seq_len)
 
-        self.train_set, self.val_set = (windows([s for s in meta["shards"] if s["split"] == split]) for split in SPLITS)
+        self.train_set, self.val_set = (
+            windows([s for s in meta["shards"] if s["split"] == split]) for split in SHARD_SPLITS
+        )
         if self.val_per_source:
             for label in self._val_labels():
                 rows = [s for s in meta["shards"] if s["split"] == "val" and s["source"] == label]

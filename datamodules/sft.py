@@ -26,12 +26,16 @@ from datamodules.base import LMDataModule
 from datamodules.formats import DataError, to_messages
 from datamodules.sources import Source, parse_sources, weighted
 from lmlab.core.collate import IGNORE_INDEX
+from lmlab.core.tokenizer import require_chat_template
 
 log = logging.getLogger(__name__)
 
 
-def render_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[tuple[str, bool]]:
-    """Split a rendered conversation into (text, is_response) segments.
+def render_segments(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat_template: str | None = None
+) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, is_response) segments, rendered with ``chat_template`` (None:
+    the tokenizer's own).
 
     The text before each assistant turn (including its header, i.e. the generation prompt)
     is a prompt segment; the assistant turn itself (content and the template's end token)
@@ -43,8 +47,8 @@ def render_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = render_prompt(tokenizer, messages[:i], chat_template)
+        after = tokenizer.apply_chat_template(messages[: i + 1], chat_template=chat_template, tokenize=False)
         if not before.startswith(done) or not after.startswith(before):
             raise ValueError(
                 "the chat template does not render growing conversations as growing prefixes, so prompt and "
@@ -56,10 +60,24 @@ def render_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
     return segments
 
 
-def rendered_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat_template: str | None = None) -> str:
+    """``messages`` rendered as a prompt: with the next reply's header, as generation and the SFT labels see it."""
+    return tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+    )
+
+
+def first_exchange(messages: list[dict]) -> int:
+    """The index of the first reply: a conversation's prompt is everything before it (ROUGE, judge, DPO pairs)."""
+    return next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
+def rendered_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat_template: str | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """The whole rendering of ``messages`` and the character span (start, end) of each response segment in it."""
     text, spans = "", []
-    for segment, is_response in render_segments(tokenizer, messages):
+    for segment, is_response in render_segments(tokenizer, messages, chat_template):
         if is_response:
             spans.append((len(text), len(text) + len(segment)))
         text += segment
@@ -94,10 +112,11 @@ def tokenize_conversation(
     messages: list[dict],
     max_length: int,
     train_on_prompt: bool = False,
+    chat_template: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """input_ids of the whole rendering and labels on every reply (-100 on prompt tokens unless
     ``train_on_prompt``), cut to max_length."""
-    text, spans = rendered_spans(tokenizer, messages)
+    text, spans = rendered_spans(tokenizer, messages, chat_template)
     return encode_labelled(tokenizer, text, [(0, len(text))] if train_on_prompt else spans, max_length)
 
 
@@ -126,10 +145,14 @@ def continuation_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]
 
 
 def tokenize_pair(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int, max_target_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    max_length: int,
+    max_target_length: int,
+    chat_template: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encoder input_ids (everything before the last reply) and decoder labels (the last reply and its end)."""
-    segments = render_segments(tokenizer, messages)
+    segments = render_segments(tokenizer, messages, chat_template)
     source = "".join(text for text, _ in segments[:-1])
     target = continuation_ids(tokenizer, segments[-1][0])[:max_target_length]
     return {"input_ids": encoder_ids(tokenizer, source, max_length), "labels": torch.tensor(target, dtype=torch.long)}
@@ -267,8 +290,10 @@ class SFTDataModule(LMDataModule):
     def tokenize(self, messages: list[dict]) -> dict[str, torch.Tensor]:
         """One example as a training sample (the layout follows ``arch``)."""
         if self.arch == "seq2seq":
-            return tokenize_pair(self.tokenizer, messages, self.max_length, self.max_target_length)
-        return tokenize_conversation(self.tokenizer, messages, self.max_length, self.train_on_prompt)
+            return tokenize_pair(self.tokenizer, messages, self.max_length, self.max_target_length, self.chat_template)
+        return tokenize_conversation(
+            self.tokenizer, messages, self.max_length, self.train_on_prompt, self.chat_template
+        )
 
     @staticmethod
     def has_answer(sample: dict) -> bool:
@@ -291,10 +316,8 @@ class SFTDataModule(LMDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.chat_template:
-            self.tokenizer.chat_template = self.chat_template
-        if not self.tokenizer.chat_template:
-            raise ValueError("the tokenizer has no chat template: choose one with template=chatml|alpaca|babyllama")
+        if not self.chat_template:
+            require_chat_template(self.tokenizer)
         train, val = self.examples()
         self.train_set = self._tokenize_all(train)
         self.val_set = self._tokenize_all(val)
@@ -313,9 +336,10 @@ class SFTDataModule(LMDataModule):
         """Validation conversations up to their first reply (rendered, with the reply header), and that reply."""
         pairs = []
         for _, _, messages in self.split()[1][:n]:
-            first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompt = self.tokenizer.apply_chat_template(
-                messages[:first_reply], tokenize=False, add_generation_prompt=True
-            )
-            pairs.append((prompt, messages[first_reply]["content"]))
+            first = first_exchange(messages)
+            pairs.append((self.render_prompt(messages[:first]), messages[first]["content"]))
         return pairs
+
+    def render_prompt(self, messages: list[dict]) -> str:
+        """``messages`` as a prompt in this data's chat template (``chat_template``, else the tokenizer's)."""
+        return render_prompt(self.tokenizer, messages, self.chat_template)

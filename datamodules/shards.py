@@ -35,7 +35,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-SPLITS = ("train", "val")
+SHARD_SPLITS = ("train", "val")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -61,7 +61,7 @@ def plan_shards(docs: Iterable[tuple[str, str, str]], shard_bytes: int) -> Itera
     """Group (split, source, text) documents, in order, into shards of at least ``shard_bytes`` of one source each
     (smaller where a source ends, and the last ones)."""
     open_shards: dict[str, Shard] = {}
-    next_index = dict.fromkeys(SPLITS, 0)
+    next_index = dict.fromkeys(SHARD_SPLITS, 0)
     for split, source, doc in docs:
         shard = open_shards.get(split)
         if shard is not None and shard.source != source:

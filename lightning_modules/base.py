@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from transformers import PreTrainedModel
 
 from lightning_modules.optim import param_groups, warmup_cosine
+from lmlab.core.models import flops_per_batch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -29,7 +30,8 @@ class TrainingModule(L.LightningModule):
         self.model = model
         self.optim = optim
         self.compile_model = compile
-        self.flops_per_batch = 0.0  # read by ThroughputMonitor for MFU
+        self.flops_per_batch = 0.0  # read by ThroughputMonitor for MFU; set by _count_flops
+        self._flops: dict[tuple, float] = {}  # batch shapes -> training FLOPs, see _count_flops
         self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
         self._window_anchor: torch.Tensor | None = None  # see _token_weighted
         self._window_tokens: torch.Tensor | None = None
@@ -37,6 +39,19 @@ class TrainingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.compile_model:
             self.model.compile()
+
+    def _count_flops(self, batch: dict[str, torch.Tensor], factor: float = 1.0) -> None:
+        """Set flops_per_batch (read by ThroughputMonitor for MFU) to the batch's training FLOPs, ``factor`` times for
+        extra passes (DPO's live reference: 4/3).
+
+        lmlab.core.models.flops_per_batch counts them, frozen parameters included (forward only), once
+        per batch shape: counting parameters every step would cost time, so what trains is fixed
+        before the first step (LMModule's ``freeze``, ClassifierModule's ``trainable``).
+        """
+        shapes = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
+        if shapes not in self._flops:
+            self._flops[shapes] = flops_per_batch(self.model, *shapes)
+        self.flops_per_batch = self._flops[shapes] * factor
 
     def _track_non_finite(self, loss: torch.Tensor) -> None:
         """Remember the first step whose loss is NaN/inf, on the device (no host sync)."""

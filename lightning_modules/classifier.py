@@ -12,6 +12,10 @@ class's log-odds with the highest val recall whose val false-positive rate is at
 is chosen (``choose_threshold``), val and test are scored with it, and it is saved with the
 weights (checkpoint buffer) and in the export's ``config.decision_threshold``, where predict.py
 and eval.py read it back (``exported_threshold`` + ``decide``).
+
+The module computes and logs; the files and images of a run (``confusion_{val,test}.csv`` and
+``.png``, wandb's table and image) are lmlab.train.callbacks.ConfusionReport's, from the
+matrices the module keeps in ``confusion``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.aggregation import CatMetric
@@ -185,7 +188,6 @@ class ClassifierModule(TrainingModule):
         optim: dict,
         labels: Sequence[str],
         trainable: str,
-        report_dir: str,
         positive: str | None,
         max_fpr: float,
         compile: bool = False,
@@ -204,7 +206,6 @@ class ClassifierModule(TrainingModule):
         keep = trainable_names(model, trainable)
         for name, p in model.named_parameters():
             p.requires_grad_(name in keep)
-        self.report_dir = Path(report_dir)
         splits = ("val", "test")
         self.logits = torch.nn.ModuleDict({split: CatMetric(nan_strategy="disable") for split in splits})
         self.targets = torch.nn.ModuleDict({split: CatMetric(nan_strategy="disable") for split in splits})
@@ -215,7 +216,9 @@ class ClassifierModule(TrainingModule):
         # loading a checkpoint's state dict (for test or export) puts its threshold into the model's config too
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_load_state_dict_post_hook(_threshold_loaded)
-        self._flops_per_token = 0.0
+        # each split's confusion matrix (rows: true class) at its last epoch end, sanity check included: what
+        # lmlab.train.callbacks.ConfusionReport writes to the run folder and wandb
+        self.confusion: dict[str, torch.Tensor] = {}
         self._export_threshold()
 
     def setup(self, stage: str) -> None:
@@ -242,17 +245,6 @@ class ClassifierModule(TrainingModule):
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, weight=self.class_weights)
 
-    def _count_flops(self, batch: dict[str, torch.Tensor]) -> None:
-        """Forward over every parameter (2N per token), backward over the trainable ones (4N): an estimate.
-
-        The per-token figure is counted once; each batch scales it by its own (padded) length.
-        """
-        if not self._flops_per_token:
-            n_all = sum(p.numel() for p in self.model.parameters())
-            n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            self._flops_per_token = 2 * n_all + 4 * n_trainable
-        self.flops_per_batch = batch["input_ids"].numel() * self._flops_per_token
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._count_flops(batch)
         logits = self(batch)
@@ -278,14 +270,14 @@ class ClassifierModule(TrainingModule):
         self._eval_step("test", batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._report("val")
+        self._score("val")
 
     def on_test_epoch_end(self) -> None:
-        self._report("test")
+        self._score("test")
 
-    def _report(self, split: str) -> None:
+    def _score(self, split: str) -> None:
         """Choose the threshold (val), then log loss, accuracy, macro F1, per-class precision/recall/FPR and the
-        class-balanced numbers; write and log the confusion matrix."""
+        class-balanced numbers; keep the confusion matrix in ``self.confusion[split]``."""
         logits, labels = self.logits[split].compute(), self.targets[split].compute().long()
         if split == "val" and self.positive is not None:
             if not self.trainer.sanity_checking and sum(self.trainer.num_val_batches) < len(
@@ -307,13 +299,4 @@ class ClassifierModule(TrainingModule):
             self.log(f"{split}/{name}", value, prog_bar=name == "acc")
         for metric in (self.logits[split], self.targets[split], self.losses[split]):
             metric.reset()
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        when = "best checkpoint" if split == "test" else f"step {self.global_step}"
-        title = f"{split} ({when}): accuracy {float(confusion.diag().sum() / confusion.sum()):.4f}"
-        _, png = write_confusion(confusion, self.labels, self.report_dir / f"confusion_{split}", title)
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                rows = [[label, *row] for label, row in zip(self.labels, confusion.tolist(), strict=True)]
-                logger.log_table(f"{split}/confusion_matrix", columns=["true", *self.labels], data=rows)
-                logger.log_image(f"{split}/confusion_matrix_png", images=[str(png)])
+        self.confusion[split] = confusion

@@ -4,12 +4,14 @@ Batches come from datamodules.preference: chosen and rejected answers as one con
 (first half chosen), so the policy and the reference each run once per step. A sequence's
 log-probability is the sum over its response tokens (prompt and padding are -100).
 
-The reference is never trained, never in the optimizer and never in a checkpoint: it is either
-a frozen eval-mode copy of the starting weights (``reference: copy``, or the weights of
-``ref_from``), kept outside the module's registered children, or its log-probs computed once
-before training and cached next to the run (``reference: precomputed``), after which the
-reference model is dropped, so it never sits on the GPU during training. A resumed run
-rebuilds the copy from the same starting weights, or reloads the cache.
+The reference is never trained, never in the optimizer and never in a checkpoint. :func:`build_reference`
+makes it, a frozen eval-mode copy of the starting weights or the weights of ``ref_from``, and train.py hands it
+to :class:`DPOModule` (``reference_model=``), which keeps it outside its registered children. With
+``reference: copy`` it runs next to the policy at every step. With ``reference: precomputed`` its log-probs
+of every pair are computed once before training, or read from the cache next to the run (``ref_cache``), and
+given to the datamodule, whose items and batches then carry them (``ref_chosen_logps``, ``ref_rejected_logps``,
+TRL's columns); the reference model is then dropped, so it never sits on the GPU during training. A resumed
+run rebuilds the copy from the same starting weights, or reloads the cache.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import AutoConfig, PreTrainedModel
 
+from lightning_modules.base import TrainingModule
 from lightning_modules.dpo_loss import (
     label_counts,
     masked_mean_logits,
@@ -33,7 +35,8 @@ from lightning_modules.dpo_loss import (
     rpo_nll,
     sequence_logps,
 )
-from lightning_modules.lm import LMModule, lm_forward
+from lightning_modules.lm import freeze_parameters, lm_forward
+from lmlab.core.collate import REF_LOGPS
 from lmlab.core.models import auto_class, resolve_hf_dir
 
 log = logging.getLogger(__name__)
@@ -79,10 +82,32 @@ def data_fingerprint(dataset) -> str:
     return h.hexdigest()
 
 
-class DPOModule(LMModule):
+def build_reference(policy: PreTrainedModel, ref_from: str | None = None) -> PreTrainedModel:
+    """DPO's reference model, frozen (no gradients) and in eval mode: a copy of ``policy`` (its starting weights),
+    or the model saved in ``ref_from`` (an lmlab run or Hugging Face folder), which must share the policy's
+    vocabulary. train.py builds it and passes it to :class:`DPOModule` as ``reference_model``."""
+    if ref_from:
+        hf_dir = resolve_hf_dir(ref_from)
+        reference = auto_class(AutoConfig.from_pretrained(str(hf_dir))).from_pretrained(str(hf_dir))
+        if reference.get_input_embeddings().num_embeddings != policy.get_input_embeddings().num_embeddings:
+            raise ValueError(f"ref_from={ref_from}: its vocabulary differs from the policy's")
+    else:
+        reference = copy.deepcopy(policy)
+    reference.eval().requires_grad_(False)
+    return reference
+
+
+class DPOModule(TrainingModule):
     """DPO (``loss_type`` sigmoid | ipo | hinge, ``label_smoothing`` for conservative DPO) plus an
     optional SFT term on the chosen answers (``rpo_alpha``, RPO). Metrics use TRL's names. ``disable_dropout``
-    (default, as TRL) trains the policy without dropout, like its eval-mode reference."""
+    (default, as TRL) trains the policy without dropout, like its eval-mode reference.
+
+    ``reference_model`` is the frozen reference (:func:`build_reference`; train.py passes it). Without one the
+    module makes the default, a copy of the starting weights, as TRL's DPOTrainer does for ``ref_model=None``; a
+    ``ref_from`` reference has to be passed in. ``ref_from`` itself is kept in the hyperparameters as the
+    record of where the reference came from. With ``reference: precomputed``, :meth:`setup` gives the
+    datamodule the reference's log-probs (``add_reference_logps``) before any loader is built.
+    """
 
     def __init__(
         self,
@@ -98,76 +123,84 @@ class DPOModule(LMModule):
         freeze: Sequence[str] = (),
         compile: bool = False,
         disable_dropout: bool = True,
+        reference_model: PreTrainedModel | None = None,
     ):
-        super().__init__(model, optim, freeze, compile)
+        super().__init__(model, optim, compile)
+        self.save_hyperparameters(ignore=["model", "reference_model"])
+        self.frozen = freeze_parameters(model, list(freeze))
         if disable_dropout:
             disable_dropout_in_model(model)
         if reference not in REFERENCES:
             raise ValueError(f"stage.module.reference={reference!r}: choose one of {REFERENCES}")
         if reference == "precomputed" and not ref_cache:
             raise ValueError("stage.module.reference=precomputed needs stage.module.ref_cache (a folder)")
+        if reference_model is None:
+            if ref_from:
+                raise ValueError(
+                    f"ref_from={ref_from}: pass the reference as reference_model=build_reference(model, ref_from) "
+                    "(train.py does)"
+                )
+            reference_model = build_reference(model)
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in METRICS})
         # A list, not an attribute: a registered child would land in state_dict, parameters() and DDP.
-        self._reference = [self._load_reference(model, ref_from)]
-        self.ref_logps: dict[str, torch.Tensor] = {}
-
-    @staticmethod
-    def _load_reference(policy: PreTrainedModel, ref_from: str | None) -> PreTrainedModel:
-        if ref_from:
-            hf_dir = resolve_hf_dir(ref_from)
-            reference = auto_class(AutoConfig.from_pretrained(str(hf_dir))).from_pretrained(str(hf_dir))
-            if reference.get_input_embeddings().num_embeddings != policy.get_input_embeddings().num_embeddings:
-                raise ValueError(f"ref_from={ref_from}: its vocabulary differs from the policy's")
-        else:
-            reference = copy.deepcopy(policy)
-        reference.eval().requires_grad_(False)
-        return reference
+        self._reference = [reference_model]
 
     @property
     def reference(self) -> PreTrainedModel | None:
+        """The frozen reference model; None once its precomputed log-probs are with the datamodule."""
         return self._reference[0] if self._reference else None
 
+    def setup(self, stage: str) -> None:
+        """reference=precomputed: once, before any loader is built (so also for a plain trainer.validate()), the
+        datamodule's pairs get the reference's log-probs, and the reference model is freed."""
+        if self.hparams.reference != "precomputed" or self.reference is None:
+            return
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "add_reference_logps"):
+            raise TypeError(
+                "stage.module.reference=precomputed needs a datamodule that takes the reference's log-probs "
+                f"(add_reference_logps, e.g. datamodules.preference.PreferenceDataModule), not {type(datamodule)}"
+            )
+        batch_dtype = self.trainer.precision_plugin.convert_input(torch.zeros(1)).dtype  # *-true casts batches
+        if torch.finfo(batch_dtype).eps > torch.finfo(torch.float32).eps:
+            log.warning("trainer.precision casts batches to %s: the reference log-probs lose digits", batch_dtype)
+        datamodule.add_reference_logps(self._precomputed_logps)
+        self._reference.clear()  # the reference's job is done: free its memory
+        torch.cuda.empty_cache()
+
     def on_fit_start(self) -> None:
-        self._prepare_reference()
+        self._reference_to_device()
 
     def on_validation_start(self) -> None:  # also for a plain trainer.validate()
-        self._prepare_reference()
+        self._reference_to_device()
 
-    def _prepare_reference(self) -> None:
-        """Put the live reference on the device, or fill the precomputed log-probs once and free the model."""
-        if self.hparams.reference == "copy":
+    def _reference_to_device(self) -> None:
+        if self.reference is not None:
             self.reference.to(self.device)
-        elif not self.ref_logps:
-            for split, dataset in (
-                ("train", self.trainer.datamodule.train_set),
-                ("val", self.trainer.datamodule.val_set),
-            ):
-                self.ref_logps[split] = self._precompute(split, dataset)
-            self._reference.clear()  # the reference's job is done: free its memory
-            torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def _precompute(self, split: str, dataset) -> torch.Tensor:
-        """Reference log-probs [n, 2] (chosen, rejected) of every pair of ``split``, cached on disk."""
+    def _precomputed_logps(self, split: str, dataset, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The reference's log-probs [n, 2] (chosen, rejected) of every pair of ``split``, in ``dataset``'s order
+        (``batches``): from ``ref_cache`` when it holds exactly these pairs, else computed and cached there."""
         path = Path(self.hparams.ref_cache) / f"{split}.pt"
         fingerprint = data_fingerprint(dataset)
         if path.is_file():
             cached = torch.load(path, weights_only=True)
             if cached["data_sha256"] == fingerprint:  # the cache lives in the run folder: a resumed run reuses it
                 log.info("reference log-probs: %s from %s", split, path)
-                return cached["logps"].to(self.device)
-        dm = self.trainer.datamodule
-        self.reference.to(self.device)
-        loader = DataLoader(dataset, batch_size=dm.batch_size, collate_fn=dm.collator())
-        out = torch.zeros(len(dataset), 2, device=self.device)
+                return cached["logps"]
+        device = self.trainer.strategy.root_device  # setup() runs before the module is moved there
+        self.reference.to(device)
+        rows = []
         with self.trainer.precision_plugin.forward_context():
-            for batch in loader:
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
                 chosen, rejected = self._logps(self.reference, batch)[0].chunk(2)
-                out[batch["index"]] = torch.stack([chosen, rejected], dim=1).float()
+                rows.append(torch.stack([chosen, rejected], dim=1).float())
+        out = torch.cat(rows).cpu() if rows else torch.zeros(0, 2)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"logps": out.cpu(), "data_sha256": fingerprint}, tmp)
+        torch.save({"logps": out, "data_sha256": fingerprint}, tmp)
         tmp.replace(path)
         log.info("reference log-probs: %d %s pairs computed, cached in %s", len(dataset), split, path)
         return out
@@ -177,18 +210,23 @@ class DPOModule(LMModule):
         logits = lm_forward(model, batch, with_loss=False).logits
         return sequence_logps(logits, batch["labels"], average=self.hparams.loss_type == "ipo"), logits
 
-    def _reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.hparams.reference == "precomputed":
-            ref = self.ref_logps[split][batch["index"]]
-            return ref[:, 0], ref[:, 1]
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's (chosen, rejected) log-probs: carried by the batch when precomputed, else computed."""
+        if REF_LOGPS[0] in batch:
+            return batch[REF_LOGPS[0]], batch[REF_LOGPS[1]]
+        if self.reference is None:
+            raise RuntimeError(
+                "reference=precomputed, but the batch carries no ref_chosen_logps: its datamodule never got the "
+                "reference log-probs (setup() gives them to trainer.datamodule)"
+            )
         with torch.no_grad():
             return self._logps(self.reference, batch)[0].chunk(2)
 
-    def _step(self, batch: dict[str, torch.Tensor], split: str, with_metrics: bool) -> tuple[torch.Tensor, dict]:
+    def _step(self, batch: dict[str, torch.Tensor], with_metrics: bool) -> tuple[torch.Tensor, dict]:
         """The loss, and (``with_metrics``: they cost a pass over the logits) TRL's metrics."""
         policy, logits = self._logps(self.model, batch)
         policy_chosen, policy_rejected = policy.chunk(2)
-        ref_chosen, ref_rejected = self._reference_logps(batch, split)
+        ref_chosen, ref_rejected = self._reference_logps(batch)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen,
             policy_rejected,
@@ -223,15 +261,15 @@ class DPOModule(LMModule):
         live_reference = self.hparams.reference == "copy"
         self._count_flops(batch, factor=4 / 3 if live_reference else 1.0)  # + one forward pass of the reference
         log_step = self._on_log_step()
-        loss, metrics = self._step(batch, "train", with_metrics=log_step)
+        loss, metrics = self._step(batch, with_metrics=log_step)
         self._track_non_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()})
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, metrics = self._step(batch, "val", with_metrics=True)
-        pairs = batch["index"].numel()
+        loss, metrics = self._step(batch, with_metrics=True)
+        pairs = len(batch["labels"]) // 2
         for name, value in {"loss": loss, **metrics}.items():
             self.val_metrics[name].update(value, weight=pairs)
 

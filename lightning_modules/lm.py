@@ -13,7 +13,6 @@ from transformers import PreTrainedModel
 
 from lightning_modules.base import TrainingModule
 from lmlab.core.collate import IGNORE_INDEX
-from lmlab.core.models import flops_per_batch
 
 GROUPS = ("embeddings", "encoder")  # named parameter groups of freeze=[...]; other entries are regexes
 
@@ -88,7 +87,6 @@ class LMModule(TrainingModule):
         super().__init__(model, optim, compile)
         self.save_hyperparameters(ignore=["model"])
         self.frozen = freeze_parameters(model, list(freeze))
-        self._flops: dict[tuple, float] = {}
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
 
@@ -113,13 +111,6 @@ class LMModule(TrainingModule):
                 self.log("train/acc", self._accuracy(out.logits, batch["labels"])[0])
             self.log("train/ppl", torch.exp(loss.detach()))
         return self._token_weighted(loss, (batch["labels"] != IGNORE_INDEX).sum())
-
-    def _count_flops(self, batch: dict[str, torch.Tensor], factor: float = 1.0) -> None:
-        """Set flops_per_batch (read by ThroughputMonitor for MFU); ``factor`` scales it for extra passes."""
-        shapes = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
-        if shapes not in self._flops:  # counting parameters every step would cost time
-            self._flops[shapes] = flops_per_batch(self.model, *shapes)
-        self.flops_per_batch = self._flops[shapes] * factor
 
     def on_validation_epoch_start(self) -> None:
         """A running loss per named validation set when the datamodule gives a dict of val loaders (a mixture's

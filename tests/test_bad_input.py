@@ -20,7 +20,7 @@ GOOD = {"instruction": "Add.", "input": "1 + 2", "output": "3"}
 
 def sft_module(tiny_tokenizer, train_file, **kwargs) -> SFTDataModule:
     dm = SFTDataModule(train_files=[str(train_file)], val_files=[str(train_file)], **kwargs)
-    dm.tokenizer = tiny_tokenizer
+    dm.connect(tiny_tokenizer)
     return dm
 
 
@@ -95,13 +95,13 @@ def test_pretrain_text_with_bad_bytes_names_the_line(tmp_path, tiny_tokenizer):
     path = tmp_path / "corpus.txt"
     write_lines(path, [b"good line one", b"good line two", b"bad \xc3\x28 bytes"])
     dm = PretrainDataModule(train_files=[str(path)], cache_dir=str(tmp_path / "cache"), seq_len=4)
-    dm.tokenizer = tiny_tokenizer
+    dm.connect(tiny_tokenizer)
     with pytest.raises(DataError, match=r"corpus\.txt:3: not valid UTF-8"):
         dm.prepare_data()
     dm_skip = PretrainDataModule(
         train_files=[str(path)], cache_dir=str(tmp_path / "cache"), seq_len=4, on_error="skip", val_fraction=0.0
     )
-    dm_skip.tokenizer = tiny_tokenizer
+    dm_skip.connect(tiny_tokenizer)
     dm_skip.prepare_data()
     assert dm_skip.skips.skipped == {"unreadable lines": 1}
 

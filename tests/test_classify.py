@@ -5,19 +5,29 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from conftest import REPO, SHARED_DATA, compose_cfg, run_script
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from datamodules.classification import ClassificationCollator, split_examples, to_labelled, undersample
 from datamodules.formats import DataError
-from lightning_modules.classifier import choose_threshold, decide, exported_threshold, positive_log_odds, scalar_metrics
+from lightning_modules.classifier import (
+    ClassifierModule,
+    choose_threshold,
+    decide,
+    exported_threshold,
+    positive_log_odds,
+    scalar_metrics,
+)
 from lmlab.core.models import build_model
+from lmlab.train.callbacks import ConfusionReport
 
 TEXTS = ["Add the two numbers.", "What is 5 plus 6? It is 11.", "你好"]
 
@@ -78,7 +88,7 @@ def test_frozen_parameters_stay_bit_identical(model, policy, tmp_path, tiny_toke
         tmp_path, [f"model={model}", "stage=classify", f"stage.module.trainable={policy}", "data.balance=none"]
     )
     datamodule = instantiate(cfg.data)
-    datamodule.tokenizer = tiny_tokenizer
+    datamodule.connect(tiny_tokenizer)
     classifier = build_model(cfg.model, tiny_tokenizer, list(cfg.data.labels))
     before = {n: p.detach().clone() for n, p in classifier.named_parameters()}
     module = instantiate(
@@ -295,7 +305,7 @@ def test_sms_spam_keeps_the_natural_mix(tmp_path, tiny_tokenizer):
     if not (SHARED_DATA / "sms_spam" / "SMSSpamCollection").is_file():
         pytest.skip("../shared/data is not beside this checkout")
     dm = instantiate(compose_cfg(tmp_path, ["stage=classify", "data=sms_spam"]).data)
-    dm.tokenizer = tiny_tokenizer
+    dm.connect(tiny_tokenizer)
     dm.setup()
     # 4100 ham / 637 spam, each cut 70/10/20; all kept (balance=class_weights)
     assert {s: dm.class_counts(s) for s in ("train", "val", "test")} == {
@@ -357,3 +367,81 @@ def test_the_threshold_chosen_on_val_is_tested_exported_and_used_by_predict(tmp_
         (run / "hf" / "config.json").write_text(json.dumps(config))
         out = run_script("predict.py", f"run={run}", "input=-", input=texts).stdout.splitlines()
         assert [line.split("\t")[0] for line in out] == [label] * 6
+
+
+def fit_and_test_a_tiny_classifier(cfg, tokenizer, callbacks: list, root) -> ClassifierModule:
+    datamodule = instantiate(cfg.data)
+    datamodule.connect(tokenizer)
+    module = instantiate(
+        cfg.stage.module,
+        model=build_model(cfg.model, tokenizer, list(cfg.data.labels)),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        _recursive_=False,
+        _convert_="all",
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule)
+    return module
+
+
+def test_the_module_writes_no_files_and_the_confusion_report_writes_them(tmp_path, tiny_tokenizer):
+    run = tmp_path / "run"
+    cfg = compose_cfg(run, ["stage=classify", "data.balance=none"])
+
+    def written() -> list[str]:
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "cache" not in p.parts)
+
+    module = fit_and_test_a_tiny_classifier(cfg, tiny_tokenizer, [], tmp_path / "lightning")
+    assert written() == []  # the module scores (and keeps the matrices), nothing more
+    assert set(module.confusion) == {"val", "test"} and module.confusion["test"].shape == (2, 2)
+    report = instantiate(cfg.callbacks.confusion)  # conf/callbacks/default.yaml: on under every stage
+    assert isinstance(report, ConfusionReport) and report.out_dir == run
+    module = fit_and_test_a_tiny_classifier(cfg, tiny_tokenizer, [report], tmp_path / "lightning")
+    assert written() == ["confusion_test.csv", "confusion_test.png", "confusion_val.csv", "confusion_val.png"]
+    for split in ("val", "test"):
+        with open(run / f"confusion_{split}.csv") as f:
+            table = list(csv.reader(f))
+        assert table[0] == ["true \\ predicted", "ham", "spam"]
+        assert [[int(x) for x in row[1:]] for row in table[1:]] == module.confusion[split].tolist()
+
+
+def test_the_confusion_report_logs_to_wandb_and_skips_sanity_checks_and_other_modules(tmp_path, tiny_tokenizer):
+    class Recorder(WandbLogger):
+        def __init__(self):  # no wandb run: only what the report calls
+            self.logged = []
+
+        def log_table(self, key, columns, data):
+            self.logged.append((key, columns, data))
+
+        def log_image(self, key, images):
+            self.logged.append((key, images))
+
+    recorder, out = Recorder(), tmp_path / "out"
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_step=7, loggers=[recorder])
+    report = ConfusionReport(str(out))
+    report.on_validation_end(trainer, L.LightningModule())  # a language-model stage
+    labels = ["ham", "spam"]
+    module = ClassifierModule(tiny_classifier(tiny_tokenizer, labels=labels), {}, labels, "all", None, 0.02)
+    report.on_test_end(trainer, module)  # nothing scored yet
+    module.confusion["val"] = torch.tensor([[4, 0], [1, 1]])
+    report.on_validation_end(SimpleNamespace(**{**vars(trainer), "sanity_checking": True}), module)
+    assert not out.exists() and recorder.logged == []
+    module.confusion["test"] = torch.tensor([[5, 1], [2, 3]])
+    report.on_test_end(trainer, module)
+    assert recorder.logged == [
+        ("test/confusion_matrix", ["true", "ham", "spam"], [["ham", 5, 1], ["spam", 2, 3]]),
+        ("test/confusion_matrix_png", [str(out / "confusion_test.png")]),
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["confusion_test.csv", "confusion_test.png"]

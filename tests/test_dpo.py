@@ -88,7 +88,7 @@ def test_reference_is_frozen_bit_identical_and_outside_optimizer_and_checkpoint(
 ):
     cfg = compose_cfg(tmp_path, [*DPO, f"data.train_files=[{addition_pairs}]", "max_steps=10", "lr=1e-2"])
     dm = instantiate(cfg.data)
-    dm.tokenizer = tiny_tokenizer
+    dm.connect(tiny_tokenizer)
     module = instantiate(
         cfg.stage.module,
         model=build_model(cfg.model, tiny_tokenizer),
@@ -168,7 +168,7 @@ def test_precomputed_cache_is_reused_only_for_the_same_pairs(tmp_path, addition_
 
     def pairs(path):
         dm = PreferenceDataModule(train_files=[str(path)], val_fraction=0.1, max_length=32, max_target_length=32)
-        dm.tokenizer = tiny_tokenizer
+        dm.connect(tiny_tokenizer)
         dm.setup()
         return dm.train_set
 
@@ -205,7 +205,7 @@ def test_disable_dropout_makes_the_train_mode_policy_deterministic(
             ],
         )
         dm = instantiate(cfg.data)
-        dm.tokenizer = tiny_tokenizer
+        dm.connect(tiny_tokenizer)
         dm.setup()
         batch = next(iter(dm.val_dataloader()))
         module = instantiate(

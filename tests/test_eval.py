@@ -88,7 +88,7 @@ def sft_dm(path: Path, tokenizer, arch: str = "causal") -> SFTDataModule:
     dm = SFTDataModule(
         train_files=[str(path)], val_files=[str(path)], max_length=64, max_target_length=64, batch_size=3, arch=arch
     )
-    dm.tokenizer = tokenizer
+    dm.connect(tokenizer)
     return dm
 
 
@@ -100,7 +100,7 @@ def test_perplexity_is_exp_of_the_mean_token_nll_over_the_whole_set(llama_dir, t
     dm = PretrainDataModule(
         train_files=[str(text)], val_files=[str(text)], seq_len=seq_len, cache_dir=str(tmp_path / "cache"), batch_size=3
     )
-    dm.tokenizer = tok
+    dm.connect(tok)
     result = evaluate.task_ppl(task_cfg(batch_size=4), model, tok, dm)
 
     # Independently: the documents' tokens, each followed by EOS, cut into non-overlapping windows of seq_len + 1

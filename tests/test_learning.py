@@ -46,8 +46,8 @@ def broken(kind: str):
     """tokenize_conversation with a wrong mask: loss on the prompt only, or the EOS left unlabelled."""
     original = datamodules.sft.tokenize_conversation
 
-    def tokenize(tokenizer, messages, max_length, train_on_prompt=False):
-        sample = original(tokenizer, messages, max_length, train_on_prompt)
+    def tokenize(tokenizer, messages, max_length, train_on_prompt=False, chat_template=None):
+        sample = original(tokenizer, messages, max_length, train_on_prompt, chat_template)
         ids, labels = sample["input_ids"], sample["labels"].clone()
         if kind == "prompt_only":
             labels = torch.where(labels == IGNORE_INDEX, ids, torch.full_like(ids, IGNORE_INDEX))

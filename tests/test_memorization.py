@@ -120,7 +120,7 @@ def test_summary_counts_what_the_run_saw(overfit_run):
     summary = json.loads((run / "summary.json").read_text())
     cfg = compose_cfg(run, overfit_overrides(run.parent))
     dm = instantiate(cfg.data)
-    dm.tokenizer = load_tokenizer(run / "hf")
+    dm.connect(load_tokenizer(run / "hf"))
     dm.setup("fit")
     one_epoch = int(dm.collator()([dm.train_set[i] for i in range(len(dm.train_set))])["attention_mask"].sum())
     assert summary["steps"] == 40 and summary["epochs_seen"] == 40.0  # one batch of 8 samples is one epoch

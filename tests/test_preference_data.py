@@ -23,7 +23,7 @@ def write_jsonl(path, records: list) -> None:
 
 def module(tok, path, **kwargs) -> PreferenceDataModule:
     dm = PreferenceDataModule(train_files=[str(path)], val_files=[str(path)], **kwargs)
-    dm.tokenizer = tok
+    dm.connect(tok)
     return dm
 
 
@@ -334,7 +334,7 @@ def test_shared_preference_sets_load_with_a_first_batch(tiny_tokenizer, relpath,
     dm = PreferenceDataModule(
         train_files=[str(path)], val_fraction=0.05, max_length=256, max_target_length=128, batch_size=4, on_error="skip"
     )
-    dm.tokenizer = tiny_tokenizer
+    dm.connect(tiny_tokenizer)
     dm.setup()
     assert dm.skips.skipped.get("bad records", 0) == bad
     train, val = dm.split()

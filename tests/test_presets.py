@@ -53,7 +53,7 @@ def test_preset_loads_a_first_batch(preset, model, tmp_path, tiny_tokenizer):
     if missing:
         pytest.skip(f"{missing[0]} is absent (../shared/data is not beside this checkout)")
     dm = instantiate(cfg.data)
-    dm.tokenizer = tiny_tokenizer
+    dm.connect(tiny_tokenizer)
     dm.prepare_data()
     dm.setup()
     batch = next(iter(dm.train_dataloader()))

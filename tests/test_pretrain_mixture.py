@@ -41,7 +41,7 @@ def mixture(tmp_path: Path, tokenizer, entries: list[dict], **kwargs) -> Pretrai
         seq_len=8,
         **{"val_fraction": 0.2, "shard_mb": 0.0005, **kwargs},
     )
-    dm.tokenizer = tokenizer
+    dm.connect(tokenizer)
     dm.prepare_data()
     return dm
 
@@ -208,9 +208,7 @@ def test_shared_preset_loads_a_first_batch(preset, tmp_path, monkeypatch):
     real = datamodules.base.read_records
     monkeypatch.setattr(datamodules.base, "read_records", lambda *a, **k: itertools.islice(real(*a, **k), 60))
     dm = instantiate(cfg.data)
-    dm.tokenizer = train_bpe(
-        dm.iter_texts(), **{**cfg.bpe, "vocab_size": 400, "max_bytes": 100_000}, total_bytes=100_000
-    )
+    dm.connect(train_bpe(dm.iter_texts(), **{**cfg.bpe, "vocab_size": 400, "max_bytes": 100_000}, total_bytes=100_000))
     dm.prepare_data()
     dm.setup()
     batch = next(iter(dm.train_dataloader()))

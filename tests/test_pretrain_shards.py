@@ -46,7 +46,7 @@ def prepared(tokenizer, files: list[Path], cache: Path, **kwargs) -> PretrainDat
     dm = PretrainDataModule(
         train_files=[str(f) for f in files], cache_dir=str(cache), seq_len=8, **{"shard_mb": 0.0005, **kwargs}
     )
-    dm.tokenizer = tokenizer
+    dm.connect(tokenizer)
     dm.prepare_data()
     return dm
 

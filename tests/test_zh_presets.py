@@ -59,7 +59,7 @@ def preset_module(preset: str, tokenizer, *overrides: str) -> SFTDataModule:
     if missing:
         pytest.skip(f"{missing[0]} is absent (../shared/data is not beside this checkout)")
     dm = instantiate(cfg.data)
-    dm.tokenizer = tokenizer
+    dm.connect(tokenizer)
     return dm
 
 

@@ -71,14 +71,19 @@ class Seq2SeqCollator:
         }
 
 
+REF_LOGPS = ("ref_chosen_logps", "ref_rejected_logps")  # TRL's names for a pair's precomputed reference log-probs
+
+
 class PreferenceCollator:
     """Preference items ``{"chosen": sample, "rejected": sample, "index": int}`` as one batch of 2B rows.
 
     ``inner`` (the arch's collator) batches ``[chosen_1..chosen_B, rejected_1..rejected_B]``, so the
     policy and the reference model each run once over both halves; rows ``:B`` are the chosen answers
     and rows ``B:`` the rejected ones. For an encoder-decoder both halves hold the same encoder input
-    with different labels. ``index`` (LongTensor[B]) is each pair's position in its dataset, e.g. for
-    looking up reference log-probabilities computed once beforehand.
+    with different labels. ``index`` (LongTensor[B]) is each pair's position in its dataset. Items that
+    carry the reference's log-probs (``ref_chosen_logps``, ``ref_rejected_logps``: floats or 0-d tensors,
+    computed once before training, as TRL's precompute_ref_log_probs adds them as dataset columns) give
+    the batch those fields too, FloatTensor[B] each, in the pairs' order.
     """
 
     def __init__(self, inner):
@@ -87,4 +92,7 @@ class PreferenceCollator:
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.inner([item["chosen"] for item in items] + [item["rejected"] for item in items])
         batch["index"] = torch.tensor([int(item["index"]) for item in items], dtype=torch.long)
+        if REF_LOGPS[0] in items[0]:  # all or none: a pair without them raises KeyError here
+            for key in REF_LOGPS:
+                batch[key] = torch.tensor([float(item[key]) for item in items], dtype=torch.float32)
         return batch

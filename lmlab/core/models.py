@@ -178,45 +178,78 @@ def count_parameters(model: PreTrainedModel, trainable_only: bool = False) -> in
     return total
 
 
+def _matmul_parameters(module: torch.nn.Module, lookups: Sequence[torch.nn.Parameter]) -> tuple[int, int]:
+    """(parameters, trainable parameters) of ``module`` less the ``lookups`` (embedding tables: no multiply-adds)."""
+    n_all, n_trainable = count_parameters(module), count_parameters(module, trainable_only=True)
+    for p in lookups:
+        n_all -= p.numel()
+        n_trainable -= p.numel() if p.requires_grad else 0
+    return n_all, n_trainable
+
+
+def _parameter_flops(n_all: float, n_trainable: float, frozen_head: int = 0) -> float:
+    """Training FLOPs per token of the parameters' matmuls: forward 2 per parameter (a multiply-add), backward 4 per
+    trainable one (the gradients of its input and of its weight): 6N when everything trains.
+
+    A frozen parameter is taken to lie below every trainable one (embeddings, an encoder, all but a classifier's
+    last block), so nothing is back-propagated through it; except a frozen output head (``frozen_head`` parameters,
+    the top layer, e.g. tied to frozen embeddings), whose input gradient (2 per parameter) is still computed.
+    """
+    return 2 * n_all + 4 * n_trainable + 2 * frozen_head
+
+
 def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     """Training FLOPs per token, the PaLM/nanoGPT estimate: 6N + 12 * layers * width * seq_len.
 
     N counts every parameter but the token and position embeddings (table look-ups do no
     multiply-adds; a tied LM head is counted through the 6N of the head's matmul below).
-    For a mixture of experts only the experts a token visits count.
+    For a mixture of experts only the experts a token visits count. With frozen parameters
+    (LMModule's ``freeze``, a classifier's ``trainable``) the 6N becomes 2N + 4 x trainable N
+    (:func:`_parameter_flops`); the attention term is counted in full. A sequence classifier's
+    head is an ordinary layer of N.
     """
     cfg = model.config.get_text_config()
-    n = count_parameters(model)
-    n -= model.get_input_embeddings().weight.numel()
-    for name, p in model.named_parameters():
-        if name.endswith("wpe.weight"):
-            n -= p.numel()
+    embeddings = model.get_input_embeddings().weight
+    lookups = [embeddings] + [p for name, p in model.named_parameters() if name.endswith("wpe.weight")]
+    n_all, n_trainable = _matmul_parameters(model, lookups)
     experts, active = getattr(cfg, "num_local_experts", None), getattr(cfg, "num_experts_per_tok", None)
     if experts and active:
-        expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
-        n -= expert_params * (1 - active / experts)
-    head = model.get_output_embeddings().weight.numel()  # the LM head matmul, tied or not
-    n += head if model.get_output_embeddings().weight is model.get_input_embeddings().weight else 0
-    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+        in_experts = [p for name, p in model.named_parameters() if ".experts." in name]
+        n_all -= sum(p.numel() for p in in_experts) * (1 - active / experts)
+        n_trainable -= sum(p.numel() for p in in_experts if p.requires_grad) * (1 - active / experts)
+    output = model.get_output_embeddings()  # None for a sequence classifier
+    frozen_head = 0
+    if output is not None:
+        head = output.weight
+        if head is embeddings:  # the LM head matmul, tied: its table was taken off above
+            n_all += head.numel()
+            n_trainable += head.numel() if head.requires_grad else 0
+        frozen_head = 0 if head.requires_grad else head.numel()
+    return _parameter_flops(n_all, n_trainable, frozen_head) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
-def flops_per_batch(model: PreTrainedModel, input_shape: tuple[int, int], label_shape: tuple[int, int]) -> float:
-    """Training FLOPs of one batch, for MFU.
+def flops_per_batch(model: PreTrainedModel, input_shape: tuple[int, int], label_shape: tuple[int, ...]) -> float:
+    """Training FLOPs of one batch, for MFU (ThroughputMonitor), frozen parameters accounted for.
 
-    Causal: :func:`flops_per_token` times the batch's tokens. Encoder-decoder: the same
-    estimate per side: 6 x encoder parameters per encoder token, 6 x decoder parameters
-    (with cross-attention and the LM head) per decoder token, plus the attention terms
-    (self-attention over each side's length, cross-attention over the encoder's).
+    Causal (LMs and sequence classifiers; ``label_shape`` unused): :func:`flops_per_token` times
+    the batch's tokens. Encoder-decoder: the same estimate per side: 6 x encoder parameters per
+    encoder token, 6 x decoder parameters (with cross-attention and the LM head) per decoder
+    token, plus the attention terms (self-attention over each side's length, cross-attention
+    over the encoder's); with a frozen side (``freeze=[encoder]``) its 6 becomes 2.
     """
     if not model.config.is_encoder_decoder:
         return flops_per_token(model, input_shape[1]) * input_shape[0] * input_shape[1]
     cfg = model.config
     embedding = model.get_input_embeddings().weight
-    encoder = count_parameters(model.get_encoder()) - embedding.numel()
-    decoder = count_parameters(model.get_decoder()) - embedding.numel() + model.get_output_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight
+    encoder, encoder_trainable = _matmul_parameters(model.get_encoder(), [embedding])
+    decoder, decoder_trainable = _matmul_parameters(model.get_decoder(), [embedding])
+    decoder += head.numel()
+    decoder_trainable += head.numel() if head.requires_grad else 0
     (batch, enc_len), (_, dec_len) = input_shape, label_shape
-    enc = 6 * encoder + 12 * cfg.num_layers * cfg.d_model * enc_len
-    dec = 6 * decoder + 12 * cfg.num_decoder_layers * cfg.d_model * (dec_len + enc_len)
+    enc = _parameter_flops(encoder, encoder_trainable) + 12 * cfg.num_layers * cfg.d_model * enc_len
+    dec = _parameter_flops(decoder, decoder_trainable, 0 if head.requires_grad else head.numel())
+    dec += 12 * cfg.num_decoder_layers * cfg.d_model * (dec_len + enc_len)
     return batch * (enc * enc_len + dec * dec_len)
 
 

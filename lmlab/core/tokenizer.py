@@ -24,6 +24,7 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 log = logging.getLogger(__name__)
 
@@ -259,3 +260,31 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         tok.pad_token = tok.eos_token
         log.warning("tokenizer %s has no pad token; using eos %r for padding", path, tok.eos_token)
     return tok
+
+
+def configure_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, chat_template: str | None, max_length: int | None = None
+) -> PreTrainedTokenizerBase:
+    """Set what a run decides about its tokenizer, once, before anything reads it (train.py, the inference loader).
+
+    ``chat_template`` replaces the tokenizer's own when given (None keeps it); ``max_length`` is a classifier's
+    truncation length, saved with the export so ``tokenizer(text, truncation=True)`` cuts as in training.
+    Datamodules, tasks and the chat only read the tokenizer afterwards.
+    """
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    if max_length is not None:
+        tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Say how to choose a template where one is needed and the tokenizer has none."""
+    if not tokenizer.chat_template:
+        raise ValueError("the tokenizer has no chat template: choose one with template=chatml|alpaca|babyllama")
+
+
+def trained_max_length(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The truncation length a classifier run saved with its tokenizer (:func:`configure_tokenizer`), or None where
+    none was saved (transformers then reports its VERY_LARGE_INTEGER placeholder)."""
+    return None if tokenizer.model_max_length >= VERY_LARGE_INTEGER else int(tokenizer.model_max_length)

@@ -42,7 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from datamodules.base import LMDataModule
 from datamodules.classification import ClassificationDataModule
 from datamodules.pretrain import PretrainDataModule
-from datamodules.sft import SFTDataModule
+from datamodules.sft import SFTDataModule, first_exchange, render_prompt
 from lightning_modules.classifier import (
     THRESHOLD_KEY,
     decide,
@@ -53,6 +53,7 @@ from lightning_modules.classifier import (
 )
 from lightning_modules.lm import lm_forward
 from lmlab.core.collate import IGNORE_INDEX
+from lmlab.core.tokenizer import require_chat_template, trained_max_length
 from lmlab.eval.diversity import distinct_n, in_repetition_loop
 from lmlab.eval.judge import Judge, judge_prompt
 from lmlab.eval.rouge import rouge_scores
@@ -147,22 +148,18 @@ def task_sft(
 def prompt_pairs(dm: SFTDataModule, split: str, limit: int | None) -> list[dict[str, Any]]:
     """Each conversation of the split up to its first reply: where it comes from, the rendered prompt (with the
     reply header), the user's turn as plain text (for a judge) and the dataset's reply (the reference)."""
-    if dm.chat_template:
-        dm.tokenizer.chat_template = dm.chat_template
-    if not dm.tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat template: choose one with template=chatml|alpaca|babyllama")
+    if not dm.chat_template:
+        require_chat_template(dm.tokenizer)
     train, val = dm.split()
     pairs = []
     for source, line, messages in (val if split == "val" else train)[:limit]:
-        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        first = first_exchange(messages)
         user = messages[first - 1]
         pairs.append(
             {
                 "source": source,
                 "line": line,
-                "prompt": dm.tokenizer.apply_chat_template(
-                    messages[:first], tokenize=False, add_generation_prompt=True
-                ),
+                "prompt": dm.render_prompt(messages[:first]),
                 "question": user["content"] + (f"\n\n{user['input']}" if user.get("input") else ""),
                 "reference": messages[first]["content"],
             }
@@ -239,17 +236,9 @@ def task_chat(
     if not cfg.prompts:
         raise ValueError("task=chat needs prompts=<text file, one user prompt per line>")
     questions = [q.strip() for q in Path(cfg.prompts).read_text(encoding="utf-8").splitlines() if q.strip()]
-    if cfg.template.chat_template:
-        tokenizer.chat_template = cfg.template.chat_template
-    if not tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat template: choose one with template=chatml|alpaca|babyllama")
+    require_chat_template(tokenizer)  # eval.py configured it with template= (lmlab.infer.generation.load_for_inference)
     pairs = [
-        {
-            "question": q,
-            "prompt": tokenizer.apply_chat_template(
-                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-            ),
-        }
+        {"question": q, "prompt": render_prompt(tokenizer, [{"role": "user", "content": q}])}
         for q in questions[: cfg.limit]
     ]
     replies = _replies(cfg, model, tokenizer, pairs)
@@ -278,8 +267,8 @@ def task_classify(
     _require(dm, ClassificationDataModule, "classify", "classification")
     if model.config.num_labels != len(dm.labels):
         raise ValueError(f"the model has {model.config.num_labels} classes but data.labels has {len(dm.labels)}")
-    if tokenizer.model_max_length < 1e9:  # stage=classify saved its training length there (else: unset, seq_len)
-        dm.max_length = tokenizer.model_max_length
+    if trained_max_length(tokenizer) is not None:  # the classifier run's training length (else: data.max_length)
+        dm.max_length = trained_max_length(tokenizer)
     dm.setup()
     if cfg.split not in ("train", "val", "test"):
         raise ValueError(f"split={cfg.split!r}: choose train, val or test")
@@ -336,7 +325,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def report(task: str, run: str, data: dict[str, Any], result: TaskResult) -> dict[str, Any]:
+def eval_record(task: str, run: str, data: dict[str, Any], result: TaskResult) -> dict[str, Any]:
     """The eval.json record."""
     return {
         "task": task,

@@ -26,7 +26,7 @@ from transformers.generation.streamers import BaseStreamer
 from datamodules.sft import encoder_ids
 from lmlab.core.collate import pad
 from lmlab.core.models import auto_class, is_classifier, resolve_hf_dir
-from lmlab.core.tokenizer import load_tokenizer
+from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer
 
 SAMPLING_KNOBS = ("temperature", "top_p", "top_k")
 
@@ -143,16 +143,17 @@ def inference_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def load_for_inference(
-    path: str | Path, device: str = "auto", dtype: str = "auto"
+    path: str | Path, device: str = "auto", dtype: str = "auto", chat_template: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A run's (or HF folder's) model in eval mode on ``device`` (auto: cuda if any) in ``dtype``, and its tokenizer.
+    """A run's (or HF folder's) model in eval mode on ``device`` (auto: cuda if any) in ``dtype``, and its tokenizer,
+    with ``chat_template`` (conf/template; None: the one saved with the run) set once, here.
 
     eval.py, chat.py and benchmarks/inference_memory.py all load through here, so the memory the benchmark
     measures is the memory chat uses.
     """
     hf_dir = resolve_hf_dir(path)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    tokenizer = load_tokenizer(hf_dir)
+    tokenizer = configure_tokenizer(load_tokenizer(hf_dir), chat_template)
     config = AutoConfig.from_pretrained(str(hf_dir))
     model_class = auto_class(config, is_classifier(config))
     model = model_class.from_pretrained(str(hf_dir), dtype=inference_dtype(dtype, device)).to(device).eval()

@@ -1,5 +1,5 @@
-"""Callbacks and logger glue: generations (and ROUGE) at validation, tokens/s in the bar, an appending metrics.csv,
-early stopping that conf can switch off."""
+"""Callbacks and logger glue: generations (and ROUGE) at validation, a classifier's confusion matrices, tokens/s in
+the bar, an appending metrics.csv, early stopping that conf can switch off."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ThroughputMonitor, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from lightning_modules.classifier import ClassifierModule, write_confusion
 from lmlab.eval.rouge import ROUGE_TYPES, rouge_scores
 from lmlab.infer.generation import generate_texts
 
@@ -85,6 +86,41 @@ class SampleGenerations(L.Callback):
                 pl_module.log(f"val/{name}", scores[name], rank_zero_only=True)
             with open(self.path.parent / "rouge.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": trainer.global_step, **scores}) + "\n")
+
+
+class ConfusionReport(L.Callback):
+    """A classifier's confusion matrices: ``<out_dir>/confusion_{val,test}.csv`` and ``.png`` at each validation (but
+    the sanity check) and test, and a table and an image per split in wandb.
+
+    It reads what ClassifierModule scored (``confusion[split]``, ``labels``); under any other
+    module (the language-model stages) it does nothing. It writes at on_{validation,test}_end
+    because Lightning calls the callbacks' epoch-end hooks before the module's, which computes
+    the matrix.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, "test")
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
+        if not isinstance(pl_module, ClassifierModule) or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        confusion, labels = pl_module.confusion.get(split), pl_module.labels
+        if confusion is None:
+            return
+        when = "best checkpoint" if split == "test" else f"step {trainer.global_step}"
+        title = f"{split} ({when}): accuracy {float(confusion.diag().sum() / confusion.sum()):.4f}"
+        _, png = write_confusion(confusion, labels, self.out_dir / f"confusion_{split}", title)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                rows = [[label, *row] for label, row in zip(labels, confusion.tolist(), strict=True)]
+                logger.log_table(f"{split}/confusion_matrix", columns=["true", *labels], data=rows)
+                logger.log_image(f"{split}/confusion_matrix_png", images=[str(png)])
 
 
 class _AppendingWriter(ExperimentWriter):

@@ -119,7 +119,7 @@ def wandb_tags(*items: Any) -> list[str]:
     return [str(x)[:WANDB_TAG_MAX] for x in flat if str(x)]
 
 
-def register_resolvers() -> None:
+def register_sweep_resolvers() -> None:
     OmegaConf.register_new_resolver("lmlab.wandb_tags", wandb_tags, replace=True)
 
 
@@ -251,7 +251,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def report(sweep_dir: str | Path) -> str:
+def sweep_report(sweep_dir: str | Path) -> str:
     """Write the summary and return what to print: where it is, failed jobs, the best job and its config."""
     sweep_dir = Path(sweep_dir)
     rows = write_summary(sweep_dir)
@@ -279,4 +279,4 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
-            print(report(sweep_dir))
+            print(sweep_report(sweep_dir))

@@ -1,0 +1,173 @@
+"""DPO's reference, built outside the module and injected: frozen, eval-mode, outside the module's state and
+optimizer; with reference=precomputed its log-probs travel in the items and batches (TRL's ref_chosen_logps /
+ref_rejected_logps), equal to what the live reference computes, and a resumed run reads them from the cache
+without calling the reference model."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import lightning as L
+import pytest
+import torch
+from conftest import compose_cfg
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import train as train_script
+from lightning_modules.dpo import DPOModule, build_reference
+from lmlab.core.collate import REF_LOGPS, CausalCollator, PreferenceCollator
+from lmlab.core.models import build_model, export_hf
+
+DPO = ["stage=dpo", "callbacks.samples.num_prompts=0", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dpo_ref") / "pairs.jsonl"
+    rows = [
+        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(6) for b in range(6)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def parts(tmp_path, tokenizer, overrides=()):
+    """(datamodule, policy, reference, module) as train.py builds them: the reference built and injected."""
+    cfg = compose_cfg(tmp_path, [*DPO, *overrides])
+    dm = instantiate(cfg.data)
+    dm.connect(tokenizer)
+    policy = build_model(cfg.model, tokenizer).train()
+    reference = build_reference(policy)
+    module = instantiate(
+        cfg.stage.module,
+        model=policy,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        reference_model=reference,
+        _recursive_=False,
+        _convert_="all",
+    )
+    return dm, policy, reference, module
+
+
+def cpu_trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, **kwargs)
+
+
+def test_injected_reference_is_frozen_eval_mode_and_outside_state_dict_and_optimizer(
+    tmp_path, pairs_file, tiny_tokenizer
+):
+    dm, policy, reference, module = parts(tmp_path, tiny_tokenizer, [f"data.train_files=[{pairs_file}]"])
+    assert reference is not policy and not reference.training
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), reference.parameters(), strict=True))
+    assert not {id(p) for p in reference.parameters()} & {id(p) for p in policy.parameters()}
+    assert module.reference is reference
+    assert "reference_model" not in module.hparams
+    assert all(k.startswith("model.") for k in module.state_dict())
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    trainer = cpu_trainer(max_steps=3, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)  # fit puts the module's children in train mode: the reference is none of them
+    assert module.reference is reference and not reference.training
+    assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized and not optimized & {id(p) for p in reference.parameters()}
+
+
+def test_reference_from_a_folder_and_its_vocabulary(tmp_path, tiny_tokenizer):
+    cfg = compose_cfg(tmp_path, [*DPO])
+    policy = build_model(cfg.model, tiny_tokenizer)
+    torch.manual_seed(1)
+    other = build_model(cfg.model, tiny_tokenizer)
+    export_hf(other, tiny_tokenizer, tmp_path / "other")
+    reference = build_reference(policy, str(tmp_path / "other"))
+    assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in reference.state_dict().items())
+    other.resize_token_embeddings(len(tiny_tokenizer) + 8)
+    export_hf(other, tiny_tokenizer, tmp_path / "wider")
+    with pytest.raises(ValueError, match="vocabulary differs"):
+        build_reference(policy, str(tmp_path / "wider"))
+    # the module never loads a reference from disk: ref_from's model comes in as reference_model
+    with pytest.raises(ValueError, match="reference_model=build_reference"):
+        DPOModule(policy, {}, beta=0.1, ref_from=str(tmp_path / "other"))
+
+
+def test_train_py_injects_the_reference_of_ref_from(tmp_path, tiny_tokenizer):
+    cfg = compose_cfg(tmp_path, [*DPO, f"ref_from={tmp_path / 'ref'}"])
+    policy = build_model(cfg.model, tiny_tokenizer)
+    export_hf(policy, tiny_tokenizer, tmp_path / "ref")
+    (injected,) = train_script.reference_model(cfg, policy).values()
+    assert not injected.training and all(
+        torch.equal(a, b) for a, b in zip(policy.parameters(), injected.parameters(), strict=True)
+    )
+    assert train_script.reference_model(compose_cfg(tmp_path, ["stage=sft"]), policy) == {}
+
+
+def test_collator_stacks_the_reference_logps_of_the_items():
+    sample = {"input_ids": torch.tensor([1, 5, 6, 2]), "labels": torch.tensor([-100, -100, 6, 2])}
+    items = [
+        {"chosen": sample, "rejected": sample, "index": i, "ref_chosen_logps": -1.5 * i, "ref_rejected_logps": -2.0 - i}
+        for i in range(3)
+    ]
+    batch = PreferenceCollator(CausalCollator(pad_id=0))(items)
+    assert batch["ref_chosen_logps"].dtype == torch.float32 and batch["ref_chosen_logps"].tolist() == [0, -1.5, -3.0]
+    assert batch["ref_rejected_logps"].tolist() == [-2.0, -3.0, -4.0]
+    plain = PreferenceCollator(CausalCollator(pad_id=0))(
+        [{k: v for k, v in it.items() if k not in REF_LOGPS} for it in items]
+    )
+    assert not set(REF_LOGPS) & set(plain)
+
+
+def test_precomputed_batches_carry_the_live_reference_logps(tmp_path, pairs_file, tiny_tokenizer):
+    """Also the path of a plain trainer.validate(): the log-probs are in place before its first batch is fetched."""
+    cache = tmp_path / "ref_logps"  # the stage's ref_cache: <run>/ref_logps
+    dm, _, reference, module = parts(
+        tmp_path, tiny_tokenizer, [f"data.train_files=[{pairs_file}]", "stage.module.reference=precomputed"]
+    )
+    (metrics,) = cpu_trainer().validate(module, datamodule=dm)
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert module.reference is None, "the reference model is freed once its log-probs are with the data"
+    assert (cache / "train.pt").is_file() and (cache / "val.pt").is_file()
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        batch = next(iter(loader))
+        with torch.no_grad():
+            live = module._logps(reference, batch)[0].chunk(2)
+        for key, expected in zip(REF_LOGPS, live, strict=True):
+            assert batch[key].shape == (len(batch["index"]),)
+            torch.testing.assert_close(batch[key], expected, rtol=1e-5, atol=1e-5)
+        # the step reads them from the batch: the reference model is gone
+        assert all(torch.equal(a, b) for a, b in zip(module._reference_logps(batch), live, strict=True))
+
+
+def test_resumed_run_reads_the_cache_and_never_calls_the_reference(tmp_path, pairs_file, monkeypatch, caplog):
+    calls = []
+    build = train_script.build_reference
+
+    def counted(policy, ref_from=None):
+        reference = build(policy, ref_from)
+        reference.register_forward_pre_hook(lambda *_: calls.append(1))
+        return reference
+
+    monkeypatch.setattr(train_script, "build_reference", counted)
+    overrides = [
+        *DPO,
+        f"data.train_files=[{pairs_file}]",
+        "stage.module.reference=precomputed",
+        "trainer.val_check_interval=4",
+        "checkpoint_every=4",
+        "resume=auto",
+    ]
+    train_script.train(compose_cfg(tmp_path, [*overrides, "max_steps=4"]))
+    assert calls, "the first run computes the reference log-probs"
+    cache = {split: (tmp_path / "ref_logps" / f"{split}.pt").stat().st_mtime_ns for split in ("train", "val")}
+    calls.clear()
+    with caplog.at_level(logging.INFO):
+        train_script.train(compose_cfg(tmp_path, [*overrides, "max_steps=8"]))
+    assert "resuming from" in caplog.text and "reference log-probs: train from" in caplog.text
+    assert not calls, "a resumed run must take the reference log-probs from its cache"
+    assert cache == {split: (tmp_path / "ref_logps" / f"{split}.pt").stat().st_mtime_ns for split in cache}
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 8
+    assert "reference_model" not in ckpt["hyper_parameters"]
+    assert all(k.startswith("model.") for k in ckpt["state_dict"])
