@@ -71,11 +71,6 @@ def degenerate(
     return None
 
 
-def similarity(a: str, b: str) -> float:
-    """difflib.SequenceMatcher ratio of the two texts, whitespace collapsed (1.0: identical)."""
-    return difflib.SequenceMatcher(None, _normalise(a), _normalise(b), autojunk=False).ratio()
-
-
 def too_similar(sample: str, chosen: str, threshold: float) -> bool:
     """Is the sample a near-duplicate of the chosen answer (SequenceMatcher ratio >= ``threshold``)?"""
     matcher = difflib.SequenceMatcher(None, _normalise(sample), _normalise(chosen), autojunk=False)
