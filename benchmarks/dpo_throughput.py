@@ -231,18 +231,19 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dic
     from omegaconf import OmegaConf
 
     from lmlab.core.models import load_model
-    from lmlab.core.tokenizer import load_tokenizer
+    from train import prepare_tokenizer, reference_model
 
     cfg = compose_cfg(args, work, lmlab_overrides(args, work, reference))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    datamodule.tokenizer = tokenizer
+    tokenizer = prepare_tokenizer(cfg, datamodule, work, classifier=False)
+    datamodule.connect(tokenizer)
     model = load_model(cfg.init_from, cfg.model, tokenizer)
     module = instantiate(
         cfg.stage.module,
         model=model,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        **reference_model(cfg, model),
         _recursive_=False,
         _convert_="all",
     )
