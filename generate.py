@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.formats import DataError, SkipCounter, read_records, to_messages
 from datamodules.sources import fill_placeholders, parse_sources
+from lmlab.core.tokenizer import render_prompt
 from lmlab.infer.generation import generate_texts, load_for_inference
 from lmlab.infer.rejected import build_rejected
 
@@ -41,7 +42,7 @@ def reply(cfg: DictConfig) -> str:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
             {"role": "user", "content": cfg.prompt}
         ]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_prompt(tokenizer, messages)
     torch.manual_seed(cfg.seed)
     return generate_texts(model, tokenizer, [text], cfg.generation)[0]
 

@@ -26,7 +26,7 @@ from datamodules.base import LMDataModule
 from datamodules.formats import DataError, to_messages
 from datamodules.sources import Source, parse_sources, weighted
 from lmlab.core.collate import IGNORE_INDEX
-from lmlab.core.tokenizer import require_chat_template
+from lmlab.core.tokenizer import render_prompt, require_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,6 @@ def render_segments(
         segments.append((after[len(before) :], True))
         done = after
     return segments
-
-
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat_template: str | None = None) -> str:
-    """``messages`` rendered as a prompt: with the next reply's header, as generation and the SFT labels see it."""
-    return tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
-    )
 
 
 def first_exchange(messages: list[dict]) -> int:
@@ -310,7 +303,7 @@ class SFTDataModule(LMDataModule):
             if not self.has_answer(sample):
                 self.skips.add(f"samples with no answer token left after truncation to {self.max_length}")
                 continue
-            samples.append({**sample, "index": len(samples)})  # the position in its split (DPO's cached logps)
+            samples.append({**sample, "index": len(samples)})  # the position in its split
         return ListDataset(samples)
 
     def setup(self, stage: str | None = None) -> None:

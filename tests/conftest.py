@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -115,3 +115,8 @@ def expected(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], li
 def template(name: str) -> str:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("train", overrides=[f"template={name}"]).template.chat_template
+
+
+def greedy(**overrides) -> dict:
+    """conf/generation/greedy.yaml as generate_texts receives it, with ``overrides`` (e.g. max_new_tokens)."""
+    return {**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "generation" / "greedy.yaml")), **overrides}

@@ -9,23 +9,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, greedy
 from test_eval import llama_dir, tiny_hf  # noqa: F401 - llama_dir is a fixture
 
 from chat import take_prompts
 from lmlab.infer.conversation import ChatSession, ReplyStreamer, run_chat
 from lmlab.infer.generation import load_for_inference
 
-SETTINGS = {
-    "max_new_tokens": 12,
-    "min_new_tokens": 12,
-    "do_sample": False,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 50,
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-}
+SETTINGS = greedy(max_new_tokens=12, min_new_tokens=12)
 
 
 class Recorder(io.StringIO):

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import torch
+from conftest import greedy
 from test_eval import llama_dir, tiny_hf  # noqa: F401 - llama_dir is a fixture
 
 from lmlab.infer.generation import generate_texts, load_for_inference, reply_only_processors
 
-SETTINGS = {
-    "max_new_tokens": 6,
-    "do_sample": False,
-    "num_beams": 1,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 50,
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "length_penalty": 1.0,
-}
+SETTINGS = greedy(max_new_tokens=6)
 PROMPT = [5, 6, 7, 9]  # token ids; the reply so far follows them
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, compose_cfg, run_script
+from conftest import REPO, TINY, compose_cfg, greedy, run_script
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
@@ -42,17 +42,7 @@ RECORDS = [
     ("b.jsonl", 3, chat("你好", "你好，世界。")),
 ]
 NO_MODEL = torch.nn.Identity()  # for tests with a scripted generate_texts (build_rejected only calls .eval())
-GREEDY = {
-    "max_new_tokens": 6,
-    "do_sample": False,
-    "num_beams": 1,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 50,
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "length_penalty": 1.0,
-}
+GREEDY = greedy(max_new_tokens=6)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -219,7 +209,7 @@ class _Tok:
     chat_template = "chatml"
 
     @staticmethod
-    def apply_chat_template(messages, tokenize=False, add_generation_prompt=True):
+    def apply_chat_template(messages, chat_template=None, tokenize=False, add_generation_prompt=True):
         return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
 
 

@@ -278,6 +278,14 @@ def configure_tokenizer(
     return tokenizer
 
 
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat_template: str | None = None) -> str:
+    """``messages`` rendered as a prompt, with the next reply's header: what generation continues and what the SFT
+    labels start after. ``chat_template``: a data preset's own (None: the tokenizer's)."""
+    return tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+    )
+
+
 def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     """Say how to choose a template where one is needed and the tokenizer has none."""
     if not tokenizer.chat_template:

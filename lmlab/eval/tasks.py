@@ -42,7 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from datamodules.base import LMDataModule
 from datamodules.classification import ClassificationDataModule
 from datamodules.pretrain import PretrainDataModule
-from datamodules.sft import SFTDataModule, first_exchange, render_prompt
+from datamodules.sft import SFTDataModule, first_exchange
 from lightning_modules.classifier import (
     THRESHOLD_KEY,
     decide,
@@ -53,7 +53,7 @@ from lightning_modules.classifier import (
 )
 from lightning_modules.lm import lm_forward
 from lmlab.core.collate import IGNORE_INDEX
-from lmlab.core.tokenizer import require_chat_template, trained_max_length
+from lmlab.core.tokenizer import render_prompt, require_chat_template, trained_max_length
 from lmlab.eval.diversity import distinct_n, in_repetition_loop
 from lmlab.eval.judge import Judge, judge_prompt
 from lmlab.eval.rouge import rouge_scores
@@ -267,8 +267,8 @@ def task_classify(
     _require(dm, ClassificationDataModule, "classify", "classification")
     if model.config.num_labels != len(dm.labels):
         raise ValueError(f"the model has {model.config.num_labels} classes but data.labels has {len(dm.labels)}")
-    if trained_max_length(tokenizer) is not None:  # the classifier run's training length (else: data.max_length)
-        dm.max_length = trained_max_length(tokenizer)
+    if (length := trained_max_length(tokenizer)) is not None:  # the classifier run's training length
+        dm.max_length = length
     dm.setup()
     if cfg.split not in ("train", "val", "test"):
         raise ValueError(f"split={cfg.split!r}: choose train, val or test")

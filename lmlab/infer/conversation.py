@@ -16,6 +16,7 @@ from typing import Any, TextIO
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
+from lmlab.core.tokenizer import render_prompt
 from lmlab.infer.generation import generate_texts
 
 HELP = """commands:
@@ -104,7 +105,7 @@ class ChatSession:
 
     def _render(self, turns: list[dict[str, str]]) -> str:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return self.tokenizer.apply_chat_template(system + turns, tokenize=False, add_generation_prompt=True)
+        return render_prompt(self.tokenizer, system + turns)
 
     def render(self, user: str) -> str:
         """The prompt for ``user``'s turn: system, the history (oldest exchanges dropped to fit), the turn."""

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.formats import DataError, SkipCounter
+from lmlab.core.tokenizer import render_prompt
 from lmlab.infer.generation import generate_texts
 
 Key = tuple[str, int]
@@ -257,7 +258,7 @@ def build_rejected(
                     raise messages
                 prompt, chosen = split_prompt(messages, *key)
                 try:
-                    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                    text = render_prompt(tokenizer, prompt)
                 except Exception as e:  # a template error on this record: name it
                     raise DataError(*key, f"cannot render with the chat template: {e}") from e
             except DataError as e:
