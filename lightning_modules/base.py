@@ -143,7 +143,10 @@ class TrainingModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim
         groups = param_groups(self.model, cfg["weight_decay"], cfg["decay_embeddings"])
-        optimizer = instantiate(cfg["optimizer"], _partial_=True)(groups)
+        settings = dict(cfg["optimizer"])
+        if settings.get("fused") == "auto":  # conf/optim/adamw.yaml: fused kernels where the weights are on a GPU
+            settings["fused"] = next(self.model.parameters()).is_cuda
+        optimizer = instantiate(settings, _partial_=True)(groups)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("set max_steps or max_epochs: the cosine schedule needs a total number of steps")

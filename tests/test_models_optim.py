@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lightning_modules.optim import param_groups, warmup_cosine
 from lmlab.core.models import build_model, count_parameters, flops_per_token
+from lmlab.core.tokenizer import load_tokenizer
 
 
 def preset(name: str):
@@ -144,3 +146,36 @@ def test_fused_adamw_with_bf16_clips_gradients(tmp_path, monkeypatch):
     train(cfg)
     assert len(norms) == 4
     assert all(before > 0.01 and after == pytest.approx(0.01, rel=1e-3) for before, after in norms)
+
+
+def test_fused_auto_stays_off_on_the_cpu(tmp_path, monkeypatch):
+    """conf/optim/adamw.yaml's ``fused: auto`` asks for the fused kernel only where the weights are on a GPU (the
+    kernel is CUDA-only; tests/test_gpu.py trains with it)."""
+    from conftest import compose_cfg
+
+    from train import train
+
+    built = []
+    real_adamw = torch.optim.AdamW
+
+    def recording_adamw(*args, **kwargs):
+        built.append(kwargs.get("fused"))
+        return real_adamw(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    cfg = compose_cfg(tmp_path, ["max_steps=2", "callbacks.samples.num_prompts=0"])
+    assert cfg.optim.optimizer.fused == "auto"
+    train(cfg)
+    assert built == [False]
+
+
+@pytest.mark.slow
+def test_adafactor_preset_learns(tmp_path):
+    """optim=adafactor (T5's optimizer) trains the tiny model well below the uniform loss in 60 steps."""
+    from conftest import compose_cfg
+
+    from train import train
+
+    cfg = compose_cfg(tmp_path, ["optim=adafactor", "lr=1e-2", "min_lr=1e-3", "max_steps=60"])
+    val_loss = train(cfg)
+    assert val_loss < math.log(len(load_tokenizer(tmp_path / "hf"))) - 0.5  # 1.0 below it on 2026-11-30
