@@ -15,11 +15,10 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.core.runs import register_resolvers
-from lmlab.eval.tasks import TASKS, eval_record, markdown, write_outputs
+from lmlab.eval.tasks import TASKS, connected_data, eval_record, markdown, write_outputs
 from lmlab.infer.generation import load_for_inference
 
 log = logging.getLogger("lmlab.eval")
@@ -63,9 +62,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r}: choose one of {list(TASKS)}")
     model, tokenizer = load_for_inference(cfg.run, cfg.device, cfg.dtype, cfg.template.chat_template)
-    cfg.model.arch = "seq2seq" if model.config.is_encoder_decoder else "causal"
-    dm = instantiate(cfg.data)
-    dm.connect(tokenizer)
+    dm = connected_data(cfg, model, tokenizer)
     result = TASKS[cfg.task](cfg, model, tokenizer, dm)
     files = dm.val_files if cfg.split == "val" and dm.val_files else dm.train_files
     data = {

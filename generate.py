@@ -25,11 +25,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.formats import DataError, SkipCounter, read_records, to_messages
-from datamodules.sources import fill_placeholders, parse_sources
+from datamodules.formats import SkipCounter, to_messages
+from datamodules.sources import adapted_records, parse_sources
 from lmlab.core.tokenizer import render_prompt
 from lmlab.infer.generation import generate_texts, load_for_inference
-from lmlab.infer.rejected import build_rejected
+from lmlab.infer.rejected import RejectedSettings, build_rejected
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
@@ -51,18 +51,13 @@ def conversations(data: DictConfig, on_error: str, skips: SkipCounter) -> Iterat
     """(source, line, messages) of every record of the preset's training files, or (source, line, DataError)
     for a record that cannot be adapted (build_rejected raises it or counts it, by on_error)."""
     fmt = OmegaConf.to_container(data.format) if OmegaConf.is_config(data.format) else data.format
-    for entry in parse_sources(OmegaConf.to_container(data.train_files, resolve=True)):  # paths or mixture entries
-        for source, line, record in read_records(
-            entry.path, entry.format or fmt, skips=skips if on_error == "skip" else None
-        ):
-            try:
-                yield source, line, to_messages(fill_placeholders(record, entry.fill), source, line)
-            except DataError as e:
-                yield source, line, e
+    sources = parse_sources(OmegaConf.to_container(data.train_files, resolve=True))  # paths or mixture entries
+    yield from adapted_records(sources, fmt, to_messages, skips if on_error == "skip" else None)
 
 
 def rejected(cfg: DictConfig) -> dict[str, Any]:
     """Preference pairs from the model's own samples; returns the counts written to <out>.meta.json."""
+    settings = RejectedSettings.from_config(cfg)  # batch_size, similarity_threshold, degenerate, limit, on_error
     model, tokenizer = load_for_inference(cfg.run, cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     skips = SkipCounter()
@@ -80,11 +75,7 @@ def rejected(cfg: DictConfig) -> dict[str, Any]:
         conversations(cfg.data, cfg.on_error, skips),
         cfg.out,
         cfg.generation,
-        batch_size=cfg.batch_size,
-        similarity_threshold=cfg.similarity_threshold,
-        degenerate_args=OmegaConf.to_container(cfg.degenerate),
-        limit=cfg.limit,
-        on_error=cfg.on_error,
+        settings,
         skips=skips,
         info=info,
     )

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from lmlab.core.runs import register_resolvers
 from lmlab.core.tokenizer import load_tokenizer, train_and_save
+from train import connect_data
 
 log = logging.getLogger("lmlab.prepare")
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -46,7 +47,7 @@ def tokenize_corpus(cfg: DictConfig) -> Path:
     if not cfg.tokenizer:
         raise ValueError("task=tokenize needs tokenizer=<dir> (make one with task=tokenizer)")
     datamodule = instantiate(cfg.data)
-    datamodule.connect(load_tokenizer(cfg.tokenizer))
+    connect_data(cfg, datamodule, load_tokenizer(cfg.tokenizer))  # as train.py: the same cache key, the same shards
     datamodule.prepare_data()
     meta = json.loads((datamodule.token_dir / "meta.json").read_text())
     log.info(

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.sft import SFTDataModule
 from lightning_modules.dpo import build_reference
 from lmlab.core.models import build_model, export_hf, load_model, resolve_hf_dir, set_cudnn_attention
 from lmlab.core.runs import register_resolvers
@@ -42,15 +43,49 @@ def get_tokenizer(cfg: DictConfig, datamodule, run_dir: Path):
     return train_and_save(datamodule, saved, cfg.template.chat_template, cfg.bpe)[0]
 
 
-def prepare_tokenizer(cfg: DictConfig, datamodule, run_dir: Path, classifier: bool):
-    """The run's tokenizer, configured once for everything downstream and the export.
+def chat_template(cfg: DictConfig, datamodule, tokenizer) -> str | None:
+    """The run's chat template. Chat data (SFT, preference) is rendered with its preset's own (``data.chat_template``,
+    e.g. a fixed layout), else the template preset's (``template=``; template=tokenizer: the tokenizer's). Other data
+    renders no chats: the tokenizer keeps its own template and takes the template preset's only where it has none."""
+    if isinstance(datamodule, SFTDataModule):
+        return datamodule.own_chat_template or cfg.template.chat_template or tokenizer.chat_template
+    return tokenizer.chat_template or cfg.template.chat_template
 
-    Chat template: the data's own (SFT and preference presets render with it), else the tokenizer's, else the
-    template preset's. A classifier's tokenizer carries its training length (data.max_length) into the export.
-    """
+
+def prepare_tokenizer(cfg: DictConfig, datamodule, run_dir: Path, classifier: bool):
+    """The run's tokenizer, configured once for everything downstream and the export: its chat template
+    (:func:`chat_template`) and, for a classifier, its training length (``seq_len``)."""
     tokenizer = get_tokenizer(cfg, datamodule, run_dir)
-    template = getattr(datamodule, "chat_template", None) or tokenizer.chat_template or cfg.template.chat_template
-    return configure_tokenizer(tokenizer, template, datamodule.max_length if classifier else None)
+    return configure_tokenizer(
+        tokenizer, chat_template(cfg, datamodule, tokenizer), cfg.seq_len if classifier else None
+    )
+
+
+def loader_settings(cfg: DictConfig) -> dict[str, int]:
+    """``num_workers`` and ``pad_to_multiple_of`` (conf/train.yaml), ``auto`` resolved by ``trainer.accelerator``.
+
+    On a GPU (``gpu``/``cuda``) 4 loader processes collate while the device computes, and batch widths padded to a
+    multiple of 64 give the kernels tensor-core-sized shapes and few distinct ones; on the CPU, loading in the
+    training process and no padding beyond the longest sample cost least. A number is taken as it is.
+    """
+    gpu = cfg.trainer.accelerator in ("gpu", "cuda")
+    auto = {"num_workers": 4 if gpu else 0, "pad_to_multiple_of": 64 if gpu else 1}
+    return {key: value if cfg[key] == "auto" else int(cfg[key]) for key, value in auto.items()}
+
+
+def connect_data(cfg: DictConfig, datamodule, tokenizer) -> None:
+    """Hand the datamodule the configured tokenizer and what the run decides: the model's arch, ``seq_len`` (its max
+    length), ``batch_size``, ``seed`` (batch order), the loader settings and the chat template. Data presets declare
+    none of these (conf/data/schema/), so one preset serves every model, length and machine."""
+    datamodule.connect(
+        tokenizer,
+        arch=cfg.model.arch,
+        max_length=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        chat_template=tokenizer.chat_template,  # prepare_tokenizer's choice
+        **loader_settings(cfg),
+    )
 
 
 def reference_model(cfg: DictConfig, policy) -> dict:
@@ -97,7 +132,7 @@ def train(cfg: DictConfig) -> float | None:
     labels = OmegaConf.select(cfg, "stage.module.labels")  # a stage with class labels trains a classifier
     datamodule = instantiate(cfg.data)
     tokenizer = prepare_tokenizer(cfg, datamodule, run_dir, classifier=labels is not None)
-    datamodule.connect(tokenizer)
+    connect_data(cfg, datamodule, tokenizer)
 
     model = (
         load_model(cfg.init_from, cfg.model, tokenizer, labels)

@@ -231,13 +231,13 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dic
     from omegaconf import OmegaConf
 
     from lmlab.core.models import load_model
-    from train import prepare_tokenizer, reference_model
+    from train import connect_data, loader_settings, prepare_tokenizer, reference_model
 
     cfg = compose_cfg(args, work, lmlab_overrides(args, work, reference))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     tokenizer = prepare_tokenizer(cfg, datamodule, work, classifier=False)
-    datamodule.connect(tokenizer)
+    connect_data(cfg, datamodule, tokenizer)
     model = load_model(cfg.init_from, cfg.model, tokenizer)
     module = instantiate(
         cfg.stage.module,
@@ -268,8 +268,7 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dic
         "overrides": lmlab_overrides(args, Path("<tmp>"), reference),
         "precision": cfg.trainer.precision,
         "optimizer_fused": cfg.optim.optimizer.fused,
-        "pad_to_multiple_of": cfg.data.pad_to_multiple_of,
-        "num_workers": cfg.data.num_workers,
+        **loader_settings(cfg),
     }
     return result, pairs
 
@@ -280,6 +279,7 @@ def run_trl(args: argparse.Namespace, work: Path, reference: str) -> tuple[dict,
     from trl import DPOConfig, DPOTrainer
 
     from lmlab.core.tokenizer import load_tokenizer
+    from train import loader_settings
 
     class RecordingDPOTrainer(DPOTrainer):
         """Hands each training batch's padded width to the clock."""
@@ -289,6 +289,7 @@ def run_trl(args: argparse.Namespace, work: Path, reference: str) -> tuple[dict,
             return super().training_step(model, inputs, *rest, **kwargs)
 
     cfg = compose_cfg(args, work, lmlab_overrides(args, work, reference))
+    loader = loader_settings(cfg)  # what lmlab's run used (num_workers, pad_to_multiple_of)
     records = [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list(
         [
@@ -318,8 +319,8 @@ def run_trl(args: argparse.Namespace, work: Path, reference: str) -> tuple[dict,
         bf16=cuda(),
         gradient_checkpointing=False,
         torch_compile=args.compile,
-        pad_to_multiple_of=cfg.data.pad_to_multiple_of if cfg.data.pad_to_multiple_of > 1 else None,
-        dataloader_num_workers=cfg.data.num_workers,
+        pad_to_multiple_of=loader["pad_to_multiple_of"] if loader["pad_to_multiple_of"] > 1 else None,
+        dataloader_num_workers=loader["num_workers"],
         logging_steps=cfg.trainer.log_every_n_steps,
         eval_strategy="no",
         save_strategy="no",

@@ -79,8 +79,8 @@ def score_run(name: str, run: Path, batch_size: int, budgets: list[float]) -> di
     model = AutoModelForSequenceClassification.from_pretrained(run / "hf").eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "hf")
     dm = instantiate(cfg.data)
-    dm.tokenizer = tokenizer
-    dm.max_length = tokenizer.model_max_length  # the length the run trained with
+    # the length the run trained with, saved with its tokenizer
+    dm.connect(tokenizer, arch="causal", max_length=tokenizer.model_max_length, batch_size=batch_size, seed=cfg.seed)
     dm.setup()
     positive, threshold = exported_threshold(model.config)
     decisions = {"argmax": (None, 0.0), "threshold": (positive, threshold)}

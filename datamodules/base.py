@@ -11,24 +11,23 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.formats import DataError, SkipCounter, read_records
-from datamodules.sources import Source, fill_placeholders, parse_sources
+from datamodules.formats import DataError, SkipCounter
+from datamodules.sources import Source, adapted_records, parse_sources
 from lmlab.core.collate import CausalCollator, Seq2SeqCollator
 
 log = logging.getLogger(__name__)
 
 
 class LMDataModule(L.LightningDataModule):
-    """Base for the pretraining and SFT datamodules.
+    """Base for the pretraining, SFT, preference and classification datamodules.
 
-    ``arch`` (the model preset's) chooses the sample layout: ``causal`` samples are one
-    sequence with aligned labels; ``seq2seq`` samples are the encoder's ``input_ids`` and the
-    decoder's ``labels``.
-
-    The tokenizer arrives after construction, through :meth:`connect`, because without a given
-    one it is trained on this datamodule's own text (:meth:`iter_texts`). Loaders are
-    torchdata's ``StatefulDataLoader`` so Lightning stores the position inside the epoch in
-    every checkpoint and a resumed run sees exactly the batches it had not seen yet.
+    The constructor takes the data's own fields (files, formats, splits: a preset's, conf/data/schema/). What the run
+    decides arrives later, through :meth:`connect` (after litgpt's ``DataModule.connect``): the tokenizer, the
+    model's ``arch``, the max length, the batch size, the batch-order seed and the loader settings. The tokenizer
+    cannot come earlier, because without a given one it is trained on this datamodule's own text
+    (:meth:`iter_texts`); so what that text depends on (the held-out split, the mixture's samples) is a data field,
+    ``split_seed``, not the run's seed. Loaders are torchdata's ``StatefulDataLoader`` so Lightning stores the
+    position inside the epoch in every checkpoint and a resumed run sees exactly the batches it had not seen yet.
     """
 
     def __init__(
@@ -37,29 +36,19 @@ class LMDataModule(L.LightningDataModule):
         val_files: Sequence[str] | None,
         val_fraction: float,
         format: str,
-        batch_size: int,
-        num_workers: int,
-        pad_to_multiple_of: int,
-        seed: int,
         on_error: str,
-        arch: str,
+        split_seed: int,
     ):
         super().__init__()
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
-        if arch not in ("causal", "seq2seq"):
-            raise ValueError(f"data.arch must be 'causal' or 'seq2seq', got {arch!r}")
-        self.arch = arch
         self.sources = parse_sources(train_files)  # weights, names and per-file formats (datamodules/sources.py)
         self.train_files = [source.path for source in self.sources]
         self.val_files = list(val_files or [])
         self.val_fraction = val_fraction
         self.format = format
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.seed = seed
         self.on_error = on_error
+        self.split_seed = split_seed
         self.skips = SkipCounter()
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_set: Dataset | None = None
@@ -69,26 +58,54 @@ class LMDataModule(L.LightningDataModule):
         self, files: Sequence[str | Source], adapter: Callable[[Any, str, int], Any]
     ) -> Iterator[tuple[str, int, Any]]:
         """(source, line, adapted record) for every record of ``files`` (paths, or Sources with their own format
-        and placeholder fill).
+        and placeholder fill), read by :func:`datamodules.sources.adapted_records`.
 
         A record that cannot be read or adapted raises its DataError, or under on_error=skip
         is counted in ``self.skips`` and passed over.
         """
         skips = self.skips if self.on_error == "skip" else None
-        for entry in files:
-            spec = entry if isinstance(entry, Source) else Source(entry)
-            for source, line, record in read_records(spec.path, spec.format or self.format, skips=skips):
-                try:
-                    yield source, line, adapter(fill_placeholders(record, spec.fill), source, line)
-                except DataError as e:
-                    if skips is None:
-                        raise
-                    skips.add("bad records", e)
+        for source, line, record in adapted_records(files, self.format, adapter, skips):
+            if isinstance(record, DataError):
+                if skips is None:
+                    raise record
+                skips.add("bad records", record)
+                continue
+            yield source, line, record
 
-    def connect(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Hand over the run's tokenizer, configured by the caller (lmlab.core.tokenizer.configure_tokenizer: chat
-        template, length); the datamodule reads it and never changes it (after litgpt's ``DataModule.connect``)."""
+    def connect(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        arch: str,
+        max_length: int,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        pad_to_multiple_of: int = 1,
+        chat_template: str | None = None,
+    ) -> None:
+        """Hand over the run's tokenizer and what the run decides (train.py's ``connect_data``; litgpt's
+        ``DataModule.connect(tokenizer, batch_size, max_seq_length)`` is the model). The tokenizer comes configured
+        (lmlab.core.tokenizer.configure_tokenizer: chat template, length); the datamodule reads it, never changes it.
+
+        - ``arch``: the model preset's; ``causal`` samples are one sequence with aligned labels, ``seq2seq``
+          samples the encoder's ``input_ids`` and the decoder's ``labels``;
+        - ``max_length``: tokens per sample (the run's ``seq_len``): a text window, a chat's cut, a
+          classified text's cut;
+        - ``batch_size`` and ``seed``: samples per batch and the order they are drawn in;
+        - ``num_workers`` (loader processes) and ``pad_to_multiple_of`` (batch widths), defaults for the CPU;
+        - ``chat_template``: the run's chat template (None: the tokenizer's), which chat data renders with
+          unless its preset has its own (:meth:`datamodules.sft.SFTDataModule.connect`); other data renders none.
+        """
+        if arch not in ("causal", "seq2seq"):
+            raise ValueError(f"model.arch must be 'causal' or 'seq2seq', got {arch!r}")
         self.tokenizer = tokenizer
+        self.arch = arch
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def iter_texts(self) -> Iterator[str]:
         """Training text, for training a tokenizer when none is given."""
@@ -107,7 +124,7 @@ class LMDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> StatefulDataLoader:
         import torch
 
-        assert self.tokenizer is not None, "datamodule.connect(tokenizer) before building loaders"
+        assert self.tokenizer is not None, "datamodule.connect(tokenizer, ...) before building loaders"
         return StatefulDataLoader(
             dataset,
             batch_size=self.batch_size,

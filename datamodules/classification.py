@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
+from transformers import PreTrainedTokenizerBase
 
 from datamodules.base import LMDataModule
 from datamodules.formats import DataError, _field
 from datamodules.sft import ListDataset
-from lmlab.core.collate import round_up
+from lmlab.core.collate import PAD_SIDES, pad, padding_mask, round_up
 
 log = logging.getLogger(__name__)
 BALANCE = ("none", "undersample", "class_weights")
@@ -86,23 +87,20 @@ class ClassificationCollator:
     """Pads ``input_ids`` (on ``padding_side``) with the pad id; ``labels`` is one class id per row."""
 
     def __init__(self, pad_id: int, padding_side: str, pad_to_multiple_of: int = 1):
-        if padding_side not in ("left", "right"):
+        if padding_side not in PAD_SIDES:
             raise ValueError(f"data.padding_side must be 'left' or 'right', got {padding_side!r}")
         self.pad_id = pad_id
-        self.left = padding_side == "left"
+        self.side = padding_side
         self.multiple = max(1, pad_to_multiple_of)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        width = round_up(max(len(s["input_ids"]) for s in samples), self.multiple)
-        input_ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for i, s in enumerate(samples):
-            n = len(s["input_ids"])
-            cols = slice(width - n, width) if self.left else slice(0, n)
-            input_ids[i, cols] = s["input_ids"]
-            attention_mask[i, cols] = 1
-        labels = torch.tensor([s["label"] for s in samples], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        ids = [s["input_ids"] for s in samples]
+        width = round_up(max(len(r) for r in ids), self.multiple)
+        return {
+            "input_ids": pad(ids, self.pad_id, width, self.side),
+            "attention_mask": padding_mask(ids, width, self.side),
+            "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        }
 
 
 class ClassificationDataModule(LMDataModule):
@@ -120,34 +118,11 @@ class ClassificationDataModule(LMDataModule):
         text_field: str = "text",
         label_field: str = "label",
         balance: str = "undersample",
-        max_length: int = 128,
         padding_side: str = "right",
-        batch_size: int = 8,
-        num_workers: int = 0,
-        pad_to_multiple_of: int = 1,
-        seed: int = 0,
         split_seed: int = 123,
         on_error: str = "raise",
-        arch: str = "causal",
     ):
-        super().__init__(
-            train_files,
-            val_files,
-            val_fraction,
-            format,
-            batch_size,
-            num_workers,
-            pad_to_multiple_of,
-            seed,
-            on_error,
-            arch,
-        )
-        self.split_seed = split_seed
-        if arch != "causal":
-            raise ValueError(
-                "stage=classify pools a causal model's last token: choose a causal model preset "
-                "(llama, gpt2, ...), not an encoder-decoder"
-            )
+        super().__init__(train_files, val_files, val_fraction, format, on_error, split_seed)
         if balance not in BALANCE:
             raise ValueError(f"data.balance must be one of {BALANCE}, got {balance!r}")
         if len(set(labels)) != len(labels) or len(labels) < 2:
@@ -158,10 +133,18 @@ class ClassificationDataModule(LMDataModule):
         self.text_field = text_field
         self.label_field = label_field
         self.balance = balance
-        self.max_length = max_length
         self.padding_side = padding_side
         self.test_set: ListDataset | None = None
         self._splits: dict[str, list[Example]] | None = None
+
+    def connect(self, tokenizer: PreTrainedTokenizerBase, *, arch: str, **run) -> None:
+        """:meth:`LMDataModule.connect`; texts are cut to the run's max length, for a causal model only."""
+        if arch != "causal":
+            raise ValueError(
+                "stage=classify pools a causal model's last token: choose a causal model preset "
+                "(llama, gpt2, ...), not an encoder-decoder"
+            )
+        super().connect(tokenizer, arch=arch, **run)
 
     def _read(self, files: Sequence[str]) -> list[Example]:
         def adapter(record: Any, source: str, line: int) -> tuple[str, int]:

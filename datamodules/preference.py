@@ -6,7 +6,7 @@ list ranked best first, which gives one pair per lower-ranked answer). Each answ
 exactly as an SFT reply to the same prompt (causal LM: the whole rendering encoded once,
 :func:`datamodules.sft.encode_labelled`; encoder-decoder: :func:`datamodules.sft.tokenize_pair`), with
 labels only on the answer and its end token. A batch is 2B rows: the B chosen samples, then the B
-rejected ones (:class:`lmlab.core.collate.PreferenceCollator`), and each pair's ``index`` in its split.
+rejected ones (:class:`lmlab.core.collate.PreferenceCollator`).
 With a precomputed reference (DPO's ``reference: precomputed``), :meth:`PreferenceDataModule.add_reference_logps`
 gives every pair its reference log-probs as item fields, which the collator puts in the batch.
 """
@@ -70,10 +70,9 @@ class PreferenceDataModule(SFTDataModule):
 
     Everything but the examples is SFT's (reading, the seeded hold-out over records, so the pairs
     of one ranked record stay together, mixture weights, the template, truncation, skips). Dataset items are
-    ``{"chosen": sample, "rejected": sample, "index": i}`` with ``i`` the item's position in its
-    split (and the reference's log-probs after :meth:`add_reference_logps`); a pair where either answer has no
-    label token left after truncation is dropped and counted in ``self.skips``. The constructor is
-    SFTDataModule's (``train_on_prompt`` has no effect).
+    ``{"chosen": sample, "rejected": sample}`` (and the reference's log-probs after :meth:`add_reference_logps`);
+    a pair where either answer has no label token left after truncation is dropped and counted in ``self.skips``.
+    The constructor is SFTDataModule's (``train_on_prompt`` has no effect).
     """
 
     _pairs: tuple[list, list] | None = None  # examples(), built once
@@ -108,7 +107,7 @@ class PreferenceDataModule(SFTDataModule):
             chosen,
             rejected,
             self.max_length,
-            self.max_target_length,
+            self.target_length,
             self.arch,
             self.chat_template,
         )

@@ -11,10 +11,10 @@ For an encoder-decoder (``arch: seq2seq``) each window becomes a T5 span-corrupt
 the window with random spans replaced by sentinel tokens is the encoder input, the spans
 after their sentinels are the decoder's labels (datamodules/span_corruption.py).
 
-Documents are separated by EOS. Documents go to train or val by a seeded hash of their
-position when no val file is given. Empty documents: a blank line of a txt file separates
-documents and is not one; an empty or missing text field of a record is a bad record (an
-error naming file, line and field, or under on_error=skip a count in meta.json).
+Documents are separated by EOS. Documents go to train or val by a hash of their position
+seeded with ``split_seed`` when no val file is given. Empty documents: a blank line of a txt
+file separates documents and is not one; an empty or missing text field of a record is a bad
+record (an error naming file, line and field, or under on_error=skip a count in meta.json).
 
 Mixtures. ``train_files`` entries may carry a ``weight`` and a ``name`` (datamodules/sources.py):
 a source's training documents go into the shards ``weight`` times (whole copies, then a seeded
@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+from transformers import PreTrainedTokenizerBase
 
 from datamodules.base import LMDataModule
 from datamodules.formats import SkipCounter, to_text
@@ -148,43 +149,21 @@ class PretrainDataModule(LMDataModule):
         val_fraction: float = 0.05,
         format: str = "auto",
         text_field: str = "text",
-        seq_len: int = 256,
         cache_dir: str = ".cache/tokens",
-        batch_size: int = 8,
-        num_workers: int = 0,
-        pad_to_multiple_of: int = 1,
-        seed: int = 0,
+        split_seed: int = 0,
         on_error: str = "raise",
         num_proc: int = 0,
         shard_mb: float = 8,
         chunk_chars: int = 100_000,
-        arch: str = "causal",
         span_corruption: dict | None = None,
         dedupe: bool = False,
         convert: str | None = None,
         val_per_source: bool = False,
     ):
-        super().__init__(
-            train_files,
-            val_files,
-            val_fraction,
-            format,
-            batch_size,
-            num_workers,
-            pad_to_multiple_of,
-            seed,
-            on_error,
-            arch,
-        )
-        if arch == "seq2seq" and not span_corruption:
-            raise ValueError(
-                "pretraining an encoder-decoder on plain text needs data.span_corruption "
-                "(noise_density, mean_span_length)"
-            )
+        super().__init__(train_files, val_files, val_fraction, format, on_error, split_seed)
         self.val_sources = [Source(path) for path in self.val_files]  # a val file named like a source is its val set
         self.span_corruption = span_corruption
         self.text_field = text_field
-        self.seq_len = seq_len
         self.cache_dir = Path(cache_dir)
         self.num_proc = num_proc
         self.shard_mb = shard_mb
@@ -196,6 +175,20 @@ class PretrainDataModule(LMDataModule):
         self.val_sets: dict[str, Dataset] = {}
         self._plans: list[SourcePlan] | None = None
         self._plan_skips = SkipCounter()
+
+    def connect(self, tokenizer: PreTrainedTokenizerBase, *, arch: str, **run) -> None:
+        """:meth:`LMDataModule.connect`; an encoder-decoder needs the span corruption settings."""
+        if arch == "seq2seq" and not self.span_corruption:
+            raise ValueError(
+                "pretraining an encoder-decoder on plain text needs data.span_corruption "
+                "(noise_density, mean_span_length)"
+            )
+        super().connect(tokenizer, arch=arch, **run)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per window (read as seq_len + 1 for the shifted labels): the run's max length (connect)."""
+        return self.max_length
 
     @staticmethod
     def _opencc(config: str):
@@ -249,7 +242,8 @@ class PretrainDataModule(LMDataModule):
                     seen.add(key)
                 (val if held_out else train).append(i)
                 sizes["val" if held_out else "train"] += len(doc.encode("utf-8"))
-            seed = zlib.crc32(f"{self.seed}:{source.label}".encode())  # adding a source leaves the others' samples
+            # seeded by the source's name: adding a source leaves the others' samples
+            seed = zlib.crc32(f"{self.split_seed}:{source.label}".encode())
             plans.append(
                 SourcePlan(
                     source,
@@ -277,7 +271,7 @@ class PretrainDataModule(LMDataModule):
 
     def _held_out(self, position: int) -> bool:
         """The seeded hash that holds out about ``val_fraction`` of the documents (by their position)."""
-        return zlib.crc32(f"{self.seed}:{position}".encode()) % 10_000 < self.val_fraction * 10_000
+        return zlib.crc32(f"{self.split_seed}:{position}".encode()) % 10_000 < self.val_fraction * 10_000
 
     def _restore_skips(self) -> None:
         """Report the planning pass's count of bad records: later reads meet the same records again."""
@@ -337,7 +331,7 @@ class PretrainDataModule(LMDataModule):
             "format": self.format,
             "text_field": self.text_field,
             "val_fraction": self.val_fraction,
-            "seed": self.seed,
+            "seed": self.split_seed,  # the key keeps the name it had as the run's seed, so those caches stay valid
             "on_error": self.on_error,
             "shard_mb": self.shard_mb,
             "chunk_chars": self.chunk_chars,

@@ -176,38 +176,35 @@ class SFTDataModule(LMDataModule):
         val_fraction: float = 0.05,
         format: str = "auto",
         chat_template: str | None = None,
-        max_length: int = 512,
-        max_target_length: int = 512,
+        max_target_length: int | None = None,
         train_on_prompt: bool = False,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        pad_to_multiple_of: int = 1,
-        seed: int = 0,
+        split_seed: int = 0,
         on_error: str = "raise",
-        arch: str = "causal",
     ):
-        super().__init__(
-            train_files,
-            val_files,
-            val_fraction,
-            format,
-            batch_size,
-            num_workers,
-            pad_to_multiple_of,
-            seed,
-            on_error,
-            arch,
-        )
-        if arch == "seq2seq" and train_on_prompt:
+        super().__init__(train_files, val_files, val_fraction, format, on_error, split_seed)
+        self.own_chat_template = chat_template  # the preset's own layout; None: the run's (connect)
+        self.chat_template: str | None = None  # what the samples are rendered with (connect)
+        self.max_target_length = max_target_length
+        self.train_on_prompt = train_on_prompt
+        self._split: tuple[list, list] | None = None
+
+    def connect(
+        self, tokenizer: PreTrainedTokenizerBase, *, arch: str, chat_template: str | None = None, **run
+    ) -> None:
+        """:meth:`LMDataModule.connect`; the samples are rendered with the preset's own chat template, else the
+        run's ``chat_template`` (None: the tokenizer's)."""
+        if arch == "seq2seq" and self.train_on_prompt:
             raise ValueError(
                 "data.train_on_prompt applies to causal models: an encoder-decoder reads the prompt "
                 "with its encoder and has no labels there"
             )
-        self.chat_template = chat_template
-        self.max_length = max_length
-        self.max_target_length = max_target_length
-        self.train_on_prompt = train_on_prompt
-        self._split: tuple[list, list] | None = None
+        super().connect(tokenizer, arch=arch, **run)
+        self.chat_template = self.own_chat_template or chat_template
+
+    @property
+    def target_length(self) -> int:
+        """Seq2seq: the decoder's tokens per reply, ``max_target_length`` (None: the run's max length)."""
+        return self.max_length if self.max_target_length is None else self.max_target_length
 
     def _read(self, files: Sequence[str | Source]) -> list[tuple[str, int, list[dict]]]:
         return list(self.records(files, to_messages))
@@ -215,12 +212,13 @@ class SFTDataModule(LMDataModule):
     def split(self) -> tuple[list, list]:
         """(train, val) records (source, line, example).
 
-        Without val files a seeded shuffle holds out ``val_fraction`` of all training records, from every source
-        alike and before weighting, so no copy of a validation record is trained on. Each source's remaining
-        records then go into the epoch ``weight`` times (:func:`datamodules.sources.weighted`: whole repeats, and
-        a subsample seeded by ``seed`` and the source's position for a fraction). Validation is never weighted:
-        it measures the sources as they are. ``val_files`` entries may be mappings with their own ``format`` and
-        ``fill``, like ``train_files`` (a weight there is refused).
+        Without val files a shuffle seeded with ``split_seed`` holds out ``val_fraction`` of all training records,
+        from every source alike and before weighting, so no copy of a validation record is trained on. Each source's
+        remaining records then go into the epoch ``weight`` times (:func:`datamodules.sources.weighted`: whole
+        repeats, and a subsample seeded by ``split_seed`` and the source's position for a fraction). Validation is
+        never weighted: it measures the sources as they are. ``val_files`` entries may be mappings with their own
+        ``format`` and ``fill``, like ``train_files`` (a weight there is refused). Both are decided before
+        :meth:`connect` (a tokenizer may be trained on this text), so they depend on data fields alone.
         """
         if self._split is None:
             per_source = [self._read([source]) for source in self.sources]
@@ -229,7 +227,7 @@ class SFTDataModule(LMDataModule):
             else:
                 val, per_source = self._hold_out(per_source)
             epoch = [
-                weighted(records, source.weight, self.seed + i)
+                weighted(records, source.weight, self.split_seed + i)
                 for i, (source, records) in enumerate(zip(self.sources, per_source, strict=True))
             ]
             train = [record for records in epoch for record in records]
@@ -250,7 +248,7 @@ class SFTDataModule(LMDataModule):
         """(held-out records, each source's other records): a seeded shuffle over all records keeps val_fraction."""
         total = sum(len(records) for records in per_source)
         order = list(range(total))
-        random.Random(self.seed).shuffle(order)
+        random.Random(self.split_seed).shuffle(order)
         held = set(order[: max(1, int(total * self.val_fraction))])
         val, kept, position = [], [], 0
         for records in per_source:
@@ -283,7 +281,7 @@ class SFTDataModule(LMDataModule):
     def tokenize(self, messages: list[dict]) -> dict[str, torch.Tensor]:
         """One example as a training sample (the layout follows ``arch``)."""
         if self.arch == "seq2seq":
-            return tokenize_pair(self.tokenizer, messages, self.max_length, self.max_target_length, self.chat_template)
+            return tokenize_pair(self.tokenizer, messages, self.max_length, self.target_length, self.chat_template)
         return tokenize_conversation(
             self.tokenizer, messages, self.max_length, self.train_on_prompt, self.chat_template
         )
@@ -303,7 +301,7 @@ class SFTDataModule(LMDataModule):
             if not self.has_answer(sample):
                 self.skips.add(f"samples with no answer token left after truncation to {self.max_length}")
                 continue
-            samples.append({**sample, "index": len(samples)})  # the position in its split
+            samples.append(sample)
         return ListDataset(samples)
 
     def setup(self, stage: str | None = None) -> None:

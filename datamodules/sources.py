@@ -11,16 +11,19 @@ A datamodule's ``train_files`` entries are plain paths (weight 1, named by the f
 keeps a seeded quarter of them, so a mixture says plainly how much of each source the model sees.
 ``format`` overrides ``data.format`` for that file (a TSV beside JSON files); ``fill`` replaces
 placeholder strings in every text field of its records (self-cognition templates).
+:func:`adapted_records` reads a list of sources that way, for the datamodules and generate.py alike.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from datamodules.formats import DataError, SkipCounter, read_records
 
 T = TypeVar("T")
 KEYS = {"path", "weight", "name", "format", "fill"}
@@ -96,3 +99,26 @@ def fill_placeholders(record: Any, fill: Mapping[str, str]) -> Any:
     if isinstance(record, dict):
         return {k: fill_placeholders(v, fill) for k, v in record.items()}
     return record
+
+
+def adapted_records(
+    sources: Sequence[str | Source],
+    fmt: str | Mapping[str, Any],
+    adapter: Callable[[Any, str, int], T],
+    skips: SkipCounter | None = None,
+) -> Iterator[tuple[str, int, T | DataError]]:
+    """(source, line, adapted record) for every record of ``sources``, or (source, line, DataError) for a record
+    the adapter rejects: the caller raises it or counts it.
+
+    ``sources`` are paths or Sources: each file is read in its own ``format`` (else ``fmt``, the preset's
+    ``data.format``) and its placeholders are filled (``fill``) before ``adapter(record, source, line)``
+    (:func:`datamodules.formats.to_messages` and the like) sees the record. A line that cannot be read raises
+    its DataError, or, when ``skips`` is given, is counted there and passed over (:func:`read_records`).
+    """
+    for entry in sources:
+        spec = entry if isinstance(entry, Source) else Source(entry)
+        for source, line, record in read_records(spec.path, spec.format or fmt, skips=skips):
+            try:
+                yield source, line, adapter(fill_placeholders(record, spec.fill), source, line)
+            except DataError as e:
+                yield source, line, e

@@ -7,12 +7,12 @@ import re
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lightning_modules.base import TrainingModule
 from lmlab.core.collate import IGNORE_INDEX
+from lmlab.core.losses import label_token_stats
 
 GROUPS = ("embeddings", "encoder")  # named parameter groups of freeze=[...]; other entries are regexes
 
@@ -93,13 +93,6 @@ class LMModule(TrainingModule):
     def _forward(self, batch: dict[str, torch.Tensor], with_loss: bool):
         return lm_forward(self.model, batch, with_loss)
 
-    @staticmethod
-    def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token accuracy over label positions, number of label positions), without a host sync."""
-        mask = labels != IGNORE_INDEX
-        n = mask.sum()
-        return ((logits.argmax(-1) == labels) & mask).sum() / n.clamp(min=1), n
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._count_flops(batch)
         out = self._forward(batch, with_loss=True)
@@ -108,7 +101,8 @@ class LMModule(TrainingModule):
         self.log("train/loss", loss, prog_bar=True)
         if self._on_log_step():
             with torch.no_grad():
-                self.log("train/acc", self._accuracy(out.logits, batch["labels"])[0])
+                _, correct, n = label_token_stats(out.logits, batch["labels"])
+                self.log("train/acc", correct / n.clamp(min=1))
             self.log("train/ppl", torch.exp(loss.detach()))
         return self._token_weighted(loss, (batch["labels"] != IGNORE_INDEX).sum())
 
@@ -121,8 +115,8 @@ class LMModule(TrainingModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self._forward(batch, with_loss=False).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
-        acc, n = self._accuracy(logits, batch["labels"])
+        nll, correct, n = label_token_stats(logits, batch["labels"])
+        loss, acc = nll / n.clamp(min=1), correct / n.clamp(min=1)
         self.val_loss.update(loss, weight=n)
         self.val_acc.update(acc, weight=n)
         if self.val_loss_by_source:

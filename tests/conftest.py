@@ -69,6 +69,17 @@ def run_script(
     return proc
 
 
+# What a test of one datamodule tells it through connect unless the test says otherwise (a run's come from
+# train.connect_data): the defaults the constructors had for these before they moved to connect.
+RUN = {"arch": "causal", "max_length": 512, "batch_size": 8, "seed": 0}
+
+
+def connect(dm, tokenizer, **run):
+    """``dm.connect(tokenizer, ...)`` with :data:`RUN` updated by ``run``; returns ``dm``."""
+    dm.connect(tokenizer, **{**RUN, **run})
+    return dm
+
+
 TINY_TEXTS = ["Add the two numbers. 3 + 4 = 7", "What is 5 plus 6? It is 11.", "你好，世界。三加四等于七。"] * 20
 
 

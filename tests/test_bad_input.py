@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import compose_cfg, connect
 
 from datamodules.formats import DataError, read_records
 from datamodules.pretrain import PretrainDataModule
@@ -18,10 +18,9 @@ from train import train
 GOOD = {"instruction": "Add.", "input": "1 + 2", "output": "3"}
 
 
-def sft_module(tiny_tokenizer, train_file, **kwargs) -> SFTDataModule:
+def sft_module(tiny_tokenizer, train_file, arch="causal", max_length=512, **kwargs) -> SFTDataModule:
     dm = SFTDataModule(train_files=[str(train_file)], val_files=[str(train_file)], **kwargs)
-    dm.connect(tiny_tokenizer)
-    return dm
+    return connect(dm, tiny_tokenizer, arch=arch, max_length=max_length)
 
 
 def write_lines(path, lines: list[bytes]) -> None:
@@ -94,14 +93,14 @@ def test_csv_wrong_column_count_names_the_line(tmp_path):
 def test_pretrain_text_with_bad_bytes_names_the_line(tmp_path, tiny_tokenizer):
     path = tmp_path / "corpus.txt"
     write_lines(path, [b"good line one", b"good line two", b"bad \xc3\x28 bytes"])
-    dm = PretrainDataModule(train_files=[str(path)], cache_dir=str(tmp_path / "cache"), seq_len=4)
-    dm.connect(tiny_tokenizer)
+    dm = PretrainDataModule(train_files=[str(path)], cache_dir=str(tmp_path / "cache"))
+    connect(dm, tiny_tokenizer, max_length=4)
     with pytest.raises(DataError, match=r"corpus\.txt:3: not valid UTF-8"):
         dm.prepare_data()
     dm_skip = PretrainDataModule(
-        train_files=[str(path)], cache_dir=str(tmp_path / "cache"), seq_len=4, on_error="skip", val_fraction=0.0
+        train_files=[str(path)], cache_dir=str(tmp_path / "cache"), on_error="skip", val_fraction=0.0
     )
-    dm_skip.connect(tiny_tokenizer)
+    connect(dm_skip, tiny_tokenizer, max_length=4)
     dm_skip.prepare_data()
     assert dm_skip.skips.skipped == {"unreadable lines": 1}
 

@@ -28,6 +28,7 @@ from lightning_modules.classifier import (
 )
 from lmlab.core.models import build_model
 from lmlab.train.callbacks import ConfusionReport
+from train import connect_data
 
 TEXTS = ["Add the two numbers.", "What is 5 plus 6? It is 11.", "你好"]
 
@@ -88,7 +89,7 @@ def test_frozen_parameters_stay_bit_identical(model, policy, tmp_path, tiny_toke
         tmp_path, [f"model={model}", "stage=classify", f"stage.module.trainable={policy}", "data.balance=none"]
     )
     datamodule = instantiate(cfg.data)
-    datamodule.connect(tiny_tokenizer)
+    connect_data(cfg, datamodule, tiny_tokenizer)
     classifier = build_model(cfg.model, tiny_tokenizer, list(cfg.data.labels))
     before = {n: p.detach().clone() for n, p in classifier.named_parameters()}
     module = instantiate(
@@ -304,8 +305,9 @@ def test_prepare_split_writes_the_split_stage_classify_uses(tmp_path):
 def test_sms_spam_keeps_the_natural_mix(tmp_path, tiny_tokenizer):
     if not (SHARED_DATA / "sms_spam" / "SMSSpamCollection").is_file():
         pytest.skip("../shared/data is not beside this checkout")
-    dm = instantiate(compose_cfg(tmp_path, ["stage=classify", "data=sms_spam"]).data)
-    dm.connect(tiny_tokenizer)
+    cfg = compose_cfg(tmp_path, ["stage=classify", "data=sms_spam"])
+    dm = instantiate(cfg.data)
+    connect_data(cfg, dm, tiny_tokenizer)
     dm.setup()
     # 4100 ham / 637 spam, each cut 70/10/20; all kept (balance=class_weights)
     assert {s: dm.class_counts(s) for s in ("train", "val", "test")} == {
@@ -371,7 +373,7 @@ def test_the_threshold_chosen_on_val_is_tested_exported_and_used_by_predict(tmp_
 
 def fit_and_test_a_tiny_classifier(cfg, tokenizer, callbacks: list, root) -> ClassifierModule:
     datamodule = instantiate(cfg.data)
-    datamodule.connect(tokenizer)
+    connect_data(cfg, datamodule, tokenizer)
     module = instantiate(
         cfg.stage.module,
         model=build_model(cfg.model, tokenizer, list(cfg.data.labels)),

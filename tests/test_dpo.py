@@ -9,12 +9,12 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import compose_cfg, connect
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lmlab.core.models import build_model
-from train import train
+from train import connect_data, train
 
 DPO = ["stage=dpo", "callbacks.samples.num_prompts=0", "trainer.log_every_n_steps=1"]
 
@@ -88,7 +88,7 @@ def test_reference_is_frozen_bit_identical_and_outside_optimizer_and_checkpoint(
 ):
     cfg = compose_cfg(tmp_path, [*DPO, f"data.train_files=[{addition_pairs}]", "max_steps=10", "lr=1e-2"])
     dm = instantiate(cfg.data)
-    dm.connect(tiny_tokenizer)
+    connect_data(cfg, dm, tiny_tokenizer)
     module = instantiate(
         cfg.stage.module,
         model=build_model(cfg.model, tiny_tokenizer),
@@ -167,8 +167,8 @@ def test_precomputed_cache_is_reused_only_for_the_same_pairs(tmp_path, addition_
     from lightning_modules.dpo import data_fingerprint
 
     def pairs(path):
-        dm = PreferenceDataModule(train_files=[str(path)], val_fraction=0.1, max_length=32, max_target_length=32)
-        dm.connect(tiny_tokenizer)
+        dm = PreferenceDataModule(train_files=[str(path)], val_fraction=0.1, max_target_length=32)
+        connect(dm, tiny_tokenizer, max_length=32)
         dm.setup()
         return dm.train_set
 
@@ -205,7 +205,7 @@ def test_disable_dropout_makes_the_train_mode_policy_deterministic(
             ],
         )
         dm = instantiate(cfg.data)
-        dm.connect(tiny_tokenizer)
+        connect_data(cfg, dm, tiny_tokenizer)
         dm.setup()
         batch = next(iter(dm.val_dataloader()))
         module = instantiate(

@@ -37,7 +37,7 @@ def parts(tmp_path, tokenizer, overrides=()):
     """(datamodule, policy, reference, module) as train.py builds them: the reference built and injected."""
     cfg = compose_cfg(tmp_path, [*DPO, *overrides])
     dm = instantiate(cfg.data)
-    dm.connect(tokenizer)
+    train_script.connect_data(cfg, dm, tokenizer)
     policy = build_model(cfg.model, tokenizer).train()
     reference = build_reference(policy)
     module = instantiate(
@@ -107,7 +107,7 @@ def test_train_py_injects_the_reference_of_ref_from(tmp_path, tiny_tokenizer):
 def test_collator_stacks_the_reference_logps_of_the_items():
     sample = {"input_ids": torch.tensor([1, 5, 6, 2]), "labels": torch.tensor([-100, -100, 6, 2])}
     items = [
-        {"chosen": sample, "rejected": sample, "index": i, "ref_chosen_logps": -1.5 * i, "ref_rejected_logps": -2.0 - i}
+        {"chosen": sample, "rejected": sample, "ref_chosen_logps": -1.5 * i, "ref_rejected_logps": -2.0 - i}
         for i in range(3)
     ]
     batch = PreferenceCollator(CausalCollator(pad_id=0))(items)
@@ -134,7 +134,7 @@ def test_precomputed_batches_carry_the_live_reference_logps(tmp_path, pairs_file
         with torch.no_grad():
             live = module._logps(reference, batch)[0].chunk(2)
         for key, expected in zip(REF_LOGPS, live, strict=True):
-            assert batch[key].shape == (len(batch["index"]),)
+            assert batch[key].shape == (batch["input_ids"].shape[0] // 2,)  # one per pair
             torch.testing.assert_close(batch[key], expected, rtol=1e-5, atol=1e-5)
         # the step reads them from the batch: the reference model is gone
         assert all(torch.equal(a, b) for a, b in zip(module._reference_logps(batch), live, strict=True))

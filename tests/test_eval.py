@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import REPO, connect, run_script
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -85,11 +85,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def sft_dm(path: Path, tokenizer, arch: str = "causal") -> SFTDataModule:
-    dm = SFTDataModule(
-        train_files=[str(path)], val_files=[str(path)], max_length=64, max_target_length=64, batch_size=3, arch=arch
-    )
-    dm.connect(tokenizer)
-    return dm
+    dm = SFTDataModule(train_files=[str(path)], val_files=[str(path)], max_target_length=64)
+    return connect(dm, tokenizer, arch=arch, max_length=64, batch_size=3)
 
 
 def test_perplexity_is_exp_of_the_mean_token_nll_over_the_whole_set(llama_dir, tmp_path):
@@ -97,10 +94,8 @@ def test_perplexity_is_exp_of_the_mean_token_nll_over_the_whole_set(llama_dir, t
     text = tmp_path / "text.txt"
     text.write_text("\n".join(LINES) + "\n", encoding="utf-8")
     seq_len = 8
-    dm = PretrainDataModule(
-        train_files=[str(text)], val_files=[str(text)], seq_len=seq_len, cache_dir=str(tmp_path / "cache"), batch_size=3
-    )
-    dm.connect(tok)
+    dm = PretrainDataModule(train_files=[str(text)], val_files=[str(text)], cache_dir=str(tmp_path / "cache"))
+    connect(dm, tok, max_length=seq_len, batch_size=3)
     result = evaluate.task_ppl(task_cfg(batch_size=4), model, tok, dm)
 
     # Independently: the documents' tokens, each followed by EOS, cut into non-overlapping windows of seq_len + 1

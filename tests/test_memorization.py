@@ -25,7 +25,7 @@ from lightning_modules.lm import LMModule, lm_forward
 from lmlab.core.collate import IGNORE_INDEX
 from lmlab.core.models import count_parameters
 from lmlab.core.tokenizer import load_tokenizer
-from train import train
+from train import connect_data, train
 
 # --- a run that memorizes: 8 random digit strings, 40 epochs at a constant high lr, validated on 8 others
 
@@ -120,7 +120,7 @@ def test_summary_counts_what_the_run_saw(overfit_run):
     summary = json.loads((run / "summary.json").read_text())
     cfg = compose_cfg(run, overfit_overrides(run.parent))
     dm = instantiate(cfg.data)
-    dm.connect(load_tokenizer(run / "hf"))
+    connect_data(cfg, dm, load_tokenizer(run / "hf"))
     dm.setup("fit")
     one_epoch = int(dm.collator()([dm.train_set[i] for i in range(len(dm.train_set))])["attention_mask"].sum())
     assert summary["steps"] == 40 and summary["epochs_seen"] == 40.0  # one batch of 8 samples is one epoch

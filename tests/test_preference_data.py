@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import SHARED_DATA, expected
+from conftest import SHARED_DATA, connect, expected
 
 from datamodules.formats import DataError, to_preference
 from datamodules.preference import PreferenceDataModule, tokenize_preference
@@ -21,10 +21,12 @@ def write_jsonl(path, records: list) -> None:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records))
 
 
-def module(tok, path, **kwargs) -> PreferenceDataModule:
+def module(tok, path, arch="causal", max_length=512, batch_size=8, pad_to_multiple_of=1, **kwargs):
+    """A PreferenceDataModule over ``path`` (train and val), connected; ``kwargs`` are data fields."""
     dm = PreferenceDataModule(train_files=[str(path)], val_files=[str(path)], **kwargs)
-    dm.connect(tok)
-    return dm
+    return connect(
+        dm, tok, arch=arch, max_length=max_length, batch_size=batch_size, pad_to_multiple_of=pad_to_multiple_of
+    )
 
 
 # --- record shapes ------------------------------------------------------------------------------------------
@@ -209,7 +211,7 @@ def test_pair_with_an_answer_truncated_away_is_dropped_and_counted(tmp_path, tin
     write_jsonl(path, [GOOD, long_prompt, GOOD])
     dm = module(tiny_tokenizer, path, max_length=24)
     dm.setup()
-    assert len(dm.train_set) == 2 and [dm.train_set[i]["index"] for i in range(2)] == [0, 1]
+    assert len(dm.train_set) == 2
     assert dm.skips.skipped == {"samples with no answer token left after truncation to 24": 2}
 
 
@@ -264,7 +266,7 @@ def test_seq2seq_layout(tiny_tokenizer):
 # --- batches --------------------------------------------------------------------------------------------------
 
 
-def test_causal_batch_is_chosen_then_rejected_with_index(tmp_path, tiny_tokenizer):
+def test_causal_batch_is_chosen_then_rejected(tmp_path, tiny_tokenizer):
     path = tmp_path / "train.jsonl"
     write_jsonl(
         path,
@@ -292,7 +294,6 @@ def test_causal_batch_is_chosen_then_rejected_with_index(tmp_path, tiny_tokenize
         batch["labels"][3, : len(items[0]["rejected"]["labels"]) - 1].tolist()
         == items[0]["rejected"]["labels"][1:].tolist()
     )
-    assert batch["index"].tolist() == [0, 1, 2] and batch["index"].dtype == torch.long
 
 
 def test_seq2seq_batch_shares_encoder_rows():
@@ -300,10 +301,9 @@ def test_seq2seq_batch_shares_encoder_rows():
         "chosen": {"input_ids": torch.tensor([5, 6, 1]), "labels": torch.tensor([7, 1])},
         "rejected": {"input_ids": torch.tensor([5, 6, 1]), "labels": torch.tensor([8, 9, 1])},
     }
-    batch = PreferenceCollator(Seq2SeqCollator(pad_id=0))([{**item, "index": 4}, {**item, "index": 9}])
+    batch = PreferenceCollator(Seq2SeqCollator(pad_id=0))([item, item])
     assert batch["input_ids"].tolist() == [[5, 6, 1]] * 4
     assert batch["labels"].tolist() == [[7, 1, -100], [7, 1, -100], [8, 9, 1], [8, 9, 1]]
-    assert batch["index"].tolist() == [4, 9]
 
 
 def test_sample_pairs_and_iter_texts(tmp_path, tiny_tokenizer):
@@ -331,17 +331,15 @@ def test_shared_preference_sets_load_with_a_first_batch(tiny_tokenizer, relpath,
     path = SHARED_DATA / relpath
     if not path.is_file():
         pytest.skip(f"{path} is absent (../shared/data is not beside this checkout)")
-    dm = PreferenceDataModule(
-        train_files=[str(path)], val_fraction=0.05, max_length=256, max_target_length=128, batch_size=4, on_error="skip"
-    )
-    dm.connect(tiny_tokenizer)
+    dm = PreferenceDataModule(train_files=[str(path)], val_fraction=0.05, max_target_length=128, on_error="skip")
+    connect(dm, tiny_tokenizer, max_length=256, batch_size=4)
     dm.setup()
     assert dm.skips.skipped.get("bad records", 0) == bad
     train, val = dm.split()
     assert len(train) + len(val) == n_records - bad
     assert len(dm.train_set) + len(dm.val_set) + dm.skips.total - bad == sum(len(p) for p in dm.examples())
     batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape[0] == 8 and batch["index"].shape == (4,)
+    assert batch["input_ids"].shape[0] == 8
     assert (batch["labels"][:4] != IGNORE_INDEX).any(dim=1).all() and (batch["labels"][4:] != IGNORE_INDEX).any(
         dim=1
     ).all()

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 
 from datamodules.sources import parse_sources
 from lmlab.core.collate import IGNORE_INDEX
+from train import connect_data
 
 PRESETS = {  # preset: the stage that reads it today
     "alpaca_en": "sft",
@@ -53,7 +54,7 @@ def test_preset_loads_a_first_batch(preset, model, tmp_path, tiny_tokenizer):
     if missing:
         pytest.skip(f"{missing[0]} is absent (../shared/data is not beside this checkout)")
     dm = instantiate(cfg.data)
-    dm.connect(tiny_tokenizer)
+    connect_data(cfg, dm, tiny_tokenizer)
     dm.prepare_data()
     dm.setup()
     batch = next(iter(dm.train_dataloader()))

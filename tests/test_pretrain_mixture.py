@@ -12,16 +12,16 @@ from pathlib import Path
 
 import opencc
 import pytest
-from conftest import REPO, SHARED_DATA, compose_cfg
+from conftest import REPO, SHARED_DATA, compose_cfg, connect
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_pretrain_shards import decoded_docs
 
-import datamodules.base
+import datamodules.sources
 from datamodules.pretrain import PretrainDataModule
 from lmlab.core.tokenizer import train_bpe
-from train import train
+from train import connect_data, train
 
 ENGLISH = [f"note {i}: the cat sat on the mat and looked at bird number {i}." for i in range(80)]
 CHINESE = [f"第{i}条：三加四等于七，今天天气很好，我们去公园散步。" for i in range(80)]
@@ -38,10 +38,9 @@ def mixture(tmp_path: Path, tokenizer, entries: list[dict], **kwargs) -> Pretrai
     dm = PretrainDataModule(
         train_files=entries,
         cache_dir=str(tmp_path / "cache"),
-        seq_len=8,
         **{"val_fraction": 0.2, "shard_mb": 0.0005, **kwargs},
     )
-    dm.connect(tokenizer)
+    connect(dm, tokenizer, max_length=8)
     dm.prepare_data()
     return dm
 
@@ -205,10 +204,11 @@ def test_shared_preset_loads_a_first_batch(preset, tmp_path, monkeypatch):
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         pytest.skip(f"{missing[0]} is absent ({SHARED_DATA} is not beside this checkout)")
-    real = datamodules.base.read_records
-    monkeypatch.setattr(datamodules.base, "read_records", lambda *a, **k: itertools.islice(real(*a, **k), 60))
+    real = datamodules.sources.read_records  # what LMDataModule.records reads through (adapted_records)
+    monkeypatch.setattr(datamodules.sources, "read_records", lambda *a, **k: itertools.islice(real(*a, **k), 60))
     dm = instantiate(cfg.data)
-    dm.connect(train_bpe(dm.iter_texts(), **{**cfg.bpe, "vocab_size": 400, "max_bytes": 100_000}, total_bytes=100_000))
+    tokenizer = train_bpe(dm.iter_texts(), **{**cfg.bpe, "vocab_size": 400, "max_bytes": 100_000}, total_bytes=100_000)
+    connect_data(cfg, dm, tokenizer)
     dm.prepare_data()
     dm.setup()
     batch = next(iter(dm.train_dataloader()))

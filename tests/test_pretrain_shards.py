@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import connect
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -43,10 +44,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def prepared(tokenizer, files: list[Path], cache: Path, **kwargs) -> PretrainDataModule:
     """A datamodule whose prepare_data has run; small shards so even a tiny corpus has several."""
-    dm = PretrainDataModule(
-        train_files=[str(f) for f in files], cache_dir=str(cache), seq_len=8, **{"shard_mb": 0.0005, **kwargs}
-    )
-    dm.connect(tokenizer)
+    dm = PretrainDataModule(train_files=[str(f) for f in files], cache_dir=str(cache), **{"shard_mb": 0.0005, **kwargs})
+    connect(dm, tokenizer, max_length=8)
     dm.prepare_data()
     return dm
 

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 import lmlab.infer.rejected as rejected_mod
 from datamodules.formats import DataError
 from lmlab.core.models import build_model
-from lmlab.infer.rejected import build_rejected, degenerate, too_similar
+from lmlab.infer.rejected import RejectedSettings, build_rejected, degenerate, too_similar
 
 
 def chat(question: str, answer: str, system: str | None = None) -> list[dict]:
@@ -43,6 +43,7 @@ RECORDS = [
 ]
 NO_MODEL = torch.nn.Identity()  # for tests with a scripted generate_texts (build_rejected only calls .eval())
 GREEDY = greedy(max_new_tokens=6)
+BATCH_2 = RejectedSettings(batch_size=2)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -114,7 +115,9 @@ def test_build_rejected_with_a_tiny_model_writes_pairs(tmp_path, tiny_model):
     sample = {**GREEDY, "do_sample": True}  # an untrained model's greedy reply is a run of newlines
     out = tmp_path / "rej.jsonl"
     torch.manual_seed(0)
-    meta = build_rejected(model, tokenizer, RECORDS, out, sample, batch_size=4, progress=False, info={"run": "tiny"})
+    meta = build_rejected(
+        model, tokenizer, RECORDS, out, sample, RejectedSettings(batch_size=4), progress=False, info={"run": "tiny"}
+    )
     rows = read_rows(out)
     assert meta["total"] == len(RECORDS) == meta["kept"] + sum(meta["dropped"].values())
     assert meta["kept"] == len(rows) > 0
@@ -133,7 +136,9 @@ def test_build_rejected_with_a_tiny_model_writes_pairs(tmp_path, tiny_model):
     )
     assert all(row["rejected"] == samples[row["source"], row["line"]] for row in rows)
     # greedy: nothing but newlines, so every sample is dropped as empty
-    meta = build_rejected(model, tokenizer, RECORDS, tmp_path / "greedy.jsonl", GREEDY, batch_size=4, progress=False)
+    meta = build_rejected(
+        model, tokenizer, RECORDS, tmp_path / "greedy.jsonl", GREEDY, RejectedSettings(batch_size=4), progress=False
+    )
     assert meta["kept"] == 0 and meta["dropped"] == {"degenerate: empty": len(RECORDS)}
 
 
@@ -144,7 +149,9 @@ def test_drops_are_counted_by_reason(tmp_path, scripted):
         ("c.jsonl", 2, DataError("c.jsonl", 2, "missing or empty", field="output")),
     ]
     out = tmp_path / "rej.jsonl"
-    meta = build_rejected(NO_MODEL, _Tok(), records, out, GREEDY, batch_size=3, on_error="skip", progress=False)
+    meta = build_rejected(
+        NO_MODEL, _Tok(), records, out, GREEDY, RejectedSettings(batch_size=3, on_error="skip"), progress=False
+    )
     assert meta["dropped"] == {"too_similar": 1, "degenerate: repetition": 1, "degenerate: empty": 1, "bad record": 2}
     assert meta["kept"] == 3 and meta["total"] == 8
     assert [(r["source"], r["line"]) for r in read_rows(out)] == [("b.jsonl", 1), ("b.jsonl", 2), ("b.jsonl", 3)]
@@ -154,14 +161,24 @@ def test_drops_are_counted_by_reason(tmp_path, scripted):
         {"kept": 3, "too_similar": 1, "degenerate: repetition": 1, "degenerate: empty": 1, "bad record": 2}
     )
     with pytest.raises(DataError, match="no assistant turn"):
-        build_rejected(NO_MODEL, _Tok(), records, tmp_path / "strict.jsonl", GREEDY, on_error="raise", progress=False)
+        build_rejected(
+            NO_MODEL,
+            _Tok(),
+            records,
+            tmp_path / "strict.jsonl",
+            GREEDY,
+            RejectedSettings(on_error="raise"),
+            progress=False,
+        )
 
 
 def test_resume_never_duplicates_rows(tmp_path, scripted):
     out = tmp_path / "rej.jsonl"
     keys = [(s, n) for s, n, _ in RECORDS]
     # an interrupted first run: the first 4 records only
-    first = build_rejected(NO_MODEL, _Tok(), RECORDS, out, GREEDY, batch_size=2, limit=4, progress=False)
+    first = build_rejected(
+        NO_MODEL, _Tok(), RECORDS, out, GREEDY, RejectedSettings(batch_size=2, limit=4), progress=False
+    )
     assert first["total"] == 4
     # a crash after a batch's rows were written but before its done-keys were, with a torn row at the end
     done_path = tmp_path / "rej.jsonl.done"
@@ -169,7 +186,7 @@ def test_resume_never_duplicates_rows(tmp_path, scripted):
     with open(out, "a", encoding="utf-8") as f:
         f.write('{"messages": [{"role": "us')
     n_prompts = len(scripted)
-    full = build_rejected(NO_MODEL, _Tok(), RECORDS, out, GREEDY, batch_size=2, progress=False)
+    full = build_rejected(NO_MODEL, _Tok(), RECORDS, out, GREEDY, BATCH_2, progress=False)
     rows = read_rows(out)
     assert Counter((r["source"], r["line"]) for r in rows) == Counter(
         {("b.jsonl", 1): 1, ("b.jsonl", 2): 1, ("b.jsonl", 3): 1}
@@ -179,7 +196,7 @@ def test_resume_never_duplicates_rows(tmp_path, scripted):
     done = [json.loads(line) for line in done_path.read_text().splitlines()]
     assert sorted((d["source"], d["line"]) for d in done) == sorted(keys)  # every key once
     # a second full rerun adds nothing and generates nothing
-    again = build_rejected(NO_MODEL, _Tok(), RECORDS, out, GREEDY, batch_size=2, progress=False)
+    again = build_rejected(NO_MODEL, _Tok(), RECORDS, out, GREEDY, BATCH_2, progress=False)
     assert read_rows(out) == rows and len(scripted) == n_prompts + 2
     assert again["this_run"]["total"] == 0 and again["total"] == full["total"] and again["kept"] == 3
 
@@ -196,9 +213,9 @@ def test_a_crash_mid_run_loses_only_the_unwritten_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(rejected_mod, "generate_texts", flaky)
     out = tmp_path / "rej.jsonl"
     with pytest.raises(RuntimeError):
-        build_rejected(NO_MODEL, _Tok(), RECORDS, out, GREEDY, batch_size=2, progress=False)
+        build_rejected(NO_MODEL, _Tok(), RECORDS, out, GREEDY, BATCH_2, progress=False)
     assert len(read_rows(out)) == 2
-    meta = build_rejected(NO_MODEL, _Tok(), RECORDS, out, GREEDY, batch_size=2, progress=False)
+    meta = build_rejected(NO_MODEL, _Tok(), RECORDS, out, GREEDY, BATCH_2, progress=False)
     assert meta["kept"] == len(read_rows(out)) == len(RECORDS) and meta["this_run"]["already_done"] == 2
     assert sorted((r["source"], r["line"]) for r in read_rows(out)) == sorted((s, n) for s, n, _ in RECORDS)
 
@@ -249,6 +266,25 @@ def test_generate_reads_records_through_the_preset_format(tmp_path):
     assert skips.total == 1  # the malformed line
     with pytest.raises(DataError, match="malformed JSON"):
         list(generate.conversations(cfg.data, "raise", SkipCounter()))
+
+
+def test_settings_come_from_the_config_and_are_checked():
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("generate", overrides=["task=rejected", "run=x", "data=zh_alpaca", "limit=3"])
+    settings = RejectedSettings.from_config(cfg)
+    assert settings == RejectedSettings(
+        batch_size=8,
+        similarity_threshold=0.9,
+        degenerate={"ngram_sizes": [3, 4, 5], "max_ngram_share": 0.5, "min_repeats": 3},
+        limit=3,
+        on_error="skip",  # the preset's data.on_error
+    )
+    with pytest.raises(TypeError):
+        settings.degenerate["min_repeats"] = 2  # read-only, like the settings themselves
+    with pytest.raises(ValueError, match="on_error='ignore': choose raise or skip"):
+        RejectedSettings(on_error="ignore")
+    with pytest.raises(ValueError, match="batch_size=0: must be at least 1"):
+        RejectedSettings(batch_size=0)
 
 
 @pytest.mark.slow

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from datamodules.sources import Source, fill_placeholders, parse_sources, weighted
+from datamodules.formats import DataError, SkipCounter, to_messages
+from datamodules.sources import Source, adapted_records, fill_placeholders, parse_sources, weighted
 
 
 def test_entries_parse_to_sources_with_their_names():
@@ -61,3 +64,28 @@ def test_placeholders_are_filled_in_nested_records():
     assert filled["conversations"][1]["value"] == "我是小林，由lmlab训练。"
     assert filled["n"] == 3 and record["conversations"][1]["value"].startswith("我是{{name}}")
     assert Source("a.json").fill == {}
+
+
+def test_adapted_records_reads_each_source_its_way_and_yields_what_the_adapter_rejects(tmp_path):
+    """One reader for the datamodules and generate.py: per-source format and fill; adapter errors are yielded."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        '{"instruction": "你是谁？", "output": "我是{{name}}。"}\nnot json\n{"instruction": "x", "output": ""}\n',
+        encoding="utf-8",
+    )
+    table = tmp_path / "pairs.tsv"
+    table.write_text("q\ta\n", encoding="utf-8")
+    sources = [
+        Source(str(chat), fill={"{{name}}": "小林"}),
+        Source(str(table), format={"type": "tsv", "columns": ["prompt", "response"]}),
+    ]
+    skips = SkipCounter()
+    items = list(adapted_records(sources, "auto", to_messages, skips))
+    assert [(Path(s).name, n) for s, n, _ in items] == [("chat.jsonl", 1), ("chat.jsonl", 3), ("pairs.tsv", 1)]
+    assert items[0][2][-1] == {"role": "assistant", "content": "我是小林。"}
+    assert isinstance(items[1][2], DataError) and "field 'output'" in str(items[1][2])
+    assert items[2][2][0] == {"role": "user", "content": "q"}
+    assert skips.skipped == {"unreadable lines": 1}
+    # without a counter an unreadable line raises; plain paths read in the given format
+    with pytest.raises(DataError, match="chat.jsonl:2: malformed JSON"):
+        list(adapted_records([str(chat)], "jsonl", to_messages))

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from datamodules.sft import SFTDataModule
 from datamodules.sources import parse_sources
 from lmlab.core.collate import IGNORE_INDEX
+from train import connect_data
 
 # preset: (stage, records in its train and val files, bad records it skips and counts)
 PRESETS = {
@@ -35,6 +36,7 @@ PRESETS = {
     "zh_dpo_mix": ("dpo", 500 + 224, 0),
     "csl_title": ("sft", 11783 + 1000, 0),  # + the shared CSL dev set as validation
     "lcsts_plus": ("sft", 8666 + 650 + 1000, 0),  # LCSTS train + PART_III, LCSTS val
+    "zh_summaries": ("sft", 11783 + 8666 + 650 + 1000, 0),  # CSL titles + lcsts_plus's training pairs, CSL dev
     "zh_chat_sft": ("sft", None, 6),  # weighted (see below); Chinese Alpaca's 4 empty outputs + ShareGPT's 2
 }
 
@@ -59,7 +61,7 @@ def preset_module(preset: str, tokenizer, *overrides: str) -> SFTDataModule:
     if missing:
         pytest.skip(f"{missing[0]} is absent (../shared/data is not beside this checkout)")
     dm = instantiate(cfg.data)
-    dm.connect(tokenizer)
+    connect_data(cfg, dm, tokenizer)
     return dm
 
 
@@ -164,7 +166,7 @@ def test_weights_repeat_and_subsample_train_records_only(tmp_path):
     train_files = [{"path": a, "weight": 3}, {"path": b, "weight": 0.25}]
 
     def prompts(seed: int) -> list[str]:
-        dm = SFTDataModule(train_files=train_files, val_files=[val], seed=seed)
+        dm = SFTDataModule(train_files=train_files, val_files=[val], split_seed=seed)
         assert len(dm.split()[1]) == 5  # validation is read once, never weighted
         return [messages[0]["content"] for _, _, messages in dm.split()[0]]
 

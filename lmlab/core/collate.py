@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 IGNORE_INDEX = -100
+PAD_SIDES = ("left", "right")
 
 
-def pad(rows: list[torch.Tensor], value: int, width: int) -> torch.Tensor:
-    """Right-pad 1-D tensors with ``value`` into one (len(rows), width) tensor."""
+def pad(rows: Sequence[torch.Tensor | Sequence[int]], value: int, width: int, side: str = "right") -> torch.Tensor:
+    """1-D rows (tensors or lists of ids) padded with ``value`` into one LongTensor[len(rows), width].
+
+    ``side="right"``: each row starts at column 0 and the padding follows it (training batches, encoder
+    inputs); ``"left"``: each row ends at the last column (causal prompts, so that generated tokens follow
+    them). The one padding of lmlab: the collators and generation's prompt batches all pad here.
+    """
+    if side not in PAD_SIDES:
+        raise ValueError(f"pad side must be 'left' or 'right', got {side!r}")
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = row
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        out[i, cols] = torch.as_tensor(row)
     return out
+
+
+def padding_mask(rows: Sequence[torch.Tensor | Sequence[int]], width: int, side: str = "right") -> torch.Tensor:
+    """The attention mask of ``pad(rows, value, width, side)``: 1 on each row's own tokens, 0 on its padding."""
+    return pad([torch.ones(len(row), dtype=torch.long) for row in rows], 0, width, side)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -40,7 +55,7 @@ class CausalCollator:
         width = round_up(max(len(r) for r in ids) - 1, self.multiple) + 1
         input_ids = pad(ids, self.pad_id, width)
         labels = pad([s["labels"] for s in samples], IGNORE_INDEX, width)
-        attention_mask = pad([torch.ones(len(r), dtype=torch.long) for r in ids], 0, width)
+        attention_mask = padding_mask(ids, width)
         return {
             "input_ids": input_ids[:, :-1].contiguous(),
             "attention_mask": attention_mask[:, :-1].contiguous(),
@@ -66,7 +81,7 @@ class Seq2SeqCollator:
         width = round_up(max(len(r) for r in ids), self.multiple)
         return {
             "input_ids": pad(ids, self.pad_id, width),
-            "attention_mask": pad([torch.ones(len(r), dtype=torch.long) for r in ids], 0, width),
+            "attention_mask": padding_mask(ids, width),
             "labels": pad(labels, IGNORE_INDEX, round_up(max(len(r) for r in labels), self.multiple)),
         }
 
@@ -75,15 +90,15 @@ REF_LOGPS = ("ref_chosen_logps", "ref_rejected_logps")  # TRL's names for a pair
 
 
 class PreferenceCollator:
-    """Preference items ``{"chosen": sample, "rejected": sample, "index": int}`` as one batch of 2B rows.
+    """Preference items ``{"chosen": sample, "rejected": sample}`` as one batch of 2B rows.
 
     ``inner`` (the arch's collator) batches ``[chosen_1..chosen_B, rejected_1..rejected_B]``, so the
     policy and the reference model each run once over both halves; rows ``:B`` are the chosen answers
     and rows ``B:`` the rejected ones. For an encoder-decoder both halves hold the same encoder input
-    with different labels. ``index`` (LongTensor[B]) is each pair's position in its dataset. Items that
-    carry the reference's log-probs (``ref_chosen_logps``, ``ref_rejected_logps``: floats or 0-d tensors,
-    computed once before training, as TRL's precompute_ref_log_probs adds them as dataset columns) give
-    the batch those fields too, FloatTensor[B] each, in the pairs' order.
+    with different labels. Items that carry the reference's log-probs (``ref_chosen_logps``,
+    ``ref_rejected_logps``: floats or 0-d tensors, computed once before training, as TRL's
+    precompute_ref_log_probs adds them as dataset columns) give the batch those fields too,
+    FloatTensor[B] each, in the pairs' order.
     """
 
     def __init__(self, inner):
@@ -91,7 +106,6 @@ class PreferenceCollator:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.inner([item["chosen"] for item in items] + [item["rejected"] for item in items])
-        batch["index"] = torch.tensor([int(item["index"]) for item in items], dtype=torch.long)
         if REF_LOGPS[0] in items[0]:  # all or none: a pair without them raises KeyError here
             for key in REF_LOGPS:
                 batch[key] = torch.tensor([float(item[key]) for item in items], dtype=torch.float32)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -52,7 +52,7 @@ from lightning_modules.classifier import (
     write_confusion,
 )
 from lightning_modules.lm import lm_forward
-from lmlab.core.collate import IGNORE_INDEX
+from lmlab.core.losses import label_token_stats
 from lmlab.core.tokenizer import render_prompt, require_chat_template, trained_max_length
 from lmlab.eval.diversity import distinct_n, in_repetition_loop
 from lmlab.eval.judge import Judge, judge_prompt
@@ -84,17 +84,28 @@ def token_metrics(
     nll, correct, count = 0.0, 0, 0
     for batch in tqdm(batches, desc="eval", disable=not progress):
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        logits = lm_forward(model, batch, with_loss=False).logits.float()
-        labels = batch["labels"]
-        mask = labels != IGNORE_INDEX
-        nll += F.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        correct += ((logits.argmax(-1) == labels) & mask).sum().item()
-        count += mask.sum().item()
+        logits = lm_forward(model, batch, with_loss=False).logits
+        stats = label_token_stats(logits, batch["labels"])
+        nll, correct, count = nll + stats[0].item(), correct + stats[1].item(), count + stats[2].item()
     if not count:
         raise ValueError("the evaluation set has no label tokens")
     return {"loss": nll / count, "ppl": math.exp(nll / count), "acc": correct / count, "tokens": count}
+
+
+def connected_data(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> LMDataModule:
+    """The data preset's datamodule, connected as train.py connects a run's: the loaded model's arch, ``seq_len`` as
+    the max length, ``batch_size``, ``seed`` and the tokenizer's chat template (the one ``template=`` set in
+    lmlab.infer.generation.load_for_inference, else the run's own)."""
+    dm = instantiate(cfg.data)
+    dm.connect(
+        tokenizer,
+        arch="seq2seq" if model.config.is_encoder_decoder else "causal",
+        max_length=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        chat_template=tokenizer.chat_template,
+    )
+    return dm
 
 
 def _split(dm: LMDataModule, split: str) -> Dataset:

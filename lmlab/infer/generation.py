@@ -24,7 +24,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from datamodules.sft import encoder_ids
-from lmlab.core.collate import pad
+from lmlab.core.collate import pad, padding_mask
 from lmlab.core.models import auto_class, is_classifier, resolve_hf_dir
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer
 
@@ -79,15 +79,20 @@ def generate_kwargs(
 def encode_prompts(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]
 ) -> dict[str, torch.Tensor]:
-    """A padded batch: encoder inputs padded on the right, causal prompts on the left (so replies follow them)."""
+    """A padded batch: encoder inputs padded on the right, causal prompts on the left (so replies follow them).
+
+    Causal prompts are the rendered text's tokens alone (no special tokens added): the same batch as
+    ``tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")``.
+    """
     if model.config.is_encoder_decoder:
-        rows = [encoder_ids(tokenizer, p) for p in prompts]
-        width = max(len(r) for r in rows)
-        return {
-            "input_ids": pad(rows, tokenizer.pad_token_id, width),
-            "attention_mask": pad([torch.ones(len(r), dtype=torch.long) for r in rows], 0, width),
-        }
-    return tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        rows, side = [encoder_ids(tokenizer, p) for p in prompts], "right"
+    else:
+        rows, side = tokenizer(list(prompts), add_special_tokens=False)["input_ids"], "left"
+    width = max(len(r) for r in rows)
+    return {
+        "input_ids": pad(rows, tokenizer.pad_token_id, width, side),
+        "attention_mask": padding_mask(rows, width, side),
+    }
 
 
 def decode_reply(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
@@ -148,8 +153,9 @@ def load_for_inference(
     """A run's (or HF folder's) model in eval mode on ``device`` (auto: cuda if any) in ``dtype``, and its tokenizer,
     with ``chat_template`` (conf/template; None: the one saved with the run) set once, here.
 
-    eval.py, chat.py and benchmarks/inference_memory.py all load through here, so the memory the benchmark
-    measures is the memory chat uses.
+    The one loader of ``run=``/``device=``/``dtype=`` (conf/infer/base.yaml): eval.py (and its local judge),
+    generate.py, chat.py, predict.py and benchmarks/inference_memory.py all load through here, so the memory the
+    benchmark measures is the memory chat uses.
     """
     hf_dir = resolve_hf_dir(path)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device

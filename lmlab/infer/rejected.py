@@ -25,9 +25,12 @@ import difflib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
 from itertools import islice
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -38,6 +41,7 @@ from lmlab.core.tokenizer import render_prompt
 from lmlab.infer.generation import generate_texts
 
 Key = tuple[str, int]
+Pending = tuple[Key, list[dict], str, str]  # (key, prompt turns, chosen answer, rendered prompt)
 BAD_RECORD = "bad record"
 TOO_SIMILAR = "too_similar"
 
@@ -146,17 +150,197 @@ def _append(f, lines: list[str]) -> None:
         os.fsync(f.fileno())
 
 
+@dataclass(frozen=True)
+class RejectedSettings:
+    """How :func:`build_rejected` batches records and judges samples: conf/generate.yaml's keys of the same names.
+
+    - ``batch_size``: prompts per :func:`lmlab.infer.generation.generate_texts` call; each batch's rows are
+      written (and its records marked done) together;
+    - ``similarity_threshold``: a sample whose difflib ratio to the dataset answer is >= this is dropped as
+      ``too_similar`` (:func:`too_similar`);
+    - ``degenerate``: keyword arguments of :func:`degenerate` (``ngram_sizes``, ``max_ngram_share``,
+      ``min_repeats``); empty: its defaults. Kept as a read-only mapping;
+    - ``limit``: only the first ``limit`` records of the input are looked at, those already done included
+      (None: all);
+    - ``on_error``: ``raise`` stops at a bad record, ``skip`` counts it as ``bad record`` and goes on.
+    """
+
+    batch_size: int = 8
+    similarity_threshold: float = 0.9
+    degenerate: Mapping[str, Any] = field(default_factory=dict)
+    limit: int | None = None
+    on_error: str = "raise"
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error={self.on_error!r}: choose raise or skip")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be at least 1")
+        object.__setattr__(self, "degenerate", MappingProxyType(dict(self.degenerate or {})))
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> RejectedSettings:
+        """The settings of a composed conf/generate.yaml (a DictConfig or any mapping with these keys)."""
+        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
+
+def verdict(sample: str, chosen: str, settings: RejectedSettings) -> str:
+    """``kept``, or why ``sample`` is dropped as the rejected answer to a prompt whose chosen answer is ``chosen``:
+    ``degenerate: <reason>`` (:func:`degenerate`) or ``too_similar`` (:func:`too_similar`)."""
+    reason = degenerate(sample, **settings.degenerate)
+    if reason is not None:
+        return f"degenerate: {reason}"
+    if too_similar(sample, chosen, settings.similarity_threshold):
+        return TOO_SIMILAR
+    return "kept"
+
+
+class _Ledger:
+    """What has been processed into ``out_path`` and how, and the three files that keep it.
+
+    ``status`` maps each processed record's key to ``kept`` or its drop reason (``pending`` while its batch is
+    being sampled); ``totals`` counts the statuses over the whole file, ``run`` this run's (with ``already done``),
+    ``examples`` holds this run's first bad records' errors. :meth:`mark` queues a record's done-key and
+    :meth:`commit` writes a batch: its rows to ``out_path``, then the queued keys to ``<out>.done``, then the
+    counts to ``<out>.meta.json``. A context manager: the two jsonl files stay open for appending inside it.
+    """
+
+    def __init__(self, out_path: Path, skips: SkipCounter | None, info: Mapping[str, Any] | None):
+        self.out_path = out_path
+        self.done_path = out_path.with_name(out_path.name + ".done")
+        self.meta_path = out_path.with_name(out_path.name + ".meta.json")
+        self.skips, self.info = skips, info
+        self.status = load_progress(out_path, self.done_path)
+        self.totals = Counter(self.status.values())
+        self.run: Counter = Counter()
+        self.examples: list[str] = []  # the first bad records' errors, for the meta
+        self._done: list[str] = []  # done-keys waiting for the next commit
+
+    def __enter__(self) -> _Ledger:
+        with ExitStack() as stack:
+            self._out_f = stack.enter_context(open(self.out_path, "a", encoding="utf-8"))
+            self._done_f = stack.enter_context(open(self.done_path, "a", encoding="utf-8"))
+            self._files = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._files.close()
+
+    def mark(self, key: Key, outcome: str) -> None:
+        """Count a record's outcome (kept or a drop reason) and queue its done-key."""
+        self.status[key] = outcome
+        self.totals[outcome] += 1
+        self.run[outcome] += 1
+        self._done.append(json.dumps({"source": key[0], "line": key[1], "status": outcome}, ensure_ascii=False) + "\n")
+
+    def bad(self, key: Key, error: DataError) -> None:
+        """A record that cannot be made a pair (``on_error=skip``): kept among the examples, marked ``bad record``."""
+        if len(self.examples) < 5:
+            self.examples.append(str(error))
+        self.mark(key, BAD_RECORD)
+
+    def commit(self, rows: list[str]) -> None:
+        """Write a batch: rows first, since a key is marked done only once its row is on disk; then the meta."""
+        _append(self._out_f, rows)
+        _append(self._done_f, self._done)
+        self._done.clear()
+        self.write_meta()
+
+    def write_meta(self) -> dict[str, Any]:
+        """The counts, written to ``<out>.meta.json`` and returned (see :func:`build_rejected`)."""
+        this_run = {
+            **_split(self.run),
+            "already_done": self.run["already done"],
+            "bad_record_examples": self.examples,
+        }
+        meta = {
+            **_split(self.totals),
+            "this_run": this_run,
+            "unreadable_lines": self.skips.total if self.skips is not None else 0,
+            "out": str(self.out_path),
+            **(self.info or {}),
+        }
+        self.meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return meta
+
+
+def _split(counts: Counter) -> dict[str, Any]:
+    """Outcome counts as ``kept``, ``dropped`` by reason and their ``total`` (``already done`` is neither)."""
+    dropped = {k: v for k, v in sorted(counts.items()) if k not in ("kept", "already done")}
+    return {"kept": counts["kept"], "dropped": dropped, "total": counts["kept"] + sum(dropped.values())}
+
+
+def _prompts(
+    records: Iterable[tuple[str, int, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: RejectedSettings,
+    ledger: _Ledger,
+) -> Iterator[Pending]:
+    """The records still to sample, with their prompts rendered. A record already in ``ledger`` is counted as
+    ``already done``; a bad one raises its DataError or (``on_error=skip``) is marked ``bad record``."""
+    for source, line, messages in records:
+        key = (str(source), int(line))
+        if key in ledger.status:
+            ledger.run["already done"] += 1
+            continue
+        try:
+            if isinstance(messages, Exception):
+                raise messages
+            prompt, chosen = split_prompt(messages, *key)
+            try:
+                text = render_prompt(tokenizer, prompt)
+            except Exception as e:  # a template error on this record: name it
+                raise DataError(*key, f"cannot render with the chat template: {e}") from e
+        except DataError as e:
+            if settings.on_error == "raise":
+                raise
+            ledger.bad(key, e)
+            continue
+        ledger.status[key] = "pending"  # a key repeated in the input is processed once
+        yield key, prompt, chosen, text
+
+
+def _batches(items: Iterable[Pending], size: int) -> Iterator[list[Pending]]:
+    """``items`` in lists of ``size``, each as soon as it is full, then the rest: a last list, empty or not,
+    always comes, so the done-keys of bad records after the last full batch are committed too."""
+    batch: list[Pending] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    yield batch
+
+
+def _sample_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[Pending],
+    generation: Mapping[str, Any],
+    settings: RejectedSettings,
+    ledger: _Ledger,
+) -> None:
+    """Sample a reply to every prompt of ``batch``, judge it (:func:`verdict`) and commit the batch to ``ledger``."""
+    prompts = [text for *_, text in batch]
+    samples = generate_texts(model, tokenizer, prompts, generation, settings.batch_size) if batch else []
+    rows = []
+    for (key, prompt, chosen, _), sample in zip(batch, samples, strict=True):
+        outcome = verdict(sample, chosen, settings)
+        if outcome == "kept":
+            row = {"messages": prompt, "chosen": chosen, "rejected": sample, "source": key[0], "line": key[1]}
+            rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+        ledger.mark(key, outcome)
+    ledger.commit(rows)
+
+
 def build_rejected(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     records: Iterable[tuple[str, int, Any]],
     out_path: str | Path,
-    settings: Mapping[str, Any],
-    batch_size: int = 8,
-    similarity_threshold: float = 0.9,
-    degenerate_args: Mapping[str, Any] | None = None,
-    limit: int | None = None,
-    on_error: str = "raise",
+    generation: Mapping[str, Any],
+    settings: RejectedSettings | None = None,
+    *,
     skips: SkipCounter | None = None,
     info: Mapping[str, Any] | None = None,
     progress: bool = True,
@@ -165,112 +349,28 @@ def build_rejected(
 
     ``records`` yields ``(source, line, messages)`` (chat messages whose last assistant turn is the
     dataset answer, as :func:`datamodules.formats.to_messages` makes them), or ``(source, line, error)``
-    with the DataError of a record that could not be adapted. The first ``limit`` records are
-    processed (None: all); records already in ``out_path`` or its ``.done`` sidecar are passed over, so
-    rerunning the same command resumes. Samples come from :func:`lmlab.infer.generation.generate_texts`
-    with ``settings`` (conf/generation), ``batch_size`` prompts at a time. ``on_error``: ``raise`` stops
-    at a bad record, ``skip`` counts it as ``bad record``. ``skips`` (the reader's counter of unreadable
-    lines) and ``info`` (e.g. the settings used) are reported in ``<out>.meta.json``, which also holds
-    the returned counts: ``kept``, ``dropped`` by reason, ``total`` over the whole file and ``this_run``.
+    with the DataError of a record that could not be adapted (generate.py's ``conversations``). Samples
+    come from :func:`lmlab.infer.generation.generate_texts` with ``generation`` (conf/generation);
+    ``settings`` (None: the defaults) says how many records are looked at, how many prompts go to one
+    generate call, which samples are dropped and what a bad record does. Records already in ``out_path``
+    or its ``.done`` sidecar are passed over, so rerunning the same command resumes. ``skips`` (the
+    reader's counter of unreadable lines) and ``info`` (e.g. the settings used) are reported in
+    ``<out>.meta.json``, which also holds the returned counts: ``kept``, ``dropped`` by reason, ``total``
+    over the whole file and ``this_run``. ``progress``: show a progress bar.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={on_error!r}: choose raise or skip")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    settings = settings if settings is not None else RejectedSettings()
     if not tokenizer.chat_template:
         raise ValueError("the tokenizer has no chat template to render prompts with; use an SFT run's export")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done_path = out_path.with_name(out_path.name + ".done")
-    meta_path = out_path.with_name(out_path.name + ".meta.json")
-    deg_args = dict(degenerate_args or {})
-    status = load_progress(out_path, done_path)
-    totals = Counter(status.values())
-    run: Counter = Counter()
-    examples: list[str] = []  # the first bad records' errors, for the meta
     model.eval()
-
-    def write_meta() -> dict[str, Any]:
-        def split(counts: Counter) -> dict[str, Any]:
-            dropped = {k: v for k, v in sorted(counts.items()) if k not in ("kept", "already done")}
-            return {"kept": counts["kept"], "dropped": dropped, "total": counts["kept"] + sum(dropped.values())}
-
-        this_run = {**split(run), "already_done": run["already done"], "bad_record_examples": examples}
-        meta = {
-            **split(totals),
-            "this_run": this_run,
-            "unreadable_lines": skips.total if skips is not None else 0,
-            "out": str(out_path),
-            **(info or {}),
-        }
-        meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return meta
-
-    def mark(key: Key, outcome: str, done: list[str]) -> None:
-        """Count a record's outcome (kept or a drop reason) and queue its done-key."""
-        status[key] = outcome
-        totals[outcome] += 1
-        run[outcome] += 1
-        done.append(json.dumps({"source": key[0], "line": key[1], "status": outcome}, ensure_ascii=False) + "\n")
-
-    def flush(pending: list[tuple[Key, list[dict], str, str]], done: list[str]) -> None:
-        samples = (
-            generate_texts(model, tokenizer, [text for *_, text in pending], settings, batch_size) if pending else []
-        )
-        rows = []
-        for (key, prompt, chosen, _), sample in zip(pending, samples, strict=True):
-            reason = degenerate(sample, **deg_args)
-            if reason is not None:
-                mark(key, f"degenerate: {reason}", done)
-            elif too_similar(sample, chosen, similarity_threshold):
-                mark(key, TOO_SIMILAR, done)
-            else:
-                rows.append(
-                    json.dumps(
-                        {"messages": prompt, "chosen": chosen, "rejected": sample, "source": key[0], "line": key[1]},
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
-                mark(key, "kept", done)
-        _append(out_f, rows)  # rows first: a key is marked done only once its row is on disk
-        _append(done_f, done)
-        pending.clear()
-        done.clear()
-        write_meta()
-        bar.set_postfix(kept=totals["kept"], dropped=sum(totals.values()) - totals["kept"], refresh=False)
-
-    pending: list[tuple[Key, list[dict], str, str]] = []
-    done: list[str] = []
-    items = records if limit is None else islice(records, limit)
+    items = records if settings.limit is None else islice(records, settings.limit)
     with (
-        open(out_path, "a", encoding="utf-8") as out_f,
-        open(done_path, "a", encoding="utf-8") as done_f,
-        tqdm(items, total=limit, desc="rejected", unit="record", disable=not progress) as bar,
+        _Ledger(out_path, skips, info) as ledger,
+        tqdm(items, total=settings.limit, desc="rejected", unit="record", disable=not progress) as bar,
     ):
-        for source, line, messages in bar:
-            key = (str(source), int(line))
-            if key in status:
-                run["already done"] += 1
-                continue
-            try:
-                if isinstance(messages, Exception):
-                    raise messages
-                prompt, chosen = split_prompt(messages, *key)
-                try:
-                    text = render_prompt(tokenizer, prompt)
-                except Exception as e:  # a template error on this record: name it
-                    raise DataError(*key, f"cannot render with the chat template: {e}") from e
-            except DataError as e:
-                if on_error == "raise":
-                    raise
-                if len(examples) < 5:
-                    examples.append(str(e))
-                mark(key, BAD_RECORD, done)
-                continue
-            status[key] = "pending"  # a key repeated in the input is processed once
-            pending.append((key, prompt, chosen, text))
-            if len(pending) >= batch_size:
-                flush(pending, done)
-        flush(pending, done)
-    return write_meta()
+        for batch in _batches(_prompts(bar, tokenizer, settings, ledger), settings.batch_size):
+            _sample_batch(model, tokenizer, batch, generation, settings, ledger)
+            kept = ledger.totals["kept"]
+            bar.set_postfix(kept=kept, dropped=sum(ledger.totals.values()) - kept, refresh=False)
+    return ledger.write_meta()
