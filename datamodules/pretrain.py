@@ -150,7 +150,7 @@ class PretrainDataModule(LMDataModule):
         format: str = "auto",
         text_field: str = "text",
         cache_dir: str = ".cache/tokens",
-        split_seed: int = 0,
+        split_seed: int = 42,
         on_error: str = "raise",
         num_proc: int = 0,
         shard_mb: float = 8,

@@ -178,7 +178,7 @@ class SFTDataModule(LMDataModule):
         chat_template: str | None = None,
         max_target_length: int | None = None,
         train_on_prompt: bool = False,
-        split_seed: int = 0,
+        split_seed: int = 42,
         on_error: str = "raise",
     ):
         super().__init__(train_files, val_files, val_fraction, format, on_error, split_seed)

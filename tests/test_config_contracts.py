@@ -95,3 +95,21 @@ def test_the_run_chat_template_keeps_its_order(tmp_path, tiny_tokenizer, stage):
         assert chat_template(cfg, dm, tiny_tokenizer) == "the tokenizer's"
         tiny_tokenizer.chat_template = None
         assert chat_template(cfg, dm, tiny_tokenizer) == preset
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_a_schema_default_is_its_datamodules_default(schema):
+    """conf/ and code agree: where a constructor has a default, the schema declares that same value. Exempt: a field
+    set through ``${paths...}`` (the infrastructure's) and a code default of None (nothing given: e.g. the text
+    schema's span_corruption settings, without which a seq2seq run stops with a clear error)."""
+    data = OmegaConf.to_container(alone(f"+data=schema/{schema}", "+paths=default").data)
+    params = inspect.signature(get_class(data["_target_"]).__init__).parameters
+    differ = {
+        name: (value, params[name].default)
+        for name, value in data.items()
+        if name in params
+        and params[name].default not in (inspect.Parameter.empty, None)
+        and not (isinstance(value, str) and "${" in value)
+        and value != params[name].default
+    }
+    assert not differ, f"schema/{schema} (conf value, code default): {differ}"
