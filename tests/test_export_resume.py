@@ -157,29 +157,66 @@ def test_resume_auto_without_an_interrupted_run_starts_fresh(tmp_path):
     assert len(_run_folders(tmp_path)) == 2
 
 
-def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
-    """A write that dies midway leaves the previous last.ckpt loadable (Lightning's fsspec transaction)."""
-    from lightning.fabric.utilities.cloud_io import _atomic_save
-
-    path = tmp_path / "last.ckpt"
-    _atomic_save({"global_step": 1}, path)
-
-    from fsspec.implementations import local
-
-    def broken_write(self, data):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(local.LocalFileOpener, "write", broken_write, raising=False)
-    try:
-        _atomic_save({"global_step": 2}, path)
-    except OSError:
-        pass
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["global_step"] == 1
-
-
 def test_module_saves_its_hyperparameters(tmp_path):
     train(compose_cfg(tmp_path, ["max_steps=2", "callbacks.samples.num_prompts=0"]))
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["hyper_parameters"]["optim"]["optimizer"]["lr"] == 3.0e-3
     assert ckpt["hyper_parameters"]["freeze"] == []
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_exits_nonzero_and_resumes_exactly(tmp_path):
+    """SIGTERM (a scheduler's preemption) mid-run: last.ckpt at the step reached, exit 128 + 15, and resume=auto ends
+    on an uninterrupted run's weights."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_script(*_train_cmd(straight))
+    proc = subprocess.Popen(
+        [sys.executable, *_train_cmd(stopped, "checkpoint_every=7")],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = list(stopped.glob("pretrain/llama-tiny/*/checkpoints/last.ckpt"))
+        if ckpts and torch.load(ckpts[0], weights_only=False)["global_step"] >= 7:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    stderr = proc.communicate()[1]
+    assert proc.returncode == 128 + signal.SIGTERM, f"exit {proc.returncode}:\n{stderr[-3000:]}"
+    (run_dir,) = _run_folders(stopped)
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert (
+        f"SIGTERM: saved {run_dir / 'checkpoints' / 'last.ckpt'} at step {step};" in (run_dir / "train.log").read_text()
+    )
+    assert 7 <= step < 40 and not (run_dir / "hf").exists()
+
+    run_script(*_train_cmd(stopped, "checkpoint_every=7", "resume=auto"))
+    assert _run_folders(stopped) == [run_dir]
+    a = load_file(_run_folders(straight)[0] / "hf" / "model.safetensors")
+    b = load_file(run_dir / "hf" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a), "the resumed run's weights differ"
+
+
+def test_sigint_is_handled_like_sigterm(tmp_path):
+    """Ctrl+C during training: the same path, exit 128 + 2, after saving at an optimizer step's end."""
+    from lmlab.train.callbacks import Preemption
+
+    saved = []
+
+    class Trainer:
+        global_step = 12
+        fit_loop = type("Loop", (), {"_should_accumulate": staticmethod(lambda: False)})()
+
+        def save_checkpoint(self, path):
+            saved.append(path)
+
+    guard = Preemption(str(tmp_path / "last.ckpt"), ["SIGTERM", "SIGINT", "SIGUSR1"])
+    guard.on_train_batch_end(Trainer())  # no signal: nothing happens
+    guard._note(signal.SIGINT, None)
+    with pytest.raises(SystemExit) as stop:
+        guard.on_train_batch_end(Trainer())
+    assert stop.value.code == 128 + signal.SIGINT and saved == [str(tmp_path / "last.ckpt")]

@@ -4,6 +4,8 @@ the bar, an appending metrics.csv, early stopping that conf can switch off."""
 from __future__ import annotations
 
 import json
+import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,41 @@ class ConfusionReport(L.Callback):
                 rows = [[label, *row] for label, row in zip(labels, confusion.tolist(), strict=True)]
                 logger.log_table(f"{split}/confusion_matrix", columns=["true", *labels], data=rows)
                 logger.log_image(f"{split}/confusion_matrix_png", images=[str(png)])
+
+
+class Preemption(L.Callback):
+    """On SIGTERM, SIGINT (Ctrl+C) or SIGUSR1 (SLURM's warning before a kill): finish the current optimizer step,
+    write ``checkpoint`` (last.ckpt, where ``resume=auto`` continues) at that step and exit with 128 + the signal's
+    number, as a killed process would, so a scheduler requeues the job and a ``&&`` chain stops.
+
+    Lightning's own SIGTERM handling stops at a step boundary but saves nothing and exits 0. The handlers are
+    installed when training starts; Lightning's teardown restores the ones from before the run.
+    """
+
+    def __init__(self, checkpoint: str, signals: list[str]):
+        self.checkpoint = checkpoint
+        self.signals = [signal.Signals[name] for name in signals]
+        self.received: signal.Signals | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for signum in self.signals:
+            signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.received is None or trainer.fit_loop._should_accumulate():
+            return
+        trainer.save_checkpoint(self.checkpoint)
+        logging.getLogger("lmlab.train").warning(
+            "%s: saved %s at step %d; exiting with %d (rerun with resume=auto to continue)",
+            self.received.name,
+            self.checkpoint,
+            trainer.global_step,
+            128 + self.received,
+        )
+        raise SystemExit(128 + self.received)
 
 
 class _AppendingWriter(ExperimentWriter):
