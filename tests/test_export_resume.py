@@ -103,12 +103,27 @@ def _run_folders(outputs: Path, model: str = "llama-tiny") -> list[Path]:
     return sorted((outputs / "pretrain" / model).iterdir())
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run folder of an uninterrupted _train_cmd run per model, made once for the interruption tests."""
+    runs: dict[str, Path] = {}
+
+    def run(model: str) -> Path:
+        if model not in runs:
+            outputs = tmp_path_factory.mktemp(f"straight-{model}")
+            run_script(*_train_cmd(outputs, f"model={model}"))
+            (runs[model],) = _run_folders(outputs, model)
+        return runs[model]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["llama-tiny", "t5-tiny"])
-def test_killed_run_resumes_to_the_same_weights(tmp_path, model):
+def test_killed_run_resumes_to_the_same_weights(tmp_path, model, uninterrupted):
     """SIGKILL mid-run, then `resume=auto`: the final weights equal an uninterrupted run's."""
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    run_script(*_train_cmd(straight, f"model={model}"))
+    crashed = tmp_path / "crashed"
+    straight_dir = uninterrupted(model)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -133,7 +148,6 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, model):
 
     run_script(*_train_cmd(crashed, f"model={model}", "resume=auto", wandb=True))
     assert _run_folders(crashed, model) == [killed_dir], "resume=auto must continue in the interrupted run's folder"
-    (straight_dir,) = _run_folders(straight, model)
     a = load_file(straight_dir / "hf" / "model.safetensors")
     b = load_file(killed_dir / "hf" / "model.safetensors")
     for name in a:
@@ -165,11 +179,10 @@ def test_module_saves_its_hyperparameters(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_exits_nonzero_and_resumes_exactly(tmp_path):
+def test_sigterm_saves_the_current_step_exits_nonzero_and_resumes_exactly(tmp_path, uninterrupted):
     """SIGTERM (a scheduler's preemption) mid-run: last.ckpt at the step reached, exit 128 + 15, and resume=auto ends
     on an uninterrupted run's weights."""
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    run_script(*_train_cmd(straight))
+    stopped = tmp_path / "stopped"
     proc = subprocess.Popen(
         [sys.executable, *_train_cmd(stopped, "checkpoint_every=7")],
         cwd=REPO,
@@ -196,7 +209,7 @@ def test_sigterm_saves_the_current_step_exits_nonzero_and_resumes_exactly(tmp_pa
 
     run_script(*_train_cmd(stopped, "checkpoint_every=7", "resume=auto"))
     assert _run_folders(stopped) == [run_dir]
-    a = load_file(_run_folders(straight)[0] / "hf" / "model.safetensors")
+    a = load_file(uninterrupted("llama-tiny") / "hf" / "model.safetensors")
     b = load_file(run_dir / "hf" / "model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a), "the resumed run's weights differ"
 
