@@ -57,6 +57,7 @@ from datamodules.formats import SkipCounter, to_text
 from datamodules.shards import SHARD_SPLITS, ShardWriter, plan_shards, token_dtype
 from datamodules.sources import Source, weighted
 from datamodules.span_corruption import SpanCorruption, sentinel_token_ids
+from lmlab.core.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -411,9 +412,9 @@ class PretrainDataModule(LMDataModule):
             "skipped": dict(sorted(self.skips.skipped.items())),
             "skip_examples": self.skips.first_errors,
         }
-        tmp = target / f"meta.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, target / "meta.json")
+        write_atomically(
+            target / "meta.json", lambda f: f.write((json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
+        )
         log.info(
             "pretrain data: %s tokens, %s documents in %d shards; %d exact duplicates dropped",
             meta["tokens"],

@@ -6,8 +6,8 @@ where the source changes, so every shard holds one source of a mixture and its t
 that source (meta.json's per-source counts, the per-source validation sets). The cut depends only
 on the documents and ``shard_mb``, never on the number of processes, so the same input and
 tokenizer always give the same files. Each shard is one task: a worker tokenizes it and writes
-``<name>.tmp<pid>``, then renames it; a shard is done when its file exists, so a rerun after a
-crash skips the finished shards and redoes only the rest.
+``.<name>.tmp<pid>`` beside it, then renames it (lmlab.core.files.write_atomically); a shard is done when its
+file exists, so a rerun after a crash skips the finished shards and redoes only the rest.
 
 A shard file is the documents' token ids, each document followed by EOS, as uint16 when the
 vocabulary has fewer than 65536 entries, else uint32. A document longer than
@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
+
+from lmlab.core.files import write_atomically
 
 SHARD_SPLITS = ("train", "val")
 
@@ -102,24 +104,22 @@ def encode_shard(
     tokenizer: Tokenizer, docs: list[str], path: Path, eos_id: int, dtype: np.dtype, chunk_chars: int
 ) -> int:
     """Write the documents' tokens (EOS after each) to ``path`` atomically; return the token count."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tokens = 0
-    try:
-        with open(tmp, "wb") as f:
-            for batch in _batches(_pieces(docs, chunk_chars), chunk_chars):
-                ids: list[int] = []
-                for encoding, (_, last) in zip(
-                    tokenizer.encode_batch_fast([p for p, _ in batch], add_special_tokens=False), batch, strict=True
-                ):
-                    ids.extend(encoding.ids)
-                    if last:
-                        ids.append(eos_id)
-                np.asarray(ids, dtype=dtype).tofile(f)
-                tokens += len(ids)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return tokens
+
+    def write(f) -> int:
+        tokens = 0
+        for batch in _batches(_pieces(docs, chunk_chars), chunk_chars):
+            ids: list[int] = []
+            for encoding, (_, last) in zip(
+                tokenizer.encode_batch_fast([p for p, _ in batch], add_special_tokens=False), batch, strict=True
+            ):
+                ids.extend(encoding.ids)
+                if last:
+                    ids.append(eos_id)
+            np.asarray(ids, dtype=dtype).tofile(f)
+            tokens += len(ids)
+        return tokens
+
+    return write_atomically(path, write)
 
 
 _worker_tokenizer: Tokenizer | None = None

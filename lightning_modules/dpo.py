@@ -37,6 +37,7 @@ from lightning_modules.dpo_loss import (
 )
 from lightning_modules.lm import freeze_parameters, lm_forward
 from lmlab.core.collate import REF_LOGPS
+from lmlab.core.files import write_atomically
 from lmlab.core.models import auto_class, resolve_hf_dir
 
 log = logging.getLogger(__name__)
@@ -198,10 +199,7 @@ class DPOModule(TrainingModule):
                 chosen, rejected = self._logps(self.reference, batch)[0].chunk(2)
                 rows.append(torch.stack([chosen, rejected], dim=1).float())
         out = torch.cat(rows).cpu() if rows else torch.zeros(0, 2)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"logps": out, "data_sha256": fingerprint}, tmp)
-        tmp.replace(path)
+        write_atomically(path, lambda f: torch.save({"logps": out, "data_sha256": fingerprint}, f))
         log.info("reference log-probs: %d %s pairs computed, cached in %s", len(dataset), split, path)
         return out
 

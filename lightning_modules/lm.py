@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from lightning_modules.base import TrainingModule
 from lmlab.core.collate import IGNORE_INDEX
-from lmlab.core.losses import label_token_stats
+from lmlab.core.losses import label_hits, label_token_stats
 
 GROUPS = ("embeddings", "encoder")  # named parameter groups of freeze=[...]; other entries are regexes
 
@@ -101,7 +101,7 @@ class LMModule(TrainingModule):
         self.log("train/loss", loss, prog_bar=True)
         if self._on_log_step():
             with torch.no_grad():
-                _, correct, n = label_token_stats(out.logits, batch["labels"])
+                correct, n = label_hits(out.logits, batch["labels"])
                 self.log("train/acc", correct / n.clamp(min=1))
             self.log("train/ppl", torch.exp(loss.detach()))
         return self._token_weighted(loss, (batch["labels"] != IGNORE_INDEX).sum())

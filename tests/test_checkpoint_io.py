@@ -10,7 +10,8 @@ import torch
 from conftest import compose_cfg
 from hydra.utils import instantiate
 
-from lmlab.train.checkpoint_io import AtomicCheckpointIO, write_atomically
+from lmlab.core.files import write_atomically
+from lmlab.train.checkpoint_io import AtomicCheckpointIO
 
 
 def refuse_tmpdir(*args, **kwargs):

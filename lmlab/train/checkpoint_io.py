@@ -8,43 +8,21 @@ is a copy into the truncated target, so a kill or a full disk mid-copy leaves a 
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-
-def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file in the same folder, fsync it, rename it over
-    ``path`` and fsync the folder: a crash at any moment leaves the previous file or the complete new one. A failed
-    write (a full disk) removes the temporary file and raises, the previous file untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+from lmlab.core.files import write_atomically
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose local saves go through :func:`write_atomically` (remote URLs keep Lightning's own
-    path). Set for every run in conf/trainer/cpu.yaml (``trainer.plugins``), which the GPU preset inherits."""
+    """TorchCheckpointIO whose local saves go through :func:`lmlab.core.files.write_atomically` (remote URLs keep
+    Lightning's own path). Set for every run in conf/trainer/cpu.yaml (``trainer.plugins``), which the GPU preset
+    inherits."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
