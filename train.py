@@ -1,9 +1,9 @@
 """Train: `python train.py model=<family> stage=<objective> data=<preset> [overrides]`.
 
 Composes conf/train.yaml, builds tokenizer -> data -> model -> LightningModule -> Trainer from
-their `_target_`s, fits (resuming from last.ckpt under resume=auto), exports hf/ (the best checkpoint by the
-stage's metric under export=best), tests the best checkpoint where the stage has a test split (stage.test),
-and returns the monitored metric for Hydra sweepers.
+their `_target_`s, fits (continuing a checkpoint under resume=auto or resume=<run dir>: lmlab.core.runs), exports
+hf/ (the best checkpoint by the stage's metric under export=best), tests the best checkpoint where the stage has a
+test split (stage.test), and returns the monitored metric for Hydra sweepers.
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.sft import SFTDataModule
 from lightning_modules.dpo import build_reference
 from lmlab.core.models import build_model, export_hf, load_model, resolve_hf_dir, set_cudnn_attention
-from lmlab.core.runs import register_resolvers
+from lmlab.core.runs import WANDB_TMP, register_resolvers, remove_leftovers, resume_checkpoint
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
+from lmlab.train.callbacks import RunCSVLogger, import_wandb
 
 log = logging.getLogger("lmlab.train")
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))  # conf/paths: root_dir
@@ -125,6 +127,9 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.export not in ("best", "last"):
         raise ValueError(f"export must be 'best' or 'last', got {cfg.export!r}")
     run_dir = Path(cfg.paths.output_dir)
+    resume = resume_checkpoint(cfg, run_dir)  # (checkpoint, its step) or None; it logs what it found
+    if resume:
+        remove_leftovers(run_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     set_cudnn_attention(cfg.cudnn_sdpa)
@@ -146,16 +151,17 @@ def train(cfg: DictConfig) -> float | None:
     )
 
     loggers = [instantiate(c) for c in cfg.logger.values()]
+    for lg in loggers:
+        if resume and isinstance(lg, RunCSVLogger):
+            lg.resume_from(resume[1])
+        if isinstance(lg, WandbLogger):
+            import_wandb(run_dir / WANDB_TMP)
     callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values()) if cb is not None]  # None: off
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    last = run_dir / "checkpoints" / "last.ckpt"
-    ckpt_path = str(last) if cfg.resume == "auto" and last.is_file() else None
-    if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume[0]) if resume else None)
     best = best_checkpoint(trainer, cfg.stage.monitor)
     if trainer.is_global_zero:
         if cfg.export == "best" and best:

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.formats import DataError, SkipCounter
@@ -61,16 +62,26 @@ class LMDataModule(L.LightningDataModule):
         and placeholder fill), read by :func:`datamodules.sources.adapted_records`.
 
         A record that cannot be read or adapted raises its DataError, or under on_error=skip
-        is counted in ``self.skips`` and passed over.
+        is counted in ``self.skips`` and passed over; fields the adapter never reads are counted there too. A file
+        that holds no record at all is an error naming it: a source that adds nothing (an empty file, a CSV with a
+        header only) is a mistake, never a silent no-op. (Under on_error=skip a file whose every record was bad
+        adds nothing too, but its records are counted.)
         """
         skips = self.skips if self.on_error == "skip" else None
-        for source, line, record in adapted_records(files, self.format, adapter, skips):
-            if isinstance(record, DataError):
-                if skips is None:
-                    raise record
-                skips.add("bad records", record)
-                continue
-            yield source, line, record
+        for entry in files:
+            found, skipped_before = 0, self.skips.total
+            for source, line, record in adapted_records(
+                [entry], self.format, adapter, skips, self.skips.ignored_fields
+            ):
+                if isinstance(record, DataError):
+                    if skips is None:
+                        raise record
+                    skips.add("bad records", record)
+                    continue
+                found += 1
+                yield source, line, record
+            if not found and self.skips.total == skipped_before:
+                raise DataError(str(entry.path if isinstance(entry, Source) else entry), None, "no records (empty?)")
 
     def connect(
         self,
@@ -122,13 +133,23 @@ class LMDataModule(L.LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> StatefulDataLoader:
+        """A loader over ``dataset``; a shuffled one in an order drawn from ``seed`` that a resumed run repeats exactly.
+
+        The shuffling sampler (torchdata's RandomSampler, what ``shuffle=True`` builds) gets a generator of its own.
+        Given only the loader's, the two share it: the loader draws a base seed for worker processes from it at
+        each epoch's start, after the sampler's permutation, and the sampler's checkpointed state is the generator
+        from before that permutation. A restore draws the permutation again but not the base seed, so without
+        loader processes every epoch after the resumed one had another order than the uninterrupted run's (issue
+        16). The loader keeps a seeded generator for the base seeds, which would otherwise be drawn from (and move)
+        torch's global one.
+        """
         import torch
 
         assert self.tokenizer is not None, "datamodule.connect(tokenizer, ...) before building loaders"
         return StatefulDataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=self.collator(),
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,

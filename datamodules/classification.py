@@ -177,8 +177,32 @@ class ClassificationDataModule(LMDataModule):
             for name in CLASSIFY_SPLITS:
                 if not splits[name]:
                     raise DataError(", ".join(self.train_files), None, f"no usable records for the {name} split")
+            self._require_classes(splits)
             self._splits = {name: splits[name] for name in CLASSIFY_SPLITS}
         return self._splits
+
+    def _require_classes(self, splits: dict[str, list[Example]]) -> None:
+        """Training examples of at least two classes: with one, every prediction is that class and the test
+        accuracy is a meaningless 1.0 (a filtered file, a label column misread). A class with no training
+        examples at all is named in a warning, with how often val and test hold it: the model cannot predict it."""
+        counts = {name: Counter(label for *_, label in splits[name]) for name in CLASSIFY_SPLITS}
+        present = [label for c, label in enumerate(self.labels) if counts["train"][c]]
+        if len(present) < 2:
+            raise DataError(
+                ", ".join(self.train_files),
+                None,
+                f"every training example has the label {present[0]!r} (data.labels is {self.labels}): a classifier "
+                f"needs examples of at least two classes to learn anything",
+                field=self.label_field,
+            )
+        for c, label in enumerate(self.labels):
+            if not counts["train"][c]:
+                log.warning(
+                    "data: class %r has no training examples (val %d, test %d): the model cannot learn it",
+                    label,
+                    counts["val"][c],
+                    counts["test"][c],
+                )
 
     def class_counts(self, split: str = "train") -> list[int]:
         counts = Counter(label for *_, label in self.splits()[split])

@@ -8,20 +8,37 @@ and the count is reported at the end of the run.
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
+import difflib
 import gzip
 import json
 import lzma
+import re
 import sys
+import zlib
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 FORMATS = ("jsonl", "json", "parquet", "csv", "tsv", "txt")
 # Compressed files are read transparently by their last suffix (``train.jsonl.xz``, ``corpus.txt.gz``).
 COMPRESSION = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+# What a file's first bytes say it is, for the binary formats a misnamed file most often is: a text reader handed
+# one would decode it into garbage lines (skipped one by one under on_error=skip, or worse, read as text).
+SIGNATURES = {
+    "gzip": (re.compile(rb"\x1f\x8b"), "rename it to {name}.gz (compressed files are read by their last suffix)"),
+    "xz": (re.compile(rb"\xfd7zXZ\x00"), "rename it to {name}.xz (compressed files are read by their last suffix)"),
+    "bz2": (re.compile(rb"BZh[1-9]1AY&SY"), "rename it to {name}.bz2 (compressed files are read by their last suffix)"),
+    "zstd": (re.compile(rb"\x28\xb5\x2f\xfd"), "decompress it first (zstd is not read)"),
+    "zip": (re.compile(rb"PK\x03\x04"), "unzip it first"),
+    "parquet": (re.compile(rb"PAR1"), "rename it to {stem}.parquet or set data.format to parquet"),
+}
+SNIFF_BYTES = 8192  # how much of a file's (decompressed) start is checked for a signature or NUL bytes
+NEAR_MISS = 0.75  # difflib similarity at which an unread field is taken for a misspelling of a missing one
 csv.field_size_limit(sys.maxsize)  # documents can be long; the default 128 KiB limit would reject them
 ROLE_ALIASES = {
     "user": "user",
@@ -47,10 +64,13 @@ class DataError(ValueError):
 
 @dataclass
 class SkipCounter:
-    """Counts records skipped under ``on_error=skip`` (by reason) and samples dropped on purpose."""
+    """Counts records skipped under ``on_error=skip`` (by reason) and samples dropped on purpose, and the fields
+    that records carry but no adapter reads (``ignored_fields``: field name -> records), so that metadata left out
+    of training (an ``id``, a ``category``) is reported rather than dropped unseen."""
 
     skipped: Counter = field(default_factory=Counter)
     first_errors: list[str] = field(default_factory=list)
+    ignored_fields: Counter = field(default_factory=Counter)
 
     def add(self, reason: str, error: Exception | None = None) -> None:
         self.skipped[reason] += 1
@@ -62,11 +82,13 @@ class SkipCounter:
         return sum(self.skipped.values())
 
     def report(self) -> str:
+        ignored = ", ".join(f"{name} ({n} records)" for name, n in sorted(self.ignored_fields.items()))
+        ignored = f"; fields no adapter reads, ignored: {ignored}" if ignored else ""
         if not self.total:
-            return "no records skipped"
+            return f"no records skipped{ignored}"
         parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
         examples = "".join(f"\n  e.g. {e}" for e in self.first_errors)
-        return f"skipped {self.total} records ({parts}){examples}"
+        return f"skipped {self.total} records ({parts}){ignored}{examples}"
 
 
 def detect_format(path: str | Path, fmt: str = "auto") -> str:
@@ -101,11 +123,20 @@ def _read_all(path: Path) -> bytes:
         return f.read()
 
 
-def _decode(raw: bytes, source: str, line: int) -> str:
+def _decode(raw: bytes, source: str, first_line: int) -> str:
+    """``raw`` (one line, or a whole file starting at ``first_line``) as UTF-8, without a leading byte order mark.
+
+    A bad byte is named by the line it is on and its position in that line, also when ``raw`` is a whole file
+    (a JSON list is decoded at once), so the error points where an editor shows it.
+    """
+    if first_line == 1:
+        raw = raw.removeprefix(codecs.BOM_UTF8)  # Excel's "UTF-8" CSV starts with one; it is not part of the text
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(source, line, f"not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})") from e
+        line = first_line + raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
+        raise DataError(source, line, f"not valid UTF-8 (byte {column}: {raw[e.start : e.start + 1]!r})") from e
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
@@ -146,44 +177,96 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _read_delimited(path: Path, delimiter: str, header: bool, columns: list[str] | None) -> Iterator[tuple[int, Any]]:
-    """One record per line. TSV fields are taken verbatim (quotes are text); CSV follows RFC 4180 quoting
-    within a line (a quoted field spanning lines is not supported: its first line is reported)."""
+    """Rows as records, each named by the line it starts on.
+
+    TSV fields are taken verbatim (quotes are text): one row per line. CSV follows RFC 4180: a quoted field may
+    hold delimiters, quotes (doubled) and line breaks, so a row may span lines. A quote left open to the end of the
+    file is an error whatever ``on_error``: from there on the file cannot be cut into rows.
+    """
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    quoting = csv.QUOTE_NONE if kind == "TSV" else csv.QUOTE_MINIMAL
+    bad_lines: dict[int, DataError] = {}  # lines that are not UTF-8, reported with the row that holds them
+    ended = False  # every line handed to the csv reader
+
+    def lines() -> Iterator[str]:
+        nonlocal ended
+        with open_bytes(path) as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    yield _decode(raw, str(path), line_no)
+                except DataError as e:
+                    bad_lines[line_no] = e
+                    yield raw.decode("utf-8", errors="replace")
+        ended = True
+
+    reader = csv.reader(lines(), delimiter=delimiter, quoting=quoting, strict=kind == "CSV")
     names = columns
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    for line_no, text in _text_lines(path):
-        if isinstance(text, DataError):
-            yield line_no, text
-            continue
-        if not text.strip():
-            continue
+    while True:
+        start = reader.line_num + 1
         try:
-            row = next(csv.reader([text], delimiter=delimiter, quoting=quoting))
+            row: list[str] | csv.Error = next(reader)
+        except StopIteration:
+            return
         except csv.Error as e:
-            yield (
-                line_no,
-                DataError(str(path), line_no, f"malformed {'TSV' if quoting == csv.QUOTE_NONE else 'CSV'} row: {e}"),
-            )
-            continue
-        if names is None and header:
+            if ended:  # the file ended inside a quoted field
+                raise DataError(
+                    str(path), start, f"malformed CSV: a quoted field opened in this row is never closed ({e})"
+                ) from e
+            row = e
+        unreadable = [bad_lines.pop(n) for n in range(start, reader.line_num + 1) if n in bad_lines]
+        if unreadable:
+            yield unreadable[0].line, unreadable[0]
+        elif isinstance(row, csv.Error):
+            yield start, DataError(str(path), start, f"malformed {kind} row: {row}")
+        elif not row or (len(row) == 1 and not row[0].strip()):
+            continue  # a blank line
+        elif names is None and header:
             names = row
-            continue
-        if names is None:
-            names = [str(i) for i in range(len(row))]
-        if len(row) != len(names):
-            yield line_no, DataError(str(path), line_no, f"expected {len(names)} columns {names}, found {len(row)}")
         else:
-            yield line_no, dict(zip(names, row, strict=True))
+            names = names or [str(i) for i in range(len(row))]
+            if len(row) == len(names):
+                yield start, dict(zip(names, row, strict=True))
+            else:
+                spans = (
+                    f" (the row runs to line {reader.line_num}: a quote left open?)" if reader.line_num > start else ""
+                )
+                message = f"expected {len(names)} columns {names}, found {len(row)}{spans}"
+                yield start, DataError(str(path), start, message)
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a parquet file, numbered from 1 as 'lines'; a file pyarrow cannot read is named (a whole-file error)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     line_no = 0
     with open_bytes(path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                line_no += 1
-                yield line_no, record
+        try:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                for record in batch.to_pylist():
+                    line_no += 1
+                    yield line_no, record
+        except (pa.ArrowException, OSError) as e:  # pyarrow raises OSError for some corrupt files
+            after = f" after row {line_no}" if line_no else ""
+            raise DataError(str(path), None, f"not a readable parquet file{after} ({type(e).__name__}: {e})") from e
+
+
+def _refuse_binary(path: Path, kind: str) -> None:
+    """Stop at a file whose content is not its format's, whatever ``on_error``: a whole-file problem, not a record's.
+
+    A gzip file named ``.txt`` would otherwise be decoded line by line into garbage (under on_error=skip, the lines
+    that happen to be valid UTF-8 would be trained on); NUL bytes mean binary data or UTF-16/32 text.
+    """
+    with open_bytes(path) as f:
+        head = f.read(SNIFF_BYTES)
+    for name, (signature, fix) in SIGNATURES.items():
+        if name != kind and signature.match(head):
+            fix = fix.format(name=path.name, stem=path.name.split(".")[0])
+            raise DataError(str(path), None, f"looks like {name} data, not {kind}: {fix}")
+    if kind != "parquet" and b"\x00" in head:
+        raise DataError(
+            str(path), None, f"holds NUL bytes: not {kind} in UTF-8 (binary data, or text saved as UTF-16/32?)"
+        )
 
 
 def _read_txt(path: Path, one_doc_per_line: bool) -> Iterator[tuple[int, Any]]:
@@ -222,27 +305,103 @@ def read_records(
     if not path.is_file():
         raise DataError(str(path), None, "file not found")
     kind = detect_format(path, spec.get("type", "auto"))
-    if kind == "jsonl":
-        rows = _read_jsonl(path)
-    elif kind == "json":
-        rows = _read_json(path)
-    elif kind in ("csv", "tsv"):
-        columns = list(spec["columns"]) if spec.get("columns") else None
-        rows = _read_delimited(path, "," if kind == "csv" else "\t", spec.get("header", True) and not columns, columns)
-    elif kind == "parquet":
-        rows = _read_parquet(path)
-    else:
-        rows = _read_txt(path, spec.get("one_doc_per_line", True))
     rename = dict(spec.get("fields") or {})
-    for line_no, record in rows:
-        if isinstance(record, DataError):
-            if skips is None:
-                raise record
-            skips.add("unreadable lines", record)
+    line_no = 0
+    try:  # a compressed file that is corrupt or cut off fails while it is read: name it
+        _refuse_binary(path, kind)
+        for line_no, record in _rows(path, kind, spec):
+            if isinstance(record, DataError):
+                if skips is None:
+                    raise record
+                skips.add("unreadable lines", record)
+                continue
+            if rename and isinstance(record, dict):
+                record = {rename.get(k, k): v for k, v in record.items()}
+            yield str(path), line_no, record
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+        after = f" after line {line_no}" if line_no else ""
+        raise DataError(str(path), None, f"cannot be read{after}: {type(e).__name__}: {e}") from e
+
+
+def _rows(path: Path, kind: str, spec: Mapping[str, Any]) -> Iterator[tuple[int, Any]]:
+    """(line, record or DataError) from the reader of ``kind``."""
+    if kind == "jsonl":
+        return _read_jsonl(path)
+    if kind == "json":
+        return _read_json(path)
+    if kind in ("csv", "tsv"):
+        columns = list(spec["columns"]) if spec.get("columns") else None
+        return _read_delimited(path, "," if kind == "csv" else "\t", spec.get("header", True) and not columns, columns)
+    if kind == "parquet":
+        return _read_parquet(path)
+    return _read_txt(path, spec.get("one_doc_per_line", True))
+
+
+class ReadFields(dict):
+    """A record that notes every field its adapter asks for (``get``, ``[]``, ``in``), found or not.
+
+    The adapters decide by the fields they find which shape a record has, so only they know which fields matter;
+    what they never ask for is left out of training, and what they ask for and miss may be a misspelling of a
+    field the record does carry (:func:`adapt`).
+    """
+
+    def __init__(self, record: dict):
+        super().__init__(record)
+        self.asked: set[str] = set()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: Any) -> bool:
+        self.asked.add(key)
+        return super().__contains__(key)
+
+
+def adapt(adapter: Callable[[Any, str, int], T], record: Any, source: str, line: int) -> tuple[T, list[str]]:
+    """``adapter(record, source, line)`` and the fields of ``record`` it never read (metadata, to be counted).
+
+    A field it never read that is a near miss of one it looked for and did not find (``inptu`` for ``input``,
+    ``Text`` for ``text``) is a misspelling: a DataError naming it, instead of a record trained without its input.
+    """
+    if not isinstance(record, dict):
+        return adapter(record, source, line), []
+    tracked = ReadFields(record)
+    try:
+        result = adapter(tracked, source, line)
+    except DataError as error:
+        misspelled = _misspelling(tracked, source, line)
+        if misspelled:
+            raise misspelled from error
+        raise
+    misspelled = _misspelling(tracked, source, line)
+    if misspelled:
+        raise misspelled
+    return result, [key for key in record if key not in tracked.asked]
+
+
+def _misspelling(record: ReadFields, source: str, line: int) -> DataError | None:
+    """A DataError for the first unread field of ``record`` that is a near miss of a field asked for and missing."""
+    missing = {str(key).lower(): key for key in record.asked if not dict.__contains__(record, key)}
+    if not missing:
+        return None
+    for key in record:
+        if key in record.asked:
             continue
-        if rename and isinstance(record, dict):
-            record = {rename.get(k, k): v for k, v in record.items()}
-        yield str(path), line_no, record
+        near = difflib.get_close_matches(str(key).lower(), missing, n=1, cutoff=NEAR_MISS)
+        if near:
+            return DataError(
+                source,
+                line,
+                f"not a field this data reads; did you mean '{missing[near[0]]}'? (the record's fields: "
+                f"{sorted(record)}; data.format.fields renames fields)",
+                field=key,
+            )
+    return None
 
 
 def _field(record: Any, name: str, source: str, line: int, required: bool = True) -> str:

@@ -53,7 +53,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.base import LMDataModule
-from datamodules.formats import SkipCounter, to_text
+from datamodules.formats import DataError, SkipCounter, to_text
 from datamodules.shards import SHARD_SPLITS, ShardWriter, plan_shards, token_dtype
 from datamodules.sources import Source, weighted
 from datamodules.span_corruption import SpanCorruption, sentinel_token_ids
@@ -363,7 +363,9 @@ class PretrainDataModule(LMDataModule):
         target = self.token_dir
         if (target / "meta.json").exists():
             meta = json.loads((target / "meta.json").read_text())
-            self.skips = SkipCounter(Counter(meta["skipped"]), list(meta["skip_examples"]))
+            self.skips = SkipCounter(
+                Counter(meta["skipped"]), list(meta["skip_examples"]), Counter(meta.get("ignored_fields", {}))
+            )
             log.info("pretrain data: reusing token shards in %s", target)
             return
         if self.tokenizer.eos_token_id is None:
@@ -411,6 +413,7 @@ class PretrainDataModule(LMDataModule):
             },
             "skipped": dict(sorted(self.skips.skipped.items())),
             "skip_examples": self.skips.first_errors,
+            "ignored_fields": dict(sorted(self.skips.ignored_fields.items())),
         }
         write_atomically(
             target / "meta.json", lambda f: f.write((json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
@@ -427,6 +430,24 @@ class PretrainDataModule(LMDataModule):
                 log.info("pretrain data: %s: %s tokens (weight %g)", label, counts["tokens"], counts["weight"])
         self.log_skips()
 
+    def _require_windows(self, meta: dict) -> None:
+        """Each split must fill one window of seq_len+1 tokens: say so naming the input files and the setting to
+        change, rather than let the token shards (a cache folder the user never named) fail to make windows."""
+        for split in SHARD_SPLITS:
+            tokens, documents = meta["tokens"][split], meta["documents"][split]
+            if tokens >= self.seq_len + 1:
+                continue
+            if split == "val" and not self.val_files:
+                files, fix = self.train_files, f"raise data.val_fraction (now {self.val_fraction}) or give val_files"
+            else:
+                files, fix = (self.val_files if split == "val" else self.train_files), "give more text"
+            raise DataError(
+                ", ".join(files),
+                None,
+                f"{documents} {split} documents of {tokens} tokens, fewer than one window of "
+                f"seq_len+1={self.seq_len + 1}; {fix} or lower seq_len",
+            )
+
     def _val_labels(self) -> list[str]:
         """The sources with a validation set of their own: the val files, or else every training source."""
         return list(dict.fromkeys(s.label for s in (self.val_sources or self.sources)))
@@ -435,6 +456,7 @@ class PretrainDataModule(LMDataModule):
         if self.train_set is not None:
             return
         meta = json.loads((self.token_dir / "meta.json").read_text())
+        self._require_windows(meta)
         dtype = np.dtype(meta["dtype"])
 
         def windows(rows: list[dict]) -> TokenWindows:

@@ -310,9 +310,21 @@ class SFTDataModule(LMDataModule):
         if not self.chat_template:
             require_chat_template(self.tokenizer)
         train, val = self.examples()
-        self.train_set = self._tokenize_all(train)
-        self.val_set = self._tokenize_all(val)
+        train_set, val_set = self._tokenize_all(train), self._tokenize_all(val)
         self.log_skips()
+        val_files = [s.path for s in self._val_sources()] if self.val_files else self.train_files
+        for split, examples, dataset, files in (
+            ("train", train, train_set, self.train_files),
+            ("val", val, val_set, val_files),
+        ):
+            if not len(dataset):  # say why here, not as the loader's "num_samples=0"
+                raise DataError(
+                    ", ".join(files),
+                    None,
+                    f"none of the {len(examples)} {split} samples keeps an answer token after truncation to "
+                    f"seq_len={self.max_length}: raise seq_len (or data.max_target_length), or shorten the prompts",
+                )
+        self.train_set, self.val_set = train_set, val_set
 
     def source_set(self, split: str, name: str) -> ListDataset:
         """The ``split``'s samples of one training source, by its name: e.g. a mixture's held-out Alpaca rows,

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from datamodules.formats import DataError, SkipCounter, read_records
+from datamodules.formats import DataError, SkipCounter, adapt, read_records
 
 T = TypeVar("T")
 KEYS = {"path", "weight", "name", "format", "fill"}
@@ -106,6 +107,7 @@ def adapted_records(
     fmt: str | Mapping[str, Any],
     adapter: Callable[[Any, str, int], T],
     skips: SkipCounter | None = None,
+    ignored: Counter | None = None,
 ) -> Iterator[tuple[str, int, T | DataError]]:
     """(source, line, adapted record) for every record of ``sources``, or (source, line, DataError) for a record
     the adapter rejects: the caller raises it or counts it.
@@ -114,11 +116,18 @@ def adapted_records(
     ``data.format``) and its placeholders are filled (``fill``) before ``adapter(record, source, line)``
     (:func:`datamodules.formats.to_messages` and the like) sees the record. A line that cannot be read raises
     its DataError, or, when ``skips`` is given, is counted there and passed over (:func:`read_records`).
+    A field the adapter looked for and missed while a near miss of it is there is a misspelling, rejected like
+    any bad record; other fields it never read are counted in ``ignored`` (field name -> records) when given
+    (:func:`datamodules.formats.adapt`).
     """
     for entry in sources:
         spec = entry if isinstance(entry, Source) else Source(entry)
         for source, line, record in read_records(spec.path, spec.format or fmt, skips=skips):
             try:
-                yield source, line, adapter(fill_placeholders(record, spec.fill), source, line)
+                adapted, unread = adapt(adapter, fill_placeholders(record, spec.fill), source, line)
             except DataError as e:
                 yield source, line, e
+                continue
+            if ignored is not None:
+                ignored.update(unread)
+            yield source, line, adapted

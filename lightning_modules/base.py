@@ -1,5 +1,6 @@
 """What every training objective shares: the wrapped model, the optimizer and schedule, clipping, compile,
-the non-finite loss guard that keeps last.ckpt good, and token-weighted losses over an optimizer step."""
+the non-finite loss and gradient guard that keeps every checkpoint good, and token-weighted losses over an
+optimizer step."""
 
 from __future__ import annotations
 
@@ -12,17 +13,20 @@ from transformers import PreTrainedModel
 
 from lightning_modules.optim import param_groups, warmup_cosine
 from lmlab.core.models import flops_per_batch
+from lmlab.core.runs import resume_advice
 
 
 class NonFiniteLossError(RuntimeError):
-    """A NaN/inf training loss; raised before any checkpoint is written after it, so last.ckpt stays good."""
+    """A NaN/inf training loss or gradient norm; raised on every rank at once, before any checkpoint is written
+    after the bad step."""
 
 
 class TrainingModule(L.LightningModule):
     """Base of LMModule, DPOModule and ClassifierModule: ``self.model`` is a transformers model, ``optim`` conf/optim.
 
-    Non-finite losses are flagged on the device and checked at log steps and before every
-    checkpoint, so there is no host sync per step and no checkpoint ever holds a bad state.
+    Non-finite losses and gradient norms are flagged on the device and checked at log steps and before every
+    checkpoint, so there is no host sync per step and no checkpoint ever holds a bad state; a step whose
+    gradient norm is not finite changes no weight to NaN (configure_gradient_clipping).
     """
 
     def __init__(self, model: PreTrainedModel, optim: dict, compile: bool = False):
@@ -32,7 +36,11 @@ class TrainingModule(L.LightningModule):
         self.compile_model = compile
         self.flops_per_batch = 0.0  # read by ThroughputMonitor for MFU; set by _count_flops
         self._flops: dict[tuple, float] = {}  # batch shapes -> training FLOPs, see _count_flops
+        # The first non-finite step (-1: none yet) and its loss and gradient norm (-1: not computed yet); until
+        # there is one, the loss and norm are the current step's. See _track_non_finite and _guard_gradients.
         self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
+        self.register_buffer("bad_loss", torch.tensor(0.0), persistent=False)
+        self.register_buffer("bad_grad_norm", torch.tensor(-1.0), persistent=False)
         self._window_anchor: torch.Tensor | None = None  # see _token_weighted
         self._window_tokens: torch.Tensor | None = None
 
@@ -54,28 +62,53 @@ class TrainingModule(L.LightningModule):
         self.flops_per_batch = self._flops[shapes] * factor
 
     def _track_non_finite(self, loss: torch.Tensor) -> None:
-        """Remember the first step whose loss is NaN/inf, on the device (no host sync)."""
-        bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(bad, self.global_step, self.first_bad_step)
+        """Remember the first step whose loss is NaN/inf, on the device (no host sync); called for every
+        micro-batch, before its backward."""
+        loss = loss.detach().float()
+        current = self.first_bad_step < 0  # no bad step yet: the record follows this step
+        self.bad_loss = torch.where(current, loss, self.bad_loss)
+        self.bad_grad_norm = torch.where(current, -1.0, self.bad_grad_norm)
+        self.first_bad_step = torch.where(current & ~torch.isfinite(loss), self.global_step, self.first_bad_step)
+
+    def _is_log_step(self) -> bool:
+        """Whether this step is one in ``log_every_n_steps``, where a host sync is affordable."""
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
 
     def _on_log_step(self) -> bool:
-        """The work of a logging step (one in ``log_every_n_steps``, where a host sync is affordable): stop on a
-        non-finite loss flagged since the last one and log the lr. Returns whether this step is one, so that an
-        objective can log its costlier metrics there too."""
-        if (self.global_step + 1) % self.trainer.log_every_n_steps:
+        """The work of a logging step: stop on a non-finite loss or gradient norm flagged since the last one and log
+        the lr. Returns whether this step is one, so that an objective can log its costlier metrics there too."""
+        if not self._is_log_step():
             return False
         self._raise_if_non_finite()
         self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
         return True
 
     def _raise_if_non_finite(self) -> None:
-        step = int(self.first_bad_step)
-        if step >= 0:
-            raise NonFiniteLossError(
-                f"loss is not finite (nan/inf) at step {step}; stopping. checkpoints/last.ckpt holds the last good "
-                "state (it is never written after a bad step): lower lr, check the data, or use a higher-precision "
-                "setting, then resume=auto"
-            )
+        """Raise NonFiniteLossError if any rank flagged a step. Every rank gathers every rank's flag first (a
+        collective: all ranks call this at the same step), so all of them raise together, naming the earliest bad
+        step, and none is left waiting in a collective for a rank that has stopped (a hang)."""
+        steps = self._gather(self.first_bad_step).tolist()  # a host sync: log steps and checkpoints only
+        bad = [(step, rank) for rank, step in enumerate(steps) if step >= 0]
+        if not bad:
+            return
+        values = self._gather(torch.stack([self.bad_loss, self.bad_grad_norm]))
+        step, rank = min(bad)
+        loss, norm = values[rank].tolist()
+        what = "gradient norm" if math.isfinite(loss) else "loss"
+        where = f" on rank {rank}" if len(steps) > 1 else ""
+        norm_text = "not computed yet" if norm < 0 else f"{norm:.4g}"
+        raise NonFiniteLossError(
+            f"{what} is not finite (nan/inf) at step {step}{where} (loss {loss:.4g}, gradient norm {norm_text}); "
+            f"stopping. No checkpoint is ever written after a bad step: {resume_advice(self.trainer.default_root_dir)}"
+        )
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of every rank, stacked in rank order (a plain all_gather, as _global_sum)."""
+        if self.trainer.world_size == 1:
+            return x.unsqueeze(0)
+        rows = [torch.empty_like(x) for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather(rows, x)
+        return torch.stack(rows)
 
     def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` summed over the ranks, in place: a plain all_reduce (Lightning's reduce adds a barrier and a host
@@ -124,21 +157,52 @@ class TrainingModule(L.LightningModule):
         self._raise_if_non_finite()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's own clipping, except under bf16-mixed with a fused optimizer.
+        """Clip as Lightning would, but keep the total gradient norm, which guards and logs the step.
 
-        Lightning refuses to clip for any optimizer that unscales gradients itself (fused AdamW)
-        under mixed precision, because fp16's GradScaler would hand it scaled gradients; bf16 has
-        no scaler, so the gradients are the true ones and torch's clipping is exact.
+        Lightning calls this after every backward, with gradient_clip_val or not, so this is where the norm is
+        computed, once: by torch's clip_grad_norm_ when clipping by norm (it returns the norm before clipping),
+        else by get_total_norm (foreach kernels). _guard_gradients then flags a non-finite norm and logs it.
+        Lightning itself would refuse to clip for an optimizer that unscales gradients itself (fused AdamW) under
+        mixed precision, because fp16's GradScaler would hand it scaled gradients; bf16 has no scaler, so the
+        gradients are the true ones and torch's clipping is exact. Under fp16's GradScaler, Lightning clips, and
+        nothing is flagged: the scaler skips steps with inf gradients itself and lowers its scale.
         """
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if gradient_clip_val and scaler is None and any(g.get("fused") for g in optimizer.param_groups):
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-        else:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_val and gradient_clip_algorithm != "value":
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if gradient_clip_val:
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        self._guard_gradients(optimizer, params, norm.float())
+
+    def _guard_gradients(self, optimizer, params: list[torch.Tensor], norm: torch.Tensor) -> None:
+        """Flag a non-finite gradient norm like a non-finite loss, keep that step from writing NaN into the weights,
+        and log the norm at log steps; all on the device.
+
+        A finite loss can still have inf gradients (an overflow in the backward pass): clipping then scales
+        them by 0 or NaN and the optimizer writes NaN into the weights, which the next checkpoint would save.
+        A fused optimizer (fused AdamW, trainer=gpu's) skips the whole step, weights, moments and step count,
+        when its ``found_inf`` is 1: fp16's GradScaler uses the same switch, and it costs nothing. Any other
+        optimizer gets zero gradients for the step, which keeps the weights and its state finite; a
+        zero-gradient step still moves the weights by momentum and weight decay, but no checkpoint is ever
+        written after a flagged step, so that state is never saved. Deciding on the host whether to step
+        would need a sync at every step.
+        """
+        pending = (self.first_bad_step < 0) | (self.first_bad_step == self.global_step)
+        self.bad_grad_norm = torch.where(pending, norm, self.bad_grad_norm)
+        bad = ~torch.isfinite(norm)
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), self.global_step, self.first_bad_step)
+        if getattr(optimizer, "_step_supports_amp_scaling", False):  # torch's mark of a step that reads found_inf
+            optimizer.found_inf = bad.float()
+        else:
+            for p in params:
+                p.grad.masked_fill_(bad, 0.0)
+        if self._is_log_step():
+            self.log("train/grad_norm", norm)
 
     def configure_optimizers(self):
         cfg = self.optim

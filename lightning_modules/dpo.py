@@ -179,10 +179,26 @@ class DPOModule(TrainingModule):
         if self.reference is not None:
             self.reference.to(self.device)
 
-    @torch.no_grad()
     def _precomputed_logps(self, split: str, dataset, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
         """The reference's log-probs [n, 2] (chosen, rejected) of every pair of ``split``, in ``dataset``'s order
-        (``batches``): from ``ref_cache`` when it holds exactly these pairs, else computed and cached there."""
+        (``batches``): from ``ref_cache`` when it holds exactly these pairs, else computed and cached there.
+
+        Under DDP every rank holds the whole split, and rank 0 alone reads or computes them and writes the
+        cache; the other ranks wait for them in a broadcast from rank 0. When every rank computed the whole
+        cache, each spent the reference's passes over all pairs and renamed its own file over the same cache.
+        A broadcast, rather than the other ranks reading the file, also works where the run folder is not
+        shared by every node (ranks on other nodes).
+        """
+        strategy = self.trainer.strategy
+        logps = self._cached_or_computed_logps(split, dataset, batches) if strategy.is_global_zero else None
+        return strategy.broadcast(logps, src=0)
+
+    @torch.no_grad()
+    def _cached_or_computed_logps(
+        self, split: str, dataset, batches: Iterable[dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        """_precomputed_logps on one rank: from the cache when it holds exactly these pairs, else computed and
+        cached."""
         path = Path(self.hparams.ref_cache) / f"{split}.pt"
         fingerprint = data_fingerprint(dataset)
         if path.is_file():

@@ -134,3 +134,52 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_a_class_without_training_examples_is_named_in_a_warning(tmp_path, caplog):
+    from datamodules.classification import ClassificationDataModule
+
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    write_lines(train, [json.dumps({"text": t, "label": c}).encode() for t, c in (("hi", "ham"), ("win", "spam"))])
+    write_lines(held, [json.dumps({"text": "eggs?", "label": "eggs"}).encode()])
+    dm = ClassificationDataModule(
+        train_files=[str(train)], labels=["ham", "spam", "eggs"], val_files=[str(held)], test_files=[str(held)]
+    )
+    with caplog.at_level("WARNING"):
+        dm.splits()
+    assert "class 'eggs' has no training examples (val 1, test 1)" in caplog.text
+
+
+def test_a_hub_repo_id_still_goes_to_transformers(monkeypatch):
+    """Only local paths are checked: a name that is no local path but may be a Hub repo id is transformers' to load."""
+    from lmlab.core import tokenizer as tokenizer_module
+
+    asked = []
+
+    def from_pretrained(name):
+        asked.append(name)
+        raise OSError("offline")
+
+    monkeypatch.setattr(tokenizer_module.AutoTokenizer, "from_pretrained", from_pretrained)
+    with pytest.raises(OSError, match=r"tokenizer=some-org/some-tokenizer: no local folder .* Hub failed \(offline\)"):
+        tokenizer_module.load_tokenizer("some-org/some-tokenizer")
+    assert asked == ["some-org/some-tokenizer"]
+    with pytest.raises(FileNotFoundError, match="tokenizer path /nonexistent does not exist"):
+        tokenizer_module.load_tokenizer("/nonexistent")
+    assert asked == ["some-org/some-tokenizer"]
+
+
+def test_ignored_fields_are_kept_in_the_token_cache_and_reported_on_reuse(tmp_path, tiny_tokenizer):
+    path = tmp_path / "news.jsonl"
+    write_lines(path, [json.dumps({"text": f"news item {i} " * 8, "url": f"u{i}"}).encode() for i in range(20)])
+    made, reused = (
+        connect(
+            PretrainDataModule(train_files=[str(path)], cache_dir=str(tmp_path / "cache")), tiny_tokenizer, max_length=8
+        )
+        for _ in range(2)
+    )
+    made.prepare_data()
+    reused.prepare_data()
+    assert json.loads((made.token_dir / "meta.json").read_text())["ignored_fields"] == {"url": 20}
+    assert made.skips.ignored_fields == reused.skips.ignored_fields == {"url": 20}
+    assert "ignored: url (20 records)" in reused.skips.report()

@@ -199,7 +199,7 @@ def test_class_weights_are_inverse_frequencies(tmp_path, tiny_tokenizer):
 
 def test_an_unknown_label_names_its_file_and_line(tmp_path):
     data = tmp_path / "msgs.tsv"
-    data.write_text("ham\thello\nspam\tWIN now\nhamm\ttypo in the label\nham\tsee you\n", encoding="utf-8")
+    data.write_text("ham\thello\nspam\tWIN now\nhamm\ttypo in the label\nham\tsee you\nham\tlunch?\n", encoding="utf-8")
     cfg = compose_cfg(tmp_path, ["stage=classify", f"data.train_files=[{data}]"])
     with pytest.raises(
         DataError, match=r"msgs.tsv:3: field 'label': unknown label 'hamm'; data.labels is \['ham', 'spam'\]"
@@ -218,7 +218,7 @@ def test_an_unknown_label_names_its_file_and_line(tmp_path):
             ],
         ).data
     )
-    assert sum(len(part) for part in skipping.splits().values()) == 3 and skipping.skips.total == 1
+    assert sum(len(part) for part in skipping.splits().values()) == 4 and skipping.skips.total == 1
     assert to_labelled({"text": "x", "label": 1}, "f", 1, "text", "label", ["ham", "spam"]) == ("x", 1)  # an id
 
 

@@ -1,22 +1,26 @@
 """DPO's reference, built outside the module and injected: frozen, eval-mode, outside the module's state and
 optimizer; with reference=precomputed its log-probs travel in the items and batches (TRL's ref_chosen_logps /
 ref_rejected_logps), equal to what the live reference computes, and a resumed run reads them from the cache
-without calling the reference model."""
+without calling the reference model. Under DDP, rank 0 alone computes and caches them and the other ranks get
+rank 0's."""
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import compose_cfg, tiny_bpe
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from test_nan_guard import ddp_trainer, run_ranks
 
 import train as train_script
-from lightning_modules.dpo import DPOModule, build_reference
+from lightning_modules import dpo
+from lightning_modules.dpo import DPOModule, build_reference, data_fingerprint
 from lmlab.core.collate import REF_LOGPS, CausalCollator, PreferenceCollator
 from lmlab.core.models import build_model, export_hf
 
@@ -164,10 +168,46 @@ def test_resumed_run_reads_the_cache_and_never_calls_the_reference(tmp_path, pai
     calls.clear()
     with caplog.at_level(logging.INFO):
         train_script.train(compose_cfg(tmp_path, [*overrides, "max_steps=8"]))
-    assert "resuming from" in caplog.text and "reference log-probs: train from" in caplog.text
+    assert "resume=auto: resuming" in caplog.text and "reference log-probs: train from" in caplog.text
     assert not calls, "a resumed run must take the reference log-probs from its cache"
     assert cache == {split: (tmp_path / "ref_logps" / f"{split}.pt").stat().st_mtime_ns for split in cache}
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 8
     assert "reference_model" not in ckpt["hyper_parameters"]
     assert all(k.startswith("model.") for k in ckpt["state_dict"])
+
+
+def _precompute_on_ranks(rank: int, tmp_path, pairs_file) -> dict:
+    """One rank of a 2-rank DDP trainer.validate() with reference=precomputed, both ranks on one ref_cache: how
+    often this rank ran the reference and wrote a cache file, and the log-probs its datamodule got."""
+    calls, writes = [], []
+    write = dpo.write_atomically
+
+    def counted_write(path, *args):
+        writes.append(Path(path).name)
+        return write(path, *args)
+
+    dpo.write_atomically = counted_write  # in this rank's own process
+    overrides = [f"data.train_files=[{pairs_file}]", "stage.module.reference=precomputed"]
+    dm, _, reference, module = parts(tmp_path, tiny_bpe("byte"), overrides)
+    reference.register_forward_pre_hook(lambda *_: calls.append(1))
+    ddp_trainer(tmp_path, limit_val_batches=1).validate(module, datamodule=dm)
+    return {
+        "reference_calls": len(calls),
+        "writes": sorted(writes),
+        "pairs": data_fingerprint(dm.train_set),
+        "logps": {key: [s[key] for s in dm.train_set.samples] for key in REF_LOGPS},
+    }
+
+
+def test_under_ddp_rank_0_alone_computes_and_caches_the_reference_logps(tmp_path, pairs_file):
+    """Old behaviour: every rank ran the reference over every pair and wrote the same cache files."""
+    results = run_ranks(_precompute_on_ranks, tmp_path, pairs_file, out_dir=tmp_path)
+    assert all("returned" in result for result in results), results
+    rank0, rank1 = (result["returned"] for result in results)
+    assert rank0["pairs"] == rank1["pairs"], "the ranks hold the same pairs"
+    assert rank0["reference_calls"] > 0 and rank0["writes"] == ["train.pt", "val.pt"]
+    assert rank1["reference_calls"] == 0 and rank1["writes"] == [], "rank 1 takes rank 0's log-probs"
+    assert rank1["logps"] == rank0["logps"]
+    cached = torch.load(tmp_path / "ref_logps" / "train.pt", weights_only=True)["logps"]
+    assert cached.tolist() == [list(pair) for pair in zip(*rank0["logps"].values(), strict=True)]

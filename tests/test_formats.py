@@ -109,3 +109,19 @@ def test_tsv_keeps_quotes_verbatim_and_fields_can_be_renamed(tmp_path):
     path.write_text('q\ta\n"quoted" start\the said "hi"\n')
     spec = {"type": "tsv", "fields": {"q": "prompt", "a": "response"}}
     assert [r for _, _, r in read_records(path, spec)] == [{"prompt": '"quoted" start', "response": 'he said "hi"'}]
+
+
+def test_a_csv_field_quoted_across_lines_is_one_record_named_by_its_first_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,response\nq,"first line\nsecond, with a comma"\nx,"he said ""hi"""\n')
+    rows = [(line, r) for _, line, r in read_records(path)]
+    assert rows == [
+        (2, {"prompt": "q", "response": "first line\nsecond, with a comma"}),
+        (4, {"prompt": "x", "response": 'he said "hi"'}),
+    ]
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_field(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffprompt,response\n你好,你好！\n".encode())
+    assert [r for _, _, r in read_records(path)] == [{"prompt": "你好", "response": "你好！"}]

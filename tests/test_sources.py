@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,21 @@ def test_adapted_records_reads_each_source_its_way_and_yields_what_the_adapter_r
     # without a counter an unreadable line raises; plain paths read in the given format
     with pytest.raises(DataError, match="chat.jsonl:2: malformed JSON"):
         list(adapted_records([str(chat)], "jsonl", to_messages))
+
+
+def test_fields_no_adapter_reads_are_counted_and_a_near_miss_of_a_missing_one_is_rejected(tmp_path):
+    """Metadata beside the fields an adapter reads is counted (it is left out of training); a misspelling of a field
+    the adapter looked for and missed is a bad record naming both, not a record silently read without it."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text(
+        '{"instruction": "Add.", "input": "1 + 2", "output": "3", "id": 7}\n'
+        '{"instruction": "Add.", "inptu": "1 + 2", "output": "3", "id": 8}\n',
+        encoding="utf-8",
+    )
+    ignored = Counter()
+    items = list(adapted_records([str(path)], "auto", to_messages, ignored=ignored))
+    assert items[0][2][0] == {"role": "user", "content": "Add.", "input": "1 + 2"}
+    assert isinstance(items[1][2], DataError)
+    assert f"{path}:2: field 'inptu'" in str(items[1][2]) and "did you mean 'input'" in str(items[1][2])
+    assert ignored == {"id": 1}
+    assert "ignored: id (1 records)" in SkipCounter(ignored_fields=ignored).report()

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from transformers import (
     AutoConfig,
@@ -95,7 +95,9 @@ def tokenizer_ids(tokenizer: PreTrainedTokenizerBase, model_cfg: DictConfig) -> 
 
 
 def check_arch(model_cfg: DictConfig, config: PretrainedConfig, where: str) -> None:
-    """The preset's ``arch`` decides how the data are laid out, so it must match the model."""
+    """The model must be of the preset's ``arch``, which decides how the data are laid out, and of its family
+    (``model_type``): the run folder, the wandb group and its tags are named after ``model=``, so a LLaMA loaded with
+    init_from under model=gpt2-tiny would otherwise train in outputs/<stage>/gpt2-tiny/."""
     if model_cfg.arch not in ARCHS:
         raise ValueError(f"model.arch={model_cfg.arch!r}: choose one of {ARCHS}")
     actual = "seq2seq" if config.is_encoder_decoder else "causal"
@@ -103,6 +105,12 @@ def check_arch(model_cfg: DictConfig, config: PretrainedConfig, where: str) -> N
         raise ValueError(
             f"{where} is a {actual} model ({config.model_type}) but model={model_cfg.name} is {model_cfg.arch}: "
             f"choose a {actual} model preset (e.g. model={'t5' if actual == 'seq2seq' else 'llama'})"
+        )
+    family = get_class(model_cfg.config._target_).model_type
+    if config.model_type != family:
+        raise ValueError(
+            f"{where} holds a {config.model_type} model but model={model_cfg.name} is a {family} preset: pass a "
+            f"model= preset of the {config.model_type} family (conf/model/), so the run is named after what it trains"
         )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import sys
 import time
@@ -35,6 +36,17 @@ LAYOUT_CHARS = ["\n", "\t", "\r"]
 # Every other whitespace character (no-break and ideographic spaces, \v, \f, U+2028, ...) means a space to a
 # char-level tokenizer: it becomes " " (then Metaspace's "▁") instead of unk. NFKC alone misses some of them.
 OTHER_WHITESPACE = Regex(r"[^\S\n\t\r ]")
+# A folder AutoTokenizer can load holds one of these (a fast tokenizer's file, its config, or a slow one's vocabulary).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.model",
+)
+# A Hugging Face Hub repo id: a name, or namespace/name (letters, digits, '-', '_', '.').
+HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")
 
 
 def build_pre_tokenizer(
@@ -251,9 +263,35 @@ def train_and_save(
     return tokenizer, report
 
 
+def _check_local_tokenizer(path: str | Path) -> None:
+    """Say what is wrong with a local tokenizer path in its own words, before transformers answers a missing path
+    with a Hub repo id rule and a folder without a tokenizer with "install sentencepiece or tiktoken".
+
+    A name that is no local path but could be a Hub repo id (``gpt2``, ``org/name``) is left to transformers.
+    """
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise ValueError(f"tokenizer={path} is a file; give the folder that holds it ({local.parent})")
+    if local.is_dir():
+        if not any((local / name).is_file() for name in TOKENIZER_FILES):
+            inside = next((d for d in (local / "hf", local / "tokenizer") if (d / "tokenizer.json").is_file()), None)
+            hint = f"; the run's tokenizer is in {inside}" if inside else ""
+            raise ValueError(f"no tokenizer in {path} (expected tokenizer.json or tokenizer_config.json){hint}")
+    elif not HUB_ID.fullmatch(str(path)):
+        raise FileNotFoundError(f"tokenizer path {path} does not exist")
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Any tokenizer folder ``AutoTokenizer`` reads; a pad token is required for batching."""
-    tok = AutoTokenizer.from_pretrained(str(path))
+    """Any tokenizer folder ``AutoTokenizer`` reads, or a Hub repo id; a pad token is required for batching."""
+    _check_local_tokenizer(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except OSError as e:
+        if Path(path).expanduser().exists():
+            raise
+        raise OSError(
+            f"tokenizer={path}: no local folder of that name, and loading it from the Hugging Face Hub failed ({e})"
+        ) from e
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ValueError(f"tokenizer {path} has neither a pad nor an eos token; add a pad token to it")

@@ -3,9 +3,13 @@ the bar, an appending metrics.csv, early stopping that conf can switch off."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import signal
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +18,10 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_modules.classifier import ClassifierModule, write_confusion
+from lmlab.core.files import write_atomically
 from lmlab.eval.rouge import ROUGE_TYPES, rouge_scores
 from lmlab.infer.generation import generate_texts
 
@@ -161,7 +167,8 @@ class Preemption(L.Callback):
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing metrics.csv (a resumed run continues it) instead of deleting it."""
+    """Keeps an existing metrics.csv (a resumed run continues it) instead of deleting it, and rewrites it (for a new
+    column, or rows dropped on resume) atomically: Lightning rewrites it in place, which a kill would cut off."""
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
@@ -169,9 +176,42 @@ class _AppendingWriter(ExperimentWriter):
                 header = f.readline().strip()
             self.metrics_keys = sorted(k for k in header.split(",") if k)
 
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        self._write(fieldnames, self._read()[1])
+
+    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        with open(self.metrics_file_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+
+    def _write(self, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
+        def write(f: io.BufferedIOBase) -> None:
+            text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+            writer = csv.DictWriter(text, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+            text.detach()  # flushes; write_atomically closes f
+
+        write_atomically(self.metrics_file_path, write)
+
+    def drop_rows_from(self, step: int) -> int:
+        """Drop the first row Lightning logged at a trainer step >= ``step`` and every row after it; returns how many.
+
+        Lightning logs at the trainer's step (such rows have an ``epoch``) the index of the optimizer step that is
+        running, so a checkpoint at global step N precedes exactly the rows from the first with step >= N. Rows that
+        callbacks log at their own counters (ThroughputMonitor's validate/*, no epoch) go with their neighbours."""
+        if not self._fs.isfile(self.metrics_file_path):
+            return 0
+        fieldnames, rows = self._read()
+        cut = next((i for i, row in enumerate(rows) if row.get("epoch") and int(row["step"]) >= step), len(rows))
+        if cut < len(rows):
+            self._write(fieldnames, rows[:cut])
+        return len(rows) - cut
+
 
 class RunCSVLogger(CSVLogger):
-    """CSVLogger writing ``<run dir>/metrics.csv`` directly, appending on resume."""
+    """CSVLogger writing ``<run dir>/metrics.csv`` directly, appending on resume, where each step appears once
+    (:meth:`resume_from`) and none that a checkpoint covers is lost to a kill (:meth:`after_save_checkpoint`)."""
 
     def __init__(self, save_dir: str):
         super().__init__(save_dir=save_dir, name="", version="")
@@ -182,3 +222,36 @@ class RunCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """Write the buffered rows with each checkpoint a ModelCheckpoint saves (Lightning writes them every 100
+        steps), so a kill loses none that the checkpoint covers: a resumed run starts after them, never logging them."""
+        self.save()
+
+    @rank_zero_only
+    def resume_from(self, step: int) -> None:
+        """Before a run resumes from its checkpoint at global step ``step``: drop the rows the interrupted run logged
+        after that checkpoint, which the resumed run logs again."""
+        dropped = self.experiment.drop_rows_from(step)
+        if dropped:
+            logging.getLogger("lmlab.train").info(
+                "metrics.csv: dropped the %d rows logged after step %d, which the resumed run logs again", dropped, step
+            )
+
+
+def import_wandb(tmp: Path) -> None:
+    """Import wandb with Python's temporary folder set to ``tmp`` (the run's wandb/tmp) for the moment of import.
+
+    On import wandb (0.31) makes two temporary folders, ``tmp*wandb-media`` (logged images and tables pass through
+    it) and ``tmp*wandb-artifacts``, which only a clean exit removes: every killed run left two in $TMPDIR, where
+    nothing tells a dead run's from a live one's. In the run folder they go with the run, and resuming it removes them
+    (:func:`remove_leftovers`). Once wandb is imported (a sweep's later jobs in one process) there is nothing to do.
+    """
+    if "wandb" in sys.modules:
+        return
+    tmp.mkdir(parents=True, exist_ok=True)
+    before, tempfile.tempdir = tempfile.tempdir, str(tmp)
+    try:
+        import wandb  # noqa: F401
+    finally:
+        tempfile.tempdir = before

@@ -4,16 +4,22 @@ Lightning's TorchCheckpointIO saves through an fsspec transaction: the bytes go 
 which is then moved over the target. When ``$TMPDIR`` is another filesystem (a tmpfs, a node-local disk) the move
 is a copy into the truncated target, so a kill or a full disk mid-copy leaves a cut-off, unloadable last.ckpt
 (issue 16). Here the temporary file lies beside its target, is fsynced, and replaces it with one rename.
+
+Also the periodic last.ckpt callback, whose ``checkpoint_every`` says plainly when it is off, and the best-checkpoint
+callback, whose restored state is what its folder holds.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lmlab.core.files import write_atomically
@@ -28,3 +34,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
         write_atomically(path, lambda f: torch.save(checkpoint, f))
+
+
+def periodic_checkpoint(checkpoint_every: int | None, **kwargs: Any) -> ModelCheckpoint | None:
+    """Lightning's ModelCheckpoint writing every ``checkpoint_every`` optimizer steps (conf/callbacks/default.yaml
+    ``last``: checkpoints/last.ckpt), or None, which train.py drops, for ``checkpoint_every=null``: off, with a
+    warning, as a crash then loses every step (a signal still saves: callbacks.preemption). Zero or a negative number
+    is an error: Lightning would take 0 as off without a word."""
+    if checkpoint_every is None:
+        logging.getLogger("lmlab.train").warning(
+            "checkpoint_every=null: periodic checkpoints are off, so a crash loses the whole run "
+            "(SIGTERM, SIGINT and SIGUSR1 still save last.ckpt)"
+        )
+        return None
+    if checkpoint_every < 1:
+        raise ValueError(
+            f"checkpoint_every={checkpoint_every}: give the number of steps between checkpoints (>= 1), "
+            "or null to turn periodic checkpoints off"
+        )
+    return ModelCheckpoint(every_n_train_steps=checkpoint_every, **kwargs)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint (conf/callbacks/default.yaml ``best``) that, on resume, takes its state from its newest file.
+
+    last.ckpt at step N is written before the validation at step N, and that validation may save a better
+    ``best-step<N>.ckpt`` and delete the previous best. A run killed before its next last.ckpt then restores a
+    state that names a deleted file and a worse score: the export crashed on the missing file, and later
+    validations, judged against the stale score, could replace the true best with a worse one. Each file this
+    callback saves holds the callback's state as of that save, so a file of it that the restored state does not
+    know was written later, and the newest such file's state is the true one.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(self._newer_state(state_dict) or state_dict)
+
+    def _newer_state(self, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+        known = {str(Path(p)) for p in state_dict.get("best_k_models", {})}
+        pattern = re.sub(r"\{[^}]*\}", "*", self.filename or "*") + self.FILE_EXTENSION
+        newer = []
+        for path in Path(self.dirpath).glob(pattern):
+            if str(path) in known:
+                continue
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # tensors are not read
+            state = ckpt.get("callbacks", {}).get(self.state_key)
+            if state is not None:
+                newer.append((ckpt["global_step"], state))
+        return max(newer, key=lambda found: found[0])[1] if newer else None

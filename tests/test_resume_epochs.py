@@ -1,0 +1,175 @@
+"""Issue 16, item 1: a run resumed from a checkpoint ends bit-identical to an uninterrupted run, also when it crosses
+epoch boundaries after the resume (each epoch shuffled anew), for every stage.
+
+The data are a few dozen records per shape, so an epoch is a handful of batches of 8 and a short run crosses several
+epoch boundaries. A resume in the same process restores the batch order exactly as a restart after SIGKILL does
+(everything comes from the checkpoint file); tests/test_export_resume.py kills a real process.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, compose_cfg
+from hydra.utils import instantiate
+from safetensors.torch import load_file
+
+from train import connect_data, prepare_tokenizer, train
+
+SAMPLE = REPO / "data" / "sample"
+
+# (file in data/sample, lines kept): epochs of 5 or 6 batches of 8 for each shape (with the BPE a run trains)
+CUTS = {
+    "text": ("pretrain_en.txt", 120),
+    "sft": ("sft_alpaca.jsonl", 36),
+    "pairs": ("preference.jsonl", 36),
+    "messages": ("messages.tsv", 110),
+}
+
+# per stage, the model and the stage on its small data (a CUTS key)
+STAGES = {
+    "pretrain": (["stage=pretrain", "data.val_fraction=0.2"], "text"),
+    "t5_pretrain": (["model=t5-tiny", "stage=pretrain", "data.val_fraction=0.2"], "text"),
+    "sft": (["stage=sft"], "sft"),
+    "t5_sft": (["model=t5-tiny", "stage=sft"], "sft"),
+    "dpo": (["stage=dpo"], "pairs"),
+    "classify": (["stage=classify"], "messages"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> dict[str, Path]:
+    """The first lines of each bundled sample file (CUTS)."""
+    folder = tmp_path_factory.mktemp("small")
+    paths = {}
+    for key, (name, lines) in CUTS.items():
+        head = (SAMPLE / name).read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+        paths[key] = folder / name
+        paths[key].write_text("".join(head), encoding="utf-8")
+    return paths
+
+
+def stage_overrides(stage: str, small_data: dict[str, Path]) -> list[str]:
+    overrides, data = STAGES[stage]
+    return [*overrides, f"data.train_files=[{small_data[data]}]", "callbacks.samples.num_prompts=0"]
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    """Batch lists equal key by key (tensors with torch.equal)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x.keys() != y.keys():
+            return False
+        for key in x:
+            equal = torch.equal(x[key], y[key]) if isinstance(x[key], torch.Tensor) else x[key] == y[key]
+            if not equal:
+                return False
+    return True
+
+
+def through_a_file(state: dict) -> dict:
+    """``state`` saved and loaded as a checkpoint carries it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "stage, workers",
+    [
+        *[(stage, 0) for stage in ("pretrain", "t5_pretrain", "sft", "dpo", "classify")],
+        pytest.param("pretrain", 2, marks=pytest.mark.slow),  # ~5 s: worker processes start at each epoch's loader
+    ],
+)
+def test_a_restored_loader_continues_the_epoch_and_the_next_ones(tmp_path, stage, workers, small_data):
+    """The training loader's state saved at every batch of epoch 1 and loaded into a loader of a fresh datamodule
+    (a restarted process) gives the rest of epoch 1 and epochs 2 and 3 exactly as a loader that was never
+    interrupted; also with loader processes (``workers``, as on a GPU)."""
+
+    def datamodule():  # as train.py makes it; the second time with the tokenizer the first one saved
+        cfg = compose_cfg(tmp_path, [*stage_overrides(stage, small_data), f"num_workers={workers}"])
+        dm = instantiate(cfg.data)
+        tokenizer = prepare_tokenizer(cfg, dm, tmp_path, classifier=stage == "classify")
+        connect_data(cfg, dm, tokenizer)
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    first, restarted = datamodule(), datamodule()
+    straight = first.train_dataloader()
+    epochs = [list(straight) for _ in range(4)]
+    assert 3 <= len(epochs[0]) <= 8, "an epoch of a few batches (CUTS)"
+    assert not same_batches(epochs[1], epochs[2]), "every epoch has an order of its own"
+
+    for position in range(len(epochs[1]) + 1):
+        interrupted = first.train_dataloader()
+        list(interrupted)  # epoch 0
+        batches = iter(interrupted)  # epoch 1
+        for _ in range(position):
+            next(batches)
+        resumed = restarted.train_dataloader()
+        resumed.load_state_dict(through_a_file(interrupted.state_dict()))
+        rest = list(resumed)
+        assert same_batches(rest, epochs[1][position:]), f"epoch 1 after a restore at batch {position}"
+        assert same_batches(list(resumed), epochs[2]), f"epoch 2 after a restore in epoch 1 at batch {position}"
+        assert same_batches(list(resumed), epochs[3]), f"epoch 3 after a restore in epoch 1 at batch {position}"
+
+
+def checkpoint_at(run: Path, step: int) -> Path:
+    (path,) = (run / "checkpoints").glob(f"epoch=*-step={step}.ckpt")
+    return path
+
+
+def resume_from(checkpoint: Path, straight: Path, run: Path) -> None:
+    """Make ``run`` a run folder killed after ``checkpoint`` was written: the straight run's tokenizer, that
+    checkpoint as last.ckpt and, beside it, the cut-off temporary file of the next save (a kill during a
+    checkpoint write, lmlab.core.files.write_atomically)."""
+    shutil.copytree(straight / "tokenizer", run / "tokenizer")
+    (run / "checkpoints").mkdir()
+    shutil.copy(checkpoint, run / "checkpoints" / "last.ckpt")
+    (run / "checkpoints" / ".last.ckpt.tmp4242").write_bytes(checkpoint.read_bytes()[:1000])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stage, every, steps",
+    [
+        ("dpo", 4, 16),  # a resume at step 4: mid epoch 0 (epochs of 5 batches)
+        ("t5_sft", 5, 15),  # 5: epoch 0's last batch
+        ("sft", 6, 18),  # 6: epoch 1's first batch
+        ("pretrain", 8, 16),  # 8: mid epoch 1
+        ("classify", 3, 15),  # 3: mid epoch 0 (epochs of 6 batches)
+    ],
+)
+def test_resume_across_epoch_boundaries_is_bit_identical(tmp_path, stage, every, steps, small_data):
+    """A run resumed (resume=auto) from its first checkpoint, at step ``every``, crosses at least two epoch
+    boundaries and ends on the uninterrupted run's weights."""
+    overrides = [
+        *stage_overrides(stage, small_data),
+        f"max_steps={steps}",
+        f"checkpoint_every={every}",
+        "callbacks.last.save_top_k=-1",  # keep each checkpoint (epoch=E-step=S.ckpt) beside last.ckpt
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1",
+        "export=last",
+    ]
+    straight = tmp_path / "straight"
+    train(compose_cfg(straight, overrides))
+    checkpoint = checkpoint_at(straight, every)
+    epochs = [torch.load(path, weights_only=False)["epoch"] for path in (checkpoint, checkpoint_at(straight, steps))]
+    assert epochs[1] - epochs[0] >= 2, f"epochs {epochs}: the resumed run must cross two epoch boundaries"
+
+    resumed = tmp_path / "resumed"
+    resume_from(checkpoint, straight, resumed)
+    train(compose_cfg(resumed, [*overrides, "resume=auto"]))
+    a = load_file(straight / "hf" / "model.safetensors")
+    b = load_file(resumed / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after a resume at step {every}"

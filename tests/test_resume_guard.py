@@ -1,0 +1,245 @@
+"""Resuming says what it does and never makes things up (issue 16, items 4, 7 and 8): a bad last.ckpt falls back to
+a good checkpoint, metrics.csv holds each step once, what a kill leaves is cleaned up, resume=<run dir> continues a
+run with changed settings, and checkpoint_every and init_from refuse what they would silently get wrong."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, compose_cfg
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lmlab.core.runs import resume_advice, resume_checkpoint
+from lmlab.train.callbacks import RunCSVLogger
+from train import train
+
+# 6 steps, a checkpoint every 3, validation every 3, a metrics row every step, and every step's checkpoint kept
+# (stepstep=<N>.ckpt), so a test can put the run back to any step as a kill would have left it. export=last: the
+# copies' checkpoints name the best checkpoint by its path in the original folder.
+RUN = [
+    "max_steps=6",
+    "export=last",
+    "checkpoint_every=3",
+    "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1",
+    "callbacks.samples.num_prompts=0",
+    "+callbacks.every_step={_target_: lightning.pytorch.callbacks.ModelCheckpoint, dirpath: ${paths.output_dir}/"
+    "checkpoints, filename: 'step{step}', every_n_train_steps: 1, save_top_k: -1}",
+]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """An uninterrupted run of RUN, with its config where Hydra would save it."""
+    run = tmp_path_factory.mktemp("finished")
+    cfg = compose_cfg(run, RUN)
+    train(cfg)
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    return run
+
+
+def killed_at(finished: Path, dest: Path, step: int) -> Path:
+    """A copy of the finished run as a kill after step 6 with last.ckpt at ``step`` leaves it: metrics.csv has rows
+    up to the kill, no export, and no checkpoint after ``step``."""
+    shutil.copytree(finished, dest)
+    shutil.rmtree(dest / "hf")
+    checkpoints = dest / "checkpoints"
+    shutil.copy(checkpoints / f"stepstep={step}.ckpt", checkpoints / "last.ckpt")
+    for path in checkpoints.glob("*.ckpt"):
+        if path.name.startswith("stepstep="):
+            if int(path.stem.removeprefix("stepstep=")) > step:
+                path.unlink()
+        elif path.name != "last.ckpt":  # best-step6.ckpt
+            path.unlink()
+    return dest
+
+
+def metric_cells(run: Path) -> Counter:
+    """(step, metric) of every filled cell of metrics.csv, counted."""
+    with open(run / "metrics.csv", newline="") as f:
+        return Counter(
+            (row["step"], key)
+            for row in csv.DictReader(f)
+            for key, v in row.items()
+            if v and key not in ("step", "epoch")
+        )
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def test_resumed_metrics_hold_each_step_once(finished, tmp_path):
+    """Killed after step 6 with last.ckpt at step 3: the rows of steps 4-6 were logged and are logged again."""
+    run = killed_at(finished, tmp_path / "run", 3)
+    train(compose_cfg(run, [*RUN, "resume=auto"]))
+    cells = metric_cells(run)
+    assert [cell for cell, n in cells.items() if n > 1] == [], "rows logged twice after the resume"
+    assert cells == metric_cells(finished)
+
+
+def test_an_empty_last_ckpt_falls_back_to_the_newest_good_checkpoint(finished, tmp_path, caplog):
+    run = killed_at(finished, tmp_path / "run", 3)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    shutil.move(run / "checkpoints" / "stepstep=3.ckpt", run / "checkpoints" / "best-step3.ckpt")
+    caplog.set_level(logging.INFO, logger="lmlab.train")
+    train(compose_cfg(run, [*RUN, "resume=auto"]))
+    assert "last.ckpt cannot be loaded (empty file (0 bytes)): resuming from best-step3.ckpt (step 3)" in caplog.text
+    for name, weights in final_weights(finished).items():  # continued from step 3: the uninterrupted run's weights
+        assert torch.equal(final_weights(run)[name], weights), name
+
+
+def test_no_loadable_checkpoint_is_an_error_naming_each_file(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "last.ckpt").write_bytes(b"")
+    (checkpoints / "best-step3.ckpt").write_bytes(b"PK\x03\x04 cut off")
+    with pytest.raises(RuntimeError, match=r"no checkpoint .* loads \(last.ckpt: empty file .*; best-step3.ckpt: "):
+        train(compose_cfg(tmp_path, ["resume=auto", "max_steps=1"]))
+
+
+def test_resume_removes_what_the_kill_left(finished, tmp_path, caplog):
+    """A checkpoint write cut off by the kill (write_atomically's temporary file) and wandb's temporary folders."""
+    run = killed_at(finished, tmp_path / "run", 6)
+    partial = run / "checkpoints" / ".last.ckpt.tmp4242"
+    partial.write_bytes(b"half a checkpoint")
+    media = run / "wandb" / "tmp" / "tmpab12cdwandb-media"
+    media.mkdir(parents=True)
+    caplog.set_level(logging.INFO, logger="lmlab.train")
+    train(compose_cfg(run, [*RUN, "resume=auto"]))
+    assert not partial.exists() and not media.exists()
+    assert "removed what the interrupted run left: checkpoints/.last.ckpt.tmp4242, wandb/tmp/tmpab12cdwandb-media" in (
+        caplog.text
+    )
+
+
+@pytest.mark.slow  # a fresh interpreter imports wandb
+def test_wandb_keeps_its_temporary_folders_in_the_run(tmp_path):
+    """wandb makes two folders in $TMPDIR when imported and removes them only at a clean exit; a killed run (here
+    os._exit) left them behind on every kill. They now go into <run>/wandb/tmp."""
+    tmpdir, run = tmp_path / "tmpdir", tmp_path / "run"
+    tmpdir.mkdir()
+    script = (
+        "import os, pathlib; from lmlab.core.runs import WANDB_TMP; from lmlab.train.callbacks import import_wandb; "
+        f"import_wandb(pathlib.Path({str(run)!r}) / WANDB_TMP); os._exit(0)"
+    )
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True, timeout=120)
+    assert [p.name for p in tmpdir.iterdir() if "wandb" in p.name] == []
+    assert sorted(p.name.split("wandb-")[-1] for p in (run / "wandb" / "tmp").iterdir()) == ["artifacts", "media"]
+
+
+def test_resume_run_dir_continues_it_with_changed_settings(finished, tmp_path, caplog):
+    """The advice after a NaN: lower lr, then resume=<run dir>; resume=auto would start afresh (another config)."""
+    run = killed_at(finished, tmp_path / "run", 6)
+    caplog.set_level(logging.INFO, logger="lmlab.train")
+    train(compose_cfg(run, [*RUN, "lr=1e-3", "max_steps=8", f"resume={run}"]))
+    assert f"resume={run}: resuming from step 6 (last.ckpt)" in caplog.text
+    assert "(then -> now): lr: 0.003 -> 0.001; max_steps: 6 -> 8" in caplog.text
+    cells = metric_cells(run)
+    assert cells[("5", "train/loss")] == 1 and cells[("7", "train/loss")] == 1  # continued, not started again
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+
+
+def test_resume_run_dir_without_a_checkpoint_is_an_error_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"resume={tmp_path}: no checkpoints/\\*.ckpt in {tmp_path}"):
+        train(compose_cfg(tmp_path, [f"resume={tmp_path}", "max_steps=1"]))
+
+
+def fake_checkpoint(run: Path, step: int) -> None:
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": step}, run / "checkpoints" / "last.ckpt")
+
+
+def test_resume_auto_says_what_it_resumes(tmp_path, caplog):
+    run = tmp_path / "2026-01-02_10-00-00_abcd1234"
+    fake_checkpoint(run, 7)
+    caplog.set_level(logging.INFO, logger="lmlab.train")
+    assert resume_checkpoint(compose_cfg(run, ["resume=auto"]), run) == (run / "checkpoints" / "last.ckpt", 7)
+    assert f"resume=auto: resuming {run} from step 7 (last.ckpt)" in caplog.text
+
+
+def test_resume_auto_names_interrupted_runs_of_other_settings(tmp_path, caplog):
+    other = tmp_path / "2026-01-01_10-00-00_deadbeef"
+    fake_checkpoint(other, 5)
+    (other / ".hydra").mkdir()
+    OmegaConf.save(compose_cfg(other, ["lr=1e-3", "model=gpt2-tiny"]), other / ".hydra" / "config.yaml")
+    new = tmp_path / "2026-01-02_10-00-00_abcd1234"
+    caplog.set_level(logging.INFO, logger="lmlab.train")
+    assert resume_checkpoint(compose_cfg(new, ["resume=auto"]), new) is None
+    assert "resume=auto: no interrupted run of this config (id " in caplog.text
+    assert (
+        f"{other} (an interrupted run, last.ckpt at step 5) has other settings (then -> now): lr: 0.001 -> 0.003; "
+        f"model: gpt2-tiny -> llama-tiny; resume={other} continues it with the current ones"
+    ) in caplog.text
+
+
+def test_resume_advice_is_true_to_the_run_folder(tmp_path):
+    assert resume_advice(tmp_path).startswith(f"no checkpoint was saved before it ({tmp_path}/checkpoints/last.ckpt")
+    fake_checkpoint(tmp_path, 40)
+    advice = resume_advice(tmp_path)
+    assert "last.ckpt holds step 40 (the last good state)" in advice and f"rerun with resume={tmp_path} " in advice
+
+
+def test_checkpoint_every_zero_is_an_error_and_null_turns_checkpoints_off(tmp_path, caplog):
+    with pytest.raises(Exception, match="checkpoint_every=0: give the number of steps"):
+        instantiate(compose_cfg(tmp_path, ["checkpoint_every=0"]).callbacks.last)
+    assert instantiate(compose_cfg(tmp_path, ["checkpoint_every=null"]).callbacks.last) is None
+    assert "checkpoint_every=null: periodic checkpoints are off" in caplog.text
+
+
+def test_metrics_rows_are_written_with_each_checkpoint(tmp_path):
+    """Lightning writes metrics.csv every 100 logged steps: a kill lost the rows a checkpoint covered."""
+    logger = RunCSVLogger(str(tmp_path))
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.after_save_checkpoint(None)
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[1:] == ["0,1.0"]
+
+
+def test_init_from_of_another_family_than_model_is_an_error(tmp_path, tiny_tokenizer):
+    """model=gpt2-tiny init_from=<a LLaMA>: the LLaMA trained in outputs/<stage>/gpt2-tiny/, named gpt2-tiny."""
+    llama = tmp_path / "llama"
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    LlamaForCausalLM(config).save_pretrained(llama)
+    tiny_tokenizer.save_pretrained(llama)
+    with pytest.raises(ValueError, match=f"init_from={llama} holds a llama model but model=gpt2-tiny is a gpt2 preset"):
+        train(compose_cfg(tmp_path / "run", ["model=gpt2-tiny", f"init_from={llama}", "max_steps=1"]))
+
+
+@pytest.mark.slow
+def test_a_kill_after_the_last_validation_keeps_the_best_checkpoint_exportable(tmp_path, monkeypatch):
+    """last.ckpt at step N is written before the validation at N, which may save a new best-step<N>.ckpt and delete
+    the old best: the state restored from last.ckpt then names a deleted file. Killed right there (after the final
+    validation, before the export), the resumed run must export the best checkpoint on disk, not crash on the old."""
+    from lightning_modules.lm import LMModule
+
+    class Killed(Exception):
+        pass
+
+    def killed(module):
+        if module.global_step == 6:
+            raise Killed("after the validation at step 6")
+
+    run = [*RUN[:-1], "export=best", "resume=auto"]
+    monkeypatch.setattr(LMModule, "on_validation_end", killed, raising=False)
+    with pytest.raises(Killed):
+        train(compose_cfg(tmp_path, run))
+    assert not (tmp_path / "checkpoints" / "best-step3.ckpt").exists(), "the validation at step 6 replaced the best"
+    monkeypatch.undo()
+    train(compose_cfg(tmp_path, run))
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    best = torch.load(tmp_path / "checkpoints" / "best-step6.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(exported[name], best[f"model.{name}"]) for name in exported)
