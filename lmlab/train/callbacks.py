@@ -39,12 +39,42 @@ def early_stopping(patience: int | None, **kwargs: Any) -> EarlyStopping | None:
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
-    """Lightning's ThroughputMonitor counting tokens: logs train|device/items_per_sec (tokens/s) and MFU."""
+    """Lightning's ThroughputMonitor counting tokens: logs train|device/items_per_sec (tokens/s) and MFU.
 
-    def __init__(self, window_size: int = 20, **kwargs: Any):
+    MFU divides by the device's peak: ``peak_flops`` when set, else for a bf16/fp16 run the first entry of
+    ``peak_bf16_flops`` (dense tensor-core FLOP/s from the datasheets, conf/callbacks/default.yaml) whose name the
+    device's contains, else Lightning's own table. Lightning's alone printed no MFU on an H200 (it knows only the
+    "SXM1"/"NVL1" names, and those and the H100 NVL at their sparse peaks, twice the dense ones) and takes an L40S
+    for an L4.
+    """
+
+    def __init__(
+        self,
+        window_size: int = 20,
+        peak_flops: float | None = None,
+        peak_bf16_flops: dict[str, float] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(
             batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=_tokens, window_size=window_size, **kwargs
         )
+        self.peak_flops = peak_flops
+        self.peak_bf16_flops = dict(peak_bf16_flops or {})
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        peak = self.peak_flops or self.table_peak(trainer.strategy.root_device, trainer.precision)
+        if peak:
+            self.available_flops = peak
+            for throughput in self._throughputs.values():
+                throughput.available_flops = peak
+
+    def table_peak(self, device: torch.device, precision: str) -> float | None:
+        """``peak_bf16_flops``' entry for a CUDA device training in bf16/fp16 (mixed or true), else None."""
+        if device.type != "cuda" or not precision.startswith(("bf16", "16")):
+            return None
+        name = torch.cuda.get_device_name(device).lower()
+        return next((peak for chip, peak in self.peak_bf16_flops.items() if chip in name), None)
 
 
 class ProgressBar(TQDMProgressBar):
