@@ -23,6 +23,12 @@ def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss
     A causal batch's labels are pre-shifted (``shift_labels``). An encoder-decoder builds its
     decoder inputs from the labels (start token, then the labels shifted right); without
     ``with_loss`` they go in as those decoder inputs, so no loss is computed that nobody reads.
+
+    A causal batch goes in without its padding mask. Its padding is on the right (lmlab.core.collate), so under the
+    causal mask no token attends to a pad after it, and pads carry -100 labels: the logits and the loss that count
+    are the same. Given any mask tensor, even all ones, SDPA runs its memory-efficient kernel without causal block
+    skipping instead of the causal (FlashAttention) one. A MoE keeps the mask: its load-balancing loss reads it to
+    leave the pads out.
     """
     labels = batch["labels"] if with_loss else None
     if model.config.is_encoder_decoder:
@@ -34,9 +40,10 @@ def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss
             decoder_input_ids=decoder_input_ids,
             use_cache=False,
         )
+    routed = getattr(model.config, "output_router_logits", False)
     return model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        attention_mask=batch["attention_mask"] if routed else None,
         labels=labels,
         shift_labels=labels,
         use_cache=False,

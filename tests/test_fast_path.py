@@ -1,0 +1,63 @@
+"""The fast path on the CPU (issue 15): what changes for speed leaves every number that counts the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+
+from lightning_modules.lm import lm_forward
+from lmlab.core.collate import CausalCollator
+from lmlab.core.models import build_model
+
+
+def tiny_model(name: str, tokenizer):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}"])
+    torch.manual_seed(0)
+    return build_model(cfg.model, tokenizer).eval()
+
+
+def samples(lengths: list[int], vocab: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, vocab, (n,), generator=generator) for n in lengths]
+    return [{"input_ids": row, "labels": row.clone()} for row in rows]
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_a_padded_causal_batch_runs_unmasked_causal_sdpa_with_each_rows_own_logits(tiny_tokenizer, name, monkeypatch):
+    """Right padding needs no mask: SDPA gets attn_mask=None, is_causal=True (its flash kernel on a GPU), and each
+    row's logits and loss equal those of the row alone."""
+    model = tiny_model(name, tiny_tokenizer)
+    batch_samples = samples([9, 4, 7], len(tiny_tokenizer))
+    collate = CausalCollator(tiny_tokenizer.pad_token_id, pad_to_multiple_of=8)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        padded = lm_forward(model, collate(batch_samples), with_loss=False).logits
+        assert calls and all(mask is None and causal for mask, causal in calls), calls
+        for i, sample in enumerate(batch_samples):
+            alone = lm_forward(model, collate([sample]), with_loss=False).logits[0]
+            n = len(sample["input_ids"]) - 1
+            torch.testing.assert_close(padded[i, :n], alone[:n], rtol=1e-5, atol=1e-5)
+        batch = collate(batch_samples)
+        unmasked = lm_forward(model, batch, with_loss=True).loss
+        masked = model(**batch, shift_labels=batch["labels"], use_cache=False).loss
+    torch.testing.assert_close(unmasked, masked, rtol=1e-6, atol=1e-6)
+
+
+def test_a_moe_keeps_the_padding_mask_for_its_load_balancing_loss(tiny_tokenizer):
+    model = tiny_model("llama-moe-tiny", tiny_tokenizer)
+    batch = CausalCollator(tiny_tokenizer.pad_token_id, pad_to_multiple_of=8)(samples([9, 3], len(tiny_tokenizer)))
+    with torch.no_grad():
+        ours = lm_forward(model, batch, with_loss=True).loss
+        masked = model(**batch, shift_labels=batch["labels"], use_cache=False).loss
+        unmasked = model(**{**batch, "attention_mask": None}, shift_labels=batch["labels"], use_cache=False).loss
+    assert ours == masked and ours != unmasked
