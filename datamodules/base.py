@@ -93,6 +93,7 @@ class LMDataModule(L.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         pad_to_multiple_of: int = 1,
+        pin_memory: bool = False,
         chat_template: str | None = None,
     ) -> None:
         """Hand over the run's tokenizer and what the run decides (train.py's ``connect_data``; litgpt's
@@ -104,7 +105,8 @@ class LMDataModule(L.LightningDataModule):
         - ``max_length``: tokens per sample (the run's ``seq_len``): a text window, a chat's cut, a
           classified text's cut;
         - ``batch_size`` and ``seed``: samples per batch and the order they are drawn in;
-        - ``num_workers`` (loader processes) and ``pad_to_multiple_of`` (batch widths), defaults for the CPU;
+        - ``num_workers`` (loader processes), ``pad_to_multiple_of`` (batch widths) and ``pin_memory`` (page-locked
+          batches for non-blocking copies to a GPU), defaults for the CPU;
         - ``chat_template``: the run's chat template (None: the tokenizer's), which chat data renders with
           unless its preset has its own (:meth:`datamodules.sft.SFTDataModule.connect`); other data renders none.
         """
@@ -117,6 +119,7 @@ class LMDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pin_memory = pin_memory
 
     def iter_texts(self) -> Iterator[str]:
         """Training text, for training a tokenizer when none is given."""
@@ -151,6 +154,7 @@ class LMDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) if shuffle else None,
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             collate_fn=self.collator(),
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             persistent_workers=self.num_workers > 0,

@@ -69,9 +69,12 @@ def test_a_trainer_preset_writes_only_trainer(preset):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["trainer=cpu"], {"num_workers": 0, "pad_to_multiple_of": 1}),
-        (["trainer=gpu"], {"num_workers": 4, "pad_to_multiple_of": 64}),
-        (["trainer=gpu", "num_workers=2", "pad_to_multiple_of=8"], {"num_workers": 2, "pad_to_multiple_of": 8}),
+        (["trainer=cpu"], {"num_workers": 0, "pad_to_multiple_of": 1, "pin_memory": False}),
+        (["trainer=gpu"], {"num_workers": 4, "pad_to_multiple_of": 64, "pin_memory": True}),
+        (
+            ["trainer=gpu", "num_workers=2", "pad_to_multiple_of=8", "pin_memory=false"],
+            {"num_workers": 2, "pad_to_multiple_of": 8, "pin_memory": False},
+        ),
     ],
 )
 def test_loader_settings_follow_the_accelerator_under_auto(tmp_path, overrides, expected):

@@ -71,3 +71,26 @@ def test_every_stage_logs_mfu_against_the_configured_peak(tmp_path, stage):
     for row in rows:
         flops, mfu = float(row["train/device/flops_per_sec"]), float(row["train/device/mfu"])
         assert flops > 0 and mfu == pytest.approx(flops / 1e9)
+
+
+def test_training_is_timed_at_log_steps_only_and_every_batch_counts(tmp_path, monkeypatch):
+    """Timing waits for the GPU, so it happens at log steps (3 of 9 steps here), not each step; the batches between
+    count in the next timing: the last logged sample count is every sample trained on."""
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from lmlab.train.callbacks import TokenThroughputMonitor
+
+    timed = []
+    time_them = TokenThroughputMonitor._time
+
+    def spy(self, trainer, stage):
+        timed.append(stage)
+        time_them(self, trainer, stage)
+
+    monkeypatch.setattr(TokenThroughputMonitor, "_time", spy)
+    overrides = ["max_steps=9", "trainer.log_every_n_steps=3", "trainer.limit_val_batches=0"]
+    train(compose_cfg(tmp_path, [*overrides, "callbacks.samples.num_prompts=0"]))
+    assert timed == [RunningStage.TRAINING] * 3
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        samples = [float(r["train/samples"]) for r in csv.DictReader(f) if r.get("train/samples")]
+    assert samples == [24, 48, 72], "8 samples a step, logged at steps 3, 6 and 9"

@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_modules.classifier import ClassifierModule, write_confusion
@@ -60,6 +62,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         )
         self.peak_flops = peak_flops
         self.peak_bf16_flops = dict(peak_bf16_flops or {})
+        self._untimed: dict[RunningStage, tuple[int, float]] = {}  # batches and FLOPs counted since the last timing
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -68,6 +71,47 @@ class TokenThroughputMonitor(ThroughputMonitor):
             self.available_flops = peak
             for throughput in self._throughputs.values():
                 throughput.available_flops = peak
+
+    def _start(self, trainer: L.Trainer) -> None:
+        super()._start(trainer)
+        self._untimed[trainer.state.stage] = (0, 0.0)
+
+    @torch.inference_mode()
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        """Lightning's, except that a training step is timed only where its metrics are logged (and before a
+        validation), since timing waits for the GPU (torch.cuda.synchronize): Lightning's own timed every step, a
+        host sync per step that stalls the queue of kernels. The steps between count in the next timing, so
+        ``window_size`` is in timings, not batches."""
+        stage = trainer.state.stage
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._lengths[stage] += self.length_fn(batch)
+        batches, flops = self._untimed[stage]
+        self._untimed[stage] = (batches + 1, flops + pl_module.flops_per_batch)
+        if stage != RunningStage.TRAINING or trainer._logger_connector.should_update_logs:
+            self._time(trainer, stage)
+
+    def _time(self, trainer: L.Trainer, stage: RunningStage) -> None:
+        """Add the batches counted since the last timing to ``stage``'s window, timed now."""
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        batches, flops = self._untimed[stage]
+        self._batches[stage] += batches
+        self._untimed[stage] = (0, 0.0)
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=self._lengths[stage],
+            flops=flops,
+        )
+
+    @rank_zero_only
+    def on_validation_start(self, trainer: L.Trainer, *args: Any) -> None:
+        """Time the training steps since the last log step first: Lightning takes training's last timing as the end
+        of training when it leaves the validation's time out of training's."""
+        if not trainer.sanity_checking and self._untimed.get(RunningStage.TRAINING, (0, 0.0))[0]:
+            self._time(trainer, RunningStage.TRAINING)
+        super().on_validation_start(trainer, *args)
 
     def table_peak(self, device: torch.device, precision: str) -> float | None:
         """``peak_bf16_flops``' entry for a CUDA device training in bf16/fp16 (mixed or true), else None."""
