@@ -10,14 +10,14 @@ vocab 50257, batch 16 x 1024 tokens, bf16 autocast, fused AdamW, grad clip 1.0, 
     logger=csv`` composes, reading a synthetic corpus through the real datamodule (memmap windows,
     4 workers) with a synthetic 50257-token word-level tokenizer, so the model has the anchor's shape.
     Tokens/s and MFU come from the ``TokenThroughputMonitor`` rows of ``metrics.csv`` (each the rate
-    over the last 19 step durations: a window of 20 step ends, host-synced): the median of the rows
-    whose window holds no warmup step.
+    over a window of timings, one per log step, host-synced only there): the median of the rows whose
+    window holds no warmup step.
     It runs ``warmup + window + steps`` steps; validation, sample generations and periodic
     checkpoints are off; ``--lmlab-override`` adds Hydra overrides (recorded in the output).
 
-MFU on both sides is ``lmlab.core.models.flops_per_token`` (6N + 12*L*d*T) x tokens/s over Lightning's
-``get_available_flops`` for bf16. Peak memory is ``torch.cuda.max_memory_allocated``, reset between
-the sides. Prints a JSON object and a markdown table and writes both as
+MFU on both sides is ``lmlab.core.models.flops_per_token`` (6N + 12*L*d*T) x tokens/s over the GPU's dense
+bf16 peak from conf/callbacks/default.yaml (``callbacks.throughput.peak_bf16_flops``), as lmlab logs it. Peak
+memory is ``torch.cuda.max_memory_allocated``, reset between the sides. Prints a JSON object and a markdown table and writes both as
 ``<date>_<gpu>_<preset>_throughput.{json,md}`` into ``$OUT`` if set, else the current folder
 (``benchmarks/results/`` keeps the ones worth keeping).
 
@@ -94,9 +94,15 @@ def write_corpus(path: Path, tokens: int, seed: int = 0) -> None:
 
 
 def gpu_peak_flops() -> float | None:
-    from lightning.fabric.utilities.throughput import get_available_flops
+    """The peak lmlab's TokenThroughputMonitor divides by in a bf16 run on this GPU (None on the CPU)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
 
-    return get_available_flops(torch.device("cuda"), torch.bfloat16) if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        monitor = instantiate(compose("train").callbacks.throughput)
+    return monitor.peak_flops or monitor.table_peak(torch.device("cuda"), "bf16-mixed")
 
 
 def peak_gib() -> float | None:
@@ -199,11 +205,12 @@ def run_lmlab(args: argparse.Namespace, work: Path) -> dict:
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=lmlab_overrides(args, work, max_steps=0))
+    # A row logged at (0-based) step s is the rate over the `span` steps s-span+1..s (window timings, one per log
+    # step); the first row with no warmup step in it:
     window = cfg.callbacks.throughput.window_size
-    # A row logged at (0-based) step s is the rate from the end of step s-window+1 to the end of step s,
-    # i.e. over the window-1 steps s-window+2..s; the first row with no warmup step in it:
-    first_step = args.warmup + window - 2
-    max_steps = args.warmup + window + args.steps
+    span = (window - 1) * cfg.trainer.log_every_n_steps
+    first_step = args.warmup + span - 1
+    max_steps = args.warmup + span + args.steps
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=lmlab_overrides(args, work, max_steps=max_steps))
 
@@ -238,11 +245,11 @@ def run_lmlab(args: argparse.Namespace, work: Path) -> dict:
         "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed),
         "mfu": statistics.median(mfus) if mfus else None,
         "peak_mem_gib": peak_gib(),
-        "steps_timed": timed[-1]["step"] - timed[0]["step"] + window - 1,
+        "steps_timed": timed[-1]["step"] - timed[0]["step"] + span,
         "rows_used": len(timed),
         "rows_first_step": timed[0]["step"],
         "rows_last_step": timed[-1]["step"],
-        "window_steps": window,
+        "window_steps": span,
         "log_every_n_steps": cfg.trainer.log_every_n_steps,
         "max_steps": max_steps,
         "fit_wall_s": fit_s,
@@ -281,12 +288,12 @@ def markdown(result: dict) -> str:
         lines.append(row("lmlab", lm))
         if result["lmlab_extra_overrides"]:
             lines += ["", f"lmlab ran with extra overrides: `{' '.join(result['lmlab_extra_overrides'])}`."]
-        first = lm["rows_first_step"] - lm["window_steps"] + 2
+        first = lm["rows_first_step"] - lm["window_steps"] + 1
         lines += [
             "",
             (
                 f"lmlab / raw tokens/s: **{result['ratio_tokens_per_sec']:.3f}** (lmlab: median of "
-                f"{lm['rows_used']} metrics.csv rows, each over {lm['window_steps'] - 1} steps, covering "
+                f"{lm['rows_used']} metrics.csv rows, each over {lm['window_steps']} steps, covering "
                 f"(0-based) steps {first}-{lm['rows_last_step']} of {lm['max_steps']}; raw: one CUDA-event "
                 f"span over {raw['steps_timed']} steps after {raw['warmup_steps']} warmup steps)"
             ),
