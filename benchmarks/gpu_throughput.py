@@ -17,9 +17,9 @@ vocab 50257, batch 16 x 1024 tokens, bf16 autocast, fused AdamW, grad clip 1.0, 
 
 MFU on both sides is ``lmlab.core.models.flops_per_token`` (6N + 12*L*d*T) x tokens/s over the GPU's dense
 bf16 peak from conf/callbacks/default.yaml (``callbacks.throughput.peak_bf16_flops``), as lmlab logs it. Peak
-memory is ``torch.cuda.max_memory_allocated``, reset between the sides. Prints a JSON object and a markdown table and writes both as
-``<date>_<gpu>_<preset>_throughput.{json,md}`` into ``$OUT`` if set, else the current folder
-(``benchmarks/results/`` keeps the ones worth keeping).
+memory is ``torch.cuda.max_memory_allocated``, reset between the sides. Prints a JSON object and a markdown
+table and writes both as ``<date>_<gpu>_<preset>_throughput.{json,md}`` into ``$OUT`` if set, else the current
+folder (``benchmarks/results/`` keeps the ones worth keeping).
 
     python benchmarks/gpu_throughput.py                 # GPU: warmup 30, 300 timed steps a side
     python benchmarks/gpu_throughput.py --smoke         # CPU check: gpt2-tiny, seq 64, batch 4, no compile
