@@ -169,6 +169,13 @@ class DPOModule(TrainingModule):
         self._reference.clear()  # the reference's job is done: free its memory
         torch.cuda.empty_cache()
 
+    def configure_model(self) -> None:
+        """``compile`` compiles the live reference with the policy: uncompiled, its forward-only pass cost ~61% of a
+        compiled policy step on an H100, where a third is its share (issue 15). A precomputed one is gone by now."""
+        super().configure_model()
+        if self.compile_model and self.reference is not None:
+            self.reference.compile()
+
     def on_fit_start(self) -> None:
         self._reference_to_device()
 

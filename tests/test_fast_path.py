@@ -61,3 +61,14 @@ def test_a_moe_keeps_the_padding_mask_for_its_load_balancing_loss(tiny_tokenizer
         masked = model(**batch, shift_labels=batch["labels"], use_cache=False).loss
         unmasked = model(**{**batch, "attention_mask": None}, shift_labels=batch["labels"], use_cache=False).loss
     assert ours == masked and ours != unmasked
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_compile_compiles_the_live_dpo_reference_with_the_policy(tiny_tokenizer, compile):
+    from lightning_modules.dpo import DPOModule
+
+    optim = {"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3}, "weight_decay": 0.0}
+    module = DPOModule(tiny_model("llama-tiny", tiny_tokenizer), optim, beta=0.1, compile=compile)
+    module.configure_model()
+    compiled = [m._compiled_call_impl is not None for m in (module.model, module.reference)]
+    assert compiled == [compile, compile]
