@@ -338,7 +338,7 @@ def _rows(path: Path, kind: str, spec: Mapping[str, Any]) -> Iterator[tuple[int,
 
 
 class ReadFields(dict):
-    """A record that notes every field its adapter asks for (``get``, ``[]``, ``in``), found or not.
+    """A record that notes the fields its adapter asks for: with ``get`` or ``[]``, found or not; with ``in``, found.
 
     The adapters decide by the fields they find which shape a record has, so only they know which fields matter;
     what they never ask for is left out of training, and what they ask for and miss may be a misspelling of a
@@ -358,8 +358,10 @@ class ReadFields(dict):
         return super().__getitem__(key)
 
     def __contains__(self, key: Any) -> bool:
-        self.asked.add(key)
-        return super().__contains__(key)
+        found = super().__contains__(key)
+        if found:  # a probe for a field that is absent tells the record's shape, not that the field was expected
+            self.asked.add(key)
+        return found
 
 
 def adapt(adapter: Callable[[Any, str, int], T], record: Any, source: str, line: int) -> tuple[T, list[str]]:

@@ -30,8 +30,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
 
     cross_entropy fuses log-softmax and the gather, so no [N, T, V] log-prob tensor is kept around.
     A row without label positions sums to 0; averaging it is an error, since a pair with no response token
-    must never reach the loss (the preference datamodule drops those, counted). The check is an asynchronous
-    device assertion: reading the counts on the host would wait for the GPU every step.
+    must never reach the loss (the preference datamodule drops those, counted).
     """
     _check_aligned(logits, labels)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
@@ -39,7 +38,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     if not average:
         return logps
     counts = label_counts(labels)
-    torch._assert_async(counts.min() > 0, "a row has no label positions; cannot average its log-probs")
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"row(s) {empty} have no label positions; cannot average their log-probs")
     return logps / counts
 
 

@@ -73,9 +73,10 @@ def test_every_stage_logs_mfu_against_the_configured_peak(tmp_path, stage):
         assert flops > 0 and mfu == pytest.approx(flops / 1e9)
 
 
-def test_training_is_timed_at_log_steps_only_and_every_batch_counts(tmp_path, monkeypatch):
-    """Timing waits for the GPU, so it happens at log steps (3 of 9 steps here), not each step; the batches between
-    count in the next timing: the last logged sample count is every sample trained on."""
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_training_is_timed_at_log_steps_only_and_every_batch_counts(tmp_path, monkeypatch, accumulate):
+    """Timing waits for the GPU, so it happens at log steps (3 of 9 steps here), after their last micro-batch, not
+    each step; the batches between count in the next timing: the logged sample counts are every sample trained on."""
     from lightning.pytorch.trainer.states import RunningStage
 
     from lmlab.train.callbacks import TokenThroughputMonitor
@@ -88,9 +89,14 @@ def test_training_is_timed_at_log_steps_only_and_every_batch_counts(tmp_path, mo
         time_them(self, trainer, stage)
 
     monkeypatch.setattr(TokenThroughputMonitor, "_time", spy)
-    overrides = ["max_steps=9", "trainer.log_every_n_steps=3", "trainer.limit_val_batches=0"]
+    overrides = [
+        "max_steps=9",
+        "trainer.log_every_n_steps=3",
+        "trainer.limit_val_batches=0",
+        f"trainer.accumulate_grad_batches={accumulate}",
+    ]
     train(compose_cfg(tmp_path, [*overrides, "callbacks.samples.num_prompts=0"]))
     assert timed == [RunningStage.TRAINING] * 3
     with open(tmp_path / "metrics.csv", newline="") as f:
         samples = [float(r["train/samples"]) for r in csv.DictReader(f) if r.get("train/samples")]
-    assert samples == [24, 48, 72], "8 samples a step, logged at steps 3, 6 and 9"
+    assert samples == [24 * accumulate, 48 * accumulate, 72 * accumulate], "8 samples a micro-batch, log steps 3, 6, 9"

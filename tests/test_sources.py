@@ -108,3 +108,18 @@ def test_fields_no_adapter_reads_are_counted_and_a_near_miss_of_a_missing_one_is
     assert f"{path}:2: field 'inptu'" in str(items[1][2]) and "did you mean 'input'" in str(items[1][2])
     assert ignored == {"id": 1}
     assert "ignored: id (1 records)" in SkipCounter(ignored_fields=ignored).report()
+
+
+def test_metadata_named_like_a_shape_probe_is_ignored_not_a_misspelling(tmp_path):
+    """Adapters probe for other record shapes (``"conversations" in record``); a field near such a probe, e.g. an
+    export's conversation_id or message_id, is metadata, counted as ignored, not a misspelling."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text(
+        '{"instruction": "Add.", "input": "1 + 2", "output": "3", "conversation_id": 7}\n'
+        '{"prompt": "Add.", "response": "3", "message_id": 8}\n',
+        encoding="utf-8",
+    )
+    ignored = Counter()
+    items = list(adapted_records([str(path)], "auto", to_messages, ignored=ignored))
+    assert not [record for _, _, record in items if isinstance(record, DataError)]
+    assert ignored == {"conversation_id": 1, "message_id": 1}

@@ -87,7 +87,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
         self._lengths[stage] += self.length_fn(batch)
         batches, flops = self._untimed[stage]
         self._untimed[stage] = (batches + 1, flops + pl_module.flops_per_batch)
-        if stage != RunningStage.TRAINING or trainer._logger_connector.should_update_logs:
+        logged = trainer._logger_connector.should_update_logs and not trainer.fit_loop._should_accumulate()
+        if stage != RunningStage.TRAINING or logged:  # a log step's last micro-batch: the optimizer step is done
             self._time(trainer, stage)
 
     def _time(self, trainer: L.Trainer, stage: RunningStage) -> None:
