@@ -68,13 +68,14 @@ def killed_at(finished: Path, dest: Path, step: int) -> Path:
 
 
 def metric_cells(run: Path) -> Counter:
-    """(step, metric) of every filled cell of metrics.csv, counted."""
+    """(step, metric) of every filled cell of metrics.csv, counted; without the rates (``*/device/*``), whose
+    window of timings a resumed process starts anew, so it reports them from a later step."""
     with open(run / "metrics.csv", newline="") as f:
         return Counter(
             (row["step"], key)
             for row in csv.DictReader(f)
             for key, v in row.items()
-            if v and key not in ("step", "epoch")
+            if v and key not in ("step", "epoch") and "/device/" not in key
         )
 
 
