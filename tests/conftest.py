@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -49,6 +53,24 @@ def compose_cfg(tmp_path: Path, overrides: list[str]) -> DictConfig:
         )
 
 
+@contextmanager
+def hydra_job(config_name: str, overrides: list[str]) -> Iterator[DictConfig]:
+    """The config ``python <entry point> <overrides>`` hands its task function (conf/<config_name>.yaml composed),
+    with Hydra's runtime settings in place as @hydra.main leaves them (``${hydra:runtime.choices.data}``,
+    ``HydraConfig.get()``) until the block ends. ``<entry point>.main(cfg)`` then runs the task in this process
+    (Hydra passes a given config straight through): for tests of what a task does, where the command line is not
+    the subject; tests/test_cli.py and the tests that run an entry point with :func:`run_script` cover that."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as Hydra's run_job hands it over
+    try:
+        yield cfg
+    finally:
+        HydraConfig.instance().cfg = None
+
+
 def run_script(
     *args: str, cwd: Path = REPO, timeout: int = 300, check: bool = True, input: str | None = None
 ) -> subprocess.CompletedProcess:
@@ -83,13 +105,24 @@ def connect(dm, tokenizer, **run):
 TINY_TEXTS = ["Add the two numbers. 3 + 4 = 7", "What is 5 plus 6? It is 11.", "你好，世界。三加四等于七。"] * 20
 
 
-def tiny_bpe(level: str):
-    """A BPE of conf/bpe/<level>.yaml with a 400-token vocabulary, trained on TINY_TEXTS, chatml template."""
-    from lmlab.core.tokenizer import train_bpe
+_TRAINED_BPE: dict = {}  # level -> the tokenizer tiny_bpe trained once in this process
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"bpe={level}"])
-    return train_bpe(TINY_TEXTS, **{**cfg.bpe, "vocab_size": 400}, chat_template=cfg.template.chat_template)
+
+def tiny_bpe(level: str):
+    """A BPE of conf/bpe/<level>.yaml with a 400-token vocabulary, trained on TINY_TEXTS, chatml template.
+
+    Trained once per process and level (training is deterministic); each call gets a deep copy of its own (the
+    Rust tokenizer too), so a test that changes its tokenizer (template, special tokens, truncation) changes no other
+    test's."""
+    if level not in _TRAINED_BPE:
+        from lmlab.core.tokenizer import train_bpe
+
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[f"bpe={level}"])
+        _TRAINED_BPE[level] = train_bpe(
+            TINY_TEXTS, **{**cfg.bpe, "vocab_size": 400}, chat_template=cfg.template.chat_template
+        )
+    return copy.deepcopy(_TRAINED_BPE[level])
 
 
 @pytest.fixture

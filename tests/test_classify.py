@@ -4,18 +4,24 @@ predict."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, compose_cfg, run_script
+from conftest import REPO, SHARED_DATA, compose_cfg, hydra_job, run_script
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import eval as eval_cli
+import predict as predict_cli
+import prepare as prepare_cli
 from datamodules.classification import ClassificationCollator, split_examples, to_labelled, undersample
 from datamodules.formats import DataError
 from lightning_modules.classifier import (
@@ -28,7 +34,7 @@ from lightning_modules.classifier import (
 )
 from lmlab.core.models import build_model
 from lmlab.train.callbacks import ConfusionReport
-from train import connect_data
+from train import connect_data, train
 
 TEXTS = ["Add the two numbers.", "What is 5 plus 6? It is 11.", "你好"]
 
@@ -222,21 +228,37 @@ def test_an_unknown_label_names_its_file_and_line(tmp_path):
     assert to_labelled({"text": "x", "label": 1}, "f", 1, "text", "label", ["ham", "spam"]) == ("x", 1)  # an id
 
 
+def train_classifier(run: Path, overrides: list[str]) -> DictConfig:
+    """``python train.py stage=classify logger=csv <overrides>`` into ``run``, trained in this process (the CLI
+    itself is tests/test_cli.py's): conf/train.yaml's settings, not conftest's TINY ones. Returns the config."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "stage=classify",
+                "logger=csv",
+                *overrides,
+                f"paths.output_dir={run}",
+                f"paths.cache_dir={run.parent}/cache",
+            ],
+        )
+    train(cfg)
+    return cfg
+
+
 @pytest.mark.slow
-def test_classifier_learns_tests_the_best_checkpoint_and_exports_what_it_tested(tmp_path):
+def test_classifier_learns_tests_the_best_checkpoint_and_exports_what_it_tested(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    run_script(
-        "train.py",
-        "stage=classify",
-        "logger=csv",
-        "max_steps=60",
-        "batch_size=16",
-        "seq_len=48",
-        "bpe.vocab_size=400",
-        "trainer.val_check_interval=20",
-        "stage.module.trainable=all",
-        f"hydra.run.dir={run}",
-        f"paths.cache_dir={tmp_path}/cache",
+    cfg = train_classifier(
+        run,
+        [
+            "max_steps=60",
+            "batch_size=16",
+            "seq_len=48",
+            "bpe.vocab_size=400",
+            "trainer.val_check_interval=20",
+            "stage.module.trainable=all",
+        ],
     )
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -257,8 +279,6 @@ def test_classifier_learns_tests_the_best_checkpoint_and_exports_what_it_tested(
     model = AutoModelForSequenceClassification.from_pretrained(run / "hf").eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "hf")
     assert model.config.id2label == {0: "ham", 1: "spam"}
-    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    cfg.paths.sample_dir = str(REPO / "data" / "sample")
     split = instantiate(cfg.data).splits()["test"]
     assert sum(map(sum, counts)) == len(split)
     batch = tokenizer([text for *_, text, _ in split], truncation=True, padding=True, return_tensors="pt")
@@ -267,21 +287,21 @@ def test_classifier_learns_tests_the_best_checkpoint_and_exports_what_it_tested(
     labels = torch.tensor([label for *_, label in split])
     assert float((predicted == labels).float().mean()) == pytest.approx(float(test["test/acc"]), abs=1e-6)
     assert sum(counts[i][i] for i in range(2)) == int((predicted == labels).sum())
-    # predict.py labels stdin lines with the same model
+    # predict.py's task labels stdin lines with the same model (run in this process; the threshold test below runs
+    # predict.py itself)
     texts = [text for *_, text, _ in split[:5]]
-    out = run_script("predict.py", f"run={run}", "input=-", input="\n".join(texts) + "\n").stdout.splitlines()
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts) + "\n"))
+    capsys.readouterr()
+    with hydra_job("predict", [f"run={run}", "input=-"]) as predict_cfg:
+        predict_cli.main(predict_cfg)
+    out = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in out] == [model.config.id2label[int(i)] for i in predicted[:5]]
     assert [line.split("\t", 2)[2] for line in out] == texts
-    # eval.py task=classify on the test split agrees with the test the run logged
-    run_script(
-        "eval.py",
-        f"run={run}",
-        "data=sample_classify",
-        "task=classify",
-        "split=test",
-        "wandb.enabled=false",
-        f"out_dir={tmp_path}/eval",
-    )
+    # eval.py's task=classify on the test split agrees with the test the run logged (in this process: eval.py itself
+    # runs in tests/test_eval.py)
+    eval_overrides = [f"run={run}", "data=sample_classify", "task=classify", "split=test", "wandb.enabled=false"]
+    with hydra_job("eval", [*eval_overrides, f"out_dir={tmp_path}/eval"]) as eval_cfg:
+        eval_cli.main(eval_cfg)
     record = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert record["metrics"]["acc"] == pytest.approx(float(test["test/acc"]), abs=1e-6)
     assert record["confusion"] == counts and record["max_length"] == 48
@@ -289,8 +309,11 @@ def test_classifier_learns_tests_the_best_checkpoint_and_exports_what_it_tested(
 
 @pytest.mark.slow
 def test_prepare_split_writes_the_split_stage_classify_uses(tmp_path):
+    """`python prepare.py task=split data=sample_classify split_dir=...`, its task run in this process (prepare.py
+    itself runs in tests/test_tokenizer.py)."""
     out = tmp_path / "splits"
-    run_script("prepare.py", "task=split", "data=sample_classify", f"split_dir={out}", f"hydra.run.dir={tmp_path}/h")
+    with hydra_job("prepare", ["task=split", "data=sample_classify", f"split_dir={out}"]) as cfg:
+        prepare_cli.main(cfg)
     written = {
         name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
         for name in ("train", "val", "test")
@@ -323,21 +346,19 @@ def test_sms_spam_keeps_the_natural_mix(tmp_path, tiny_tokenizer):
 @pytest.mark.slow
 def test_the_threshold_chosen_on_val_is_tested_exported_and_used_by_predict(tmp_path):
     run = tmp_path / "run"
-    run_script(
-        "train.py",
-        "stage=classify",
-        "logger=csv",
-        "max_steps=30",
-        "batch_size=16",
-        "seq_len=32",
-        "bpe.vocab_size=300",
-        "trainer.val_check_interval=10",
-        "stage.module.trainable=all",
-        "stage.module.positive=spam",
-        "stage.module.max_fpr=0.05",
-        "trainer.limit_val_batches=1.0",
-        f"hydra.run.dir={run}",
-        f"paths.cache_dir={tmp_path}/cache",
+    cfg = train_classifier(
+        run,
+        [
+            "max_steps=30",
+            "batch_size=16",
+            "seq_len=32",
+            "bpe.vocab_size=300",
+            "trainer.val_check_interval=10",
+            "stage.module.trainable=all",
+            "stage.module.positive=spam",
+            "stage.module.max_fpr=0.05",
+            "trainer.limit_val_batches=1.0",
+        ],
     )
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -351,8 +372,6 @@ def test_the_threshold_chosen_on_val_is_tested_exported_and_used_by_predict(tmp_
     model = AutoModelForSequenceClassification.from_pretrained(run / "hf").eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "hf")
     assert exported_threshold(model.config) == (1, pytest.approx(saved["log_odds"]))
-    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    cfg.paths.sample_dir = str(REPO / "data" / "sample")
     split = instantiate(cfg.data).splits()["test"]
     batch = tokenizer([text for *_, text, _ in split], truncation=True, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -361,14 +380,26 @@ def test_the_threshold_chosen_on_val_is_tested_exported_and_used_by_predict(tmp_
     ham = labels == 0
     assert float((predicted == labels).float().mean()) == pytest.approx(float(test["test/acc"]), abs=1e-6)
     assert float((predicted[ham] == 1).float().mean()) == pytest.approx(float(test["test/fpr/spam"]), abs=1e-6)
-    # predict.py follows config.json's threshold: everything is spam below every score, nothing above
-    texts = "\n".join(text for *_, text, _ in split[:6]) + "\n"
-    for log_odds, label in ((-1e4, "spam"), (1e4, "ham")):
-        config = json.loads((run / "hf" / "config.json").read_text())
-        config["decision_threshold"]["log_odds"] = log_odds
-        (run / "hf" / "config.json").write_text(json.dumps(config))
-        out = run_script("predict.py", f"run={run}", "input=-", input=texts).stdout.splitlines()
-        assert [line.split("\t")[0] for line in out] == [label] * 6
+    # predict.py follows config.json's threshold: moved between two of six texts' spam log-odds, to where it labels
+    # them otherwise than the argmax and the run's threshold do, it labels spam exactly the texts at or above it
+    texts = [text for *_, text, _ in split[:6]]
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, truncation=True, padding=True, return_tensors="pt")).logits
+    odds = positive_log_odds(logits, 1).tolist()
+
+    def labels_at(threshold: float) -> list[str]:
+        return ["spam" if o >= threshold else "ham" for o in odds]
+
+    argmax = [model.config.id2label[int(i)] for i in decide(logits, None, 0.0)]
+    ranked = sorted(odds)
+    cuts = [(hi - lo, (lo + hi) / 2) for lo, hi in zip(ranked[:-1], ranked[1:], strict=True)]
+    gap, log_odds = max((gap, t) for gap, t in cuts if labels_at(t) not in (argmax, labels_at(saved["log_odds"])))
+    assert gap > 1e-3, f"no clear gap between the texts' log-odds {ranked}"
+    config = json.loads((run / "hf" / "config.json").read_text())
+    config["decision_threshold"]["log_odds"] = log_odds
+    (run / "hf" / "config.json").write_text(json.dumps(config))
+    out = run_script("predict.py", f"run={run}", "input=-", input="\n".join(texts) + "\n").stdout.splitlines()
+    assert [line.split("\t")[0] for line in out] == labels_at(log_odds)
 
 
 def fit_and_test_a_tiny_classifier(cfg, tokenizer, callbacks: list, root) -> ClassifierModule:

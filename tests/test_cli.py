@@ -1,12 +1,14 @@
-"""The entry points as a user runs them: train.py, the pretrain -> SFT -> generate chain, sweep.py."""
+"""The entry points as a user runs them: train.py, the pretrain -> SFT -> generate chain (sweep.py: test_sweep.py)."""
 
 from __future__ import annotations
 
 import json
+import runpy
+import sys
 
 import pytest
 import yaml
-from conftest import TINY, run_script
+from conftest import REPO, TINY, run_script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.slow  # entry points run as subprocesses
@@ -66,33 +68,37 @@ def test_sft_from_pretrain_then_chat_style_generation(chain):
     assert out.stdout == tok.decode(reply[0, ids["input_ids"].shape[1] :], skip_special_tokens=True) + "\n"
 
 
-def test_sweep_runs_one_job_per_value(tmp_path):
-    proc = run_script(
-        "sweep.py",
-        "-m",
-        "lr=5e-3,5e-4",
-        *TINY,
-        "max_steps=5",
-        "callbacks.samples.num_prompts=0",
-        f"hydra.sweep.dir={tmp_path}/sweep",
-        f"paths.cache_dir={tmp_path}/cache",
-    )
-    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0", "1"]
-    lrs = [yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["lr"] for job in jobs]
-    assert lrs == [5e-3, 5e-4]
-    assert all((job / "hf" / "model.safetensors").is_file() for job in jobs)
-    assert "Launching 2 jobs" in proc.stdout + proc.stderr
+@pytest.fixture
+def train_py(monkeypatch, capsys):
+    """``python train.py <args>`` for a command line that must fail before training starts, run in this process:
+    train.py executed as ``__main__`` (runpy), so its Hydra command line parses the arguments, composes and reports
+    the error with its exit status as in a terminal, without a second interpreter importing torch and Lightning.
+    Returns the exit status and what it wrote to stderr."""
+    from hydra._internal import utils as hydra_utils
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    # as in a terminal: Hydra re-raises instead of reporting when it sees a tracer (a debugger, coverage)
+    monkeypatch.setattr(hydra_utils, "is_under_debugger", lambda: False)
+
+    def run(*args: str) -> tuple[int, str]:
+        script = str(REPO / "train.py")
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            runpy.run_path(script, run_name="__main__")
+        return exited.value.code, capsys.readouterr().err
+
+    return run
 
 
-def test_unknown_group_option_lists_the_options():
-    proc = run_script("train.py", "model=llama-huge", check=False)
-    assert proc.returncode != 0
-    assert "Could not find 'model/llama-huge'" in proc.stderr
-    assert "gpt2-medium" in proc.stderr and "llama-moe" in proc.stderr  # the available options
+def test_unknown_group_option_lists_the_options(train_py):
+    status, stderr = train_py("model=llama-huge")
+    assert status != 0
+    assert "Could not find 'model/llama-huge'" in stderr
+    assert "gpt2-medium" in stderr and "llama-moe" in stderr  # the available options
 
 
-def test_unknown_key_is_rejected():
-    proc = run_script("train.py", "learning_rate=1e-3", check=False)
-    assert proc.returncode != 0
-    assert "Could not override 'learning_rate'" in proc.stderr
+def test_unknown_key_is_rejected(train_py):
+    status, stderr = train_py("learning_rate=1e-3")
+    assert status != 0
+    assert "Could not override 'learning_rate'" in stderr

@@ -18,6 +18,7 @@ import torch
 from conftest import compose_cfg
 from hydra.utils import instantiate
 from safetensors.torch import load_file
+from test_nan_guard import run_ranks
 from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM, T5ForConditionalGeneration
 
@@ -244,8 +245,10 @@ def trained_grads(
     tmp_path: Path,
     devices: int = 1,
     gpu: bool = False,
+    strategy: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The gradients of one optimizer step through Lightning's automatic optimization (``gpu``: bf16 and compile)."""
+    """The gradients of one optimizer step through Lightning's automatic optimization (``gpu``: bf16 and compile;
+    ``strategy``: by default ddp_spawn on more than one device)."""
     module = GradRecorder(
         copy.deepcopy(model), OPTIM, compile=gpu, per_rank_batches=per_rank, grads_path=str(tmp_path / "g.pt")
     )
@@ -253,7 +256,7 @@ def trained_grads(
         accelerator="gpu" if gpu else "cpu",
         devices=devices,
         precision="bf16-mixed" if gpu else None,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy=strategy or ("ddp_spawn" if devices > 1 else "auto"),
         max_steps=1,
         accumulate_grad_batches=accumulate,
         limit_val_batches=0,
@@ -294,12 +297,22 @@ def test_one_micro_batch_on_one_device_is_the_plain_mean_loss_bit_for_bit(tmp_pa
     assert all(torch.equal(p.grad, grads[n]) for n, p in plain.named_parameters())
 
 
+def _ddp_step(rank: int, model: torch.nn.Module, per_rank: list[list[dict]], tmp_path: Path) -> None:
+    """One rank of a 2-rank gloo group (tests/test_nan_guard.py's run_ranks): one optimizer step of 2 micro-batches."""
+    trained_grads(model, per_rank, accumulate=2, tmp_path=tmp_path, devices=2, strategy="ddp")
+
+
 @pytest.mark.slow
 def test_ddp_ranks_and_accumulation_give_the_gradient_of_one_batch(tmp_path):
-    """2 ranks x 2 micro-batches with 3, 20, 11 and 7 label tokens equal one batch of all 41 tokens."""
+    """2 ranks x 2 micro-batches with 3, 20, 11 and 7 label tokens equal one batch of all 41 tokens. The ranks are
+    forked (run_ranks: strategy=ddp with torchrun's variables), not spawned: the same DDP all-reduce without two
+    fresh interpreters importing torch and Lightning."""
     model = tiny_model("causal")
     batches = [micro_batch("causal", lengths, seed=10 + i) for i, lengths in enumerate([[2, 1], [10, 10], [9, 2], [7]])]
-    distributed = trained_grads(model, [batches[:2], batches[2:]], accumulate=2, tmp_path=tmp_path, devices=2)
+    (tmp_path / "ranks").mkdir()
+    results = run_ranks(_ddp_step, model, [batches[:2], batches[2:]], tmp_path, out_dir=tmp_path / "ranks")
+    assert all("returned" in result for result in results), results
+    distributed = torch.load(tmp_path / "g.pt", map_location="cpu", weights_only=True)
     one_batch = trained_grads(model, [[merged(batches)]], accumulate=1, tmp_path=tmp_path)
     for name in one_batch:
         torch.testing.assert_close(distributed[name], one_batch[name], msg=name)

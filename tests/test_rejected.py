@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, compose_cfg, greedy, run_script
+from conftest import REPO, compose_cfg, greedy, run_script
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
@@ -16,6 +16,7 @@ import lmlab.infer.rejected as rejected_mod
 from datamodules.formats import DataError
 from lmlab.core.models import build_model
 from lmlab.infer.rejected import RejectedSettings, build_rejected, degenerate, too_similar
+from train import train
 
 
 def chat(question: str, answer: str, system: str | None = None) -> list[dict]:
@@ -289,17 +290,16 @@ def test_settings_come_from_the_config_and_are_checked():
 
 @pytest.mark.slow
 def test_generate_task_rejected_end_to_end(tmp_path):
+    """generate.py task=rejected (the CLI) on an SFT run, and its pairs trained on by DPO as they are. The two runs
+    train in this process (train.py's CLI is tests/test_cli.py's), in a run folder where train.py would put it."""
     common = [
-        *[t for t in TINY if not t.startswith(("max_steps", "trainer.val_check"))],
         "max_steps=4",
         "trainer.val_check_interval=4",
         "trainer.limit_val_batches=1",
         "callbacks.samples.num_prompts=0",
-        f"paths.log_dir={tmp_path}/outputs",
-        f"paths.cache_dir={tmp_path}/cache",
     ]
-    run_script("train.py", "stage=sft", *common)
-    (sft,) = (tmp_path / "outputs" / "sft" / "llama-tiny").iterdir()
+    sft = tmp_path / "outputs" / "sft" / "llama-tiny" / "run"
+    train(compose_cfg(sft, ["stage=sft", *common]))
     out = tmp_path / "rej.jsonl"
     args = [
         "generate.py",
@@ -323,8 +323,10 @@ def test_generate_task_rejected_end_to_end(tmp_path):
     assert not (sft / "rejected").exists() and not (tmp_path / "outputs" / "generate").exists()
     assert rows, "seeded sampling keeps some pairs"
     # the written pairs are DPO data as they are: the chain SFT -> rejected samples -> DPO
-    run_script(
-        "train.py", "stage=dpo", f"init_from={sft}", f"data.train_files=[{out}]", f"data.val_files=[{out}]", *common
+    dpo = tmp_path / "outputs" / "dpo" / "llama-tiny" / "run"
+    train(
+        compose_cfg(
+            dpo, ["stage=dpo", f"init_from={sft}", f"data.train_files=[{out}]", f"data.val_files=[{out}]", *common]
+        )
     )
-    (dpo,) = (tmp_path / "outputs" / "dpo" / "llama-tiny").iterdir()
     assert (dpo / "hf" / "model.safetensors").is_file()

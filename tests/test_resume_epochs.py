@@ -142,6 +142,7 @@ def resume_from(checkpoint: Path, straight: Path, run: Path) -> None:
     [
         ("dpo", 4, 16),  # a resume at step 4: mid epoch 0 (epochs of 5 batches)
         ("t5_sft", 5, 15),  # 5: epoch 0's last batch
+        ("t5_pretrain", 7, 21),  # 7: mid epoch 1 (epochs of 5 batches), span corruption
         ("sft", 6, 18),  # 6: epoch 1's first batch
         ("pretrain", 8, 16),  # 8: mid epoch 1
         ("classify", 3, 15),  # 3: mid epoch 0 (epochs of 6 batches)

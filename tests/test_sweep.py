@@ -1,5 +1,6 @@
-"""sweep.py as a user runs it: a 2 x 2 grid, its summary (numbers, curves, best job), wandb runs, a failed job, DDP
-jobs, an optuna search (the joblib launcher runs in tests/test_experiments.py)."""
+"""sweep.py as a user runs it: a 2 x 2 grid (a job per combination, each exported), its summary (numbers, curves,
+best job), wandb runs, a failed job, DDP jobs, an optuna search (the joblib launcher runs in
+tests/test_experiments.py)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,19 @@ def grid(tmp_path_factory):
         f"hydra.sweep.dir={tmp}/sweep",
         f"paths.cache_dir={tmp}/cache",
     )
-    return tmp / "sweep", proc.stdout
+    return tmp / "sweep", proc
+
+
+def test_sweep_runs_one_job_per_value(grid):
+    """A folder per job and nothing else, each job with its own values and its own hf/ export; Hydra says how many
+    jobs it launches."""
+    sweep_dir, proc = grid
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    values = [yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) for job in jobs]
+    assert [(v["lr"], v["batch_size"]) for v in values] == [(5e-5, 4), (5e-5, 8), (5e-6, 4), (5e-6, 8)]
+    assert all((job / "hf" / "model.safetensors").is_file() for job in jobs)
+    assert "Launching 4 jobs" in proc.stdout + proc.stderr
 
 
 def test_grid_makes_one_job_per_combination(grid):
@@ -66,7 +79,8 @@ def test_grid_makes_one_job_per_combination(grid):
 
 
 def test_summary_numbers_are_each_jobs_metrics(grid):
-    sweep_dir, stdout = grid
+    sweep_dir, proc = grid
+    stdout = proc.stdout
     rows = summary_rows(sweep_dir)
     assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
     assert [r["overrides"] for r in rows] == [

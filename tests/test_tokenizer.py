@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import re
@@ -30,11 +31,6 @@ def sample_texts() -> list[str]:
     return [line for path in SAMPLE for line in path.read_text(encoding="utf-8").splitlines()] + NUMBERS
 
 
-@pytest.fixture(scope="module", params=["char", "byte"])
-def tokenizer(request):
-    return train_bpe(sample_texts(), **settings(request.param, vocab_size=600))
-
-
 @pytest.fixture(scope="module")
 def char_tokenizer():
     return train_bpe(sample_texts(), **settings("char", vocab_size=600))
@@ -43,6 +39,12 @@ def char_tokenizer():
 @pytest.fixture(scope="module")
 def byte_tokenizer():
     return train_bpe(sample_texts(), **settings("byte", vocab_size=600))
+
+
+@pytest.fixture(scope="module", params=["char", "byte"])
+def tokenizer(request):
+    """The char or byte tokenizer above (trained once), as a copy of its own: a test may change it."""
+    return copy.deepcopy(request.getfixturevalue(f"{request.param}_tokenizer"))
 
 
 def ids(tok, text: str) -> list[int]:
