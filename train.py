@@ -74,7 +74,11 @@ def loader_settings(cfg: DictConfig) -> dict[str, int | bool]:
     """
     gpu = cfg.trainer.accelerator in ("gpu", "cuda")
     auto = {"num_workers": 4 if gpu else 0, "pad_to_multiple_of": 64 if gpu else 1, "pin_memory": gpu}
-    return {key: value if cfg[key] == "auto" else type(value)(cfg[key]) for key, value in auto.items()}
+    settings = {key: value if cfg[key] == "auto" else cfg[key] for key, value in auto.items()}
+    for key, value in settings.items():
+        if type(value) is not type(auto[key]):  # a quoted 'false' would be a true pin_memory
+            raise ValueError(f"{key}={value!r}: give auto or a {type(auto[key]).__name__}")
+    return settings
 
 
 def connect_data(cfg: DictConfig, datamodule, tokenizer) -> None:

@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import RandomSampler
+from torchdata.stateful_dataloader.sampler import RandomSampler, StatefulDistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.formats import DataError, SkipCounter
@@ -144,7 +144,7 @@ class LMDataModule(L.LightningDataModule):
         from before that permutation. A restore draws the permutation again but not the base seed, so without
         loader processes every epoch after the resumed one had another order than the uninterrupted run's (issue
         16). The loader keeps a seeded generator for the base seeds, which would otherwise be drawn from (and move)
-        torch's global one.
+        torch's global one. Under DDP see :meth:`_sampler`.
         """
         import torch
 
@@ -152,13 +152,28 @@ class LMDataModule(L.LightningDataModule):
         return StatefulDataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) if shuffle else None,
+            sampler=self._sampler(dataset, shuffle),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=self.collator(),
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _sampler(self, dataset: Dataset, shuffle: bool) -> Sampler | None:
+        """Under DDP (a trainer of more than one rank) this rank's share, from torchdata's StatefulDistributedSampler,
+        whose position the loader's checkpointed state holds; Lightning leaves a DistributedSampler as it is and
+        sets its epoch, which draws each epoch's order from ``seed``. Lightning's own would wrap the sampler in a
+        DistributedSamplerWrapper, which keeps no state: a resumed DDP run drew other batches than the uninterrupted
+        one. Else the shuffling RandomSampler with its own generator, or None (in order)."""
+        import torch
+
+        trainer = self.trainer  # Lightning's, once the datamodule is attached to one
+        if trainer is not None and trainer.world_size > 1:
+            return StatefulDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=shuffle, seed=self.seed
+            )
+        return RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) if shuffle else None
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, shuffle=True)

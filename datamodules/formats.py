@@ -29,10 +29,11 @@ FORMATS = ("jsonl", "json", "parquet", "csv", "tsv", "txt")
 COMPRESSION = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 # What a file's first bytes say it is, for the binary formats a misnamed file most often is: a text reader handed
 # one would decode it into garbage lines (skipped one by one under on_error=skip, or worse, read as text).
+RENAME_COMPRESSED = "rename it to {name}.%s (compressed files are read by their last suffix)"
 SIGNATURES = {
-    "gzip": (re.compile(rb"\x1f\x8b"), "rename it to {name}.gz (compressed files are read by their last suffix)"),
-    "xz": (re.compile(rb"\xfd7zXZ\x00"), "rename it to {name}.xz (compressed files are read by their last suffix)"),
-    "bz2": (re.compile(rb"BZh[1-9]1AY&SY"), "rename it to {name}.bz2 (compressed files are read by their last suffix)"),
+    "gzip": (re.compile(rb"\x1f\x8b"), RENAME_COMPRESSED % "gz"),
+    "xz": (re.compile(rb"\xfd7zXZ\x00"), RENAME_COMPRESSED % "xz"),
+    "bz2": (re.compile(rb"BZh[1-9]1AY&SY"), RENAME_COMPRESSED % "bz2"),
     "zstd": (re.compile(rb"\x28\xb5\x2f\xfd"), "decompress it first (zstd is not read)"),
     "zip": (re.compile(rb"PK\x03\x04"), "unzip it first"),
     "parquet": (re.compile(rb"PAR1"), "rename it to {stem}.parquet or set data.format to parquet"),

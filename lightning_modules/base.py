@@ -36,17 +36,27 @@ class TrainingModule(L.LightningModule):
         self.compile_model = compile
         self.flops_per_batch = 0.0  # read by ThroughputMonitor for MFU; set by _count_flops
         self._flops: dict[tuple, float] = {}  # batch shapes -> training FLOPs, see _count_flops
-        # The first non-finite step (-1: none yet) and its loss and gradient norm (-1: not computed yet); until
-        # there is one, the loss and norm are the current step's. See _track_non_finite and _guard_gradients.
-        self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
-        self.register_buffer("bad_loss", torch.tensor(0.0), persistent=False)
-        self.register_buffer("bad_grad_norm", torch.tensor(-1.0), persistent=False)
+        self._new_non_finite_record(torch.device("cpu"))
         self._window_anchor: torch.Tensor | None = None  # see _token_weighted
         self._window_tokens: torch.Tensor | None = None
 
     def configure_model(self) -> None:
         if self.compile_model:
             self.model.compile()
+
+    def _new_non_finite_record(self, device: torch.device) -> None:
+        """The first non-finite step (-1: none yet) and its loss and gradient norm (-1: not computed yet); until there
+        is one, the loss and norm are the current step's (_track_non_finite, _guard_gradients).
+
+        Plain tensors on ``device``, not registered buffers: DDP copies rank 0's buffers to every rank before each
+        forward, which wiped a flag that another rank had raised after the last log step, and that step went
+        unreported."""
+        self.first_bad_step = torch.tensor(-1, device=device)
+        self.bad_loss = torch.tensor(0.0, device=device)
+        self.bad_grad_norm = torch.tensor(-1.0, device=device)
+
+    def on_train_start(self) -> None:
+        self._new_non_finite_record(self.device)  # where the losses are; module.to() moves no plain tensor
 
     def _count_flops(self, batch: dict[str, torch.Tensor], factor: float = 1.0) -> None:
         """Set flops_per_batch (read by ThroughputMonitor for MFU) to the batch's training FLOPs, ``factor`` times for
@@ -159,9 +169,10 @@ class TrainingModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip as Lightning would, but keep the total gradient norm, which guards and logs the step.
 
-        Lightning calls this after every backward, with gradient_clip_val or not, so this is where the norm is
-        computed, once: by torch's clip_grad_norm_ when clipping by norm (it returns the norm before clipping),
-        else by get_total_norm (foreach kernels). _guard_gradients then flags a non-finite norm and logs it.
+        Lightning calls this once per optimizer step, after the window's last backward, with gradient_clip_val or
+        not, so this is where the norm is computed, once: by torch's clip_grad_norm_ when clipping by norm (it returns
+        the norm before clipping), else by get_total_norm (foreach kernels). _guard_gradients then flags a
+        non-finite norm and logs it.
         Lightning itself would refuse to clip for an optimizer that unscales gradients itself (fused AdamW) under
         mixed precision, because fp16's GradScaler would hand it scaled gradients; bf16 has no scaler, so the
         gradients are the true ones and torch's clipping is exact. Under fp16's GradScaler, Lightning clips, and

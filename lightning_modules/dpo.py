@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -81,6 +82,16 @@ def data_fingerprint(dataset) -> str:
             for key in ("input_ids", "labels"):
                 h.update(item[side][key].numpy().tobytes())
     return h.hexdigest()
+
+
+def _read_cache(path: Path, fingerprint: str) -> torch.Tensor | None:
+    """The log-probs cached in ``path`` if they are of the pairs with this :func:`data_fingerprint`, else None."""
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        if cached["data_sha256"] == fingerprint:  # the cache lives in the run folder: a resumed run reuses it
+            log.info("reference log-probs: %s from %s", path.stem, path)
+            return cached["logps"]
+    return None
 
 
 def build_reference(policy: PreTrainedModel, ref_from: str | None = None) -> PreTrainedModel:
@@ -190,41 +201,49 @@ class DPOModule(TrainingModule):
         """The reference's log-probs [n, 2] (chosen, rejected) of every pair of ``split``, in ``dataset``'s order
         (``batches``): from ``ref_cache`` when it holds exactly these pairs, else computed and cached there.
 
-        Under DDP every rank holds the whole split, and rank 0 alone reads or computes them and writes the
-        cache; the other ranks wait for them in a broadcast from rank 0. When every rank computed the whole
-        cache, each spent the reference's passes over all pairs and renamed its own file over the same cache.
-        A broadcast, rather than the other ranks reading the file, also works where the run folder is not
-        shared by every node (ranks on other nodes).
+        Under DDP every rank holds the whole split. Rank 0 alone reads the cache and broadcasts what it found (the
+        log-probs or None), so all ranks take the same path and none waits in a collective the others skip; a
+        broadcast, rather than every rank reading the file, also works where the run folder is not shared by every
+        node. Without a usable cache the ranks share the work (:meth:`_computed_logps`): had rank 0 computed the
+        whole split alone, the others would idle in a collective, on a large split past the process group's timeout
+        (30 min for NCCL), which kills the run. Rank 0 alone writes the cache, so no two ranks rename files over it.
+        A single process runs no collective.
         """
         strategy = self.trainer.strategy
-        logps = self._cached_or_computed_logps(split, dataset, batches) if strategy.is_global_zero else None
-        return strategy.broadcast(logps, src=0)
+        path = Path(self.hparams.ref_cache) / f"{split}.pt"
+        fingerprint = logps = None
+        if strategy.is_global_zero:
+            fingerprint = data_fingerprint(dataset)
+            logps = _read_cache(path, fingerprint)
+        if strategy.world_size > 1:
+            logps = strategy.broadcast(logps, src=0)
+        if logps is not None:
+            return logps
+        logps = self._computed_logps(batches, strategy.global_rank, strategy.world_size)
+        if strategy.is_global_zero:
+            write_atomically(path, lambda f: torch.save({"logps": logps, "data_sha256": fingerprint}, f))
+            log.info("reference log-probs: %d %s pairs computed, cached in %s", len(dataset), split, path)
+        return logps
 
     @torch.no_grad()
-    def _cached_or_computed_logps(
-        self, split: str, dataset, batches: Iterable[dict[str, torch.Tensor]]
-    ) -> torch.Tensor:
-        """_precomputed_logps on one rank: from the cache when it holds exactly these pairs, else computed and
-        cached."""
-        path = Path(self.hparams.ref_cache) / f"{split}.pt"
-        fingerprint = data_fingerprint(dataset)
-        if path.is_file():
-            cached = torch.load(path, weights_only=True)
-            if cached["data_sha256"] == fingerprint:  # the cache lives in the run folder: a resumed run reuses it
-                log.info("reference log-probs: %s from %s", split, path)
-                return cached["logps"]
+    def _computed_logps(self, batches: Iterable[dict[str, torch.Tensor]], rank: int, world_size: int) -> torch.Tensor:
+        """The reference's log-probs [n, 2] of all ``batches``, in their order; this rank runs the reference on the
+        batches i with i % world_size == rank, and the ranks gather their pieces ([rows, 2] CPU tensors, small), so
+        each spends 1/world_size of the pass and they all finish about together."""
         device = self.trainer.strategy.root_device  # setup() runs before the module is moved there
         self.reference.to(device)
-        rows = []
+        pieces = []
         with self.trainer.precision_plugin.forward_context():
-            for batch in batches:
+            for i, batch in itertools.islice(enumerate(batches), rank, None, world_size):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 chosen, rejected = self._logps(self.reference, batch)[0].chunk(2)
-                rows.append(torch.stack([chosen, rejected], dim=1).float())
-        out = torch.cat(rows).cpu() if rows else torch.zeros(0, 2)
-        write_atomically(path, lambda f: torch.save({"logps": out, "data_sha256": fingerprint}, f))
-        log.info("reference log-probs: %d %s pairs computed, cached in %s", len(dataset), split, path)
-        return out
+                pieces.append((i, torch.stack([chosen, rejected], dim=1).float()))
+        pieces = [(i, rows.cpu()) for i, rows in pieces]  # after the loop: no device sync per batch
+        if world_size > 1:
+            gathered = [None] * world_size
+            torch.distributed.all_gather_object(gathered, pieces)
+            pieces = sorted((piece for rank_pieces in gathered for piece in rank_pieces), key=lambda p: p[0])
+        return torch.cat([rows for _, rows in pieces]) if pieces else torch.zeros(0, 2)
 
     def _logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs of every row [2B], logits) of ``model``; per-token averages for IPO, as TRL."""

@@ -81,6 +81,14 @@ def test_loader_settings_follow_the_accelerator_under_auto(tmp_path, overrides, 
     assert loader_settings(compose_cfg(tmp_path, overrides)) == expected
 
 
+@pytest.mark.parametrize("setting", ["pin_memory='false'", "num_workers=2.5"])
+def test_a_loader_setting_of_another_type_is_an_error(tmp_path, setting):
+    """A quoted 'false' was cast with bool(), which made it True."""
+    key = setting.split("=")[0]
+    with pytest.raises(ValueError, match=f"{key}=.*: give auto or a (bool|int)"):
+        loader_settings(compose_cfg(tmp_path, [setting]))
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo", "pretrain", "classify"])
 def test_the_run_chat_template_keeps_its_order(tmp_path, tiny_tokenizer, stage):
     """Chat data (SFT, preference): the preset's own, else template=, else the tokenizer's. Other data: the

@@ -1,13 +1,14 @@
 """DPO's reference, built outside the module and injected: frozen, eval-mode, outside the module's state and
 optimizer; with reference=precomputed its log-probs travel in the items and batches (TRL's ref_chosen_logps /
 ref_rejected_logps), equal to what the live reference computes, and a resumed run reads them from the cache
-without calling the reference model. Under DDP, rank 0 alone computes and caches them and the other ranks get
-rank 0's."""
+without calling the reference model. Under DDP the ranks share the reference's pass over the pairs, every rank
+gets all the log-probs, and rank 0 alone reads and writes the cache."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +21,7 @@ from test_nan_guard import ddp_trainer, run_ranks
 
 import train as train_script
 from lightning_modules import dpo
-from lightning_modules.dpo import DPOModule, build_reference, data_fingerprint
+from lightning_modules.dpo import DPOModule, build_reference
 from lmlab.core.collate import REF_LOGPS, CausalCollator, PreferenceCollator
 from lmlab.core.models import build_model, export_hf
 
@@ -177,9 +178,10 @@ def test_resumed_run_reads_the_cache_and_never_calls_the_reference(tmp_path, pai
     assert all(k.startswith("model.") for k in ckpt["state_dict"])
 
 
-def _precompute_on_ranks(rank: int, tmp_path, pairs_file) -> dict:
-    """One rank of a 2-rank DDP trainer.validate() with reference=precomputed, both ranks on one ref_cache: how
-    often this rank ran the reference and wrote a cache file, and the log-probs its datamodule got."""
+def _precompute(tmp_path, pairs_file, trainer: L.Trainer) -> dict:
+    """trainer.validate() with reference=precomputed, its ref_cache <tmp_path>/ref_logps, the policy (and so the
+    reference) from seed 0: how often this process ran the reference and wrote a cache file, the batches of each
+    split, and the log-probs of the train and val pairs its datamodule got ([n, 2], the items' fields)."""
     calls, writes = [], []
     write = dpo.write_atomically
 
@@ -187,27 +189,67 @@ def _precompute_on_ranks(rank: int, tmp_path, pairs_file) -> dict:
         writes.append(Path(path).name)
         return write(path, *args)
 
-    dpo.write_atomically = counted_write  # in this rank's own process
-    overrides = [f"data.train_files=[{pairs_file}]", "stage.module.reference=precomputed"]
+    overrides = [
+        f"data.train_files=[{pairs_file}]",
+        "stage.module.reference=precomputed",
+        "data.val_fraction=0.25",
+        "batch_size=4",  # 27 train and 9 val pairs: 7 and 3 batches, the last of each short
+    ]
+    torch.manual_seed(0)
     dm, _, reference, module = parts(tmp_path, tiny_bpe("byte"), overrides)
     reference.register_forward_pre_hook(lambda *_: calls.append(1))
-    ddp_trainer(tmp_path, limit_val_batches=1).validate(module, datamodule=dm)
+    dpo.write_atomically = counted_write
+    try:
+        trainer.validate(module, datamodule=dm)
+    finally:
+        dpo.write_atomically = write
+    splits = {"train": dm.train_set, "val": dm.val_set}
     return {
         "reference_calls": len(calls),
         "writes": sorted(writes),
-        "pairs": data_fingerprint(dm.train_set),
-        "logps": {key: [s[key] for s in dm.train_set.samples] for key in REF_LOGPS},
+        "batches": {split: math.ceil(len(dataset) / dm.batch_size) for split, dataset in splits.items()},
+        "logps": {
+            split: torch.tensor([[s[key] for key in REF_LOGPS] for s in dataset.samples])
+            for split, dataset in splits.items()
+        },
     }
 
 
-def test_under_ddp_rank_0_alone_computes_and_caches_the_reference_logps(tmp_path, pairs_file):
-    """Old behaviour: every rank ran the reference over every pair and wrote the same cache files."""
-    results = run_ranks(_precompute_on_ranks, tmp_path, pairs_file, out_dir=tmp_path)
+def _precompute_on_ranks(rank: int, tmp_path, pairs_file) -> dict:
+    """One rank of a 2-rank DDP run of :func:`_precompute`, both ranks on one ref_cache."""
+    return _precompute(tmp_path, pairs_file, ddp_trainer(tmp_path, limit_val_batches=1))
+
+
+def _precompute_in_one_process(tmp_path, pairs_file) -> dict:
+    return _precompute(tmp_path, pairs_file, cpu_trainer(limit_val_batches=1))
+
+
+def test_under_ddp_the_ranks_share_the_reference_pass_and_rank_0_alone_caches(tmp_path, pairs_file):
+    """Rank 0 alone used to run the reference over every pair while rank 1 waited in a broadcast (on a large split,
+    past the process group's timeout); now each rank runs it on half the batches and they gather the pieces."""
+    single = _precompute_in_one_process(tmp_path / "single", pairs_file)
+    results = run_ranks(_precompute_on_ranks, tmp_path / "ddp", pairs_file, out_dir=tmp_path)
     assert all("returned" in result for result in results), results
     rank0, rank1 = (result["returned"] for result in results)
-    assert rank0["pairs"] == rank1["pairs"], "the ranks hold the same pairs"
-    assert rank0["reference_calls"] > 0 and rank0["writes"] == ["train.pt", "val.pt"]
-    assert rank1["reference_calls"] == 0 and rank1["writes"] == [], "rank 1 takes rank 0's log-probs"
-    assert rank1["logps"] == rank0["logps"]
-    cached = torch.load(tmp_path / "ref_logps" / "train.pt", weights_only=True)["logps"]
-    assert cached.tolist() == [list(pair) for pair in zip(*rank0["logps"].values(), strict=True)]
+    batches = single["batches"]
+    assert single["reference_calls"] == sum(batches.values()) and min(batches.values()) >= 2
+    # batches 0, 2, 4, ... of each split on rank 0, batches 1, 3, ... on rank 1: one pass over the data in all
+    assert rank0["reference_calls"] == sum(math.ceil(n / 2) for n in batches.values())
+    assert rank1["reference_calls"] == sum(n // 2 for n in batches.values())
+    assert rank0["writes"] == ["train.pt", "val.pt"] and rank1["writes"] == [], "rank 0 alone writes the cache"
+    for split in ("train", "val"):
+        assert torch.equal(rank0["logps"][split], rank1["logps"][split]), split
+        torch.testing.assert_close(rank0["logps"][split], single["logps"][split], rtol=1e-6, atol=1e-6)
+        cached = torch.load(tmp_path / "ddp" / "ref_logps" / f"{split}.pt", weights_only=True)["logps"]
+        assert torch.equal(cached, rank0["logps"][split]), "the cache holds the log-probs in the dataset's order"
+
+
+def test_under_ddp_a_valid_cache_is_read_and_no_rank_runs_the_reference(tmp_path, pairs_file):
+    single = _precompute_in_one_process(tmp_path, pairs_file)  # writes <tmp_path>/ref_logps
+    cache = {split: (tmp_path / "ref_logps" / f"{split}.pt").stat().st_mtime_ns for split in ("train", "val")}
+    results = run_ranks(_precompute_on_ranks, tmp_path, pairs_file, out_dir=tmp_path)
+    assert all("returned" in result for result in results), results
+    for rank in (result["returned"] for result in results):
+        assert rank["reference_calls"] == 0 and rank["writes"] == []
+        assert all(torch.equal(rank["logps"][split], single["logps"][split]) for split in cache)
+    assert cache == {split: (tmp_path / "ref_logps" / f"{split}.pt").stat().st_mtime_ns for split in cache}

@@ -175,25 +175,33 @@ def ddp_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
 
 
 class NaNLossOnRank1(LMModule):
-    """Rank 1's loss is NaN at step 1 but its gradients stay finite, so only rank 1 flags the step."""
+    """Rank 1's loss is NaN at step ``bad_step`` but its gradients stay finite, so only rank 1 flags the step."""
+
+    def __init__(self, model, optim, bad_step: int):
+        super().__init__(model, optim)
+        self.bad_step = bad_step
 
     def _forward(self, batch, with_loss):
         out = super()._forward(batch, with_loss)
-        if with_loss and self.global_rank == 1 and self.global_step == 1:
+        if with_loss and self.global_rank == 1 and self.global_step == self.bad_step:
             out.loss = out.loss + math.nan  # d(loss + c)/dloss = 1: the backward pass is unchanged
         return out
 
 
-def _fit_with_nan_loss_on_rank_1(rank: int, tmp_path: Path) -> int:
-    run = ddp_trainer(tmp_path, log_every_n_steps=2)
-    run.fit(NaNLossOnRank1(tiny_lm(), OPTIM), train_dataloaders=batches())
+def _fit_with_nan_loss_on_rank_1(rank: int, tmp_path: Path, bad_step: int) -> int:
+    run = ddp_trainer(tmp_path, log_every_n_steps=2)  # log steps 1, 3, 5
+    run.fit(NaNLossOnRank1(tiny_lm(), OPTIM, bad_step), train_dataloaders=batches())
     return run.global_step
 
 
-def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+@pytest.mark.parametrize("bad_step", [1, 0], ids=["at-a-log-step", "between-log-steps"])
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, bad_step):
     """Old behaviour: rank 1 raised at its log step while rank 0 went on into the next all-reduce and waited
-    there for rank 1 (a hang, or a gloo error once rank 1's process was gone)."""
-    results = run_ranks(_fit_with_nan_loss_on_rank_1, tmp_path, out_dir=tmp_path)
+    there for rank 1 (a hang, or a gloo error once rank 1's process was gone). And a flag raised between log steps
+    was lost: held in a registered buffer, it was overwritten by rank 0's at the next step's forward (DDP
+    broadcasts buffers), so the run trained on past a NaN loss."""
+    results = run_ranks(_fit_with_nan_loss_on_rank_1, tmp_path, bad_step, out_dir=tmp_path)
     for rank, result in enumerate(results):
         assert result.get("raised") == "NonFiniteLossError", (rank, result)
-        assert "loss is not finite (nan/inf) at step 1 on rank 1 (loss nan" in result["message"], (rank, result)
+        message = f"loss is not finite (nan/inf) at step {bad_step} on rank 1 (loss nan"
+        assert message in result["message"], (rank, result)

@@ -17,6 +17,7 @@ import torch
 from conftest import REPO, compose_cfg
 from hydra.utils import instantiate
 from safetensors.torch import load_file
+from test_nan_guard import run_ranks
 
 from train import connect_data, prepare_tokenizer, train
 
@@ -174,3 +175,46 @@ def test_resume_across_epoch_boundaries_is_bit_identical(tmp_path, stage, every,
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after a resume at step {every}"
+
+
+def _train_on_rank(rank: int, run: Path, overrides: list[str]) -> None:
+    """One rank of a 2-rank DDP train.py run (tests/test_nan_guard.py's run_ranks: gloo, forked)."""
+    train(compose_cfg(run, [*overrides, "trainer.devices=2", "+trainer.strategy=ddp"]))
+
+
+@pytest.mark.slow
+def test_a_ddp_run_resumes_bit_identical(tmp_path, small_data):
+    """2 ranks, resumed mid epoch 1 at step 5, crossing two epoch boundaries after it (epochs of 3 batches per rank).
+    Lightning wrapped the loader's sampler in its DistributedSamplerWrapper, which keeps no position: the resumed run
+    drew other batches. Each rank now has a StatefulDistributedSampler, whose position the checkpoint holds."""
+    overrides = [
+        *stage_overrides("pretrain", small_data),
+        "max_steps=12",
+        "checkpoint_every=5",
+        "callbacks.last.save_top_k=-1",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1",
+        "export=last",
+    ]
+    tokenizer = tmp_path / "tokenizer-run"  # trained once, so that the ranks never write one tokenizer together
+    train(compose_cfg(tokenizer, [*overrides, "max_steps=1"]))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    shutil.copytree(tokenizer / "tokenizer", straight / "tokenizer")
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    results = run_ranks(_train_on_rank, straight, overrides, out_dir=ranks, timeout=240)
+    assert all("returned" in result for result in results), results
+    checkpoint = checkpoint_at(straight, 5)
+    last = straight / "checkpoints" / "last.ckpt"
+    epochs = [torch.load(path, weights_only=False)["epoch"] for path in (checkpoint, last)]
+    assert epochs[1] - epochs[0] >= 2, f"epochs {epochs}: the resumed run must cross two epoch boundaries"
+
+    resume_from(checkpoint, straight, resumed)
+    for path in ranks.iterdir():
+        path.unlink()
+    results = run_ranks(_train_on_rank, resumed, [*overrides, "resume=auto"], out_dir=ranks, timeout=240)
+    assert all("returned" in result for result in results), results
+    a = load_file(straight / "hf" / "model.safetensors")
+    b = load_file(resumed / "hf" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after a DDP resume at step 5"

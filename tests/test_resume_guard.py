@@ -13,14 +13,20 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import REPO, compose_cfg
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_nan_guard import OPTIM, batches, tiny_lm
+from test_nan_guard import trainer as nan_guard_trainer
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from lightning_modules.lm import LMModule
+from lmlab.core.models import preset_families
 from lmlab.core.runs import resume_advice, resume_checkpoint
 from lmlab.train.callbacks import RunCSVLogger
 from train import train
@@ -188,6 +194,20 @@ def test_resume_auto_names_interrupted_runs_of_other_settings(tmp_path, caplog):
     ) in caplog.text
 
 
+def test_resume_auto_names_a_run_whose_saved_config_cannot_be_read(tmp_path, caplog):
+    """Another run's .hydra/config.yaml cut off by a kill: resume=auto only names that run, so it starts afresh
+    (it stopped with the YAML error)."""
+    other = tmp_path / "2026-01-01_10-00-00_deadbeef"
+    fake_checkpoint(other, 5)
+    (other / ".hydra").mkdir()
+    (other / ".hydra" / "config.yaml").write_text("model:\n  name: [llama-tiny\n")
+    new = tmp_path / "2026-01-02_10-00-00_abcd1234"
+    caplog.set_level(logging.INFO, logger="lmlab.train")
+    assert resume_checkpoint(compose_cfg(new, ["resume=auto"]), new) is None
+    assert f"{other} (an interrupted run, last.ckpt at step 5) has other settings (then -> now): its " in caplog.text
+    assert "config.yaml cannot be read (" in caplog.text
+
+
 def test_resume_advice_is_true_to_the_run_folder(tmp_path):
     assert resume_advice(tmp_path).startswith(f"no checkpoint was saved before it ({tmp_path}/checkpoints/last.ckpt")
     fake_checkpoint(tmp_path, 40)
@@ -202,12 +222,45 @@ def test_checkpoint_every_zero_is_an_error_and_null_turns_checkpoints_off(tmp_pa
     assert "checkpoint_every=null: periodic checkpoints are off" in caplog.text
 
 
-def test_metrics_rows_are_written_with_each_checkpoint(tmp_path):
-    """Lightning writes metrics.csv every 100 logged steps: a kill lost the rows a checkpoint covered."""
-    logger = RunCSVLogger(str(tmp_path))
-    logger.log_metrics({"train/loss": 1.0}, step=0)
-    logger.after_save_checkpoint(None)
-    assert (tmp_path / "metrics.csv").read_text().splitlines()[1:] == ["0,1.0"]
+def test_rows_are_on_disk_as_they_are_logged(tmp_path):
+    """What a checkpoint covers is in metrics.csv when it is written (Lightning writes rows out at every log_metrics;
+    CSVLogger alone would keep 100 in memory): at the checkpoint of step N, the rows of steps 0 .. N-2 (step N-1's
+    row is logged right after the checkpoint, in the same loop iteration)."""
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_save_checkpoint(self, trainer, module, checkpoint):
+            with open(tmp_path / "metrics.csv", newline="") as f:
+                seen[trainer.global_step] = [int(row["step"]) for row in csv.DictReader(f) if row["train/loss"]]
+
+    every_2 = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2)
+    run = nan_guard_trainer(
+        tmp_path, logger=RunCSVLogger(str(tmp_path)), log_every_n_steps=1, enable_checkpointing=True
+    )
+    run.callbacks.extend([every_2, Probe()])
+    run.fit(LMModule(tiny_lm(), OPTIM), train_dataloaders=batches())
+    assert seen[2] == [0] and seen[4] == [0, 1, 2] and seen[6][:5] == [0, 1, 2, 3, 4]
+
+
+def test_a_row_cut_off_by_the_kill_is_dropped_on_resume(finished, tmp_path, caplog):
+    """A kill in the middle of writing a row leaves a line without its end: it was read as a row without a step
+    (int(None): every resume failed), or Lightning's next row was appended to it."""
+    run = killed_at(finished, tmp_path / "run", 6)  # no row after the checkpoint: only the cut-off one goes
+    with open(run / "metrics.csv", "a", newline="") as f:
+        f.write("0,")  # the first field of a row, then the kill
+    caplog.set_level(logging.INFO, logger="lmlab.train")
+    train(compose_cfg(run, [*RUN, "resume=auto"]))
+    assert cells_of_whole_rows(run) == metric_cells(finished)
+    assert "metrics.csv: dropped its last row, which the kill cut off in the middle" in caplog.text
+
+
+def cells_of_whole_rows(run: Path) -> Counter:
+    """metric_cells, after checking that every row of metrics.csv has all the header's fields and a line end."""
+    text = (run / "metrics.csv").read_text()
+    assert text.endswith("\n")
+    rows = list(csv.DictReader(text.splitlines()))
+    assert all(None not in row and None not in row.values() for row in rows)
+    return metric_cells(run)
 
 
 def test_init_from_of_another_family_than_model_is_an_error(tmp_path, tiny_tokenizer):
@@ -218,6 +271,57 @@ def test_init_from_of_another_family_than_model_is_an_error(tmp_path, tiny_token
     tiny_tokenizer.save_pretrained(llama)
     with pytest.raises(ValueError, match=f"init_from={llama} holds a llama model but model=gpt2-tiny is a gpt2 preset"):
         train(compose_cfg(tmp_path / "run", ["model=gpt2-tiny", f"init_from={llama}", "max_steps=1"]))
+
+
+def test_init_from_of_a_family_without_a_preset_trains_with_a_warning(tmp_path, tiny_tokenizer, caplog):
+    """A Qwen2 checkpoint has no model= preset to be named after: the nearest one names the run (it was an error)."""
+    qwen = tmp_path / "qwen"
+    config = Qwen2Config(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(qwen)
+    tiny_tokenizer.save_pretrained(qwen)
+    caplog.set_level(logging.WARNING)
+    train(compose_cfg(tmp_path / "run", [f"init_from={qwen}", "max_steps=1", "callbacks.samples.num_prompts=0"]))
+    assert f"init_from={qwen} holds a qwen2 model, a family no preset in conf/model/ builds" in caplog.text
+    assert AutoConfig.from_pretrained(tmp_path / "run" / "hf").model_type == "qwen2"
+
+
+def test_preset_families_come_from_conf_model():
+    families = preset_families()
+    assert families["mixtral"] == ["llama-moe-tiny", "llama-moe"] and "t5-tiny" in families["t5"]
+    assert sum(map(len, families.values())) == len(list((REPO / "conf" / "model").glob("*.yaml")))
+
+
+def test_a_kill_during_a_validation_repeats_it_on_resume(finished, tmp_path, monkeypatch):
+    """Killed during the validation at step 6 (checkpoint_every = val_check_interval = 3). last.ckpt was written
+    before that validation, and Lightning counts a validation at the checkpoint's step as done: the resumed run
+    never validated at step 6. last.ckpt now waits for its step's validation, so the resume starts from step 3's
+    and runs both again: the same metrics and weights as the uninterrupted run."""
+    from lightning_modules.lm import LMModule
+
+    class Killed(Exception):
+        pass
+
+    def killed(module):
+        if module.global_step == 6:
+            raise Killed("during the validation at step 6")
+
+    run = [*RUN, "resume=auto"]
+    monkeypatch.setattr(LMModule, "on_validation_start", killed, raising=False)
+    with pytest.raises(Killed):
+        train(compose_cfg(tmp_path, run))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    monkeypatch.undo()
+    train(compose_cfg(tmp_path, run))
+    assert metric_cells(tmp_path) == metric_cells(finished)
+    for name, weights in final_weights(finished).items():
+        assert torch.equal(final_weights(tmp_path)[name], weights), name
 
 
 @pytest.mark.slow

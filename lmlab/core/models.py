@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -26,6 +26,8 @@ from transformers import (
 from lmlab.core.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
+
+PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"  # the model= presets
 
 
 def set_cudnn_attention(enabled: bool) -> None:
@@ -107,11 +109,42 @@ def check_arch(model_cfg: DictConfig, config: PretrainedConfig, where: str) -> N
             f"choose a {actual} model preset (e.g. model={'t5' if actual == 'seq2seq' else 'llama'})"
         )
     family = get_class(model_cfg.config._target_).model_type
-    if config.model_type != family:
-        raise ValueError(
-            f"{where} holds a {config.model_type} model but model={model_cfg.name} is a {family} preset: pass a "
-            f"model= preset of the {config.model_type} family (conf/model/), so the run is named after what it trains"
+    if config.model_type == family:
+        return
+    presets = preset_families().get(config.model_type)
+    if not presets:  # e.g. a Qwen2 or mT5 checkpoint: no model= names it, so the nearest preset has to
+        log.warning(
+            "%s holds a %s model, a family no preset in conf/model/ builds; the run is named after model=%s (%s)",
+            where,
+            config.model_type,
+            model_cfg.name,
+            family,
         )
+        return
+    raise ValueError(
+        f"{where} holds a {config.model_type} model but model={model_cfg.name} is a {family} preset: pass a model= "
+        f"preset of the {config.model_type} family ({', '.join(presets)}), so the run is named after what it trains"
+    )
+
+
+def preset_families() -> dict[str, list[str]]:
+    """The presets in conf/model/ by the ``model_type`` of the config class each builds, e.g. ``{"t5": ["t5",
+    "t5-tiny"], ...}``."""
+    families: dict[str, list[str]] = {}
+    for path in sorted(PRESETS.glob("*.yaml")):
+        families.setdefault(get_class(_config_target(path)).model_type, []).append(path.stem)
+    return families
+
+
+def _config_target(preset: Path) -> str:
+    """The config class a preset file builds: its ``config._target_``, or that of the preset it extends (its
+    ``defaults``, e.g. llama-26m's ``[llama-tiny, _self_]``)."""
+    cfg = OmegaConf.load(preset)
+    target = OmegaConf.select(cfg, "config._target_")
+    if target:
+        return target
+    parent = next(d for d in cfg.get("defaults", []) if isinstance(d, str) and d != "_self_")
+    return _config_target(preset.with_name(f"{parent}.yaml"))
 
 
 def build_model(

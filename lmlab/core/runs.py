@@ -173,7 +173,11 @@ def _changes_since(folder: Path, cfg: DictConfig) -> str:
     saved = folder / SAVED_CONFIG
     if not saved.is_file():
         return f"no {SAVED_CONFIG} there to compare with"
-    changes = setting_changes(OmegaConf.load(saved), cfg)
+    try:
+        before = OmegaConf.load(saved)
+    except Exception as e:  # cut off, hand-edited: resume=auto only names the run, which must not stop it
+        return f"its {SAVED_CONFIG} cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+    changes = setting_changes(before, cfg)
     return "; ".join(changes) if changes else "no setting differs"
 
 

@@ -47,28 +47,21 @@ class TokenThroughputMonitor(ThroughputMonitor):
     ``peak_bf16_flops`` (dense tensor-core FLOP/s from the datasheets, conf/callbacks/default.yaml) whose name the
     device's contains, else Lightning's own table. Lightning's alone printed no MFU on an H200 (it knows only the
     "SXM1"/"NVL1" names, and those and the H100 NVL at their sparse peaks, twice the dense ones) and takes an L40S
-    for an L4.
+    for an L4. Validation reports tokens/s but no MFU: the FLOPs counted are a training step's.
     """
 
-    def __init__(
-        self,
-        window_size: int = 20,
-        peak_flops: float | None = None,
-        peak_bf16_flops: dict[str, float] | None = None,
-        **kwargs: Any,
-    ):
+    def __init__(self, window_size: int, peak_flops: float | None, peak_bf16_flops: dict[str, float], **kwargs: Any):
         super().__init__(
             batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=_tokens, window_size=window_size, **kwargs
         )
         self.peak_flops = peak_flops
-        self.peak_bf16_flops = dict(peak_bf16_flops or {})
+        self.peak_bf16_flops = dict(peak_bf16_flops)
         self._untimed: dict[RunningStage, tuple[int, float]] = {}  # batches and FLOPs counted since the last timing
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         peak = self.peak_flops or self.table_peak(trainer.strategy.root_device, trainer.precision)
         if peak:
-            self.available_flops = peak
             for throughput in self._throughputs.values():
                 throughput.available_flops = peak
 
@@ -103,7 +96,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
             batches=self._batches[stage],
             samples=self._samples[stage],
             lengths=self._lengths[stage],
-            flops=flops,
+            flops=flops if stage == RunningStage.TRAINING else None,  # pl_module counts training FLOPs (no MFU)
         )
 
     @rank_zero_only
@@ -228,17 +221,31 @@ class Preemption(L.Callback):
         self.received = signal.Signals(signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.received is None or trainer.fit_loop._should_accumulate():
+        if trainer.fit_loop._should_accumulate():
+            return
+        received = self._received_on_any_rank(trainer)
+        if received is None:
             return
         trainer.save_checkpoint(self.checkpoint)
         logging.getLogger("lmlab.train").warning(
             "%s: saved %s at step %d; exiting with %d (rerun with resume=auto to continue)",
-            self.received.name,
+            received.name,
             self.checkpoint,
             trainer.global_step,
-            128 + self.received,
+            128 + received,
         )
-        raise SystemExit(128 + self.received)
+        raise SystemExit(128 + received)
+
+    def _received_on_any_rank(self, trainer: L.Trainer) -> signal.Signals | None:
+        """The signal this rank or any other received (the highest number where they differ), at every optimizer
+        step under DDP: a signal that reached one rank alone (a scheduler or a Ctrl+C that signals one process) sent
+        that rank into the checkpoint's barrier while the others went on into the next step's all-reduce, a hang.
+        One small all-reduce per step, as Lightning's own SIGTERM broadcast; none on one device."""
+        received = int(self.received or 0)
+        if trainer.world_size > 1:
+            flag = torch.tensor(received, device=trainer.strategy.root_device)
+            received = int(trainer.strategy.reduce(flag, reduce_op="max"))
+        return signal.Signals(received) if received else None
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -254,10 +261,16 @@ class _AppendingWriter(ExperimentWriter):
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         self._write(fieldnames, self._read()[1])
 
-    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+    def _read(self) -> tuple[list[str], list[dict[str, str]], int]:
+        """metrics.csv's header, its whole rows, and how many rows a kill cut off (0 or 1): a last line without its
+        line end, or with fewer fields than the header, is dropped rather than read as a row."""
         with open(self.metrics_file_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            return list(reader.fieldnames or []), list(reader)
+            text = f.read()
+        whole = text[: text.rfind("\n") + 1]  # up to the last line end
+        reader = csv.DictReader(io.StringIO(whole, newline=""))
+        rows = list(reader)
+        complete = [row for row in rows if None not in row and None not in row.values()]
+        return list(reader.fieldnames or []), complete, len(rows) - len(complete) + (whole != text)
 
     def _write(self, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
         def write(f: io.BufferedIOBase) -> None:
@@ -269,24 +282,26 @@ class _AppendingWriter(ExperimentWriter):
 
         write_atomically(self.metrics_file_path, write)
 
-    def drop_rows_from(self, step: int) -> int:
-        """Drop the first row Lightning logged at a trainer step >= ``step`` and every row after it; returns how many.
+    def drop_rows_from(self, step: int) -> tuple[int, int]:
+        """Drop the first row Lightning logged at a trainer step >= ``step``, every row after it, and a last row a
+        kill cut off; returns how many of the first and of the second.
 
         Lightning logs at the trainer's step (such rows have an ``epoch``) the index of the optimizer step that is
         running, so a checkpoint at global step N precedes exactly the rows from the first with step >= N. Rows that
         callbacks log at their own counters (ThroughputMonitor's validate/*, no epoch) go with their neighbours."""
         if not self._fs.isfile(self.metrics_file_path):
-            return 0
-        fieldnames, rows = self._read()
+            return 0, 0
+        fieldnames, rows, cut_off = self._read()
         cut = next((i for i, row in enumerate(rows) if row.get("epoch") and int(row["step"]) >= step), len(rows))
-        if cut < len(rows):
+        if cut < len(rows) or cut_off:
             self._write(fieldnames, rows[:cut])
-        return len(rows) - cut
+        return len(rows) - cut, cut_off
 
 
 class RunCSVLogger(CSVLogger):
     """CSVLogger writing ``<run dir>/metrics.csv`` directly, appending on resume, where each step appears once
-    (:meth:`resume_from`) and none that a checkpoint covers is lost to a kill (:meth:`after_save_checkpoint`)."""
+    (:meth:`resume_from`). Lightning writes the rows out after every ``log_metrics`` (its logger connector calls
+    ``save``), so a kill loses none that a checkpoint covers."""
 
     def __init__(self, save_dir: str):
         super().__init__(save_dir=save_dir, name="", version="")
@@ -298,20 +313,18 @@ class RunCSVLogger(CSVLogger):
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
 
-    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
-        """Write the buffered rows with each checkpoint a ModelCheckpoint saves (Lightning writes them every 100
-        steps), so a kill loses none that the checkpoint covers: a resumed run starts after them, never logging them."""
-        self.save()
-
     @rank_zero_only
     def resume_from(self, step: int) -> None:
         """Before a run resumes from its checkpoint at global step ``step``: drop the rows the interrupted run logged
-        after that checkpoint, which the resumed run logs again."""
-        dropped = self.experiment.drop_rows_from(step)
+        after that checkpoint, which the resumed run logs again, and a last row the kill cut off."""
+        dropped, cut_off = self.experiment.drop_rows_from(step)
+        log = logging.getLogger("lmlab.train")
         if dropped:
-            logging.getLogger("lmlab.train").info(
+            log.info(
                 "metrics.csv: dropped the %d rows logged after step %d, which the resumed run logs again", dropped, step
             )
+        if cut_off:
+            log.warning("metrics.csv: dropped its last row, which the kill cut off in the middle")
 
 
 def import_wandb(tmp: Path) -> None:

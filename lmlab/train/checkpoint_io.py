@@ -5,8 +5,8 @@ which is then moved over the target. When ``$TMPDIR`` is another filesystem (a t
 is a copy into the truncated target, so a kill or a full disk mid-copy leaves a cut-off, unloadable last.ckpt
 (issue 16). Here the temporary file lies beside its target, is fsynced, and replaces it with one rename.
 
-Also the periodic last.ckpt callback, whose ``checkpoint_every`` says plainly when it is off, and the best-checkpoint
-callback, whose restored state is what its folder holds.
+Also the periodic last.ckpt callback, whose ``checkpoint_every`` says plainly when it is off and whose checkpoints keep
+the validation of their step, and the best-checkpoint callback, whose restored state is what its folder holds.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
@@ -52,7 +53,38 @@ def periodic_checkpoint(checkpoint_every: int | None, **kwargs: Any) -> ModelChe
             f"checkpoint_every={checkpoint_every}: give the number of steps between checkpoints (>= 1), "
             "or null to turn periodic checkpoints off"
         )
-    return ModelCheckpoint(every_n_train_steps=checkpoint_every, **kwargs)
+    return PeriodicCheckpoint(every_n_train_steps=checkpoint_every, **kwargs)
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint every ``every_n_train_steps`` steps that, at a step followed by a validation, saves after it.
+
+    Lightning saves at the end of the step's batch, before that step's validation, and a run resumed from such a
+    checkpoint skips the validation (Lightning 2.6 counts it as done): with checkpoint_every a multiple of
+    val_check_interval, as in every recipe, each resume lost a validation, its metrics and its chance at the best
+    checkpoint. Saved after the validation, the checkpoint holds it, and a resume goes on with the next step. A
+    kill during that validation resumes from the checkpoint before. Should the validation not run after all (no
+    validation batches), the save happens at the next step's end.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._defer_save_until_validation:  # deferred, but no validation ran: save now
+            self._defer_save_until_validation = False
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        due = trainer.global_step % self._every_n_train_steps == 0 and not self._should_skip_saving_checkpoint(trainer)
+        after_validation = trainer.enable_validation and not self._should_save_on_train_epoch_end(trainer)
+        if due and after_validation and self._validation_follows(trainer):
+            self._defer_save_until_validation = True  # Lightning's on_validation_end saves then
+            return
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    @staticmethod
+    def _validation_follows(trainer: L.Trainer) -> bool:
+        """Whether the training loop validates right after this batch (its own test, which is not public)."""
+        loop = trainer.fit_loop
+        return loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -1,0 +1,42 @@
+"""callbacks.preemption under DDP: a signal that reaches one rank alone stops every rank at the same step, each
+saving nothing but the shared last.ckpt and exiting with 128 + the signal's number (the single-process SIGTERM run,
+killed and resumed, is tests/test_export_resume.py's)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+from test_nan_guard import OPTIM, batches, ddp_trainer, run_ranks, tiny_lm
+
+from lightning_modules.lm import LMModule
+from lmlab.train.callbacks import Preemption
+
+
+class SignalRank1(L.Callback):
+    """Sends SIGTERM to rank 1's own process during step 2's forward, as a scheduler signalling one process would."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fit_with_sigterm_on_rank_1(rank: int, tmp_path: Path) -> dict:
+    last = tmp_path / "last.ckpt"
+    run = ddp_trainer(tmp_path, max_steps=6, callbacks=[Preemption(str(last), ["SIGTERM"]), SignalRank1()])
+    try:
+        run.fit(LMModule(tiny_lm(), OPTIM), train_dataloaders=batches())
+    except SystemExit as exited:
+        return {"exit": exited.code, "step": run.global_step}
+    return {"exit": None, "step": run.global_step}
+
+
+def test_a_signal_on_one_rank_saves_and_stops_every_rank_at_the_same_step(tmp_path):
+    """Old behaviour: rank 1 alone went into the checkpoint's barrier and rank 0 into step 3's all-reduce (a hang,
+    or a gloo error once rank 1's process was gone)."""
+    results = run_ranks(_fit_with_sigterm_on_rank_1, tmp_path, out_dir=tmp_path)
+    assert [result.get("returned") for result in results] == [{"exit": 143, "step": 3}] * 2, results
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 3
