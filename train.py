@@ -92,6 +92,7 @@ def connect_data(cfg: DictConfig, datamodule, tokenizer) -> None:
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         chat_template=tokenizer.chat_template,  # prepare_tokenizer's choice
+        packing=cfg.packing,
         **loader_settings(cfg),
     )
 

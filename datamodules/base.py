@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from datamodules.formats import DataError, SkipCounter
 from datamodules.sources import Source, adapted_records, parse_sources
-from lmlab.core.collate import CausalCollator, Seq2SeqCollator
+from lmlab.core.collate import CausalCollator, PackedCausalCollator, Seq2SeqCollator
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ class LMDataModule(L.LightningDataModule):
     ``split_seed``, not the run's seed. Loaders are torchdata's ``StatefulDataLoader`` so Lightning stores the
     position inside the epoch in every checkpoint and a resumed run sees exactly the batches it had not seen yet.
     """
+
+    packable = False  # whether ``packing`` applies: samples of their own that a row can hold several of (SFT)
 
     def __init__(
         self,
@@ -94,6 +96,7 @@ class LMDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pad_to_multiple_of: int = 1,
         pin_memory: bool = False,
+        packing: bool = False,
         chat_template: str | None = None,
     ) -> None:
         """Hand over the run's tokenizer and what the run decides (train.py's ``connect_data``; litgpt's
@@ -107,11 +110,18 @@ class LMDataModule(L.LightningDataModule):
         - ``batch_size`` and ``seed``: samples per batch and the order they are drawn in;
         - ``num_workers`` (loader processes), ``pad_to_multiple_of`` (batch widths) and ``pin_memory`` (page-locked
           batches for non-blocking copies to a GPU), defaults for the CPU;
+        - ``packing``: a batch's samples end to end in one row, without padding (lmlab.core.collate's
+          PackedCausalCollator), for a datamodule whose class says it can (``packable``: SFT) and a causal model;
         - ``chat_template``: the run's chat template (None: the tokenizer's), which chat data renders with
           unless its preset has its own (:meth:`datamodules.sft.SFTDataModule.connect`); other data renders none.
         """
         if arch not in ("causal", "seq2seq"):
             raise ValueError(f"model.arch must be 'causal' or 'seq2seq', got {arch!r}")
+        if packing and not (self.packable and arch == "causal"):
+            raise ValueError(
+                f"packing=true packs SFT samples for a causal model; {type(self).__name__} with model.arch={arch} "
+                "pads its batches: set packing=false"
+            )
         self.tokenizer = tokenizer
         self.arch = arch
         self.max_length = max_length
@@ -120,6 +130,7 @@ class LMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pin_memory = pin_memory
+        self.packing = packing
 
     def iter_texts(self) -> Iterator[str]:
         """Training text, for training a tokenizer when none is given."""
@@ -130,7 +141,9 @@ class LMDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def collator(self) -> Callable[[list], dict]:
-        """The loaders' collate_fn: the arch's collator (a subclass may wrap it)."""
+        """The loaders' collate_fn: the arch's collator, or the packing one (a subclass may wrap it)."""
+        if self.packing:
+            return PackedCausalCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
         return (Seq2SeqCollator if self.arch == "seq2seq" else CausalCollator)(
             self.tokenizer.pad_token_id, self.pad_to_multiple_of
         )

@@ -169,6 +169,8 @@ class SFTDataModule(LMDataModule):
     the held-out validation combine.
     """
 
+    packable = True
+
     def __init__(
         self,
         train_files: Sequence[str | dict],

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from transformers import PreTrainedModel
 
 from lightning_modules.optim import param_groups, warmup_cosine
-from lmlab.core.models import flops_per_batch
+from lmlab.core.models import flops_per_batch, flops_per_token
 from lmlab.core.runs import resume_advice
 
 
@@ -66,10 +66,22 @@ class TrainingModule(L.LightningModule):
         per batch shape: counting parameters every step would cost time, so what trains is fixed
         before the first step (LMModule's ``freeze``, ClassifierModule's ``trainable``).
         """
+        if "document_lengths" in batch:  # packed: the attention term grows with each sample's length, not the row's
+            self.flops_per_batch = self._packed_flops(batch["input_ids"].numel(), batch["document_lengths"]) * factor
+            return
         shapes = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
         if shapes not in self._flops:
             self._flops[shapes] = flops_per_batch(self.model, *shapes)
         self.flops_per_batch = self._flops[shapes] * factor
+
+    def _packed_flops(self, tokens: int, lengths: list[int]) -> float:
+        """A packed row's training FLOPs: flops_per_token(L) = a + b*L, so samples of lengths L_i in a row of
+        ``tokens`` (its padding tail included) cost a*tokens + b*sum(L_i**2); a and b are counted once."""
+        if "packed" not in self._flops:
+            a = flops_per_token(self.model, 0)
+            self._flops["packed"] = (a, flops_per_token(self.model, 1) - a)
+        a, b = self._flops["packed"]
+        return a * tokens + b * sum(length * length for length in lengths)
 
     def _track_non_finite(self, loss: torch.Tensor) -> None:
         """Remember the first step whose loss is NaN/inf, on the device (no host sync); called for every

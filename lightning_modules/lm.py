@@ -28,7 +28,8 @@ def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss
     causal mask no token attends to a pad after it, and pads carry -100 labels: the logits and the loss that count
     are the same. Given any mask tensor, even all ones, SDPA runs its memory-efficient kernel without causal block
     skipping instead of the causal (FlashAttention) one. A MoE keeps the mask: its load-balancing loss reads it to
-    leave the pads out.
+    leave the pads out. A packed batch (lmlab.core.collate.PackedCausalCollator) has no mask and passes its
+    ``position_ids``, from which transformers keeps each sample to itself.
     """
     labels = batch["labels"] if with_loss else None
     if model.config.is_encoder_decoder:
@@ -43,7 +44,8 @@ def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss
     routed = getattr(model.config, "output_router_logits", False)
     return model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"] if routed else None,
+        attention_mask=batch.get("attention_mask") if routed else None,  # a packed batch has none
+        position_ids=batch.get("position_ids"),  # packed: restarting per sample, which isolates the samples
         labels=labels,
         shift_labels=labels,
         use_cache=False,

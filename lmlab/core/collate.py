@@ -110,3 +110,34 @@ class PreferenceCollator:
             for key in REF_LOGPS:
                 batch[key] = torch.tensor([float(item[key]) for item in items], dtype=torch.float32)
         return batch
+
+
+class PackedCausalCollator:
+    """Padding-free causal batches: the batch's samples end to end in one row, each shifted on its own.
+
+    ``position_ids`` restart at 0 with every sample, which is how transformers 5 tells packed samples apart when no
+    attention mask is given (masking_utils.find_packed_sequence_indices): each token attends only to the earlier
+    tokens of its own sample, under sdpa and eager through a block-diagonal causal mask, under ``flex_attention``
+    (and the flash kernels) without computing the blocks between samples at all. Each sample is shifted before the
+    concatenation, so no position predicts the next sample's first token, and the logits and the loss of every
+    sample equal those of a padded batch. The row is padded at its end to a multiple of ``pad_to_multiple_of``
+    (labels -100, positions counting from 0: a sample of its own that attends to no real token).
+    ``document_lengths`` (a list of ints, not a tensor: it stays on the host) gives the samples' lengths, for the
+    FLOPs of the attention, which grow with each sample's length and not with the row's.
+    """
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
+        self.pad_id = pad_id
+        self.multiple = max(1, pad_to_multiple_of)
+
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[int]]:
+        ids = [torch.as_tensor(s["input_ids"])[:-1] for s in samples]
+        labels = [torch.as_tensor(s["labels"])[1:] for s in samples]
+        lengths = [len(row) for row in ids]
+        tail = round_up(sum(lengths), self.multiple) - sum(lengths)
+        return {
+            "input_ids": torch.cat([*ids, torch.full((tail,), self.pad_id)]).long().unsqueeze(0),
+            "labels": torch.cat([*labels, torch.full((tail,), IGNORE_INDEX)]).long().unsqueeze(0),
+            "position_ids": torch.cat([torch.arange(n) for n in [*lengths, tail]]).unsqueeze(0),
+            "document_lengths": lengths,
+        }

@@ -113,7 +113,8 @@ class MemorizationGuard(L.Callback):
         batch: dict[str, torch.Tensor],
         batch_idx: int,
     ) -> None:
-        self._tokens += batch["attention_mask"].sum()
+        # a packed batch (no padding, no mask) holds its samples' tokens and a padding tail
+        self._tokens += sum(batch["document_lengths"]) if "document_lengths" in batch else batch["attention_mask"].sum()
         self.batches_seen += 1
         step = trainer.global_step
         if step % trainer.log_every_n_steps == 0 and step != self.sampled_step:

@@ -1,0 +1,140 @@
+"""packing=true (issue 15): an SFT batch's samples end to end in one row, without padding, each attending to itself
+only. The packed logits, loss, gradients and training curve equal the padded batch's, per sample."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from conftest import compose_cfg
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+from lightning_modules.base import TrainingModule
+from lightning_modules.lm import lm_forward
+from lmlab.core.collate import IGNORE_INDEX, CausalCollator, PackedCausalCollator
+from lmlab.core.models import flops_per_batch, flops_per_token
+from train import train
+
+VOCAB = 50
+LENGTHS = [7, 3, 12, 5]  # tokens per sample (aligned ids and labels, before the shift)
+
+
+def samples(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random samples whose labels mask a prompt of 2 tokens, as SFT's do."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in LENGTHS:
+        ids = torch.randint(1, VOCAB, (n,), generator=g)
+        labels = ids.clone()
+        labels[:2] = IGNORE_INDEX
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def test_the_packed_row_restarts_positions_and_shifts_each_sample_on_its_own():
+    batch = PackedCausalCollator(pad_id=0, pad_to_multiple_of=8)(samples())
+    shifted = [n - 1 for n in LENGTHS]  # 6 + 2 + 11 + 4 = 23 tokens, padded to 24
+    assert batch["document_lengths"] == shifted and "attention_mask" not in batch
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (1, 24)
+    expected_positions = [p for n in [*shifted, 1] for p in range(n)]
+    assert batch["position_ids"][0].tolist() == expected_positions
+    start = 0
+    for sample, n in zip(samples(), shifted, strict=True):
+        assert batch["input_ids"][0, start : start + n].tolist() == sample["input_ids"][:-1].tolist()
+        # no position predicts the next sample's first token: each sample's last target is its own last token
+        assert batch["labels"][0, start : start + n].tolist() == sample["labels"][1:].tolist()
+        start += n
+    assert batch["input_ids"][0, 23] == 0 and batch["labels"][0, 23] == IGNORE_INDEX
+
+
+def tiny(family: str, attention: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+        model = GPT2LMHeadModel(config)
+    elif family == "mixtral":
+        config = MixtralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
+        model = MixtralForCausalLM(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+        model = LlamaForCausalLM(config)
+    model.config._attn_implementation = attention
+    return model.eval()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
+def test_packed_logits_loss_and_gradients_equal_the_padded_batchs(family, attention):
+    model = tiny(family, attention)
+    padded = CausalCollator(pad_id=0)(samples())
+    packed = PackedCausalCollator(pad_id=0, pad_to_multiple_of=8)(samples())
+    out_padded = lm_forward(model, padded, with_loss=True)
+    out_padded.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    out_packed = lm_forward(model, packed, with_loss=True)
+    out_packed.loss.backward()
+    start = 0
+    for row, n in enumerate(packed["document_lengths"]):
+        torch.testing.assert_close(out_packed.logits[0, start : start + n], out_padded.logits[row, :n])
+        start += n
+    torch.testing.assert_close(out_packed.loss, out_padded.loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+
+
+def test_packed_flops_count_the_attention_per_sample():
+    model = tiny("llama", "sdpa")
+    module = TrainingModule(model, optim={})
+    packed = PackedCausalCollator(pad_id=0, pad_to_multiple_of=8)(samples())
+    module._count_flops(packed)
+    per_sample = sum(flops_per_batch(model, (1, n), (1, n)) for n in packed["document_lengths"])
+    tail = flops_per_token(model, 0)  # the one padding token: its matmuls, no attention term
+    assert module.flops_per_batch == pytest.approx(per_sample + tail)
+
+
+def losses(run) -> dict[str, list[float]]:
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {key: [float(r[key]) for r in rows if r.get(key)] for key in ("train/loss", "val/loss")}
+
+
+def test_a_packed_sft_run_trains_as_the_padded_one(tmp_path):
+    """Same seed, same samples per step: the same loss at every step, and the same validation loss."""
+    common = [
+        "stage=sft",
+        "max_steps=6",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=3",
+        "callbacks.samples.num_prompts=0",
+    ]
+    train(compose_cfg(tmp_path / "padded", common))
+    train(compose_cfg(tmp_path / "packed", [*common, "packing=true"]))
+    padded, packed = losses(tmp_path / "padded"), losses(tmp_path / "packed")
+    assert len(padded["train/loss"]) == 6 and len(padded["val/loss"]) == 2
+    for key in padded:
+        assert packed[key] == pytest.approx(padded[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize("overrides", [["stage=dpo"], ["stage=classify"], ["stage=sft", "model=t5-tiny"]])
+def test_packing_where_it_does_not_apply_is_an_error(tmp_path, overrides):
+    with pytest.raises(ValueError, match="packing=true packs SFT samples for a causal model"):
+        train(compose_cfg(tmp_path, [*overrides, "packing=true", "max_steps=1"]))
