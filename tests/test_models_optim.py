@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from transformers import PreTrainedTokenizerFast
 
 from lightning_modules.optim import param_groups, warmup_cosine
-from lmlab.core.models import build_model, count_parameters, flops_per_token
+from lmlab.core.models import build_model, count_parameters, flops_per_token, load_model
 from lmlab.core.tokenizer import load_tokenizer
 
 
@@ -179,3 +180,30 @@ def test_adafactor_preset_learns(tmp_path):
     cfg = compose_cfg(tmp_path, ["optim=adafactor", "lr=1e-2", "min_lr=1e-3", "max_steps=60"])
     val_loss = train(cfg)
     assert val_loss < math.log(len(load_tokenizer(tmp_path / "hf"))) - 0.5  # 1.0 below it on 2026-11-30
+
+
+def preset_with(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"model={name}", *overrides]).model
+
+
+@pytest.mark.parametrize(
+    "name, key", [("llama-tiny", "attention_dropout"), ("gpt2-tiny", "attn_pdrop"), ("t5-tiny", "dropout_rate")]
+)
+def test_init_from_takes_the_presets_dropout(tmp_path, tiny_tokenizer, caplog, name, key):
+    """``model.config.<dropout>=0.1`` with init_from: the checkpoint's 0.0 was kept without a word."""
+    build_model(preset(name), tiny_tokenizer).save_pretrained(tmp_path)
+    caplog.set_level(logging.INFO)
+    model = load_model(tmp_path, preset_with(name, [f"++model.config.{key}=0.1"]), tiny_tokenizer)
+    assert getattr(model.config, key) == 0.1
+    assert f"dropout from model={name}: {{'{key}': 0.1}}" in caplog.text
+    assert "keeps its own" not in caplog.text, "the same preset: nothing else differs"
+    assert getattr(load_model(tmp_path, preset(name), tiny_tokenizer).config, key) == 0.0
+
+
+def test_init_from_names_the_shape_it_keeps(tmp_path, tiny_tokenizer, caplog):
+    """A llama-tiny checkpoint under model=llama-26m trains as the checkpoint is; the warning says so."""
+    build_model(preset("llama-tiny"), tiny_tokenizer).save_pretrained(tmp_path)
+    model = load_model(tmp_path, preset("llama-26m"), tiny_tokenizer)
+    assert model.config.hidden_size == preset("llama-tiny").config.hidden_size
+    assert "keeps its own hidden_size=" in caplog.text and "where model=llama-26m sets " in caplog.text

@@ -198,7 +198,10 @@ def load_model(
     config = AutoConfig.from_pretrained(str(hf_dir))
     check_arch(model_cfg, config, f"init_from={path}")
     model = auto_class(config, bool(labels)).from_pretrained(
-        str(hf_dir), attn_implementation=model_cfg.attn_implementation, **head_config(labels)
+        str(hf_dir),
+        attn_implementation=model_cfg.attn_implementation,
+        **head_config(labels),
+        **preset_dropout(model_cfg, config, f"init_from={path}"),
     )
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(
@@ -208,6 +211,29 @@ def load_model(
     model.train()  # from_pretrained returns eval mode; training starts in train mode
     log.info("loaded %s from %s", type(model).__name__, hf_dir)
     return model
+
+
+def preset_dropout(model_cfg: DictConfig, config: PretrainedConfig, where: str) -> dict[str, float]:
+    """The dropout rates the preset's ``config`` sets (``*dropout*``, ``*pdrop*`` keys) where a loaded model's config
+    has another: a setting of this run, like the lr, so ``model.config.attention_dropout=0.1`` applies to a fine-tune
+    from init_from too (the checkpoint's value was kept without a word). The preset's other keys that differ (the
+    shape: the checkpoint's is what loads) are named in a warning."""
+    built = instantiate(model_cfg.config, _convert_="all")  # as the config class takes them (T5 ties its head)
+    keys = [key for key in model_cfg.config if key != "_target_" and hasattr(built, key) and hasattr(config, key)]
+    differ = {key: getattr(built, key) for key in keys if getattr(built, key) != getattr(config, key)}
+    dropout = {key: value for key, value in differ.items() if "dropout" in key or "pdrop" in key}
+    if dropout:
+        log.info("%s: dropout from model=%s: %s", where, model_cfg.name, dropout)
+    kept = {key: getattr(config, key) for key in differ.keys() - dropout.keys()}
+    if kept and config.model_type == get_class(model_cfg.config._target_).model_type:
+        log.warning(
+            "%s keeps its own %s, where model=%s sets %s",
+            where,
+            ", ".join(f"{key}={kept[key]}" for key in sorted(kept)),
+            model_cfg.name,
+            ", ".join(f"{key}={differ[key]}" for key in sorted(kept)),
+        )
+    return dropout
 
 
 def count_parameters(model: PreTrainedModel, trainable_only: bool = False) -> int:
