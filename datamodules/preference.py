@@ -75,7 +75,6 @@ class PreferenceDataModule(SFTDataModule):
     The constructor is SFTDataModule's (``train_on_prompt`` has no effect).
     """
 
-    packable = False  # a pair's answers are compared row by row (sequence log-probs)
     _pairs: tuple[list, list] | None = None  # examples(), built once
 
     def _read(self, files: Sequence[str | Source]) -> list[tuple[str, int, list[tuple[list[dict], str, str]]]]:

@@ -37,7 +37,7 @@ from lightning_modules.dpo_loss import (
     sequence_logps,
 )
 from lightning_modules.lm import freeze_parameters, lm_forward
-from lmlab.core.collate import REF_LOGPS
+from lmlab.core.collate import IGNORE_INDEX, REF_LOGPS, packed_documents
 from lmlab.core.files import write_atomically
 from lmlab.core.models import auto_class, resolve_hf_dir
 
@@ -107,6 +107,20 @@ def build_reference(policy: PreTrainedModel, ref_from: str | None = None) -> Pre
         reference = copy.deepcopy(policy)
     reference.eval().requires_grad_(False)
     return reference
+
+
+def halves(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) of the chosen and of the rejected answers: the batch's halves of rows, or of a packed row's
+    samples, where each half keeps the whole row and the other half's labels become -100."""
+    documents = packed_documents(batch)
+    if documents is None:
+        return tuple(zip(logits.chunk(2), batch["labels"].chunk(2), strict=True))
+    index, n = documents
+    chosen = index < n // 2
+    labels = batch["labels"]
+    return (logits, labels.masked_fill(~chosen, IGNORE_INDEX)), (logits, labels.masked_fill(chosen, IGNORE_INDEX))
 
 
 class DPOModule(TrainingModule):
@@ -235,7 +249,7 @@ class DPOModule(TrainingModule):
         pieces = []
         with self.trainer.precision_plugin.forward_context():
             for i, batch in itertools.islice(enumerate(batches), rank, None, world_size):
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}  # packed: lengths
                 chosen, rejected = self._logps(self.reference, batch)[0].chunk(2)
                 pieces.append((i, torch.stack([chosen, rejected], dim=1).float()))
         pieces = [(i, rows.cpu()) for i, rows in pieces]  # after the loop: no device sync per batch
@@ -248,7 +262,8 @@ class DPOModule(TrainingModule):
     def _logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs of every row [2B], logits) of ``model``; per-token averages for IPO, as TRL."""
         logits = lm_forward(model, batch, with_loss=False).logits
-        return sequence_logps(logits, batch["labels"], average=self.hparams.loss_type == "ipo"), logits
+        average = self.hparams.loss_type == "ipo"
+        return sequence_logps(logits, batch["labels"], average, packed_documents(batch)), logits
 
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's (chosen, rejected) log-probs: carried by the batch when precomputed, else computed."""
@@ -277,15 +292,14 @@ class DPOModule(TrainingModule):
             self.hparams.label_smoothing,
         )
         loss = losses.mean()
-        labels_chosen, labels_rejected = batch["labels"].chunk(2)
         if self.hparams.rpo_alpha:  # the SFT term: per-token NLL of the chosen answers (IPO's logps are per token)
-            counts = label_counts(labels_chosen)
+            counts = label_counts(batch["labels"], packed_documents(batch)).chunk(2)[0]
             loss = loss + self.hparams.rpo_alpha * rpo_nll(
                 policy_chosen, torch.ones_like(counts) if self.hparams.loss_type == "ipo" else counts
             )
         if not with_metrics:
             return loss, {}
-        logits_chosen, logits_rejected = logits.detach().chunk(2)
+        (logits_chosen, labels_chosen), (logits_rejected, labels_rejected) = halves(logits.detach(), batch)
         with torch.no_grad():
             metrics = preference_metrics(
                 chosen_rewards,
@@ -309,7 +323,7 @@ class DPOModule(TrainingModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, metrics = self._step(batch, with_metrics=True)
-        pairs = len(batch["labels"]) // 2
+        pairs = len(batch.get("document_lengths", batch["labels"])) // 2  # packed: samples, not rows
         for name, value in {"loss": loss, **metrics}.items():
             self.val_metrics[name].update(value, weight=pairs)
 

@@ -1,7 +1,9 @@
 """Pure tensor functions for DPO-style preference training, following TRL's DPOTrainer formulas.
 
 Chosen and rejected answers run as one concatenated batch: the first half of the rows is chosen, the second half
-rejected. Logits [N, T, V] are aligned with labels [N, T] (next-token targets, -100 on prompt and padding).
+rejected. Logits [N, T, V] are aligned with labels [N, T] (next-token targets, -100 on prompt and padding). A packed
+batch (one row of samples end to end) passes ``documents`` (lmlab.core.collate.packed_documents): its samples are then
+what the per-row functions reduce over, the first half of them chosen.
 """
 
 from __future__ import annotations
@@ -20,13 +22,26 @@ def _check_aligned(logits: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"logits {tuple(logits.shape)} must be [N, T, V] with labels {tuple(labels.shape)} as [N, T]")
 
 
-def label_counts(labels: torch.Tensor) -> torch.Tensor:
-    """Number of label (non -100) positions per row, shape [N]."""
-    return labels.ne(IGNORE_INDEX).sum(-1)
+def per_sample_sums(values: torch.Tensor, documents: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """Sums of ``values`` [N, T] per row, shape [N]; with ``documents`` per sample of a packed row."""
+    if documents is None:
+        return values.sum(-1)
+    index, n = documents
+    return values.new_zeros(n + 1).index_add_(0, index.flatten(), values.flatten())[:n]  # slot n: the padding tail
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Per-row sum (or mean) of log p(label) over label positions, shape [N].
+def label_counts(labels: torch.Tensor, documents: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """Number of label (non -100) positions per row (per sample with ``documents``), shape [N]."""
+    return per_sample_sums(labels.ne(IGNORE_INDEX).long(), documents)
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    average: bool = False,
+    documents: tuple[torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """Per-row (per-sample with ``documents``) sum (or mean) of log p(label) over label positions, shape [N].
 
     cross_entropy fuses log-softmax and the gather, so no [N, T, V] log-prob tensor is kept around.
     A row without label positions sums to 0; averaging it is an error, since a pair with no response token
@@ -34,10 +49,10 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     """
     _check_aligned(logits, labels)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    logps = -nll.view(labels.shape).sum(-1)
+    logps = per_sample_sums(-nll.view(labels.shape), documents)
     if not average:
         return logps
-    counts = label_counts(labels)
+    counts = label_counts(labels, documents)
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"row(s) {empty} have no label positions; cannot average their log-probs")

@@ -1,5 +1,6 @@
-"""packing=true (issue 15): an SFT batch's samples end to end in one row, without padding, each attending to itself
-only. The packed logits, loss, gradients and training curve equal the padded batch's, per sample."""
+"""packing=true (issue 15): an SFT or DPO batch's samples end to end in one row, without padding, each attending to
+itself only. The packed logits, losses, DPO's per-sample log-probs and metrics, gradients and training curves equal the
+padded batch's, per sample."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from conftest import compose_cfg
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from lightning_modules.base import TrainingModule
+from lightning_modules.dpo import DPOModule
 from lightning_modules.lm import lm_forward
-from lmlab.core.collate import IGNORE_INDEX, CausalCollator, PackedCausalCollator
+from lmlab.core.collate import IGNORE_INDEX, CausalCollator, PackedCausalCollator, PreferenceCollator
 from lmlab.core.models import flops_per_batch, flops_per_token
 from train import train
 
@@ -117,10 +119,13 @@ def losses(run) -> dict[str, list[float]]:
     return {key: [float(r[key]) for r in rows if r.get(key)] for key in ("train/loss", "val/loss")}
 
 
-def test_a_packed_sft_run_trains_as_the_padded_one(tmp_path):
+@pytest.mark.parametrize(
+    "stage", [["stage=sft"], ["stage=dpo"], ["stage=dpo", "stage.module.reference=precomputed"]], ids=lambda o: o[-1]
+)
+def test_a_packed_run_trains_as_the_padded_one(tmp_path, stage):
     """Same seed, same samples per step: the same loss at every step, and the same validation loss."""
     common = [
-        "stage=sft",
+        *stage,
         "max_steps=6",
         "trainer.log_every_n_steps=1",
         "trainer.val_check_interval=3",
@@ -134,7 +139,37 @@ def test_a_packed_sft_run_trains_as_the_padded_one(tmp_path):
         assert packed[key] == pytest.approx(padded[key], rel=1e-4), key
 
 
-@pytest.mark.parametrize("overrides", [["stage=dpo"], ["stage=classify"], ["stage=sft", "model=t5-tiny"]])
+def pairs(seed: int = 0) -> list[dict]:
+    """Preference items of the samples above, each chosen answer paired with another sample as rejected."""
+    items = samples(seed)
+    return [{"chosen": items[i], "rejected": items[(i + 1) % len(items)]} for i in range(len(items))]
+
+
+@pytest.mark.parametrize(("loss_type", "rpo_alpha"), [("sigmoid", 0.5), ("ipo", 0.0)])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_packed_dpo_loss_metrics_and_gradients_equal_the_padded_batchs(family, loss_type, rpo_alpha):
+    """DPO's per-sample log-probs, loss (with RPO's SFT term), TRL's metrics and the gradients, from one packed row."""
+    optim = {"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3}}
+    module = DPOModule(tiny(family, "sdpa"), optim, beta=0.1, loss_type=loss_type, rpo_alpha=rpo_alpha)
+    results = []
+    for inner in (CausalCollator(pad_id=0), PackedCausalCollator(pad_id=0, pad_to_multiple_of=8)):
+        module.zero_grad()
+        loss, metrics = module._step(PreferenceCollator(inner)(pairs()), with_metrics=True)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+        results.append((loss, metrics, grads))
+    (loss, metrics, grads), (packed_loss, packed_metrics, packed_grads) = results
+    torch.testing.assert_close(packed_loss, loss)
+    assert packed_metrics.keys() == metrics.keys()
+    for name in metrics:
+        torch.testing.assert_close(packed_metrics[name], metrics[name], msg=name)
+    for name in grads:
+        torch.testing.assert_close(packed_grads[name], grads[name], msg=name)
+
+
+@pytest.mark.parametrize(
+    "overrides", [["stage=classify"], ["stage=sft", "model=t5-tiny"], ["stage=dpo", "model=t5-tiny"]]
+)
 def test_packing_where_it_does_not_apply_is_an_error(tmp_path, overrides):
-    with pytest.raises(ValueError, match="packing=true packs SFT samples for a causal model"):
+    with pytest.raises(ValueError, match="packing=true packs SFT and DPO samples for a causal model"):
         train(compose_cfg(tmp_path, [*overrides, "packing=true", "max_steps=1"]))

@@ -134,6 +134,8 @@ class PackedCausalCollator:
         ids = [torch.as_tensor(s["input_ids"])[:-1] for s in samples]
         labels = [torch.as_tensor(s["labels"])[1:] for s in samples]
         lengths = [len(row) for row in ids]
+        if 0 in lengths:  # no token left to start it (position 0): it would merge with its neighbour
+            raise ValueError(f"sample {lengths.index(0)} of the batch has fewer than 2 tokens: nothing to pack")
         tail = round_up(sum(lengths), self.multiple) - sum(lengths)
         return {
             "input_ids": torch.cat([*ids, torch.full((tail,), self.pad_id)]).long().unsqueeze(0),
@@ -141,3 +143,12 @@ class PackedCausalCollator:
             "position_ids": torch.cat([torch.arange(n) for n in [*lengths, tail]]).unsqueeze(0),
             "document_lengths": lengths,
         }
+
+
+def packed_documents(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+    """A packed batch's (PackedCausalCollator) sample index of every token [1, T], counted where positions restart (the
+    padding tail gets the index after the last sample), and its number of samples; None for a padded batch, whose
+    samples are its rows."""
+    if "document_lengths" not in batch:
+        return None
+    return batch["position_ids"].eq(0).cumsum(-1) - 1, len(batch["document_lengths"])
