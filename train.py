@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.sft import SFTDataModule
 from lightning_modules.dpo import build_reference
+from lmlab.core.adapters import add_adapters, export_adapted, is_adapted
 from lmlab.core.models import build_model, export_hf, load_model, resolve_hf_dir, set_cudnn_attention
 from lmlab.core.runs import WANDB_TMP, register_resolvers, remove_leftovers, resume_checkpoint
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
@@ -151,6 +152,13 @@ def train(cfg: DictConfig) -> float | None:
         if cfg.init_from
         else build_model(cfg.model, tokenizer, labels)
     )
+    if OmegaConf.select(cfg, "peft") is not None:
+        if labels is not None:
+            raise ValueError(
+                "peft=lora trains adapters for stage=sft and stage=dpo; a classifier's adapters are not built yet: "
+                "choose what trains with stage.module.trainable"
+            )
+        model = add_adapters(model, cfg.peft)
     # plain containers: checkpoints then load with torch.load(weights_only=True)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     module = instantiate(
@@ -175,7 +183,10 @@ def train(cfg: DictConfig) -> float | None:
             load_best(module, best)
         else:
             log.info("export: the final weights, step %d", trainer.global_step)
-        export_hf(module.model, tokenizer, run_dir / "hf")
+        adapted = is_adapted(module.model)
+        export_hf(
+            export_adapted(module.model, run_dir / "adapter") if adapted else module.model, tokenizer, run_dir / "hf"
+        )
         log.info("data: %s", datamodule.skips.report())
     if cfg.stage.test:  # on the best checkpoint, which then stays loaded
         trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path if best else None)

@@ -5,6 +5,7 @@ optimizer step."""
 from __future__ import annotations
 
 import math
+import random
 
 import lightning as L
 import torch
@@ -14,6 +15,22 @@ from transformers import PreTrainedModel
 from lightning_modules.optim import param_groups, warmup_cosine
 from lmlab.core.models import flops_per_batch, flops_per_token
 from lmlab.core.runs import resume_advice
+
+
+def rng_states() -> dict:
+    """This process's torch (CPU and every GPU) and Python random states, in types ``torch.load(weights_only=True)``
+    reads (numpy's is left out: lmlab draws nothing from it while training)."""
+    version, state, gauss = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "torch.cuda": cuda, "python": [version, list(state), gauss]}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["torch.cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -174,6 +191,22 @@ class TrainingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._raise_if_non_finite()
+        checkpoint["rng_states"] = self._gather_objects(rng_states())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Each rank takes back its random state, so dropout (LoRA's, GPT-2's) draws the masks an uninterrupted run
+        draws: Lightning restores no random state, and a resumed run with dropout ended on other weights."""
+        states = checkpoint.get("rng_states")
+        if states:
+            set_rng_states(states[self.global_rank % len(states)])
+
+    def _gather_objects(self, obj) -> list:
+        """``obj`` of every rank, in rank order (a collective: every rank saves a checkpoint's state together)."""
+        if self.trainer.world_size == 1:
+            return [obj]
+        gathered = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
 
     def on_train_end(self) -> None:
         self._raise_if_non_finite()

@@ -37,6 +37,7 @@ from lightning_modules.dpo_loss import (
     sequence_logps,
 )
 from lightning_modules.lm import freeze_parameters, lm_forward
+from lmlab.core.adapters import is_adapted
 from lmlab.core.collate import IGNORE_INDEX, REF_LOGPS, packed_documents
 from lmlab.core.files import write_atomically
 from lmlab.core.models import auto_class, resolve_hf_dir
@@ -94,10 +95,38 @@ def _read_cache(path: Path, fingerprint: str) -> torch.Tensor | None:
     return None
 
 
-def build_reference(policy: PreTrainedModel, ref_from: str | None = None) -> PreTrainedModel:
+class AdaptersOff:
+    """A policy with LoRA adapters (lmlab.core.adapters) as its own reference: the same model run with its adapters
+    off, which is the starting model, as TRL does with peft; no second copy of the weights. It runs in the policy's
+    mode (train: dropout is off there by default, ``disable_dropout``). Called like the model; moving or compiling it
+    is the policy's business."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy(**kwargs)
+
+    def __getattr__(self, name: str):  # config, prepare_decoder_input_ids_from_labels: the policy's
+        if name == "policy":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.policy, name)
+
+    def to(self, *args, **kwargs) -> AdaptersOff:
+        return self
+
+    def compile(self, *args, **kwargs) -> None:
+        pass
+
+
+def build_reference(policy: PreTrainedModel, ref_from: str | None = None) -> PreTrainedModel | AdaptersOff:
     """DPO's reference model, frozen (no gradients) and in eval mode: a copy of ``policy`` (its starting weights),
     or the model saved in ``ref_from`` (an lmlab run or Hugging Face folder), which must share the policy's
-    vocabulary. train.py builds it and passes it to :class:`DPOModule` as ``reference_model``."""
+    vocabulary; for a policy with adapters the policy itself with its adapters off (:class:`AdaptersOff`). train.py
+    builds it and passes it to :class:`DPOModule` as ``reference_model``."""
+    if not ref_from and is_adapted(policy):
+        return AdaptersOff(policy)
     if ref_from:
         hf_dir = resolve_hf_dir(ref_from)
         reference = auto_class(AutoConfig.from_pretrained(str(hf_dir))).from_pretrained(str(hf_dir))

@@ -36,6 +36,7 @@ STAGES = {
     "pretrain": (["stage=pretrain", "data.val_fraction=0.2"], "text"),
     "t5_pretrain": (["model=t5-tiny", "stage=pretrain", "data.val_fraction=0.2"], "text"),
     "sft": (["stage=sft"], "sft"),
+    "sft_lora": (["stage=sft", "peft=lora"], "sft"),
     "t5_sft": (["model=t5-tiny", "stage=sft"], "sft"),
     "dpo": (["stage=dpo"], "pairs"),
     "classify": (["stage=classify"], "messages"),
@@ -145,6 +146,7 @@ def resume_from(checkpoint: Path, straight: Path, run: Path) -> None:
         ("t5_sft", 5, 15),  # 5: epoch 0's last batch
         ("t5_pretrain", 7, 21),  # 7: mid epoch 1 (epochs of 5 batches), span corruption
         ("sft", 6, 18),  # 6: epoch 1's first batch
+        ("sft_lora", 5, 15),  # 5: epoch 0's last batch, LoRA adapters (only they train)
         ("pretrain", 8, 16),  # 8: mid epoch 1
         ("classify", 3, 15),  # 3: mid epoch 0 (epochs of 6 batches)
     ],
