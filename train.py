@@ -108,7 +108,8 @@ def reference_model(cfg: DictConfig, policy) -> dict:
 
 def best_checkpoint(trainer: L.Trainer, monitor: str) -> ModelCheckpoint | None:
     """The callback that kept the best checkpoint by the stage's metric; None when it saved none (no validation)."""
-    best = next((c for c in trainer.checkpoint_callbacks if c.monitor == monitor and c.best_model_path), None)
+    kept = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]  # not callbacks.preemption
+    best = next((c for c in kept if c.monitor == monitor and c.best_model_path), None)
     if best is None:
         log.warning(
             "no best checkpoint by %s was saved (no validation ran?): export and test use the final weights", monitor

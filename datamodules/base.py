@@ -19,6 +19,22 @@ from lmlab.core.collate import CausalCollator, PackedCausalCollator, Seq2SeqColl
 log = logging.getLogger(__name__)
 
 
+class ResumableDistributedSampler(StatefulDistributedSampler):
+    """torchdata's StatefulDistributedSampler whose state also holds its epoch, restored at an epoch's end as the next
+    epoch's start. Its own holds the position alone, and on resume Lightning makes the restored iterator before it
+    sets the epoch: loader processes draw their indices at once, so the rest of a resumed epoch came in epoch 0's
+    order; and one restored at an epoch's end counted an empty epoch, shifting every later epoch's order."""
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.epoch = state_dict.get("epoch", self.epoch)
+        if self.next_yielded >= self.num_samples:
+            self.epoch, self.next_yielded = self.epoch + 1, None
+
+
 class LMDataModule(L.LightningDataModule):
     """Base for the pretraining, SFT, preference and classification datamodules.
 
@@ -174,16 +190,16 @@ class LMDataModule(L.LightningDataModule):
         )
 
     def _sampler(self, dataset: Dataset, shuffle: bool) -> Sampler | None:
-        """Under DDP (a trainer of more than one rank) this rank's share, from torchdata's StatefulDistributedSampler,
-        whose position the loader's checkpointed state holds; Lightning leaves a DistributedSampler as it is and
-        sets its epoch, which draws each epoch's order from ``seed``. Lightning's own would wrap the sampler in a
-        DistributedSamplerWrapper, which keeps no state: a resumed DDP run drew other batches than the uninterrupted
-        one. Else the shuffling RandomSampler with its own generator, or None (in order)."""
+        """Under DDP (a trainer of more than one rank) this rank's share (:class:`ResumableDistributedSampler`), whose
+        position the loader's checkpointed state holds; Lightning leaves a DistributedSampler as it is and sets its
+        epoch. Lightning's own would wrap the sampler in a DistributedSamplerWrapper, which keeps no state: a resumed
+        DDP run drew other batches than the uninterrupted one. Else torchdata's RandomSampler with a generator of its
+        own, or None (in order)."""
         import torch
 
         trainer = self.trainer  # Lightning's, once the datamodule is attached to one
         if trainer is not None and trainer.world_size > 1:
-            return StatefulDistributedSampler(
+            return ResumableDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=shuffle, seed=self.seed
             )
         return RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) if shuffle else None

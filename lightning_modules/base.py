@@ -197,8 +197,13 @@ class TrainingModule(L.LightningModule):
         """Each rank takes back its random state, so dropout (LoRA's, GPT-2's) draws the masks an uninterrupted run
         draws: Lightning restores no random state, and a resumed run with dropout ended on other weights."""
         states = checkpoint.get("rng_states")
+        if states and len(states) != self.trainer.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {len(states)} rank(s) and this run has {self.trainer.world_size}: "
+                f"resume it with trainer.devices={len(states)} (each rank's data position and random state are its own)"
+            )
         if states:
-            set_rng_states(states[self.global_rank % len(states)])
+            set_rng_states(states[self.global_rank])
 
     def _gather_objects(self, obj) -> list:
         """``obj`` of every rank, in rank order (a collective: every rank saves a checkpoint's state together)."""

@@ -284,6 +284,7 @@ def test_sigint_is_handled_like_sigterm(tmp_path):
     class Trainer:
         global_step = 12
         world_size = 1
+        enable_validation = False
         fit_loop = type("Loop", (), {"_should_accumulate": staticmethod(lambda: False)})()
 
         def save_checkpoint(self, path):

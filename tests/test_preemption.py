@@ -26,7 +26,8 @@ class SignalRank1(L.Callback):
 
 def _fit_with_sigterm_on_rank_1(rank: int, tmp_path: Path) -> dict:
     last = tmp_path / "last.ckpt"
-    run = ddp_trainer(tmp_path, max_steps=6, callbacks=[Preemption(str(last), ["SIGTERM"]), SignalRank1()])
+    preemption = Preemption(str(last), ["SIGTERM"])  # a Checkpoint callback: checkpointing on
+    run = ddp_trainer(tmp_path, max_steps=6, callbacks=[preemption, SignalRank1()], enable_checkpointing=True)
     try:
         run.fit(LMModule(tiny_lm(), OPTIM), train_dataloaders=batches())
     except SystemExit as exited:

@@ -185,14 +185,21 @@ def _train_on_rank(rank: int, run: Path, overrides: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_a_ddp_run_resumes_bit_identical(tmp_path, small_data):
-    """2 ranks, resumed mid epoch 1 at step 5, crossing two epoch boundaries after it (epochs of 3 batches per rank).
-    Lightning wrapped the loader's sampler in its DistributedSamplerWrapper, which keeps no position: the resumed run
-    drew other batches. Each rank now has a StatefulDistributedSampler, whose position the checkpoint holds."""
+@pytest.mark.parametrize(
+    "every, workers",
+    [(5, 0), (5, 2), (3, 0)],
+    ids=["mid-epoch", "mid-epoch-loader-processes", "epoch-end"],
+)
+def test_a_ddp_run_resumes_bit_identical(tmp_path, small_data, every, workers):
+    """2 ranks (epochs of 3 batches per rank), resumed at step 5 (mid epoch 1) or 3 (epoch 0's last batch), crossing
+    two epoch boundaries after it. Lightning wrapped the loader's sampler in its DistributedSamplerWrapper, which keeps
+    no position: the resumed run drew other batches. torchdata's StatefulDistributedSampler alone kept no epoch: with
+    loader processes the resumed epoch came in epoch 0's order, and at an epoch's end every later epoch was shifted."""
     overrides = [
         *stage_overrides("pretrain", small_data),
         "max_steps=12",
-        "checkpoint_every=5",
+        f"checkpoint_every={every}",
+        f"num_workers={workers}",
         "callbacks.last.save_top_k=-1",
         "trainer.val_check_interval=4",
         "trainer.limit_val_batches=1",
@@ -206,7 +213,7 @@ def test_a_ddp_run_resumes_bit_identical(tmp_path, small_data):
     ranks.mkdir()
     results = run_ranks(_train_on_rank, straight, overrides, out_dir=ranks, timeout=240)
     assert all("returned" in result for result in results), results
-    checkpoint = checkpoint_at(straight, 5)
+    checkpoint = checkpoint_at(straight, every)
     last = straight / "checkpoints" / "last.ckpt"
     epochs = [torch.load(path, weights_only=False)["epoch"] for path in (checkpoint, last)]
     assert epochs[1] - epochs[0] >= 2, f"epochs {epochs}: the resumed run must cross two epoch boundaries"
@@ -219,4 +226,4 @@ def test_a_ddp_run_resumes_bit_identical(tmp_path, small_data):
     a = load_file(straight / "hf" / "model.safetensors")
     b = load_file(resumed / "hf" / "model.safetensors")
     for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs after a DDP resume at step 5"
+        assert torch.equal(a[name], b[name]), f"{name} differs after a DDP resume at step {every}"

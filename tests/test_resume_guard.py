@@ -324,6 +324,62 @@ def test_a_kill_during_a_validation_repeats_it_on_resume(finished, tmp_path, mon
         assert torch.equal(final_weights(tmp_path)[name], weights), name
 
 
+def test_a_signal_at_a_validating_step_saves_after_the_validation(finished, tmp_path, monkeypatch):
+    """SIGTERM during step 3, which validates (val_check_interval=3): last.ckpt was written before that validation,
+    and the resumed run skipped it. Now the save and the exit wait for its end: the resumed run's metrics and weights
+    are the uninterrupted run's."""
+    import os
+    import signal
+
+    from lightning_modules.lm import LMModule
+
+    training_step = LMModule.training_step
+
+    def signalled(module, batch, batch_idx):
+        if module.global_step == 2:  # the step that ends at global step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(module, batch, batch_idx)
+
+    monkeypatch.setattr(LMModule, "training_step", signalled)
+    with pytest.raises(SystemExit) as exited:
+        train(compose_cfg(tmp_path, [*RUN, "resume=auto"]))
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    monkeypatch.undo()
+    train(compose_cfg(tmp_path, [*RUN, "resume=auto"]))
+    assert metric_cells(tmp_path) == metric_cells(finished)
+    for name, weights in final_weights(finished).items():
+        assert torch.equal(final_weights(tmp_path)[name], weights), name
+
+
+def test_a_checkpoint_of_other_ranks_is_refused_with_the_devices_to_use(finished, tmp_path):
+    """Each rank's data position and random state are its own: a 2-rank checkpoint resumed on one device failed in
+    torchdata with a bare AssertionError."""
+    run = killed_at(finished, tmp_path / "run", 3)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["rng_states"] = ckpt["rng_states"] * 2
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    with pytest.raises(
+        ValueError, match=r"written by 2 rank\(s\) and this run has 1: resume it with trainer.devices=2"
+    ):
+        train(compose_cfg(run, [*RUN, "resume=auto"]))
+
+
+def test_no_periodic_checkpoint_in_the_middle_of_an_accumulation_window():
+    """Right after a resume the step's number is the checkpoint's, and Lightning's ModelCheckpoint saved it again at
+    the window's first micro-batch, without that window's gradients."""
+    from types import SimpleNamespace
+
+    from lmlab.train.checkpoint_io import periodic_checkpoint
+
+    last = periodic_checkpoint(2, dirpath="unused", save_last=True, save_top_k=0)
+    saved = []
+    last._save_last_checkpoint = lambda *args: saved.append(args)
+    mid_window = SimpleNamespace(fit_loop=SimpleNamespace(_should_accumulate=lambda: True), global_step=2)
+    last.on_train_batch_end(mid_window, None, None, None, 0)
+    assert saved == []
+
+
 @pytest.mark.slow
 def test_a_kill_after_the_last_validation_keeps_the_best_checkpoint_exportable(tmp_path, monkeypatch):
     """last.ckpt at step N is written before the validation at N, which may save a new best-step<N>.ckpt and delete

@@ -16,16 +16,17 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_modules.classifier import ClassifierModule, write_confusion
 from lmlab.core.files import write_atomically
 from lmlab.eval.rouge import ROUGE_TYPES, rouge_scores
 from lmlab.infer.generation import generate_texts
+from lmlab.train.checkpoint_io import validation_follows
 
 
 def _tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -199,13 +200,17 @@ class ConfusionReport(L.Callback):
                 logger.log_image(f"{split}/confusion_matrix_png", images=[str(png)])
 
 
-class Preemption(L.Callback):
-    """On SIGTERM, SIGINT (Ctrl+C) or SIGUSR1 (SLURM's warning before a kill): finish the current optimizer step,
-    write ``checkpoint`` (last.ckpt, where ``resume=auto`` continues) at that step and exit with 128 + the signal's
-    number, as a killed process would, so a scheduler requeues the job and a ``&&`` chain stops.
+class Preemption(Checkpoint):
+    """On SIGTERM, SIGINT (Ctrl+C) or SIGUSR1 (SLURM's warning before a kill): finish the current optimizer step (and
+    its validation, if one follows it), write ``checkpoint`` (last.ckpt, where ``resume=auto`` continues) and exit with
+    128 + the signal's number, as a killed process would, so a scheduler requeues the job and a ``&&`` chain stops.
 
-    Lightning's own SIGTERM handling stops at a step boundary but saves nothing and exits 0. The handlers are
-    installed when training starts; Lightning's teardown restores the ones from before the run.
+    Saved before a validation that follows the step, the checkpoint would make the resumed run skip it (Lightning
+    counts a validation at the checkpoint's step as done), so the save waits for the validation's end, after the best
+    checkpoint's (a Checkpoint subclass: Lightning runs those last, in conf/callbacks/default.yaml's order). A signal
+    during a validation is acted on at its end. Lightning's own SIGTERM handling stops at a step boundary but saves
+    nothing and exits 0. The handlers are installed when training starts; Lightning's teardown restores the ones from
+    before the run.
     """
 
     def __init__(self, checkpoint: str, signals: list[str]):
@@ -224,8 +229,16 @@ class Preemption(L.Callback):
         if trainer.fit_loop._should_accumulate():
             return
         received = self._received_on_any_rank(trainer)
-        if received is None:
-            return
+        if received is not None and not validation_follows(trainer):  # else: on_validation_end
+            self._save_and_exit(trainer, received)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            received = self._received_on_any_rank(trainer)
+            if received is not None:
+                self._save_and_exit(trainer, received)
+
+    def _save_and_exit(self, trainer: L.Trainer, received: signal.Signals) -> None:
         trainer.save_checkpoint(self.checkpoint)
         logging.getLogger("lmlab.train").warning(
             "%s: saved %s at step %d; exiting with %d (rerun with resume=auto to continue)",
@@ -237,14 +250,16 @@ class Preemption(L.Callback):
         raise SystemExit(128 + received)
 
     def _received_on_any_rank(self, trainer: L.Trainer) -> signal.Signals | None:
-        """The signal this rank or any other received (the highest number where they differ), at every optimizer
-        step under DDP: a signal that reached one rank alone (a scheduler or a Ctrl+C that signals one process) sent
-        that rank into the checkpoint's barrier while the others went on into the next step's all-reduce, a hang.
-        One small all-reduce per step, as Lightning's own SIGTERM broadcast; none on one device."""
+        """The signal this rank or any other received (the highest number where they differ), checked by every rank
+        at the same points under DDP: a signal that reached one rank alone (a scheduler or a Ctrl+C that signals one
+        process) sent that rank into the checkpoint's barrier while the others went on into the next step's
+        all-reduce, a hang. One all-reduce of one number per step (and a host sync), as Lightning's own SIGTERM
+        broadcast; none on one device."""
         received = int(self.received or 0)
         if trainer.world_size > 1:
             flag = torch.tensor(received, device=trainer.strategy.root_device)
-            received = int(trainer.strategy.reduce(flag, reduce_op="max"))
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            received = int(flag)
         return signal.Signals(received) if received else None
 
 

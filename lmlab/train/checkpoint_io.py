@@ -53,7 +53,13 @@ def periodic_checkpoint(checkpoint_every: int | None, **kwargs: Any) -> ModelChe
             f"checkpoint_every={checkpoint_every}: give the number of steps between checkpoints (>= 1), "
             "or null to turn periodic checkpoints off"
         )
-    return PeriodicCheckpoint(every_n_train_steps=checkpoint_every, **kwargs)
+    return PeriodicCheckpoint(every_n_train_steps=checkpoint_every, save_on_train_epoch_end=False, **kwargs)
+
+
+def validation_follows(trainer: L.Trainer) -> bool:
+    """Whether the training loop validates right after this batch (its own test, which is not public)."""
+    loop = trainer.fit_loop
+    return trainer.enable_validation and loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
@@ -68,31 +74,26 @@ class PeriodicCheckpoint(ModelCheckpoint):
     """
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.fit_loop._should_accumulate():  # mid-window: a resumed run saved its step again there, without
+            return  # the window's gradients
         if self._defer_save_until_validation:  # deferred, but no validation ran: save now
             self._defer_save_until_validation = False
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         due = trainer.global_step % self._every_n_train_steps == 0 and not self._should_skip_saving_checkpoint(trainer)
-        after_validation = trainer.enable_validation and not self._should_save_on_train_epoch_end(trainer)
-        if due and after_validation and self._validation_follows(trainer):
+        if due and validation_follows(trainer):
             self._defer_save_until_validation = True  # Lightning's on_validation_end saves then
             return
         super().on_train_batch_end(trainer, pl_module, *args)
-
-    @staticmethod
-    def _validation_follows(trainer: L.Trainer) -> bool:
-        """Whether the training loop validates right after this batch (its own test, which is not public)."""
-        loop = trainer.fit_loop
-        return loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
 
 
 class BestCheckpoint(ModelCheckpoint):
     """ModelCheckpoint (conf/callbacks/default.yaml ``best``) that, on resume, takes its state from its newest file.
 
-    last.ckpt at step N is written before the validation at step N, and that validation may save a better
-    ``best-step<N>.ckpt`` and delete the previous best. A run killed before its next last.ckpt then restores a
-    state that names a deleted file and a worse score: the export crashed on the missing file, and later
+    A validation may save a better ``best-step<N>.ckpt`` and delete the previous best after the last.ckpt that a
+    resume restores (one of an earlier step, or a preemption's). The run then restored a state that names a deleted
+    file and a worse score: the export crashed on the missing file, and later
     validations, judged against the stale score, could replace the true best with a worse one. Each file this
     callback saves holds the callback's state as of that save, so a file of it that the restored state does not
     know was written later, and the newest such file's state is the true one.
