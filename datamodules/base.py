@@ -9,7 +9,11 @@ from typing import Any
 import lightning as L
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import RandomSampler, StatefulDistributedSampler
+from torchdata.stateful_dataloader.sampler import (
+    RandomSampler,
+    StatefulDistributedSampler,
+    _StatefulRandomSamplerIterator,
+)
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.formats import DataError, SkipCounter
@@ -17,6 +21,52 @@ from datamodules.sources import Source, adapted_records, parse_sources
 from lmlab.core.collate import CausalCollator, PackedCausalCollator, Seq2SeqCollator
 
 log = logging.getLogger(__name__)
+
+
+class _EpochIterator(_StatefulRandomSamplerIterator):
+    """torchdata's RandomSampler iterator, whose epoch order is drawn at its first index, from ``seed + epoch``."""
+
+    def __init__(self, sampler: EpochRandomSampler):
+        super().__init__(sampler)
+        self.perm = None  # drawn at the first index: Lightning sets the epoch after making an epoch's iterator
+
+    def __next__(self) -> int:
+        if self.perm is None:
+            self.sampler.generator.manual_seed(self.sampler.seed + self.sampler.epoch)
+            self.generator_state = self.sampler.generator.get_state()
+            self.perm = self._get_perm()
+        return super().__next__()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "epoch": self.sampler.epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """The saved position in the saved order; saved before an epoch's first index or after its last, that
+        (next) epoch's own order, drawn at its first index. The epoch comes from the state too: loader processes draw
+        indices as soon as the iterator is made, before Lightning sets the epoch."""
+        super().load_state_dict(state_dict)
+        if self.yielded in (0, self.num_samples):
+            self.sampler.epoch = state_dict["epoch"] + (self.yielded == self.num_samples)
+            self.perm, self.perm_index, self.yielded = None, 0, 0
+
+
+class EpochRandomSampler(RandomSampler):
+    """torchdata's RandomSampler (its iterator's state holds the position in the epoch) drawing epoch ``e``'s order from
+    ``seed + e`` (``set_epoch``, which Lightning calls at each epoch's start), as DistributedSampler does. Its own drew
+    each epoch from where the last one left its generator: a resume that restores no loader state (Lightning restores
+    none from a checkpoint at an epoch's last batch in a max_epochs run) drew epoch 0's order again."""
+
+    def __init__(self, data_source: Dataset, seed: int):
+        import torch
+
+        super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> _EpochIterator:
+        return _EpochIterator(self)
 
 
 class ResumableDistributedSampler(StatefulDistributedSampler):
@@ -167,7 +217,8 @@ class LMDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> StatefulDataLoader:
         """A loader over ``dataset``; a shuffled one in an order drawn from ``seed`` that a resumed run repeats exactly.
 
-        The shuffling sampler (torchdata's RandomSampler, what ``shuffle=True`` builds) gets a generator of its own.
+        The shuffling sampler (:class:`EpochRandomSampler`, after torchdata's RandomSampler, what ``shuffle=True``
+        builds) gets a generator of its own.
         Given only the loader's, the two share it: the loader draws a base seed for worker processes from it at
         each epoch's start, after the sampler's permutation, and the sampler's checkpointed state is the generator
         from before that permutation. A restore draws the permutation again but not the base seed, so without
@@ -193,16 +244,15 @@ class LMDataModule(L.LightningDataModule):
         """Under DDP (a trainer of more than one rank) this rank's share (:class:`ResumableDistributedSampler`), whose
         position the loader's checkpointed state holds; Lightning leaves a DistributedSampler as it is and sets its
         epoch. Lightning's own would wrap the sampler in a DistributedSamplerWrapper, which keeps no state: a resumed
-        DDP run drew other batches than the uninterrupted one. Else torchdata's RandomSampler with a generator of its
-        own, or None (in order)."""
-        import torch
+        DDP run drew other batches than the uninterrupted one. Else :class:`EpochRandomSampler`, or None (in
+        order)."""
 
         trainer = self.trainer  # Lightning's, once the datamodule is attached to one
         if trainer is not None and trainer.world_size > 1:
             return ResumableDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=shuffle, seed=self.seed
             )
-        return RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) if shuffle else None
+        return EpochRandomSampler(dataset, self.seed) if shuffle else None
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, shuffle=True)

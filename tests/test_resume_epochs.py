@@ -103,24 +103,36 @@ def test_a_restored_loader_continues_the_epoch_and_the_next_ones(tmp_path, stage
         dm.setup("fit")
         return dm
 
+    def epoch(loader, number: int) -> list[dict]:  # as Lightning runs one: set_epoch at its start
+        loader.sampler.set_epoch(number)
+        return list(loader)
+
     first, restarted = datamodule(), datamodule()
     straight = first.train_dataloader()
-    epochs = [list(straight) for _ in range(4)]
+    epochs = [epoch(straight, number) for number in range(4)]
     assert 3 <= len(epochs[0]) <= 8, "an epoch of a few batches (CUTS)"
     assert not same_batches(epochs[1], epochs[2]), "every epoch has an order of its own"
 
     for position in range(len(epochs[1]) + 1):
         interrupted = first.train_dataloader()
-        list(interrupted)  # epoch 0
-        batches = iter(interrupted)  # epoch 1
+        epoch(interrupted, 0)
+        interrupted.sampler.set_epoch(1)
+        batches = iter(interrupted)
         for _ in range(position):
             next(batches)
         resumed = restarted.train_dataloader()
         resumed.load_state_dict(through_a_file(interrupted.state_dict()))
-        rest = list(resumed)
-        assert same_batches(rest, epochs[1][position:]), f"epoch 1 after a restore at batch {position}"
-        assert same_batches(list(resumed), epochs[2]), f"epoch 2 after a restore in epoch 1 at batch {position}"
-        assert same_batches(list(resumed), epochs[3]), f"epoch 3 after a restore in epoch 1 at batch {position}"
+        # as Lightning: the resumed epoch's number is set after its iterator is made, before its first batch; a
+        # restore after an epoch's last batch resumes in the next epoch
+        at_end = position == len(epochs[1])
+        restored = iter(resumed)
+        resumed.sampler.set_epoch(2 if at_end else 1)
+        rest = list(restored)
+        expected = epochs[2] if at_end else epochs[1][position:]
+        assert same_batches(rest, expected), f"the resumed epoch after a restore in epoch 1 at batch {position}"
+        if not at_end:
+            assert same_batches(epoch(resumed, 2), epochs[2]), f"epoch 2 after a restore in epoch 1 at batch {position}"
+        assert same_batches(epoch(resumed, 3), epochs[3]), f"epoch 3 after a restore in epoch 1 at batch {position}"
 
 
 def checkpoint_at(run: Path, step: int) -> Path:
@@ -227,3 +239,30 @@ def test_a_ddp_run_resumes_bit_identical(tmp_path, small_data, every, workers):
     b = load_file(resumed / "hf" / "model.safetensors")
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after a DDP resume at step {every}"
+
+
+@pytest.mark.slow
+def test_a_max_epochs_run_resumed_at_an_epochs_end_is_bit_identical(tmp_path, small_data):
+    """max_epochs=3 (max_steps=-1), resumed from epoch 0's last batch (5 batches per epoch): Lightning restores no
+    loader state there, and the sampler drew epoch 0's order again for epoch 1. Each epoch's order now comes from
+    seed + epoch."""
+    overrides = [
+        *stage_overrides("pretrain", small_data),
+        "max_steps=-1",
+        "max_epochs=3",
+        "checkpoint_every=5",
+        "callbacks.last.save_top_k=-1",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1",
+        "export=last",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(compose_cfg(straight, overrides))
+    resume_from(checkpoint_at(straight, 5), straight, resumed)
+    train(compose_cfg(resumed, [*overrides, "resume=auto"]))
+    for run in (straight, resumed):
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 15
+    a = load_file(straight / "hf" / "model.safetensors")
+    b = load_file(resumed / "hf" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after a resume at an epoch's end"
