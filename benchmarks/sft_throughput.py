@@ -1,0 +1,369 @@
+"""SFT training throughput of lmlab with padded batches against packed ones (``packing=true``), on Alpaca-like data.
+
+Instruction-tuning samples are short and uneven (the Chinese Alpaca set's average ~94 tokens, its longest ~790 with
+the byte-level BPE of 6400 tokens), so a batch padded to its longest sample is mostly padding and tokens/s of the
+padded tensor overstates the work that trains. This benchmark measures what packing buys: **real tokens/s**, the
+non-pad input tokens a second (padded: ``attention_mask.sum()``; packed: ``sum(document_lengths)``), beside padded
+tokens/s (the tensor's size), steps/s, peak GPU memory, lmlab's MFU (its own FLOP count: a padded batch counts its pads,
+a packed row each sample's attention over its own length) and the mean training loss, which must agree between
+padded and packed runs up to bf16 noise since packing is exact (same samples, same order, same weights).
+
+Each configuration is ``train.train(cfg)`` on the config ``python train.py stage=sft data=zh_alpaca model=<model>
+trainer=gpu`` composes (bf16-mixed, fused AdamW, SDPA), with validation, sample generations and periodic checkpoints
+off, run in this one process one after the other:
+
+- ``padded``: ``packing=false`` (rows padded to the batch's longest, rounded up to 64; no attention mask, sdpa);
+- ``packed_sdpa``: ``packing=true`` (one row per batch, position ids restarting per sample; transformers builds a
+  block-diagonal mask of the whole row, so SDPA computes every block);
+- ``packed_flex``: ``packing=true model.attn_implementation=flex_attention`` (the blocks between samples skipped),
+
+each with ``compile=false`` and ``compile=true``. A callback (``WindowTimer``) skips ``--warmup`` steps (compilation
+included), synchronizes the GPU, times the next ``--steps`` steps on the host clock and synchronizes again at the end
+only; tokens and losses are summed on the device in between. Torch's dynamo graph count before and after the window
+shows whether anything recompiled inside it. A configuration that fails (e.g. flex attention on this torch /
+transformers) is recorded with its error and the others go on. Results go to
+``<date>_<gpu>_sft_packing.{json,md}`` in ``$OUT`` if set, else the current folder, rewritten after each
+configuration.
+
+    python benchmarks/sft_throughput.py --tokenizer <folder> [--override paths.data_dir=<data>]   # GPU, 8+ min
+    python benchmarks/sft_throughput.py --smoke --tokenizer <folder>   # CPU check: llama-tiny, 3 steps, no flex/compile
+
+The defaults are the llama_matelike_sft recipe's shape and lr: ``model=llama`` (246M at vocab 6400), 32 samples,
+seq_len 512, lr 1e-4 -> 1e-5. On an H200 (2026-11-30) ``packed_flex`` with ``compile=true`` had not finished its first
+10 steps after ~2.5 min; lmlab's preemption callback holds a SIGTERM until the step ends, so bound a run with
+``timeout -s KILL``. On a machine without hydra-core/omegaconf/torchdata, install them first (train.py needs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PROJECT_ROOT", str(REPO))
+
+VARIANTS = {  # name -> Hydra overrides on top of the common ones
+    "padded": ["packing=false"],
+    "packed_sdpa": ["packing=true"],
+    "packed_flex": ["packing=true", "model.attn_implementation=flex_attention"],
+}
+IGNORE_INDEX = -100
+
+log = logging.getLogger("sft_throughput")
+
+
+class WindowTimer(L.Callback):
+    """Times training batches ``warmup .. warmup + steps - 1`` (0-based) and writes what it measured to ``out`` (JSON).
+
+    The GPU is synchronized only at the window's start and end. In between, real (non-pad) input tokens, label tokens
+    and the training losses are summed on the device, and the padded tokens and lmlab's FLOPs on the host; every
+    step's loss is kept (one tensor a step), for comparing runs step by step.
+    """
+
+    def __init__(self, warmup: int, steps: int, out: str):
+        self.warmup, self.steps, self.out = warmup, steps, Path(out)
+        self.batches = 0
+        self.losses: list[torch.Tensor] = []
+        self.real: torch.Tensor | int = 0
+        self.labels: torch.Tensor | int = 0
+        self.padded = 0
+        self.flops = 0.0
+        self.t0 = 0.0
+        self.graphs0 = 0
+
+    def in_window(self) -> bool:
+        return self.warmup <= self.batches < self.warmup + self.steps
+
+    @staticmethod
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.batches == self.warmup:
+            self.sync()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            self.graphs0 = unique_graphs()
+            self.t0 = time.perf_counter()
+        if self.in_window():
+            lengths = batch.get("document_lengths")
+            self.real = self.real + (sum(lengths) if lengths is not None else batch["attention_mask"].sum())
+            self.labels = self.labels + (batch["labels"] != IGNORE_INDEX).sum()
+            self.padded += batch["input_ids"].numel()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.losses.append(outputs["loss"].detach().float())  # the batch's mean loss (one device, no accumulation)
+        if self.in_window():
+            self.flops += pl_module.flops_per_batch
+        self.batches += 1
+        if self.batches == self.warmup + self.steps:
+            self.sync()
+            elapsed = time.perf_counter() - self.t0
+            self.write(elapsed)
+
+    def write(self, elapsed: float) -> None:
+        losses = torch.stack(self.losses).tolist()
+        real, labels = int(self.real), int(self.labels)
+        self.out.write_text(
+            json.dumps(
+                {
+                    "elapsed_s": elapsed,
+                    "steps_timed": self.steps,
+                    "warmup_steps": self.warmup,
+                    "real_tokens": real,
+                    "label_tokens": labels,
+                    "padded_tokens": self.padded,
+                    "real_tokens_per_sec": real / elapsed,
+                    "label_tokens_per_sec": labels / elapsed,
+                    "padded_tokens_per_sec": self.padded / elapsed,
+                    "steps_per_sec": self.steps / elapsed,
+                    "real_share": real / self.padded,
+                    "flops_per_sec": self.flops / elapsed,
+                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                    "graphs_compiled_in_window": unique_graphs() - self.graphs0,
+                    "mean_loss_timed": statistics.fmean(losses[self.warmup :]),
+                    "losses": losses,
+                }
+            )
+        )
+
+
+def unique_graphs() -> int:
+    """Graphs torch.compile has built so far in this process (dynamo's counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def gpu_peak_flops() -> float | None:
+    """The dense bf16 peak lmlab's TokenThroughputMonitor divides by on this GPU (None on the CPU)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    if not torch.cuda.is_available():
+        return None
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        monitor = instantiate(compose("train").callbacks.throughput)
+    return monitor.peak_flops or monitor.table_peak(torch.device("cuda"), "bf16-mixed")
+
+
+def common_overrides(args: argparse.Namespace, compile_: bool) -> list[str]:
+    cuda = torch.cuda.is_available()
+    return [
+        "stage=sft",
+        f"data={args.data}",
+        f"model={args.model}",
+        f"trainer={'gpu' if cuda else 'cpu'}",
+        f"compile={str(compile_).lower()}",
+        "logger=csv",
+        f"batch_size={args.batch_size}",
+        f"seq_len={args.seq_len}",
+        f"lr={args.lr}",
+        f"min_lr={args.min_lr}",
+        f"max_steps={args.warmup + args.steps}",
+        "trainer.val_check_interval=1000000",
+        "trainer.limit_val_batches=0",
+        "callbacks.samples.num_prompts=0",
+        "checkpoint_every=1000000",
+        f"tokenizer={args.tokenizer}",
+        *args.override,
+    ]
+
+
+def run_one(args: argparse.Namespace, variant: str, compile_: bool, work: Path) -> dict:
+    """One configuration through train.train; the WindowTimer's measurements."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    import train
+
+    overrides = [*common_overrides(args, compile_), *VARIANTS[variant]]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={work / 'run'}"])
+    timing = work / "timing.json"
+    with open_dict(cfg):
+        cfg.callbacks.window = {
+            "_target_": f"{__name__}.WindowTimer",
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "out": str(timing),
+        }
+    t0 = time.perf_counter()
+    train.train(cfg)
+    result = json.loads(timing.read_text())
+    result["fit_wall_s"] = time.perf_counter() - t0
+    result["overrides"] = overrides
+    return result
+
+
+def markdown(result: dict) -> str:
+    peak = result["peak_flops_bf16"]
+    lines = [
+        f"# SFT throughput, padded vs packed: {result['model']} on {result['data']} ({result['date']})",
+        "",
+        (
+            f"{result['device']}; torch {result['versions']['torch']}, transformers "
+            f"{result['versions']['transformers']}, lightning {result['versions']['lightning']}; batch "
+            f"{result['batch_size']} samples, seq_len {result['seq_len']}, lr {result['lr']} -> {result['min_lr']}; "
+            f"{result['warmup']} warmup steps, then {result['steps']} timed steps (the same samples in every "
+            f"configuration); MFU against {f'{peak:.4g}' if peak else 'n/a'} FLOP/s."
+        ),
+        "",
+        (
+            "real tok/s: non-pad input tokens a second (padded: attention_mask.sum(), which also counts the last token "
+            "of each shorter sample, whose target is padding; packed: sum(document_lengths)); label tok/s: tokens "
+            "with a target, the same in every configuration; vs padded: steps/s over the padded run's with the same "
+            "compile setting (the same samples each step); loss vs padded: the mean training loss over the timed "
+            "steps, relative; graphs in window: torch.compile graphs built during the timed steps (recompiles)."
+        ),
+        "",
+        "| config | compile | real tok/s | label tok/s | padded tok/s | steps/s | vs padded | real share | peak GiB | "
+        "MFU | mean loss | loss vs padded | graphs in window |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in result["runs"]:
+        head = f"| {run['variant']} | {run['compile']} |"
+        if "error" in run:
+            lines.append(f"{head} failed: {run['error'].strip().splitlines()[-1][:150]} |" + " |" * 10)
+            continue
+        base = next((r for r in result["runs"] if r["variant"] == "padded" and r["compile"] == run["compile"]), None)
+        speedup = (
+            f"{run['steps_per_sec'] / base['steps_per_sec']:.2f}x"
+            if base and "error" not in base and run is not base
+            else ""
+        )
+        mfu = f"{100 * run['flops_per_sec'] / peak:.1f}%" if peak else "n/a"
+        diff = run.get("loss_vs_padded", {}).get("mean_timed_rel_diff")
+        loss_diff = "" if diff is None else f"{100 * diff:+.2f}%"
+        mem = "n/a" if run["peak_mem_gib"] is None else f"{run['peak_mem_gib']:.2f}"
+        lines.append(
+            f"{head} {run['real_tokens_per_sec']:,.0f} | {run['label_tokens_per_sec']:,.0f} | "
+            f"{run['padded_tokens_per_sec']:,.0f} | {run['steps_per_sec']:.2f} | {speedup} | {run['real_share']:.3f} | "
+            f"{mem} | {mfu} | {run['mean_loss_timed']:.4f} | {loss_diff} | {run['graphs_compiled_in_window']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def compare_losses(runs: list[dict]) -> None:
+    """Per run, its losses against the padded run's with the same compile setting: mean over the timed steps and
+    the largest step-wise difference, relative (packing is exact, so these are bf16 noise)."""
+    for run in runs:
+        base = next((r for r in runs if r["variant"] == "padded" and r["compile"] == run["compile"]), None)
+        if run is base or base is None or "error" in run or "error" in base:
+            continue
+        run["loss_vs_padded"] = {
+            "mean_timed_rel_diff": run["mean_loss_timed"] / base["mean_loss_timed"] - 1,
+            "first_step_rel_diff": run["losses"][0] / base["losses"][0] - 1,
+            "max_step_rel_diff": max(abs(a / b - 1) for a, b in zip(run["losses"], base["losses"], strict=True)),
+            "same_label_tokens": run["label_tokens"] == base["label_tokens"],
+        }
+
+
+def save(result: dict, out: Path) -> None:
+    gpu = re.search(r"\b([A-Z]\d{2,4})\b", result["device"])
+    stem = f"{result['date']}_{gpu.group(1).lower() if gpu else 'cpu'}_sft_packing"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    log.info("wrote %s.{json,md} in %s", stem, out)
+
+
+def fresh() -> None:
+    """Forget the last configuration's compiled graphs and cached GPU memory."""
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama", help="conf/model preset (llama: 246M at vocab 6400)")
+    parser.add_argument("--data", default="zh_alpaca", help="conf/data SFT preset")
+    parser.add_argument("--tokenizer", required=True, help="HF tokenizer folder (the run's tokenizer=)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak lr (the llama_matelike_sft recipe's)")
+    parser.add_argument("--min-lr", type=float, default=1e-5, help="cosine floor (the recipe's)")
+    parser.add_argument("--warmup", type=int, default=25, help="untimed steps first, compilation included")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="extra Hydra override")
+    parser.add_argument("--smoke", action="store_true", help="CPU check: llama-tiny, batch 4, 1 + 3 steps, no flex")
+    args = parser.parse_args()
+    if args.smoke:
+        args.model, args.batch_size, args.warmup, args.steps = "llama-tiny", 4, 1, 3
+        args.variants, args.compile = "padded,packed_sdpa", "off"
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}")
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    out = Path(os.environ.get("OUT") or ".")
+
+    import transformers
+
+    result = {
+        "model": args.model,
+        "data": args.data,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": datetime.date.today().isoformat(),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "lightning": L.__version__,
+            "python": sys.version.split()[0],
+        },
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "min_lr": args.min_lr,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "command": " ".join(sys.argv),
+        "peak_flops_bf16": gpu_peak_flops(),
+        "runs": [],
+    }
+    for compile_ in compiles:
+        for variant in variants:
+            log.info("%s, compile=%s", variant, compile_)
+            fresh()
+            run: dict = {"variant": variant, "compile": compile_}
+            try:
+                with tempfile.TemporaryDirectory(prefix="lmlab_sft_bench_") as tmp:
+                    run.update(run_one(args, variant, compile_, Path(tmp)))
+            except Exception:  # recorded, and the other configurations still run
+                run["error"] = traceback.format_exc()
+                log.error("%s, compile=%s failed:\n%s", variant, compile_, run["error"])
+            result["runs"].append(run)
+            compare_losses(result["runs"])
+            save(result, out)
+    print(json.dumps({**result, "runs": [{k: v for k, v in r.items() if k != "losses"} for r in result["runs"]]}))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
