@@ -63,9 +63,12 @@ VARIANTS = {  # name -> Hydra overrides on top of the common ones
     "packed_sdpa": ["packing=true"],
     "packed_flex": ["packing=true", "model.attn_implementation=flex_attention"],
 }
-IGNORE_INDEX = -100
 
 log = logging.getLogger("sft_throughput")
+
+from gpu_throughput import gpu_peak_flops  # noqa: E402  (this folder, beside this script)
+
+from lmlab.core.collate import IGNORE_INDEX  # noqa: E402
 
 
 class WindowTimer(L.Callback):
@@ -154,18 +157,6 @@ def unique_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def gpu_peak_flops() -> float | None:
-    """The dense bf16 peak lmlab's TokenThroughputMonitor divides by on this GPU (None on the CPU)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
-    if not torch.cuda.is_available():
-        return None
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        monitor = instantiate(compose("train").callbacks.throughput)
-    return monitor.peak_flops or monitor.table_peak(torch.device("cuda"), "bf16-mixed")
 
 
 def common_overrides(args: argparse.Namespace, compile_: bool) -> list[str]:

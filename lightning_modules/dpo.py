@@ -282,10 +282,7 @@ class DPOModule(TrainingModule):
                 chosen, rejected = self._logps(self.reference, batch)[0].chunk(2)
                 pieces.append((i, torch.stack([chosen, rejected], dim=1).float()))
         pieces = [(i, rows.cpu()) for i, rows in pieces]  # after the loop: no device sync per batch
-        if world_size > 1:
-            gathered = [None] * world_size
-            torch.distributed.all_gather_object(gathered, pieces)
-            pieces = sorted((piece for rank_pieces in gathered for piece in rank_pieces), key=lambda p: p[0])
+        pieces = sorted((piece for ranks in self._gather_objects(pieces) for piece in ranks), key=lambda p: p[0])
         return torch.cat([rows for _, rows in pieces]) if pieces else torch.zeros(0, 2)
 
     def _logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
