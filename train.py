@@ -153,12 +153,7 @@ def train(cfg: DictConfig) -> float | None:
         if cfg.init_from
         else build_model(cfg.model, tokenizer, labels)
     )
-    if OmegaConf.select(cfg, "peft") is not None:
-        if labels is not None:
-            raise ValueError(
-                "peft=lora trains adapters for stage=sft and stage=dpo; a classifier's adapters are not built yet: "
-                "choose what trains with stage.module.trainable"
-            )
+    if OmegaConf.select(cfg, "peft") is not None:  # LoRA; a classifier's head trains with it (lmlab.core.adapters)
         model = add_adapters(model, cfg.peft)
     # plain containers: checkpoints then load with torch.load(weights_only=True)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)

@@ -4,7 +4,8 @@ The model is the library's own: the hidden state of the last non-pad token (whic
 whole text under the causal mask) feeds a linear ``score`` head, under left or right padding, so
 the exported folder classifies identically with plain transformers. ``trainable`` says what
 learns: ``head``, ``head+last_block`` (GPT2-SFT's choice: the last transformer block, the final
-norm and the head) or ``all``.
+norm and the head) or ``all``. A model with LoRA adapters (peft=lora, lmlab.core.adapters) trains
+its adapters and its head instead, whatever ``trainable`` says (:func:`set_trainable`).
 
 A class-imbalanced task (SMS spam: 13% spam) is judged by the ham it wrongly flags, so a run can
 name a ``positive`` class and a ``max_fpr``: at every validation the threshold on the positive
@@ -21,6 +22,7 @@ matrices the module keeps in ``confusion``.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,9 +37,18 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 from transformers import PretrainedConfig, PreTrainedModel
 
 from lightning_modules.base import TrainingModule
+from lmlab.core.adapters import is_adapted
+
+log = logging.getLogger(__name__)
 
 TRAINABLE = ("head", "head+last_block", "all")
 THRESHOLD_KEY = "decision_threshold"  # the export's config.json entry: {label, log_odds, probability, max_fpr} or null
+
+
+def check_policy(policy: str) -> None:
+    """Refuse a ``stage.module.trainable`` that is none of :data:`TRAINABLE`, also where adapters leave it unused."""
+    if policy not in TRAINABLE:
+        raise ValueError(f"stage.module.trainable must be one of {TRAINABLE}, got {policy!r}")
 
 
 def trainable_names(model: PreTrainedModel, policy: str) -> set[str]:
@@ -47,8 +58,7 @@ def trainable_names(model: PreTrainedModel, policy: str) -> set[str]:
     the last entry of the backbone's layer list; the final norm is what the backbone holds
     outside its layers and its embedding tables.
     """
-    if policy not in TRAINABLE:
-        raise ValueError(f"stage.module.trainable must be one of {TRAINABLE}, got {policy!r}")
+    check_policy(policy)
     names = {name for name, _ in model.named_parameters()}
     if policy == "all":
         return names
@@ -67,6 +77,25 @@ def trainable_names(model: PreTrainedModel, policy: str) -> set[str]:
         if id(p) in last_block or (id(p) not in in_blocks and id(p) not in embeddings)
     }
     return head | rest
+
+
+def set_trainable(model: PreTrainedModel, policy: str) -> None:
+    """Freeze all but what ``policy`` trains (:func:`trainable_names`).
+
+    A model with adapters keeps what peft set, whatever the policy: its adapters and its head (peft's
+    ``modules_to_save`` copy). Whole blocks trained beside the adapters would make them pointless (``all`` is a full
+    fine-tune), so the policy acts only without adapters, and its default (``head+last_block``) needs no override for
+    ``peft=lora``.
+    """
+    if is_adapted(model):
+        check_policy(policy)
+        log.info(
+            "with adapters, the adapters and the head train; stage.module.trainable=%s is for runs without them", policy
+        )
+        return
+    keep = trainable_names(model, policy)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keep)
 
 
 def metric_set(num_classes: int) -> MetricCollection:
@@ -203,9 +232,7 @@ class ClassifierModule(TrainingModule):
         self.labels = list(labels)
         self.positive = None if positive is None else self.labels.index(positive)
         self.max_fpr = max_fpr
-        keep = trainable_names(model, trainable)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in keep)
+        set_trainable(model, trainable)
         splits = ("val", "test")
         self.logits = torch.nn.ModuleDict({split: CatMetric(nan_strategy="disable") for split in splits})
         self.targets = torch.nn.ModuleDict({split: CatMetric(nan_strategy="disable") for split in splits})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -135,6 +136,19 @@ def tiny_tokenizer():
 def tiny_char_tokenizer():
     """The same at char level (SentencePiece-style "▁" pieces, NFKC, unk for characters it never saw)."""
     return tiny_bpe("char")
+
+
+@pytest.fixture(scope="module")
+def addition_pairs(tmp_path_factory):
+    """DPO pairs a+b=: the right sum chosen, a wrong one rejected (tests use the train file as the val file too)."""
+    path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
+    rows = [
+        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + (1 if (a + b) % 2 else -1))}
+        for a in range(10)
+        for b in range(10)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def expected(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:

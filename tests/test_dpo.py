@@ -4,7 +4,6 @@ precomputed reference log-probs give the same losses as the live reference."""
 from __future__ import annotations
 
 import csv
-import json
 
 import lightning as L
 import pytest
@@ -17,19 +16,6 @@ from lmlab.core.models import build_model
 from train import connect_data, train
 
 DPO = ["stage=dpo", "callbacks.samples.num_prompts=0", "trainer.log_every_n_steps=1"]
-
-
-@pytest.fixture(scope="module")
-def addition_pairs(tmp_path_factory):
-    """a+b: the right sum chosen, a wrong one rejected (the train file is also the val file)."""
-    path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
-    rows = [
-        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + (1 if (a + b) % 2 else -1))}
-        for a in range(10)
-        for b in range(10)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def metrics(run) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Tiny models really learn: SFT to an exact-match rate a broken mask misses; pretraining cuts the loss."""
+"""Tiny models really learn: SFT to an exact-match rate a broken mask misses, also with LoRA adapters; pretraining cuts
+the loss."""
 
 from __future__ import annotations
 
@@ -65,9 +66,10 @@ def addition_file(tmp_path_factory):
     return path
 
 
-def sft_exact_match(tmp_path, addition_file) -> float:
+def sft_exact_match(run, addition_file, *overrides: str) -> float:
+    """The exact match of an SFT run on the addition task (400 steps unless ``overrides`` say otherwise)."""
     cfg = compose_cfg(
-        tmp_path,
+        run,
         [
             "stage=sft",
             f"data.train_files=[{addition_file}]",
@@ -79,10 +81,11 @@ def sft_exact_match(tmp_path, addition_file) -> float:
             "warmup_steps=10",
             "trainer.val_check_interval=400",
             "callbacks.samples.num_prompts=0",
+            *overrides,
         ],
     )
     train(cfg)
-    return exact_match(tmp_path / "hf")
+    return exact_match(run / "hf")
 
 
 @pytest.mark.slow
@@ -95,6 +98,26 @@ def test_sft_learns_addition_only_with_the_right_mask(tmp_path, addition_file, m
         assert score >= 0.8, f"exact match {score:.2f} after SFT"
     else:
         assert score <= 0.2, f"a broken mask ({mask}) should not reach exact match, got {score:.2f}"
+
+
+@pytest.mark.slow
+def test_lora_sft_learns_addition(tmp_path, addition_file):
+    """LoRA adapters alone (peft=lora) take a model that has barely started SFT (60 full-weight steps: exact match
+    0.11-0.12 on 5 seeds) to 0.90-1.00 in 300 steps (5 seeds); the adapters' dropout is off, which on these 100
+    examples only slowed the short run (0.84-0.92 with conf/peft/lora.yaml's 0.05)."""
+    start = tmp_path / "start"
+    before = sft_exact_match(start, addition_file, "max_steps=60", "trainer.val_check_interval=60")
+    after = sft_exact_match(
+        tmp_path / "lora",
+        addition_file,
+        f"init_from={start}",
+        "peft=lora",
+        "peft.lora_dropout=0",
+        "max_steps=300",
+        "trainer.val_check_interval=300",
+    )
+    assert before <= 0.3, f"the starting model should barely add: exact match {before:.2f}"
+    assert after >= 0.6 and after - before >= 0.4, f"exact match {before:.2f} -> {after:.2f} with LoRA"
 
 
 def test_pretraining_on_repetitive_text_halves_the_loss(tmp_path):

@@ -40,6 +40,7 @@ STAGES = {
     "t5_sft": (["model=t5-tiny", "stage=sft"], "sft"),
     "dpo": (["stage=dpo"], "pairs"),
     "classify": (["stage=classify"], "messages"),
+    "classify_lora": (["stage=classify", "peft=lora"], "messages"),
 }
 
 
@@ -161,6 +162,7 @@ def resume_from(checkpoint: Path, straight: Path, run: Path) -> None:
         ("sft_lora", 5, 15),  # 5: epoch 0's last batch, LoRA adapters (only they train)
         ("pretrain", 8, 16),  # 8: mid epoch 1
         ("classify", 3, 15),  # 3: mid epoch 0 (epochs of 6 batches)
+        ("classify_lora", 3, 15),  # the same with LoRA adapters: they and the head train
     ],
 )
 def test_resume_across_epoch_boundaries_is_bit_identical(tmp_path, stage, every, steps, small_data):

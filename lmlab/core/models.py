@@ -254,15 +254,29 @@ def _matmul_parameters(module: torch.nn.Module, lookups: Sequence[torch.nn.Param
     return n_all, n_trainable
 
 
-def _parameter_flops(n_all: float, n_trainable: float, frozen_head: int = 0) -> float:
+def _parameter_flops(n_all: float, n_trainable: float, frozen_above: float = 0) -> float:
     """Training FLOPs per token of the parameters' matmuls: forward 2 per parameter (a multiply-add), backward 4 per
     trainable one (the gradients of its input and of its weight): 6N when everything trains.
 
     A frozen parameter is taken to lie below every trainable one (embeddings, an encoder, all but a classifier's
-    last block), so nothing is back-propagated through it; except a frozen output head (``frozen_head`` parameters,
-    the top layer, e.g. tied to frozen embeddings), whose input gradient (2 per parameter) is still computed.
+    last block), so nothing is back-propagated through it; except ``frozen_above`` parameters above a trainable one,
+    whose input gradient (2 per parameter) is still computed: a frozen output head (e.g. tied to frozen embeddings),
+    or with adapters (:func:`_adapted`) every frozen layer.
     """
-    return 2 * n_all + 4 * n_trainable + 2 * frozen_head
+    return 2 * n_all + 4 * n_trainable + 2 * frozen_above
+
+
+def _adapted(model: torch.nn.Module) -> bool:
+    """Whether peft wrapped ``model`` with adapters (lmlab.core.adapters): they sit in every block, so the gradient
+    reaches down through every frozen layer (2 + 2 FLOPs per parameter and token, not 2)."""
+    return hasattr(model, "peft_config")
+
+
+def _idle_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters that do no multiply-adds: the token and position embedding tables (look-ups), and the originals peft
+    keeps of modules it trains a copy of (``modules_to_save``: a classifier's head beside adapters), which never run."""
+    idle = [p for name, p in model.named_parameters() if name.endswith("wpe.weight") or ".original_module." in name]
+    return [model.get_input_embeddings().weight, *idle]
 
 
 def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
@@ -272,13 +286,13 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     multiply-adds; a tied LM head is counted through the 6N of the head's matmul below).
     For a mixture of experts only the experts a token visits count. With frozen parameters
     (LMModule's ``freeze``, a classifier's ``trainable``) the 6N becomes 2N + 4 x trainable N
-    (:func:`_parameter_flops`); the attention term is counted in full. A sequence classifier's
-    head is an ordinary layer of N.
+    (:func:`_parameter_flops`), and with adapters (peft) 4 x frozen N + 6 x trainable N: the
+    gradient passes down through every frozen layer to the adapters below it. The attention term
+    is counted in full. A sequence classifier's head is an ordinary layer of N.
     """
     cfg = model.config.get_text_config()
     embeddings = model.get_input_embeddings().weight
-    lookups = [embeddings] + [p for name, p in model.named_parameters() if name.endswith("wpe.weight")]
-    n_all, n_trainable = _matmul_parameters(model, lookups)
+    n_all, n_trainable = _matmul_parameters(model, _idle_parameters(model))
     experts, active = getattr(cfg, "num_local_experts", None), getattr(cfg, "num_experts_per_tok", None)
     if experts and active:
         in_experts = [p for name, p in model.named_parameters() if ".experts." in name]
@@ -292,7 +306,8 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
             n_all += head.numel()
             n_trainable += head.numel() if head.requires_grad else 0
         frozen_head = 0 if head.requires_grad else head.numel()
-    return _parameter_flops(n_all, n_trainable, frozen_head) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    frozen_above = n_all - n_trainable if _adapted(model) else frozen_head
+    return _parameter_flops(n_all, n_trainable, frozen_above) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
 def flops_per_batch(model: PreTrainedModel, input_shape: tuple[int, int], label_shape: tuple[int, ...]) -> float:
@@ -302,7 +317,8 @@ def flops_per_batch(model: PreTrainedModel, input_shape: tuple[int, int], label_
     the batch's tokens. Encoder-decoder: the same estimate per side: 6 x encoder parameters per
     encoder token, 6 x decoder parameters (with cross-attention and the LM head) per decoder
     token, plus the attention terms (self-attention over each side's length, cross-attention
-    over the encoder's); with a frozen side (``freeze=[encoder]``) its 6 becomes 2.
+    over the encoder's); with a frozen side (``freeze=[encoder]``) its 6 becomes 2, with adapters
+    4 per frozen parameter.
     """
     if not model.config.is_encoder_decoder:
         return flops_per_token(model, input_shape[1]) * input_shape[0] * input_shape[1]
@@ -314,8 +330,11 @@ def flops_per_batch(model: PreTrainedModel, input_shape: tuple[int, int], label_
     decoder += head.numel()
     decoder_trainable += head.numel() if head.requires_grad else 0
     (batch, enc_len), (_, dec_len) = input_shape, label_shape
-    enc = _parameter_flops(encoder, encoder_trainable) + 12 * cfg.num_layers * cfg.d_model * enc_len
-    dec = _parameter_flops(decoder, decoder_trainable, 0 if head.requires_grad else head.numel())
+    frozen_encoder, frozen_decoder = 0, 0 if head.requires_grad else head.numel()
+    if _adapted(model):
+        frozen_encoder, frozen_decoder = encoder - encoder_trainable, decoder - decoder_trainable
+    enc = _parameter_flops(encoder, encoder_trainable, frozen_encoder) + 12 * cfg.num_layers * cfg.d_model * enc_len
+    dec = _parameter_flops(decoder, decoder_trainable, frozen_decoder)
     dec += 12 * cfg.num_decoder_layers * cfg.d_model * (dec_len + enc_len)
     return batch * (enc * enc_len + dec * dec_len)
 
