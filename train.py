@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.sft import SFTDataModule
 from lightning_modules.dpo import build_reference
-from lmlab.core.adapters import add_adapters, export_adapted, is_adapted
+from lmlab.core.adapters import add_adapters, export_adapted, is_adapted, quantization
 from lmlab.core.models import build_model, export_hf, load_model, resolve_hf_dir, set_cudnn_attention
 from lmlab.core.runs import WANDB_TMP, register_resolvers, remove_leftovers, resume_checkpoint
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
@@ -120,7 +121,7 @@ def best_checkpoint(trainer: L.Trainer, monitor: str) -> ModelCheckpoint | None:
 def load_best(module: L.LightningModule, best: ModelCheckpoint) -> None:
     """Load the best checkpoint's weights into ``module``, so the export holds the model the run judged best."""
     ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
-    module.load_state_dict(ckpt["state_dict"])
+    module.load_state_dict(ckpt["state_dict"], strict=module.strict_loading)  # QLoRA's hold only what trains
     log.info(
         "export: the best checkpoint by %s, step %d (%s=%.4f): %s",
         best.monitor,
@@ -148,13 +149,15 @@ def train(cfg: DictConfig) -> float | None:
     tokenizer = prepare_tokenizer(cfg, datamodule, run_dir, classifier=labels is not None)
     connect_data(cfg, datamodule, tokenizer)
 
+    peft_cfg = OmegaConf.select(cfg, "peft")
+    quantize = quantization(peft_cfg, cfg.init_from)  # QLoRA's 4-bit loading, or None
     model = (
-        load_model(cfg.init_from, cfg.model, tokenizer, labels)
+        load_model(cfg.init_from, cfg.model, tokenizer, labels, quantize)
         if cfg.init_from
         else build_model(cfg.model, tokenizer, labels)
     )
-    if OmegaConf.select(cfg, "peft") is not None:  # LoRA; a classifier's head trains with it (lmlab.core.adapters)
-        model = add_adapters(model, cfg.peft)
+    if peft_cfg is not None:  # LoRA (QLoRA: on the 4-bit base); a classifier's head trains with it
+        model = add_adapters(model, peft_cfg)
     # plain containers: checkpoints then load with torch.load(weights_only=True)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     module = instantiate(
@@ -179,10 +182,11 @@ def train(cfg: DictConfig) -> float | None:
             load_best(module, best)
         else:
             log.info("export: the final weights, step %d", trainer.global_step)
-        adapted = is_adapted(module.model)
-        export_hf(
-            export_adapted(module.model, run_dir / "adapter") if adapted else module.model, tokenizer, run_dir / "hf"
-        )
+        exported = module.model
+        if is_adapted(exported):
+            unquantized = partial(load_model, cfg.init_from, cfg.model, tokenizer, labels)  # QLoRA's base
+            exported = export_adapted(exported, run_dir / "adapter", unquantized)
+        export_hf(exported, tokenizer, run_dir / "hf")
         log.info("data: %s", datamodule.skips.report())
     if cfg.stage.test:  # on the best checkpoint, which then stays loaded
         trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path if best else None)

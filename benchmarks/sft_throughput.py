@@ -62,7 +62,12 @@ VARIANTS = {  # name -> Hydra overrides on top of the common ones
     "padded": ["packing=false"],
     "packed_sdpa": ["packing=true"],
     "packed_flex": ["packing=true", "model.attn_implementation=flex_attention"],
+    "padded_lora": ["packing=false", "peft=lora"],
+    "packed_lora": ["packing=true", "peft=lora"],
+    "padded_qlora": ["packing=false", "peft=qlora"],
+    "packed_qlora": ["packing=true", "peft=qlora"],
 }
+ADAPTED = ("lora", "qlora")  # variants named *_lora / *_qlora train adapters on a saved base (init_from)
 
 log = logging.getLogger("sft_throughput")
 
@@ -182,6 +187,21 @@ def common_overrides(args: argparse.Namespace, compile_: bool) -> list[str]:
     ]
 
 
+def random_base(args: argparse.Namespace, folder: Path) -> Path:
+    """A randomly initialised ``args.model`` with the tokenizer, saved as an HF folder: the ``init_from`` of every
+    configuration when adapters are compared (LoRA and QLoRA train on a saved base; memory and speed do not depend on
+    the weights' values), so full fine-tuning starts from the same weights."""
+    from hydra import compose, initialize_config_dir
+
+    from lmlab.core.models import build_model, export_hf
+    from lmlab.core.tokenizer import load_tokenizer
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={args.model}"])
+    tokenizer = load_tokenizer(args.tokenizer)
+    return export_hf(build_model(cfg.model, tokenizer), tokenizer, folder)
+
+
 def run_one(args: argparse.Namespace, variant: str, compile_: bool, work: Path) -> dict:
     """One configuration through train.train; the WindowTimer's measurements."""
     from hydra import compose, initialize_config_dir
@@ -226,22 +246,30 @@ def markdown(result: dict) -> str:
             "of each shorter sample, whose target is padding; packed: sum(document_lengths)); label tok/s: tokens "
             "with a target, the same in every configuration; vs padded: steps/s over the padded run's with the same "
             "compile setting (the same samples each step); loss vs padded: the mean training loss over the timed "
-            "steps, relative; graphs in window: torch.compile graphs built during the timed steps (recompiles)."
+            "steps, relative (not for adapters, which train other weights); graphs in window: torch.compile graphs "
+            "built during the timed steps (recompiles); adapters vs full: an adapter run's steps/s and peak memory "
+            "over the full fine-tune's with the same batches (all start from one saved random base: init_from)."
         ),
         "",
         "| config | compile | real tok/s | label tok/s | padded tok/s | steps/s | vs padded | real share | peak GiB | "
-        "MFU | mean loss | loss vs padded | graphs in window |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "MFU | mean loss | loss vs padded | graphs in window | adapters vs full: steps/s, peak memory |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in result["runs"]:
         head = f"| {run['variant']} | {run['compile']} |"
         if "error" in run:
-            lines.append(f"{head} failed: {run['error'].strip().splitlines()[-1][:150]} |" + " |" * 10)
+            lines.append(f"{head} failed: {run['error'].strip().splitlines()[-1][:150]} |" + " |" * 11)
             continue
         base = next((r for r in result["runs"] if r["variant"] == "padded" and r["compile"] == run["compile"]), None)
         speedup = (
             f"{run['steps_per_sec'] / base['steps_per_sec']:.2f}x"
             if base and "error" not in base and run is not base
+            else ""
+        )
+        full = full_run(result["runs"], run)
+        vs_full = (
+            f"{run['steps_per_sec'] / full['steps_per_sec']:.2f}x, {run['peak_mem_gib'] / full['peak_mem_gib']:.2f}x"
+            if full and run["peak_mem_gib"]
             else ""
         )
         mfu = f"{100 * run['flops_per_sec'] / peak:.1f}%" if peak else "n/a"
@@ -251,9 +279,21 @@ def markdown(result: dict) -> str:
         lines.append(
             f"{head} {run['real_tokens_per_sec']:,.0f} | {run['label_tokens_per_sec']:,.0f} | "
             f"{run['padded_tokens_per_sec']:,.0f} | {run['steps_per_sec']:.2f} | {speedup} | {run['real_share']:.3f} | "
-            f"{mem} | {mfu} | {run['mean_loss_timed']:.4f} | {loss_diff} | {run['graphs_compiled_in_window']} |"
+            f"{mem} | {mfu} | {run['mean_loss_timed']:.4f} | {loss_diff} | {run['graphs_compiled_in_window']} | "
+            f"{vs_full} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def full_run(runs: list[dict], run: dict) -> dict | None:
+    """For an adapter run (``packed_lora``), the full fine-tune with the same batches and compile setting
+    (``packed_sdpa``; ``padded`` for a padded one), if it ran; None for a full fine-tune."""
+    layout, _, adapters = run["variant"].partition("_")
+    if adapters not in ADAPTED:
+        return None
+    name = "padded" if layout == "padded" else "packed_sdpa"
+    full = next((r for r in runs if r["variant"] == name and r["compile"] == run["compile"]), None)
+    return full if full and "error" not in full else None
 
 
 def compare_losses(runs: list[dict]) -> None:
@@ -261,8 +301,8 @@ def compare_losses(runs: list[dict]) -> None:
     the largest step-wise difference, relative (packing is exact, so these are bf16 noise)."""
     for run in runs:
         base = next((r for r in runs if r["variant"] == "padded" and r["compile"] == run["compile"]), None)
-        if run is base or base is None or "error" in run or "error" in base:
-            continue
+        if run is base or base is None or "error" in run or "error" in base or run["variant"].endswith(ADAPTED):
+            continue  # adapters train other weights: their losses differ by design
         run["loss_vs_padded"] = {
             "mean_timed_rel_diff": run["mean_loss_timed"] / base["mean_loss_timed"] - 1,
             "first_step_rel_diff": run["losses"][0] / base["losses"][0] - 1,
@@ -311,6 +351,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    if any(v.endswith(ADAPTED) for v in variants):  # every configuration starts from one saved base
+        args.override.append(f"init_from={random_base(args, Path(tempfile.mkdtemp(prefix='lmlab_sft_bench_')))}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_SILENT", "true")
     out = Path(os.environ.get("OUT") or ".")

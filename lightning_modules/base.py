@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from transformers import PreTrainedModel
 
 from lightning_modules.optim import param_groups, warmup_cosine
+from lmlab.core.adapters import is_quantized
 from lmlab.core.models import flops_per_batch, flops_per_token
 from lmlab.core.runs import resume_advice
 
@@ -56,6 +57,8 @@ class TrainingModule(L.LightningModule):
         self._new_non_finite_record(torch.device("cpu"))
         self._window_anchor: torch.Tensor | None = None  # see _token_weighted
         self._window_tokens: torch.Tensor | None = None
+        # a 4-bit base (QLoRA) is loaded from init_from again on resume: its checkpoints hold what trains
+        self.strict_loading = not is_quantized(model)
 
     def configure_model(self) -> None:
         if self.compile_model:
@@ -192,6 +195,9 @@ class TrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._raise_if_non_finite()
         checkpoint["rng_states"] = self._gather_objects(rng_states())
+        if not self.strict_loading:  # QLoRA: the frozen 4-bit base is init_from's, loaded again on resume
+            trains = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trains}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Each rank takes back its random state, so dropout (LoRA's, GPT-2's) draws the masks an uninterrupted run

@@ -232,3 +232,32 @@ def test_flops_of_a_t5_with_adapters_count_the_gradient_through_both_frozen_side
     # per side and token, 6 x N when all trains; with adapters 4 x N (frozen) + 6 x adapters
     difference = 2 * ((2 * encoder - 6 * lora[0]) * 20 + (2 * decoder - 6 * lora[1]) * 6)
     assert flops_per_batch(plain, *shapes) - flops_per_batch(adapted, *shapes) == difference
+
+
+def test_qlora_is_refused_without_a_trained_base_or_a_gpu(tmp_path, base):
+    """peft=qlora quantizes init_from's weights with bitsandbytes' CUDA kernels: anything else is a clear error."""
+    with pytest.raises(ValueError, match="set init_from"):
+        train(compose_cfg(tmp_path / "a", ["stage=sft", "peft=qlora", "max_steps=1", *QUIET]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU.*peft=lora"):
+            train(compose_cfg(tmp_path / "b", ["stage=sft", f"init_from={base}", "peft=qlora", "max_steps=1"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bitsandbytes' 4-bit kernels)")
+def test_qlora_trains_adapters_on_a_4bit_base_resumes_and_exports_full_precision(tmp_path, base):
+    run = tmp_path / "qlora"
+    args = ["trainer=gpu", "stage=sft", f"init_from={base}", "peft=qlora", "lr=1e-2", "checkpoint_every=4", *QUIET]
+    train(compose_cfg(run, [*args, "max_steps=8", "resume=auto"]))
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and all("lora_" in k for k in state), "a QLoRA checkpoint holds the adapters, not the 4-bit base"
+    train(compose_cfg(run, [*args, "max_steps=12", "resume=auto"]))  # the base comes from init_from again
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    assert "quantization_config" not in (run / "hf" / "config.json").read_text(), "hf/ is full precision"
+    tokenizer = AutoTokenizer.from_pretrained(run / "hf")
+    ids = tokenizer("Alice has 3 apples. 三加四等于七。", return_tensors="pt")
+    merged = AutoModelForCausalLM.from_pretrained(run / "hf").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base / "hf"), run / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, adapted(**ids).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(merged(**ids).logits, AutoModelForCausalLM.from_pretrained(base / "hf")(**ids).logits)

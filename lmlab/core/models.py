@@ -7,8 +7,11 @@ A preset's ``arch`` (causal | seq2seq) says which kind of model it builds; the d
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import get_class, instantiate
@@ -187,13 +190,24 @@ def init_t5_unscaled_head(model: PreTrainedModel) -> None:
 
 
 def load_model(
-    path: str | Path, model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, labels: Sequence[str] | None = None
+    path: str | Path,
+    model_cfg: DictConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    labels: Sequence[str] | None = None,
+    quantization: Any = None,
 ) -> PreTrainedModel:
     """Weights from an HF folder; the tokenizer must fit its embedding table.
 
     With ``labels`` the folder's backbone gets a classification head (new, unless the folder
-    is already a classifier with these classes).
+    is already a classifier with these classes). ``quantization`` (a BitsAndBytesConfig, QLoRA's)
+    loads the linear layers in 4 bits on this rank's GPU (LOCAL_RANK: a DDP child builds its
+    model before Lightning picks its device).
     """
+    quantized = (
+        {"quantization_config": quantization, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
+        if quantization is not None
+        else {}
+    )
     hf_dir = resolve_hf_dir(path)
     config = AutoConfig.from_pretrained(str(hf_dir))
     check_arch(model_cfg, config, f"init_from={path}")
@@ -202,6 +216,7 @@ def load_model(
         attn_implementation=model_cfg.attn_implementation,
         **head_config(labels),
         **preset_dropout(model_cfg, config, f"init_from={path}"),
+        **quantized,
     )
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(
@@ -236,12 +251,18 @@ def preset_dropout(model_cfg: DictConfig, config: PretrainedConfig, where: str) 
     return dropout
 
 
+def parameter_count(p: torch.nn.Parameter) -> int:
+    """Values ``p`` stands for: a 4-bit weight (bitsandbytes, QLoRA) packs two a byte; quant_state keeps its shape."""
+    quant_state = getattr(p, "quant_state", None)
+    return math.prod(quant_state.shape) if quant_state is not None else p.numel()
+
+
 def count_parameters(model: PreTrainedModel, trainable_only: bool = False) -> int:
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen and (p.requires_grad or not trainable_only):
             seen.add(id(p))
-            total += p.numel()
+            total += parameter_count(p)
     return total
 
 
