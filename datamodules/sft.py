@@ -26,7 +26,7 @@ from datamodules.base import LMDataModule
 from datamodules.formats import DataError, to_messages
 from datamodules.sources import Source, parse_sources, weighted
 from lmlab.core.collate import IGNORE_INDEX
-from lmlab.core.tokenizer import render_prompt, require_chat_template
+from lmlab.core.tokenizer import encoder_ids, render_prompt, require_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +111,6 @@ def tokenize_conversation(
     ``train_on_prompt``), cut to max_length."""
     text, spans = rendered_spans(tokenizer, messages, chat_template)
     return encode_labelled(tokenizer, text, [(0, len(text))] if train_on_prompt else spans, max_length)
-
-
-def encoder_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int | None = None) -> torch.Tensor:
-    """An encoder input: the text's tokens cut to ``max_length - 1``, then EOS (T5's convention).
-
-    Training and generation both encode prompts through this, so they see the same input.
-    """
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if max_length is not None:
-        ids = ids[: max_length - 1]
-    return torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.long)
 
 
 def continuation_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -1,7 +1,7 @@
-"""The inference CLIs (eval.py, generate.py, chat.py, predict.py) share one config, conf/infer/base.yaml.
+"""The inference CLIs (eval.py, generate.py, chat.py, serve.py, predict.py) share one config, conf/infer/base.yaml.
 
 Its keys (run, device, dtype) and its Hydra settings (no output folder, no logging setup) are declared there once
-and no CLI's own file re-declares them, so the four files cannot drift back into copies of the same block.
+and no CLI's own file re-declares them, so the five files cannot drift back into copies of the same block.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-CLIS = ("eval", "generate", "chat", "predict")
+CLIS = ("eval", "generate", "chat", "serve", "predict")
 BASE = REPO / "conf" / "infer" / "base.yaml"
 DOCUMENTED = {"run": "???", "device": "auto", "dtype": "auto"}  # README, base.yaml
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
@@ -322,6 +323,18 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat
     return tokenizer.apply_chat_template(
         messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
     )
+
+
+def encoder_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int | None = None) -> torch.Tensor:
+    """An encoder input: the text's tokens cut to ``max_length - 1``, then EOS (T5's convention).
+
+    Training (datamodules/sft.py) and generation (lmlab.infer.generation) both encode prompts through this, so
+    they see the same input.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if max_length is not None:
+        ids = ids[: max_length - 1]
+    return torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.long)
 
 
 def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -2,7 +2,7 @@
 
 Used by the samples logged at validation and by generate.py, so both see what a transformers
 user of the export sees: the same prompt encoding as training (causal: the rendered prompt's
-tokens; encoder-decoder: them plus EOS, see datamodules.sft.encoder_ids) and generate().
+tokens; encoder-decoder: them plus EOS, see lmlab.core.tokenizer.encoder_ids) and generate().
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from datamodules.sft import encoder_ids
 from lmlab.core.collate import pad, padding_mask
 from lmlab.core.models import auto_class, is_classifier, resolve_hf_dir
-from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer
+from lmlab.core.tokenizer import configure_tokenizer, encoder_ids, load_tokenizer
 
 SAMPLING_KNOBS = ("temperature", "top_p", "top_k")
 
@@ -110,13 +109,18 @@ def generate_texts(
     settings: Mapping[str, Any],
     batch_size: int = 8,
     streamer: BaseStreamer | None = None,
+    generate_args: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Replies to already rendered prompts, ``batch_size`` at a time, with conf/generation ``settings``.
 
     ``streamer`` (transformers' TextStreamer and kin; one prompt only) receives the tokens as they are made (chat.py).
+    ``generate_args``: more generate() arguments that are no conf/generation knob, such as ``stopping_criteria``
+    (serve.py's stop strings); the same objects are passed to every batch. An argument that ``settings`` or this
+    function already sets is refused rather than silently replaced.
     """
     if streamer is not None and len(prompts) != 1:
         raise ValueError(f"a streamer follows one reply; got {len(prompts)} prompts")
+    generate_args = generate_args or {}
     replies: list[str] = []
     causal = not model.config.is_encoder_decoder
     for start in range(0, len(prompts), batch_size):
@@ -125,8 +129,12 @@ def generate_texts(
             for k, v in encode_prompts(model, tokenizer, prompts[start : start + batch_size]).items()
         }
         width = batch["input_ids"].shape[1]
-        kwargs = generate_kwargs(settings, tokenizer, width if causal else None)
-        out = model.generate(**batch, **kwargs, **({"streamer": streamer} if streamer is not None else {}))
+        kwargs = {**batch, **generate_kwargs(settings, tokenizer, width if causal else None)}
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        if clash := sorted(kwargs.keys() & generate_args.keys()):
+            raise ValueError(f"generate_args {clash} are set from settings or by generate_texts itself")
+        out = model.generate(**kwargs, **generate_args)
         if causal:  # a causal model's output starts with its prompt
             out = out[:, width:]
         replies += [decode_reply(tokenizer, row) for row in out.tolist()]

@@ -239,7 +239,9 @@ class Engine:
             torch.manual_seed(job.seed)
         stream = ReplyStream(self.tokenizer, job.stops, on_text)
         halt = StoppingCriteriaList([Halt(self.tokenizer, job.stops, cancelled)])
-        generate_texts(self.model, self.tokenizer, [job.prompt], {**job.settings, "stopping_criteria": halt}, 1, stream)
+        generate_texts(
+            self.model, self.tokenizer, [job.prompt], job.settings, 1, stream, generate_args={"stopping_criteria": halt}
+        )
         return stream.reply()
 
 
