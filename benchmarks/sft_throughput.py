@@ -263,7 +263,7 @@ def markdown(result: dict) -> str:
         base = next((r for r in result["runs"] if r["variant"] == "padded" and r["compile"] == run["compile"]), None)
         speedup = (
             f"{run['steps_per_sec'] / base['steps_per_sec']:.2f}x"
-            if base and "error" not in base and run is not base
+            if base and "error" not in base and run is not base and not run["variant"].endswith(ADAPTED)
             else ""
         )
         full = full_run(result["runs"], run)
@@ -313,7 +313,8 @@ def compare_losses(runs: list[dict]) -> None:
 
 def save(result: dict, out: Path) -> None:
     gpu = re.search(r"\b([A-Z]\d{2,4})\b", result["device"])
-    stem = f"{result['date']}_{gpu.group(1).lower() if gpu else 'cpu'}_sft_packing"
+    kind = "sft_adapters" if any(r["variant"].endswith(ADAPTED) for r in result["runs"]) else "sft_packing"
+    stem = f"{result['date']}_{gpu.group(1).lower() if gpu else 'cpu'}_{kind}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(result))
     log.info("wrote %s.{json,md} in %s", stem, out)
