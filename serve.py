@@ -36,7 +36,8 @@ def serve(cfg: DictConfig) -> None:
     api_key = str(cfg.api_key) if cfg.api_key else None  # an empty key (LMLAB_API_KEY=) is none
     app = create_app(engine, name, api_key, cfg.max_queue)
     # bound here, before uvicorn starts, so port=0 can be printed as the port it got
-    sock = socket.create_server((cfg.host, cfg.port))
+    family = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)[0][0]  # IPv4 or IPv6 (host=::1)
+    sock = socket.create_server((cfg.host, cfg.port), family=family)
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host  # IPv6
     print(

@@ -197,7 +197,7 @@ def random_base(args: argparse.Namespace, folder: Path) -> Path:
     from lmlab.core.tokenizer import load_tokenizer
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={args.model}"])
+        cfg = compose("train", overrides=[f"model={args.model}", *[o for o in args.override if o.startswith("model.")]])
     tokenizer = load_tokenizer(args.tokenizer)
     return export_hf(build_model(cfg.model, tokenizer), tokenizer, folder)
 

@@ -197,7 +197,9 @@ class TrainingModule(L.LightningModule):
         checkpoint["rng_states"] = self._gather_objects(rng_states())
         if not self.strict_loading:  # QLoRA: the frozen 4-bit base is init_from's, loaded again on resume
             trains = {name for name, p in self.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trains}
+            checkpoint["state_dict"] = {  # what trains, and the module's own state (a classifier's threshold)
+                k: v for k, v in checkpoint["state_dict"].items() if k in trains or not k.startswith("model.")
+            }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Each rank takes back its random state, so dropout (LoRA's, GPT-2's) draws the masks an uninterrupted run

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from conftest import REPO, hydra_job
 from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
@@ -182,6 +183,20 @@ def test_a_stop_string_cuts_the_reply_there(engine, client):
 def test_a_seed_makes_sampling_reproducible(client):
     first, again = (ask(client, max_tokens=8, temperature=1.0, seed=7).choices[0].message.content for _ in range(2))
     assert first == again
+
+
+def test_a_seed_is_the_requests_only(client):
+    """A request's seed does not decide the sampling of the requests after it (torch's state is forked)."""
+    before = torch.get_rng_state()
+    ask(client, max_tokens=4, temperature=1.0, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_context_stays_within_the_models_positions(engine):
+    """A prompt longer than the position table would index past it (on a GPU, an assert that breaks the server)."""
+    limit = engine.model.config.max_position_embeddings
+    wide = Engine(engine.model, engine.tokenizer, SETTINGS, max_context_tokens=limit * 4)
+    assert wide.max_context_tokens == limit
 
 
 @pytest.mark.parametrize(

@@ -89,11 +89,17 @@ def export_adapted(
     itself keeps its adapters.
 
     A 4-bit base (QLoRA) is merged into ``unquantized_base()``, the base reloaded in full precision, so hf/ needs no
-    bitsandbytes and carries no quantization error beyond what training saw.
+    bitsandbytes; the adapters were trained on the 4-bit weights, so its logits differ from the trained model's by
+    the quantization error (as every QLoRA merge's). Entries training added to the config (a classifier's
+    decision_threshold) are carried over.
     """
     from peft import PeftModel
 
     model.save_pretrained(out_dir)
     if not is_quantized(model):
         return copy.deepcopy(model).merge_and_unload()
-    return PeftModel.from_pretrained(unquantized_base(), out_dir).merge_and_unload()
+    merged = PeftModel.from_pretrained(unquantized_base(), out_dir).merge_and_unload()
+    trained = model.get_base_model().config.to_dict()
+    known = merged.config.to_dict()
+    merged.config.update({k: v for k, v in trained.items() if k not in known and k != "quantization_config"})
+    return merged

@@ -185,6 +185,14 @@ class Halt(StoppingCriteria):
         return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
 
 
+def position_limit(model: PreTrainedModel) -> int | None:
+    """The longest input ``model`` has positions for (GPT-2's n_positions, LLaMA's max_position_embeddings), or None
+    (T5's relative positions): a longer prompt would index past the table, a device-side assert on a GPU that breaks
+    every later request."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
 class Engine:
     """A loaded model, its tokenizer and conf/generation's settings: checks requests and answers them.
 
@@ -203,7 +211,9 @@ class Engine:
         if settings.get("num_beams", 1) > 1:
             raise ValueError("serve.py streams replies, which beam search cannot: use generation=sample or greedy")
         self.model, self.tokenizer, self.settings = model, tokenizer, dict(settings)
-        self.max_context_tokens = max_context_tokens
+        self.max_context_tokens = min(max_context_tokens, position_limit(model) or max_context_tokens)
+        if self.max_context_tokens < max_context_tokens:
+            log.info("max_context_tokens %d -> %d: the model's positions", max_context_tokens, self.max_context_tokens)
         self.request_tokenizer = copy.deepcopy(tokenizer)
 
     def prepare(self, request: ChatRequest) -> Job:
@@ -235,13 +245,21 @@ class Engine:
 
     def complete(self, job: Job, on_text: Callable[[str], None], cancelled: threading.Event) -> Reply:
         """Generate the reply (blocking), handing its text to ``on_text`` as it grows; ``cancelled`` stops it."""
-        if job.seed is not None:
-            torch.manual_seed(job.seed)
         stream = ReplyStream(self.tokenizer, job.stops, on_text)
         halt = StoppingCriteriaList([Halt(self.tokenizer, job.stops, cancelled)])
-        generate_texts(
-            self.model, self.tokenizer, [job.prompt], job.settings, 1, stream, generate_args={"stopping_criteria": halt}
-        )
+        cuda = [self.model.device] if self.model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, enabled=job.seed is not None):  # the seed is this request's only
+            if job.seed is not None:
+                torch.manual_seed(job.seed)
+            generate_texts(
+                self.model,
+                self.tokenizer,
+                [job.prompt],
+                job.settings,
+                1,
+                stream,
+                generate_args={"stopping_criteria": halt},
+            )
         return stream.reply()
 
 
@@ -393,7 +411,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             message = f"the model {name!r} does not exist; this server serves {model_name!r}"
             raise APIError(404, message, "model", "model_not_found")
 
-    @app.get("/v1/models/{name}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])  # :path: ids such as org/model
     async def model(name: str) -> dict[str, Any]:
         served(name)
         return card
@@ -408,7 +426,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return StreamingResponse(chunks(generation, head, include_usage), media_type="text/event-stream")
-        reply = await generation.task
+        reply = await asyncio.shield(generation.task)  # a cancelled handler never frees the lock while it generates
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": reply.text},
@@ -432,7 +450,7 @@ async def chunks(generation: Generation, head: dict[str, Any], include_usage: bo
         while (piece := await generation.pieces.get()) is not None:
             yield chunk({"content": piece})
         try:
-            reply = await generation.task
+            reply = await asyncio.shield(generation.task)  # see chat_completions
         except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream, as OpenAI's
             yield sse(server_error(e).body())
             return
