@@ -200,13 +200,13 @@ def load_model(
 
     With ``labels`` the folder's backbone gets a classification head (new, unless the folder
     is already a classifier with these classes). ``quantization`` (a BitsAndBytesConfig, QLoRA's)
-    loads the linear layers in 4 bits on this rank's GPU (LOCAL_RANK: a DDP child builds its
-    model before Lightning picks its device).
+    loads the linear layers in 4 bits on this rank's GPU: a rank builds its model before Lightning
+    picks its device, so the node-local rank comes from the launcher (LOCAL_RANK from Lightning's
+    or torchrun's, SLURM_LOCALID from srun; trainer.devices=[k] moves it to GPU k afterwards).
     """
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     quantized = (
-        {"quantization_config": quantization, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
-        if quantization is not None
-        else {}
+        {"quantization_config": quantization, "device_map": {"": local_rank}} if quantization is not None else {}
     )
     hf_dir = resolve_hf_dir(path)
     config = AutoConfig.from_pretrained(str(hf_dir))
