@@ -20,9 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import torch
+import uvicorn
 from conftest import REPO, hydra_job
 from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
@@ -32,7 +34,7 @@ import eval as eval_cli
 from lmlab.core.tokenizer import render_prompt
 from lmlab.infer.conversation import ChatSession
 from lmlab.infer.generation import generate_texts, load_for_inference
-from lmlab.infer.server import APIError, ChatRequest, Engine, Reply, create_app, default_model_name
+from lmlab.infer.server import APIError, ChatRequest, Engine, Job, Reply, create_app, default_model_name
 
 SYSTEM, USER = "Be brief.", "hello"  # the random tiny model answers line breaks, then bytes that are no UTF-8
 
@@ -144,6 +146,55 @@ def test_messages_render_as_chat_renders_its_history(engine):
     assert engine.prepare(ChatRequest(messages=messages)).prompt == prompt
 
 
+def test_the_shapes_the_openai_sdk_allows_are_served(engine, client):
+    """Text parts (joined by line breaks), the developer role (system), an assistant's null content (empty), and
+    null or empty knobs (their defaults) are read as the plain shapes; a part that is no text is a 400 naming it."""
+    plain = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "What is 3 plus 4?"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "And\ntimes 2?"},
+    ]
+    typed = [
+        {"role": "developer", "content": [{"type": "text", "text": SYSTEM}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is 3 plus 4?"}]},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": [{"type": "text", "text": "And"}, {"type": "text", "text": "times 2?"}]},
+    ]
+    assert engine.prepare(ChatRequest(messages=typed)).prompt == engine.prepare(ChatRequest(messages=plain)).prompt
+    body = {"messages": typed, "max_tokens": 3, "temperature": 0, "stop": [], "n": None, "stream": None}
+    answer = client.post("/chat/completions", body=body, cast_to=object)
+    assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] == 3
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    for bad, field in (
+        ([{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}], r"messages\[0\].content\[1\].type"),
+        ([{"role": "user", "content": None}], r"messages\[0\].content"),
+    ):
+        with pytest.raises(openai.BadRequestError, match=field) as error:
+            client.post("/chat/completions", body={"messages": bad}, cast_to=object)
+        assert error.value.body["param"] == field.replace("\\", "")
+
+
+def test_a_reply_without_max_tokens_gets_the_room_the_prompt_leaves(engine):
+    """No max_tokens: the reply is capped to the context's room (a prompt that leaves none is still a 400); an
+    explicit max_tokens that does not fit is a 400."""
+    messages = [{"role": "user", "content": USER}]
+    prompt_tokens = engine.prepare(ChatRequest(messages=messages)).prompt_tokens
+    assert SETTINGS["max_new_tokens"] > 3
+    small = Engine(engine.model, engine.tokenizer, SETTINGS, max_context_tokens=prompt_tokens + 3)
+    assert small.prepare(ChatRequest(messages=messages)).settings["max_new_tokens"] == 3
+    with served(small) as (client, _):
+        reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0)
+        assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+    with pytest.raises(APIError, match="ask for fewer tokens") as error:
+        small.prepare(ChatRequest(messages=messages, max_tokens=4))
+    assert error.value.code == "context_length_exceeded"
+    full = Engine(engine.model, engine.tokenizer, SETTINGS, max_context_tokens=prompt_tokens)
+    with pytest.raises(APIError, match="leaves no room for a reply") as error:
+        full.prepare(ChatRequest(messages=messages))
+    assert (error.value.status, error.value.code) == (400, "context_length_exceeded")
+
+
 def test_a_template_that_refuses_the_messages_is_a_400_and_beam_search_is_refused(engine):
     tokenizer = copy.deepcopy(engine.tokenizer)
     tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
@@ -160,6 +211,76 @@ def test_a_client_that_leaves_stops_the_generation(engine):
     cancelled = threading.Event()
     reply = engine.complete(job, lambda piece: cancelled.set(), cancelled)
     assert reply.completion_tokens < 10 and reply.finish_reason == "length"
+
+
+@contextmanager
+def over_http(engine: Engine) -> Iterator[tuple[str, object]]:
+    """The app under a real uvicorn in a thread, on a free port: (its URL, the app). TestClient cannot leave a request
+    midway; a socket that closes can."""
+    app = create_app(engine, "tiny")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1", app
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def endless(engine, monkeypatch) -> dict:
+    """The engine's model replaced by one that hands out a piece every 10 ms until its client leaves (30 s at most):
+    what it saw goes in the returned dict."""
+    seen: dict = {}
+
+    def complete(job: Job, on_text, cancelled: threading.Event) -> Reply:
+        seen["started"], pieces = time.monotonic(), 0
+        while not cancelled.wait(0.01) and pieces < 3000:
+            on_text("x")
+            pieces += 1
+        seen["cancelled"], seen["pieces"] = cancelled.is_set(), pieces
+        return Reply("x" * pieces, pieces, "length")
+
+    monkeypatch.setattr(engine, "complete", complete)
+    return seen
+
+
+def wait_until_free(app, seen: dict, timeout: float = 3) -> None:
+    """Waits until the generation was cancelled and the queue holds no request."""
+    queue, deadline = app.state.queue, time.monotonic() + timeout
+    while (queue.pending or "cancelled" not in seen) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen.get("cancelled") and queue.pending == 0 and not queue.lock.locked(), seen
+
+
+def test_a_client_that_closes_its_stream_stops_the_generation_over_http(engine, endless):
+    body = {"messages": [{"role": "user", "content": USER}], "stream": True}
+    with over_http(engine) as (url, app):
+        with httpx.Client(timeout=5) as http, http.stream("POST", f"{url}/chat/completions", json=body) as answer:
+            assert answer.status_code == 200
+            events = []
+            for line in answer.iter_lines():
+                events += [line] if line.startswith("data: ") else []
+                if len(events) == 3:  # the role, then two pieces
+                    break
+        assert json.loads(events[1][6:])["choices"][0]["delta"]["content"] == "x"
+        wait_until_free(app, endless)
+        assert endless["pieces"] < 1000
+
+
+def test_a_client_that_leaves_a_plain_request_stops_the_generation(engine, endless):
+    body = {"messages": [{"role": "user", "content": USER}]}
+    with over_http(engine) as (url, app):
+        with httpx.Client(timeout=5) as http, pytest.raises(httpx.ReadTimeout):
+            http.post(f"{url}/chat/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
+        wait_until_free(app, endless)
+        assert endless["pieces"] < 1000
 
 
 def test_max_tokens_limits_the_reply_and_finish_reason_says_length(client):

@@ -7,7 +7,9 @@ here is the answer chat.py gives. Knobs a request leaves out come from conf/gene
 One generation runs at a time, in a worker thread, so the event loop keeps accepting requests and streaming pieces:
 a small model on one device gains nothing from two at once. Up to ``max_queue`` requests wait their turn in arrival
 order and one more is answered 429, so a client learns at once that the server is busy instead of timing out. A
-prompt that leaves no room for ``max_tokens`` in ``max_context_tokens`` is answered 400, as OpenAI does: chat.py's
+client that leaves, streamed or not, stops its generation. A request without ``max_tokens`` gets at most the room
+its prompt leaves in ``max_context_tokens``; a prompt that leaves no room, or none for an explicit ``max_tokens``,
+is answered 400, as OpenAI does: chat.py's
 session owns its history and drops the oldest exchanges, but a server that did so would answer another conversation
 than the one the client sent, without saying so.
 """
@@ -31,7 +33,7 @@ import torch
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
@@ -55,10 +57,46 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-class Message(BaseModel):
+class TextPart(BaseModel):
+    """One part of a message's content given as a list (the openai SDK's content parts): text only."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    type: str
+    text: str
+
+    @field_validator("type")
+    @classmethod
+    def text_only(cls, kind: str) -> str:
+        if kind != "text":
+            raise ValueError(f"this server reads text parts only, not {kind!r}")
+        return kind
+
+
+TEXT_PARTS = TypeAdapter(list[TextPart])
+
+
+class Message(BaseModel):
+    """A message as the openai SDK sends it: ``developer`` (newer SDKs' name for system) is read as ``system``, a
+    list of text parts as their texts joined by line breaks (as vLLM joins them), an assistant's null content as
+    empty."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
     content: str
+
+    @field_validator("role")
+    @classmethod
+    def developer_is_system(cls, role: str) -> str:
+        return "system" if role == "developer" else role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def content_as_text(cls, content: Any, info: ValidationInfo) -> Any:
+        if content is None and info.data.get("role") == "assistant":  # e.g. a turn that only called tools
+            return ""
+        if isinstance(content, list):  # a part's error names it: messages[0].content[1].type
+            return "\n".join(part.text for part in TEXT_PARTS.validate_python(content))
+        return content
 
 
 class StreamOptions(BaseModel):
@@ -79,7 +117,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
     seed: int | None = None
-    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)  # a string or a list
+    stop: list[Annotated[str, Field(min_length=1)]] | None = None  # a string or a list ([]: none)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -88,6 +126,11 @@ class ChatRequest(BaseModel):
     @classmethod
     def one_stop_is_a_list(cls, stop: Any) -> Any:
         return [stop] if isinstance(stop, str) else stop
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator("n")
     @classmethod
@@ -226,13 +269,24 @@ class Engine:
         prompt_tokens = int(batch["attention_mask"].sum())
         settings = dict(self.settings)
         max_tokens = next((m for m in (request.max_completion_tokens, request.max_tokens) if m is not None), None)
+        room = self.max_context_tokens - prompt_tokens
         if max_tokens is not None:
             settings["max_new_tokens"] = max_tokens
+        elif room >= 1:  # the client asked for no length: the reply gets the room the prompt leaves
+            settings["max_new_tokens"] = min(settings["max_new_tokens"], room)
         if request.temperature is not None:  # 0: greedy, as OpenAI's
             settings |= {"do_sample": request.temperature > 0, "temperature": request.temperature}
         if request.top_p is not None:
             settings["top_p"] = request.top_p
-        if prompt_tokens + settings["max_new_tokens"] > self.max_context_tokens:
+        if room < 1:
+            raise APIError(
+                400,
+                f"this server's context is {self.max_context_tokens} tokens (max_context_tokens); the messages take "
+                f"{prompt_tokens}, which leaves no room for a reply: shorten the conversation",
+                "messages",
+                "context_length_exceeded",
+            )
+        if settings["max_new_tokens"] > room:
             raise APIError(
                 400,
                 f"this server's context is {self.max_context_tokens} tokens (max_context_tokens); the messages take "
@@ -332,6 +386,9 @@ class Generation:
         )
 
 
+DISCONNECT_POLL_S = 0.1  # how often a non-streamed request checks that its client is still there
+
+
 def server_error(exc: Exception) -> APIError:
     return APIError(500, f"the server failed: {type(exc).__name__}: {exc}")
 
@@ -417,7 +474,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return card
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None)
-    async def chat_completions(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
+    async def chat_completions(request: ChatRequest, http: Request) -> dict[str, Any] | StreamingResponse:
         served(request.model)
         job = engine.prepare(request)
         app.state.queue.admit()
@@ -426,6 +483,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return StreamingResponse(chunks(generation, head, include_usage), media_type="text/event-stream")
+        while not generation.task.done():  # a client that leaves stops the generation, as a stream's does
+            await asyncio.wait([generation.task], timeout=DISCONNECT_POLL_S)  # wait() never cancels the task
+            if not generation.task.done() and await http.is_disconnected():
+                generation.cancelled.set()
         reply = await asyncio.shield(generation.task)  # a cancelled handler never frees the lock while it generates
         choice = {
             "index": 0,
