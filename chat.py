@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.infer.conversation import ChatSession, run_chat, tty_lines
-from lmlab.infer.generation import load_for_inference
+from lmlab.infer.generation import load_for_inference, load_image
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 CLI_PROMPTS: list[str] = []  # --prompt texts, taken out of argv before Hydra parses it
@@ -45,8 +45,15 @@ def chat(cfg: DictConfig) -> None:
     model, tokenizer = load_for_inference(cfg.run, cfg.device, cfg.dtype, cfg.template.chat_template)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
+    image = load_image(model, cfg.run, cfg.image) if cfg.image else None  # a vlm run's conversation about it
     session = ChatSession(
-        model, tokenizer, OmegaConf.to_container(cfg.generation), cfg.system, cfg.max_context_tokens, cfg.keep_history
+        model,
+        tokenizer,
+        OmegaConf.to_container(cfg.generation),
+        cfg.system,
+        cfg.max_context_tokens,
+        cfg.keep_history,
+        image,
     )
     prompts = CLI_PROMPTS + ([cfg.prompt] if cfg.prompt is not None else [])
     interactive = sys.stdin.isatty() if cfg.interactive == "auto" else bool(cfg.interactive)

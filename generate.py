@@ -1,6 +1,7 @@
 """Generate from a run folder or HF folder, causal or encoder-decoder (T5).
 
     python generate.py run=<run or hf dir> prompt="..."            # task=reply: print the model's reply
+    python generate.py run=<vlm run> image=<png/jpg> prompt="..."   # a vision-language run's answer about an image
     python generate.py task=rejected run=<sft run> data=<preset> generation=sample [out=...] [limit=N]
 
 task=rejected makes preference data from the model's own samples: for every record of the preset's
@@ -28,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.formats import SkipCounter, to_messages
 from datamodules.sources import adapted_records, parse_sources
 from lmlab.core.tokenizer import render_prompt
-from lmlab.infer.generation import generate_texts, load_for_inference
+from lmlab.core.vision import image_prompt
+from lmlab.infer.generation import generate_texts, load_for_inference, load_image
 from lmlab.infer.rejected import RejectedSettings, build_rejected
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -36,15 +38,20 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 def reply(cfg: DictConfig) -> str:
     model, tokenizer = load_for_inference(cfg.run, cfg.device, cfg.dtype)
+    image = load_image(model, cfg.run, cfg.image) if cfg.image else None  # a vlm run's answer about it
+    messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
+        {"role": "user", "content": cfg.prompt}
+    ]
     if cfg.raw:
+        if image is not None:
+            raise ValueError("image= needs the chat template (raw=false): the image's tokens go into the prompt")
         text = cfg.prompt
+    elif image is not None:
+        text = image_prompt(tokenizer, model, messages)
     else:
-        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
-            {"role": "user", "content": cfg.prompt}
-        ]
         text = render_prompt(tokenizer, messages)
     torch.manual_seed(cfg.seed)
-    return generate_texts(model, tokenizer, [text], cfg.generation)[0]
+    return generate_texts(model, tokenizer, [text], cfg.generation, images=image)[0]
 
 
 def conversations(data: DictConfig, on_error: str, skips: SkipCounter) -> Iterator[tuple[str, int, Any]]:

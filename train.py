@@ -28,6 +28,7 @@ from lmlab.core.adapters import add_adapters, export_adapted, is_adapted, quanti
 from lmlab.core.models import build_model, export_hf, load_model, resolve_hf_dir, set_cudnn_attention
 from lmlab.core.runs import WANDB_TMP, register_resolvers, remove_leftovers, resume_checkpoint
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
+from lmlab.core.vision import export_processor, image_token, with_vision
 from lmlab.train.callbacks import RunCSVLogger, import_wandb
 
 log = logging.getLogger("lmlab.train")
@@ -147,15 +148,23 @@ def train(cfg: DictConfig) -> float | None:
     labels = OmegaConf.select(cfg, "stage.module.labels")  # a stage with class labels trains a classifier
     datamodule = instantiate(cfg.data)
     tokenizer = prepare_tokenizer(cfg, datamodule, run_dir, classifier=labels is not None)
-    connect_data(cfg, datamodule, tokenizer)
 
     peft_cfg = OmegaConf.select(cfg, "peft")
+    vision_cfg = OmegaConf.select(cfg, "vision")  # stage=vlm: the vision tower and projector (conf/vision/)
+    if vision_cfg is not None and peft_cfg is not None:
+        raise ValueError("peft= with stage=vlm is not supported yet: train the parts with stage.module.freeze")
     quantize = quantization(peft_cfg, cfg.init_from)  # QLoRA's 4-bit loading, or None
     model = (
         load_model(cfg.init_from, cfg.model, tokenizer, labels, quantize)
         if cfg.init_from
         else build_model(cfg.model, tokenizer, labels)
     )
+    images = None  # a vision-language model's image processor
+    if vision_cfg is not None:  # the language model gets eyes (or an init_from vlm run keeps its own)
+        model, images = with_vision(model, vision_cfg, tokenizer, cfg.init_from)
+    connect_data(cfg, datamodule, tokenizer)
+    if images is not None:
+        datamodule.connect_images(image_token(model, tokenizer), model.config.image_seq_length, images)
     if peft_cfg is not None:  # LoRA (QLoRA: on the 4-bit base); a classifier's head trains with it
         model = add_adapters(model, peft_cfg)
     # plain containers: checkpoints then load with torch.load(weights_only=True)
@@ -187,6 +196,8 @@ def train(cfg: DictConfig) -> float | None:
             unquantized = partial(load_model, cfg.init_from, cfg.model, tokenizer, labels)  # QLoRA's base
             exported = export_adapted(exported, run_dir / "adapter", unquantized)
         export_hf(exported, tokenizer, run_dir / "hf")
+        if images is not None:  # AutoProcessor then loads the images' processing with the tokenizer
+            export_processor(exported, tokenizer, images, run_dir / "hf")
         log.info("data: %s", datamodule.skips.report())
     if cfg.stage.test:  # on the best checkpoint, which then stays loaded
         trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path if best else None)

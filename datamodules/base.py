@@ -206,6 +206,10 @@ class LMDataModule(L.LightningDataModule):
         """(prompt, reference answer or None) from the validation data, for the generations at validation."""
         raise NotImplementedError
 
+    def sample_images(self, n: int) -> Any:
+        """The images of :meth:`sample_pairs`' prompts (pixel_values) for a vision-language model; None: text only."""
+        return None
+
     def collator(self) -> Callable[[list], dict]:
         """The loaders' collate_fn: the arch's collator, or the packing one (a subclass may wrap it)."""
         if self.packing:

@@ -282,6 +282,12 @@ class SFTDataModule(LMDataModule):
         """Whether a label token survived truncation (an all -100 sample would make a NaN mean loss)."""
         return bool((sample["labels"] != IGNORE_INDEX).any())
 
+    def skip_reason(self, sample: dict) -> str | None:
+        """Why a tokenized sample cannot be trained on (it is dropped and counted), or None."""
+        if not self.has_answer(sample):
+            return f"samples with no answer token left after truncation to {self.max_length}"
+        return None
+
     def _tokenize_all(self, examples: list) -> ListDataset:
         samples = []
         for source, line, *example in examples:
@@ -289,8 +295,9 @@ class SFTDataModule(LMDataModule):
                 sample = self.tokenize(*example)
             except Exception as e:  # a template error on this record: name it
                 raise DataError(source, line, f"cannot render with the chat template: {e}") from e
-            if not self.has_answer(sample):
-                self.skips.add(f"samples with no answer token left after truncation to {self.max_length}")
+            reason = self.skip_reason(sample)
+            if reason:
+                self.skips.add(reason)
                 continue
             samples.append(sample)
         return ListDataset(samples)

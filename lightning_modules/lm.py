@@ -13,8 +13,10 @@ from transformers import PreTrainedModel
 from lightning_modules.base import TrainingModule
 from lmlab.core.collate import IGNORE_INDEX
 from lmlab.core.losses import label_hits, label_token_stats
+from lmlab.core.models import is_vision_language
+from lmlab.core.vision import PARTS, parts
 
-GROUPS = ("embeddings", "encoder")  # named parameter groups of freeze=[...]; other entries are regexes
+GROUPS = ("embeddings", "encoder", *PARTS)  # named parameter groups of freeze=[...]; other entries are regexes
 
 
 def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss: bool):
@@ -29,7 +31,8 @@ def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss
     are the same. Given any mask tensor, even all ones, SDPA runs its memory-efficient kernel without causal block
     skipping instead of the causal (FlashAttention) one. A MoE keeps the mask: its load-balancing loss reads it to
     leave the pads out. A packed batch (lmlab.core.collate.PackedCausalCollator) has no mask and passes its
-    ``position_ids``, from which transformers keeps each sample to itself.
+    ``position_ids``, from which transformers keeps each sample to itself. A vision-language batch
+    (datamodules/vision.py) adds its images' ``pixel_values``, whose features fill the image placeholder positions.
     """
     labels = batch["labels"] if with_loss else None
     if model.config.is_encoder_decoder:
@@ -42,7 +45,9 @@ def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss
             use_cache=False,
         )
     routed = getattr(model.config, "output_router_logits", False)
+    images = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}  # a vision-language model's
     return model(
+        **images,
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask") if routed else None,  # a packed batch has none
         position_ids=batch.get("position_ids"),  # packed: restarting per sample, which isolates the samples
@@ -56,10 +61,17 @@ def freeze_parameters(model: PreTrainedModel, patterns: Sequence[str]) -> list[s
     """Set requires_grad=False on matching parameters; returns their names.
 
     ``embeddings`` means the input token embeddings (and a head tied to them), ``encoder`` the
-    whole encoder of an encoder-decoder (with T5's shared embeddings, which it holds); any
-    other entry is a regular expression matched against parameter names.
+    whole encoder of an encoder-decoder (with T5's shared embeddings, which it holds); ``vision``,
+    ``projector`` and ``language`` the parts of a vision-language model (stage=vlm: its vision tower,
+    its projector, its language model with the output head); any other entry is a regular expression
+    matched against parameter names.
     """
     frozen_ids = set()
+    for part in PARTS:
+        if part in patterns:
+            if not is_vision_language(model.config):
+                raise ValueError(f"freeze=[{part}]: {type(model).__name__} is no vision-language model")
+            frozen_ids.update(id(p) for module in parts(model)[part] for p in module.parameters())
     if "embeddings" in patterns:
         frozen_ids.add(id(model.get_input_embeddings().weight))
     if "encoder" in patterns:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ from safetensors.torch import load_file
 from test_nan_guard import run_ranks
 
 from train import connect_data, prepare_tokenizer, train
+
+sys.path.insert(0, str(REPO / "scripts"))
+from make_shapes import make as make_shapes  # noqa: E402
+from make_shapes import write as write_shapes  # noqa: E402
 
 SAMPLE = REPO / "data" / "sample"
 
@@ -41,6 +46,7 @@ STAGES = {
     "dpo": (["stage=dpo"], "pairs"),
     "classify": (["stage=classify"], "messages"),
     "classify_lora": (["stage=classify", "peft=lora"], "messages"),
+    "vlm": (["stage=vlm", "data.val_files=null", "data.val_fraction=0.2"], "shapes"),
 }
 
 
@@ -53,6 +59,8 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
         head = (SAMPLE / name).read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
         paths[key] = folder / name
         paths[key].write_text("".join(head), encoding="utf-8")
+    paths["shapes"] = folder / "shapes.parquet"  # 45 generated image questions (scripts/make_shapes.py)
+    write_shapes(make_shapes(45, 32, 0), paths["shapes"])
     return paths
 
 
@@ -163,6 +171,7 @@ def resume_from(checkpoint: Path, straight: Path, run: Path) -> None:
         ("pretrain", 8, 16),  # 8: mid epoch 1
         ("classify", 3, 15),  # 3: mid epoch 0 (epochs of 6 batches)
         ("classify_lora", 3, 15),  # the same with LoRA adapters: they and the head train
+        ("vlm", 5, 15),  # 5: mid epoch 1 (epochs of 4 or 5 batches), images decoded in the loader
     ],
 )
 def test_resume_across_epoch_boundaries_is_bit_identical(tmp_path, stage, every, steps, small_data):

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     PretrainedConfig,
@@ -64,11 +65,18 @@ def is_classifier(config: PretrainedConfig) -> bool:
     return any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
 
 
+def is_vision_language(config: PretrainedConfig) -> bool:
+    """Whether a saved model reads images (a stage=vlm export: a LLaVA, lmlab.core.vision)."""
+    return getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
+
+
 def auto_class(config: PretrainedConfig, classifier: bool = False) -> type:
-    """AutoModelForSequenceClassification for a classifier, else the LM class: AutoModelForSeq2SeqLM for an
-    encoder-decoder config, AutoModelForCausalLM otherwise."""
+    """AutoModelForSequenceClassification for a classifier, AutoModelForImageTextToText for a vision-language model,
+    else the LM class: AutoModelForSeq2SeqLM for an encoder-decoder config, AutoModelForCausalLM otherwise."""
     if classifier:
         return AutoModelForSequenceClassification
+    if is_vision_language(config):
+        return AutoModelForImageTextToText
     return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
@@ -112,6 +120,7 @@ def check_arch(model_cfg: DictConfig, config: PretrainedConfig, where: str) -> N
             f"choose a {actual} model preset (e.g. model={'t5' if actual == 'seq2seq' else 'llama'})"
         )
     family = get_class(model_cfg.config._target_).model_type
+    config = config.get_text_config()  # a vision-language model's language model is the preset's family
     if config.model_type == family:
         return
     presets = preset_families().get(config.model_type)

@@ -19,6 +19,9 @@ mean of batch perplexities) and ``acc`` = share of predicted tokens whose argmax
 - ``classify``: a classification preset (ClassificationDataModule) and a stage=classify run: accuracy, macro F1,
   per-class precision and recall, and the confusion matrix (confusion.csv/png), on split train, val or test; texts
   are cut where training cut them (the length saved in the run's tokenizer).
+- ``vqa``: an image chat preset (VisionChatDataModule) and a stage=vlm run: exact-match accuracy of the greedy answers
+  to each record's first question, overall and per question type, next to the blind baseline (each question's most
+  frequent training answer); ``blank_image=true`` zeroes the images.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import datetime
 import json
 import math
 import subprocess
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +47,7 @@ from datamodules.base import LMDataModule
 from datamodules.classification import ClassificationDataModule
 from datamodules.pretrain import PretrainDataModule
 from datamodules.sft import SFTDataModule, first_exchange
+from datamodules.vision import VisionChatDataModule
 from lightning_modules.classifier import (
     THRESHOLD_KEY,
     decide,
@@ -53,7 +58,9 @@ from lightning_modules.classifier import (
 )
 from lightning_modules.lm import lm_forward
 from lmlab.core.losses import label_token_stats
+from lmlab.core.models import is_vision_language
 from lmlab.core.tokenizer import render_prompt, require_chat_template, trained_max_length
+from lmlab.core.vision import image_token, load_processor
 from lmlab.eval.diversity import distinct_n, in_repetition_loop
 from lmlab.eval.judge import Judge, judge_prompt
 from lmlab.eval.rouge import rouge_scores
@@ -105,6 +112,8 @@ def connected_data(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTraine
         seed=cfg.seed,
         chat_template=tokenizer.chat_template,
     )
+    if is_vision_language(model.config):  # its image placeholder, tokens per image and image processing
+        dm.connect_images(image_token(model, tokenizer), model.config.image_seq_length, load_processor(cfg.run))
     return dm
 
 
@@ -314,6 +323,74 @@ def task_classify(
     return TaskResult(result, info, rows, "predictions.jsonl")
 
 
+def exact(answer: str) -> str:
+    """An answer as exact match compares it: no surrounding space or end punctuation, lower case."""
+    return answer.strip().rstrip("。.!！").strip().lower()
+
+
+def question_answer(messages: list[dict]) -> tuple[str, str]:
+    """A chat's prompt (its turns up to the first reply, as text) and that reply."""
+    first = first_exchange(messages)
+    return "\n".join(m["content"] for m in messages[:first]), messages[first]["content"]
+
+
+def task_vqa(
+    cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dm: LMDataModule
+) -> TaskResult:
+    """Exact-match accuracy of the model's answers to the split's image questions (:func:`exact`), overall and per
+    question type (the records' ``type``), next to the blind baseline: the most frequent training answer to the same
+    question text, what a model that never looks at the image does best. ``blank_image=true`` zeroes every image's
+    pixel values: a model that uses its images then falls to about that baseline or below."""
+    _require(dm, VisionChatDataModule, "vqa", "image chat")
+    train, val = dm.split()
+    records = (val if cfg.split == "val" else train)[: cfg.limit]
+    pairs = dm.questions(records)
+    settings = OmegaConf.to_container(cfg.generation)
+    torch.manual_seed(cfg.seed)
+    replies: list[str] = []
+    for start in tqdm(range(0, len(pairs), cfg.batch_size), desc="generate", disable=not cfg.progress):
+        images = dm.images(records[start : start + cfg.batch_size])
+        prompts = [prompt for prompt, _ in pairs[start : start + cfg.batch_size]]
+        replies += generate_texts(
+            model, tokenizer, prompts, settings, cfg.batch_size, images=images * 0 if cfg.blank_image else images
+        )
+    answers: dict[str, Counter] = {}  # question -> how often each training answer replies to it
+    for _, _, record in train:
+        question, answer = question_answer(record["messages"])
+        answers.setdefault(question, Counter())[exact(answer)] += 1
+    majority = {question: counts.most_common(1)[0][0] for question, counts in answers.items()}
+    rows = []
+    for (source, line, record), (_, reference), reply in zip(records, pairs, replies, strict=True):
+        question = question_answer(record["messages"])[0]
+        rows.append(
+            {
+                "source": source,
+                "line": line,
+                "type": record["type"],
+                "question": question,
+                "reference": reference,
+                "output": reply,
+                "correct": exact(reply) == exact(reference),
+                "majority": majority.get(question) == exact(reference),
+            }
+        )
+    metrics = {"acc": sum(r["correct"] for r in rows) / len(rows), "blind_acc": _share(rows, "majority")}
+    for kind in sorted({str(r["type"]) for r in rows if r["type"] is not None}):
+        typed = [r for r in rows if r["type"] == kind]
+        metrics[f"acc/{kind}"] = _share(typed, "correct")
+        metrics[f"blind_acc/{kind}"] = _share(typed, "majority")
+    info = {
+        "items": len(rows),
+        "blank_image": bool(cfg.blank_image),
+        "generation": settings,
+    }
+    return TaskResult(metrics, info, rows, "predictions.jsonl")
+
+
+def _share(rows: list[dict[str, Any]], key: str) -> float:
+    return sum(bool(r[key]) for r in rows) / len(rows)
+
+
 Task = Callable[[DictConfig, PreTrainedModel, PreTrainedTokenizerBase, LMDataModule], TaskResult]
 TASKS: dict[str, Task] = {
     "ppl": task_ppl,
@@ -322,6 +399,7 @@ TASKS: dict[str, Task] = {
     "judge": task_judge,
     "chat": task_chat,
     "classify": task_classify,
+    "vqa": task_vqa,
 }
 
 

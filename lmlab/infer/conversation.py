@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from lmlab.core.tokenizer import render_prompt
+from lmlab.core.vision import image_prompt
 from lmlab.infer.generation import generate_texts
 
 HELP = """commands:
@@ -88,6 +89,7 @@ class ChatSession:
         system: str | None = None,
         max_context_tokens: int = 1024,
         keep_history: bool = True,
+        image: torch.Tensor | None = None,
     ):
         if not tokenizer.chat_template:
             raise ValueError(
@@ -100,11 +102,16 @@ class ChatSession:
         self.system = system
         self.max_context_tokens = max_context_tokens
         self.keep_history = keep_history
+        self.image = image  # a vision-language model's pixel_values [1, 3, H, W]: the conversation is about it
         self.history: list[dict[str, str]] = []
         self.dropped = 0  # exchanges left out of the last prompt to fit max_context_tokens
 
     def _render(self, turns: list[dict[str, str]]) -> str:
+        """The prompt of ``turns``; with an image, its placeholder tokens at the start of the first user turn kept (as
+        in training, lmlab.core.vision.image_prompt)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
+        if self.image is not None:
+            return image_prompt(self.tokenizer, self.model, system + turns)
         return render_prompt(self.tokenizer, system + turns)
 
     def render(self, user: str) -> str:
@@ -118,7 +125,10 @@ class ChatSession:
 
     def reply(self, user: str, streamer: TextStreamer | None = None) -> str:
         """The model's answer to ``user`` (streamed to ``streamer``), remembered in the history."""
-        answer = generate_texts(self.model, self.tokenizer, [self.render(user)], self.settings, streamer=streamer)[0]
+        prompts = [self.render(user)]
+        answer = generate_texts(
+            self.model, self.tokenizer, prompts, self.settings, streamer=streamer, images=self.image
+        )[0]
         if self.keep_history:
             self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return answer

@@ -24,8 +24,9 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from lmlab.core.collate import pad, padding_mask
-from lmlab.core.models import auto_class, is_classifier, resolve_hf_dir
+from lmlab.core.models import auto_class, is_classifier, is_vision_language, resolve_hf_dir
 from lmlab.core.tokenizer import configure_tokenizer, encoder_ids, load_tokenizer
+from lmlab.core.vision import load_processor, open_image, pixel_values
 
 SAMPLING_KNOBS = ("temperature", "top_p", "top_k")
 
@@ -110,14 +111,18 @@ def generate_texts(
     batch_size: int = 8,
     streamer: BaseStreamer | None = None,
     generate_args: Mapping[str, Any] | None = None,
+    images: torch.Tensor | None = None,
 ) -> list[str]:
     """Replies to already rendered prompts, ``batch_size`` at a time, with conf/generation ``settings``.
 
     ``streamer`` (transformers' TextStreamer and kin; one prompt only) receives the tokens as they are made (chat.py).
     ``generate_args``: more generate() arguments that are no conf/generation knob, such as ``stopping_criteria``
     (serve.py's stop strings); the same objects are passed to every batch. An argument that ``settings`` or this
-    function already sets is refused rather than silently replaced.
+    function already sets is refused rather than silently replaced. ``images``: a vision-language model's
+    pixel_values, one image per prompt (each prompt holds its image's placeholder tokens, lmlab.core.vision).
     """
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts: one image per prompt")
     if streamer is not None and len(prompts) != 1:
         raise ValueError(f"a streamer follows one reply; got {len(prompts)} prompts")
     generate_args = generate_args or {}
@@ -128,6 +133,8 @@ def generate_texts(
             k: v.to(model.device)
             for k, v in encode_prompts(model, tokenizer, prompts[start : start + batch_size]).items()
         }
+        if images is not None:
+            batch["pixel_values"] = images[start : start + batch_size].to(model.device, model.dtype)
         width = batch["input_ids"].shape[1]
         kwargs = {**batch, **generate_kwargs(settings, tokenizer, width if causal else None)}
         if streamer is not None:
@@ -172,3 +179,15 @@ def load_for_inference(
     model_class = auto_class(config, is_classifier(config))
     model = model_class.from_pretrained(str(hf_dir), dtype=inference_dtype(dtype, device)).to(device).eval()
     return model, tokenizer
+
+
+def load_image(model: PreTrainedModel, run: str | Path, image: str | Path) -> torch.Tensor:
+    """pixel_values [1, 3, H, W] of the ``image`` file for ``model``, a vision-language run's (``run``: its folder,
+    whose saved processor resizes and normalizes it as in training); chat.py and generate.py's ``image=``."""
+    if not is_vision_language(model.config):
+        raise ValueError(f"image={image}: {run} holds a text-only model; images need a stage=vlm run")
+    try:
+        opened = open_image(Path(image).expanduser())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"image={image}: cannot read it ({type(e).__name__}: {e})") from e
+    return pixel_values(load_processor(run), [opened])

@@ -150,7 +150,10 @@ class SampleGenerations(L.Callback):
         pairs = dm.sample_pairs(self.num_prompts)
         if not pairs:  # data without prompts (a classifier's texts): nothing to generate
             return
-        outputs = generate_texts(pl_module.model, dm.tokenizer, [p for p, _ in pairs], self.generation, self.batch_size)
+        prompts, images = [p for p, _ in pairs], dm.sample_images(len(pairs))  # images: a vision-language model's
+        outputs = generate_texts(
+            pl_module.model, dm.tokenizer, prompts, self.generation, self.batch_size, images=images
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             for (prompt, reference), output in zip(pairs, outputs, strict=True):
