@@ -46,6 +46,20 @@ TINY = [
 ]
 
 
+def sample_tenth(*files: str) -> str:
+    """A ``data.train_files=`` override: a seeded tenth of the training records of each bundled sample file
+    (data/sample/<file>, weight 0.1 in datamodules/sources.py; validation stays the usual held-out share of all of
+    them). For runs whose assertions do not depend on the amount of data: tokenizing the whole sample (seconds) is
+    most of a short run."""
+    entries = ",".join(f"{{path:'{REPO / 'data' / 'sample' / name}',weight:0.1}}" for name in files)
+    return f"data.train_files=[{entries}]"
+
+
+# sample_tenth of data=sample_text's and data=sample_sft's files (stage=pretrain's and stage=sft's default data)
+TEXT_TENTH = sample_tenth("pretrain_en.txt", "pretrain_zh.txt")
+SFT_TENTH = sample_tenth("sft_alpaca.jsonl", "sft_chat.jsonl")
+
+
 def compose_cfg(tmp_path: Path, overrides: list[str]) -> DictConfig:
     """The composed training config, writing into tmp_path (no Hydra run dir needed)."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

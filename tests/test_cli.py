@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, TINY, run_script
+from conftest import REPO, SFT_TENTH, TEXT_TENTH, TINY, run_script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.slow  # entry points run as subprocesses
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow  # entry points run as subprocesses
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """python train.py (tiny limits), then stage=sft init_from=<that run>."""
+    """python train.py (tiny limits), then stage=sft init_from=<that run>, each on a tenth of its stage's bundled
+    sample data (what these tests check is the run folder, the loading and the generation, whatever the data)."""
     out = tmp_path_factory.mktemp("outputs")
     common = [
         *[t for t in TINY if not t.startswith("logger=")],
@@ -25,9 +26,9 @@ def chain(tmp_path_factory):
         f"paths.log_dir={out}",
         f"paths.cache_dir={out}/cache",
     ]
-    run_script("train.py", *common)
+    run_script("train.py", TEXT_TENTH, *common)
     (pretrain,) = (out / "pretrain" / "llama-tiny").iterdir()
-    run_script("train.py", "stage=sft", f"init_from={pretrain}", *common)
+    run_script("train.py", "stage=sft", SFT_TENTH, f"init_from={pretrain}", *common)
     (sft,) = (out / "sft" / "llama-tiny").iterdir()
     return pretrain, sft
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import copy
 import csv
+import functools
 
 import pytest
 import yaml
@@ -16,9 +18,16 @@ TINY = [name for name in EXPERIMENTS if name.endswith("_tiny")]
 FULL = [name for name in EXPERIMENTS if not name.endswith("_tiny")]
 
 
-def compose_experiment(name: str):
+@functools.cache
+def _composed(name: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("train", overrides=[f"experiment={name}"], return_hydra_config=False)
+
+
+def compose_experiment(name: str):
+    """experiment=<name> composed over train.yaml: composed once per name in this process (each recipe is read by
+    two tests and each *_tiny by a third), a copy of its own for each caller."""
+    return copy.deepcopy(_composed(name))
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -45,7 +54,8 @@ def test_every_recipe_has_a_cpu_sized_tiny_variant(name):
     assert tiny.stage.name == full.stage.name and tiny.model.arch == full.model.arch
     assert tiny.template.name == full.template.name
     assert tiny.model.name.endswith("-tiny") and tiny.trainer.accelerator == "cpu" and 0 < tiny.max_steps <= 10
-    assert all("/data/sample/" in f for f in tiny.data.train_files)  # bundled data, no ../shared/data needed
+    # bundled data, no ../shared/data needed (an entry is a path or a {path, weight} mapping)
+    assert all("/data/sample/" in (f if isinstance(f, str) else f.path) for f in tiny.data.train_files)
     assert tiny.init_from is None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, compose_cfg, run_script
+from conftest import REPO, SFT_TENTH, TEXT_TENTH, TINY, compose_cfg, run_script
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from safetensors.torch import load_file
@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from train import train
 
-PRETRAIN = ["max_steps=10", "callbacks.samples.num_prompts=0"]
+# a tenth of the bundled sample text: what these runs prove (export, init_from, freeze) holds for any data
+PRETRAIN = ["max_steps=10", "callbacks.samples.num_prompts=0", TEXT_TENTH]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,15 @@ def test_init_from_starts_from_the_previous_weights(tmp_path, pretrained):
     first, _ = pretrained
     cfg = compose_cfg(
         tmp_path / "sft",
-        ["stage=sft", f"init_from={first}", "max_steps=1", "lr=1e-12", "min_lr=0", "callbacks.samples.num_prompts=0"],
+        [
+            "stage=sft",
+            SFT_TENTH,
+            f"init_from={first}",
+            "max_steps=1",
+            "lr=1e-12",
+            "min_lr=0",
+            "callbacks.samples.num_prompts=0",
+        ],
     )
     train(cfg)
     before = load_file(first / "hf" / "model.safetensors")
@@ -86,6 +95,7 @@ def test_freeze_embeddings_keeps_them_bit_identical(tmp_path, pretrained):
             tmp_path / "sft",
             [
                 "stage=sft",
+                SFT_TENTH,
                 f"init_from={first}",
                 "max_steps=5",
                 "stage.module.freeze=[embeddings]",
@@ -211,17 +221,25 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, uninterrupted, small_t
 
 @pytest.mark.slow
 def test_resume_auto_without_an_interrupted_run_starts_fresh(tmp_path, small_text):
-    """`train.py ... resume=auto` beside a finished run of the same config (the same id) makes a new run folder. The
-    finished run trains in this process, in the folder that command composes to (hydra.run.dir) when no run is
-    there yet: a new one, not an interrupted one."""
+    """`train.py ... resume=auto` beside a finished run of the same config (the same id) makes a new run folder. Both
+    runs train in this process, each in the folder that command composes to (hydra.run.dir, where train.py runs; the
+    folder resume=auto picks is decided there, as the SIGTERM test below relies on): the first when no run is there
+    yet, the second beside the finished first. train.py's own command line resuming is the kill test's above."""
     cmd = _train_cmd(tmp_path, small_text, "max_steps=5", "resume=auto")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        first = Path(compose("train", overrides=cmd[1:], return_hydra_config=True).hydra.run.dir)
+
+    def run_dir() -> Path:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            return Path(compose("train", overrides=cmd[1:], return_hydra_config=True).hydra.run.dir)
+
+    first = run_dir()
     assert first.parent == tmp_path / "pretrain" / "llama-tiny" and not first.exists()
     train(compose_cfg(first, cmd[1:]))
     assert (first / "hf" / "config.json").is_file()  # finished
     time.sleep(1.1)  # run folders are named by the second they start in
-    run_script(*cmd)
+    second = run_dir()
+    assert second != first and not second.exists(), "resume=auto must not pick the finished run's folder"
+    train(compose_cfg(second, cmd[1:]))
+    assert (second / "hf" / "config.json").is_file()
     folders = _run_folders(tmp_path)
     assert len(folders) == 2 and first in folders, "the finished run must not be continued"
     assert len({folder.name.rsplit("_", 1)[1] for folder in folders}) == 1, "one config id: the same config"

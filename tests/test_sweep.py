@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import REPO, run_script
+from conftest import REPO, TEXT_TENTH, run_script
 from hydra import compose, initialize_config_dir
 from matplotlib import colormaps
 from PIL import Image
@@ -19,9 +19,11 @@ from lmlab.train.sweeps import CURVES, plot_curves, read_metrics, read_sweep, se
 
 pytestmark = pytest.mark.slow  # sweeps of real training jobs
 
-# tiny jobs: 4 steps, validation after steps 2 and 4, every step's train loss logged
+# tiny jobs: 4 steps, validation after steps 2 and 4, every step's train loss logged, on a tenth of the bundled
+# sample text (what the sweep tests check is each job's own numbers and files, whatever the data)
 QUICK = [
     "model=llama-tiny",
+    TEXT_TENTH,
     "max_steps=4",
     "seq_len=64",
     "warmup_steps=1",
