@@ -23,9 +23,17 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.sft import SFTDataModule
+from datamodules.vision import VisionChatDataModule
 from lightning_modules.dpo import build_reference
 from lmlab.core.adapters import add_adapters, export_adapted, is_adapted, quantization
-from lmlab.core.models import build_model, export_hf, load_model, resolve_hf_dir, set_cudnn_attention
+from lmlab.core.models import (
+    build_model,
+    export_hf,
+    is_vision_language,
+    load_model,
+    resolve_hf_dir,
+    set_cudnn_attention,
+)
 from lmlab.core.runs import WANDB_TMP, register_resolvers, remove_leftovers, resume_checkpoint
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
 from lmlab.core.vision import export_processor, image_token, with_vision
@@ -100,6 +108,18 @@ def connect_data(cfg: DictConfig, datamodule, tokenizer) -> None:
     )
 
 
+def check_vision(vision_cfg: DictConfig | None, datamodule, model) -> None:
+    """Images come together: a vision tower (``vision=``, set by stage=vlm), image chat data and a model that reads
+    them. An init_from vision-language run trained by another stage would export without its image processor."""
+    if (vision_cfg is not None) != isinstance(datamodule, VisionChatDataModule):
+        raise ValueError(
+            f"vision={'set' if vision_cfg is not None else 'null'} with data of {type(datamodule).__name__}: image "
+            "chats (data=shapes, llava) train with stage=vlm, which sets vision=; other data with the other stages"
+        )
+    if vision_cfg is None and is_vision_language(model.config):
+        raise ValueError("init_from is a vision-language run: train it further with stage=vlm")
+
+
 def reference_model(cfg: DictConfig, policy) -> dict:
     """``reference_model=`` for a stage whose module compares with a frozen reference (stage.module.reference: DPO),
     built from the starting weights or ``stage.module.ref_from``; nothing for other stages."""
@@ -159,6 +179,7 @@ def train(cfg: DictConfig) -> float | None:
         if cfg.init_from
         else build_model(cfg.model, tokenizer, labels)
     )
+    check_vision(vision_cfg, datamodule, model)
     images = None  # a vision-language model's image processor
     if vision_cfg is not None:  # the language model gets eyes (or an init_from vlm run keeps its own)
         model, images = with_vision(model, vision_cfg, tokenizer, cfg.init_from)

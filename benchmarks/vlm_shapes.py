@@ -81,8 +81,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- versions: {json.dumps(report['versions'])}",
         f"- language model: text-only SFT of {report['lm_steps']} steps ({report['lm_train_s']} s); each policy "
         f"{report['steps']} stage=vlm steps from it; extra overrides: {report['overrides'] or 'none'}",
-        "- exact-match accuracy of greedy answers on the 400 val pictures (none in training); blind: each question's "
-        "most frequent training answer; blank: every image zeroed",
+        "- exact-match accuracy of greedy answers on the 400 val questions (new scenes; 14 pictures equal a training "
+        "one); blind: each question's most frequent training answer; blank: every image zeroed",
         "",
         "| frozen | trainable | val loss | acc | " + " | ".join(types) + " | blank acc | blind acc | train s |",
         "|---|---:|---:|---:|" + "---:|" * len(types) + "---:|---:|---:|",

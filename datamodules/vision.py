@@ -7,8 +7,9 @@ Hugging Face datasets' ``{bytes, path}`` struct). The prompt holds the image pla
 LLaVA's ``<image>``) where the image goes; a record without one gets it at the start of its first user turn. The
 placeholder becomes one token per image feature before the chat is rendered and encoded (as LlavaProcessor does),
 so the -100 labels of :mod:`datamodules.sft` fall on the image and prompt positions alike: only the replies are
-learned. Images are decoded in the loader (its worker processes on a GPU), not held in memory; a missing image is
-an error at setup and an unreadable one when it is loaded, both naming file, line and field.
+learned. Images are checked at setup (PIL's verify: their structure, no decoding) and decoded in the loader (its
+worker processes on a GPU); a path is held, not the pixels (image bytes from parquet stay in memory). A missing or
+broken image is a DataError naming file, line and field, or counted under on_error=skip.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from datamodules.formats import DataError, to_messages
 from datamodules.sft import SFTDataModule, first_exchange, tokenize_conversation
-from lmlab.core.vision import expand_images, open_image, pixel_values, with_placeholder
+from lmlab.core.vision import check_image, expand_images, open_image, pixel_values, with_placeholder
 
 IMAGE_FIELD = "image"
 
@@ -46,6 +47,10 @@ def to_image_chat(record: Any, source: str, line: int, image_root: str | None = 
         image = str(path)
     else:
         raise DataError(source, line, "missing: expected an image path or the image's bytes", field=IMAGE_FIELD)
+    try:  # the file's structure (PIL's verify: no decoding), so a broken image stops setup, not a batch mid-run
+        check_image(image)
+    except Exception as e:
+        raise DataError(source, line, f"cannot read the image ({type(e).__name__}: {e})", field=IMAGE_FIELD) from e
     kind = record.get("type")
     return {"image": image, "messages": to_messages(record, source, line), "type": kind, "where": (source, line)}
 

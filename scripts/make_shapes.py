@@ -11,7 +11,8 @@ one question about it, in Chinese or English, of one of four types:
 
 A record is ``{"image": <PNG bytes>, "messages": [user, assistant], "type": <question type>}`` in parquet, the
 user turn starting with the ``<image>`` placeholder (LLaVA's layout). Train and val scenes are drawn from separate
-seeds, so validation questions are about pictures training never showed. Deterministic: same arguments, same records.
+seeds, so validation pictures are new scenes (a few coincide with a training picture by chance: 14 of the default
+400, asked other questions there). Deterministic: same arguments, same records.
 
     python scripts/make_shapes.py [--out data/shapes] [--train 4000] [--val 400] [--size 32] [--seed 0] [--types ...]
 """

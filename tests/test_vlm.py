@@ -215,11 +215,35 @@ def test_a_missing_or_unreadable_image_names_its_line(tiny_tokenizer, tmp_path):
         datamodule(tiny_tokenizer, [path]).setup()
     rows[1]["image"] = "broken.png"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dm = datamodule(tiny_tokenizer, [path])
-    dm.setup()
-    broken = [s for s in dm.train_set.samples if s["where"][1] == 2]
     with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'image': cannot read the image"):
-        dm.collator()(broken)
+        datamodule(tiny_tokenizer, [path]).setup()
+    skipping = datamodule(tiny_tokenizer, [path], on_error="skip")
+    skipping.setup()
+    assert skipping.skips.skipped["bad records"] == 2  # line 2, read for train and for val
+    (tmp_path / "ok.png").write_bytes(b"cut off")  # broken after setup: the batch names the record
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'image': cannot read the image"):
+        skipping.collator()(skipping.train_set.samples)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])
+def test_every_trainable_parameter_gets_a_gradient(tiny_tokenizer, preset):
+    """One backward pass reaches every trainable parameter (DDP refuses one that gets none): the tower's final norm,
+    which no feature reads, is frozen. GPT-2, whose tied head LLaVA cannot tie, gets an untied copy."""
+    torch.manual_seed(0)
+    add_image_token(tiny_tokenizer, VISION.image_token)
+    lm_cfg = OmegaConf.load(REPO / "conf" / "model" / f"{preset}.yaml")
+    model = attach_vision(build_model(lm_cfg, tiny_tokenizer), VISION, tiny_tokenizer)
+    ids = torch.tensor([[5, *[model.config.image_token_id] * TOKENS, 7, 8]])
+    model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), labels=ids).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert not any(p.requires_grad for p in model.model.vision_tower.post_layernorm.parameters())
+
+
+def test_a_mixture_of_experts_is_refused(tiny_tokenizer):
+    add_image_token(tiny_tokenizer, VISION.image_token)
+    moe = build_model(OmegaConf.load(REPO / "conf" / "model" / "llama-moe-tiny.yaml"), tiny_tokenizer)
+    with pytest.raises(ValueError, match="mixture of experts"):
+        attach_vision(moe, VISION, tiny_tokenizer)
 
 
 def test_a_pretrained_tower_loads_and_stage_one_trains_the_projector_only(tmp_path):

@@ -11,6 +11,7 @@ as transformers' LlavaProcessor does; the export holds that processor, so plain 
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import AddedToken
 
-from lmlab.core.models import is_vision_language, resolve_hf_dir
+from lmlab.core.models import count_parameters, is_vision_language, resolve_hf_dir
 from lmlab.core.tokenizer import render_prompt
 
 log = logging.getLogger(__name__)
@@ -94,37 +95,72 @@ def attach_vision(
     with one forward pass of the tower and saved as ``image_seq_length``."""
     if language_model.config.is_encoder_decoder:
         raise ValueError("stage=vlm needs a causal language model (model=llama*, gpt2*): T5 reads no image features")
+    if getattr(language_model.config, "num_local_experts", None):
+        raise ValueError(
+            "stage=vlm does not take a mixture of experts (model=llama-moe*): LLaVA's loss has no router "
+            "load-balancing term; choose a dense preset"
+        )
     if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
         language_model.resize_token_embeddings(len(tokenizer))
+    text_config = copy.deepcopy(language_model.config)
+    if text_config.tie_word_embeddings and not hasattr(language_model.base_model, "embed_tokens"):
+        # GPT-2's table is wte: LLaVA ties its head to embed_tokens only
+        log.warning("%s: its output head is untied from the embeddings in the LLaVA", type(language_model).__name__)
+        text_config.tie_word_embeddings = False
+    vision_config = _vision_tower_config(vision_cfg)
     config = LlavaConfig(
-        vision_config=_vision_tower_config(vision_cfg),
-        text_config=language_model.config,
+        vision_config=vision_config,
+        text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids(vision_cfg.image_token),
         projector_hidden_act=vision_cfg.projector_act,
         vision_feature_layer=vision_cfg.feature_layer,
-        vision_feature_select_strategy=vision_cfg.select_strategy,
-        tie_word_embeddings=language_model.config.tie_word_embeddings,
+        vision_feature_select_strategy=select_strategy(vision_cfg.select_strategy, vision_config),
+        tie_word_embeddings=text_config.tie_word_embeddings,
     )
     model = LlavaForConditionalGeneration(config)
     model.model.language_model.load_state_dict(language_model.base_model.state_dict())
-    model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
+    model.lm_head.weight.data.copy_(language_model.get_output_embeddings().weight.data)
     if vision_cfg["from"]:
         _load_tower(model, str(vision_cfg["from"]))
-    size = config.vision_config.image_size
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=torch.zeros(1, 3, size, size)).pooler_output
-    model.config.image_seq_length = features[0].shape[0]
+    settle_tower(model)
     model.train()
+    size = config.vision_config.image_size
     log.info(
         "built LlavaForConditionalGeneration: %s tower (%.2fM), projector (%.2fM), language model (%.2fM); "
         "%d image tokens per %dx%d image",
         type(model.model.vision_tower).__name__,
-        *(sum(p.numel() for m in modules for p in m.parameters()) / 1e6 for modules in parts(model).values()),
+        *(count_parameters(torch.nn.ModuleList(modules)) / 1e6 for modules in parts(model).values()),
         model.config.image_seq_length,
         size,
         size,
     )
     return model
+
+
+def select_strategy(choice: str, vision_config: PretrainedConfig) -> str:
+    """``vision.select_strategy``; ``auto``: ``default`` (drop the first feature, CLIP's CLS) for a tower that has a
+    class embedding, ``full`` for one without (SigLIP), whose first feature is a patch."""
+    if choice != "auto":
+        return choice
+    return "full" if "siglip" in vision_config.model_type else "default"
+
+
+def settle_tower(model: LlavaForConditionalGeneration) -> None:
+    """Measure what one image becomes, with one forward and backward pass of the tower on a blank image: the number of
+    features (saved as ``image_seq_length``), and the tower's parameters no feature depends on (its final norm, the
+    layers above ``vision_feature_layer``, a pooling head), which get no gradient and so are frozen: under DDP a
+    trainable parameter without a gradient is an error, and they would count as trained."""
+    size = model.config.vision_config.image_size
+    tower = model.model.vision_tower
+    features = model.model.get_image_features(pixel_values=torch.zeros(1, 3, size, size)).pooler_output[0]
+    features.sum().backward()
+    idle = [p for p in tower.parameters() if p.requires_grad and p.grad is None]
+    for p in idle:
+        p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model.config.image_seq_length = features.shape[0]
+    if idle:
+        log.info("vision tower: %d parameters no image feature depends on are frozen", sum(p.numel() for p in idle))
 
 
 def with_vision(
@@ -134,7 +170,12 @@ def with_vision(
     ``vision_cfg`` (:func:`attach_vision`), or, when ``init_from`` was a vlm run already, that model and the processor
     saved with it (``vision_cfg`` then builds nothing). The tokenizer gets the image token either way."""
     if is_vision_language(model.config):
+        log.warning(
+            "init_from=%s is a vision-language run: its tower, projector and processor go on; vision= builds nothing",
+            init_from,
+        )
         add_image_token(tokenizer, tokenizer.convert_ids_to_tokens(model.config.image_token_id))
+        settle_tower(model)
         return model, load_processor(init_from)
     add_image_token(tokenizer, vision_cfg.image_token)
     model = attach_vision(model, vision_cfg, tokenizer)
@@ -220,6 +261,12 @@ def with_placeholder(messages: list[dict], image_token: str) -> list[dict]:
     first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
     placed = dict(messages[first_user], content=f"{image_token}\n{messages[first_user]['content']}")
     return [*messages[:first_user], placed, *messages[first_user + 1 :]]
+
+
+def check_image(image: str | Path | bytes) -> None:
+    """Raise if ``image`` is not a readable image file (PIL's verify: its structure and checksums, without decoding)."""
+    with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+        opened.verify()
 
 
 def open_image(image: str | Path | bytes) -> Image.Image:

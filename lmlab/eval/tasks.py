@@ -325,7 +325,7 @@ def task_classify(
 
 def exact(answer: str) -> str:
     """An answer as exact match compares it: no surrounding space or end punctuation, lower case."""
-    return answer.strip().rstrip("。.!！").strip().lower()
+    return answer.strip().strip("。.!！?？,，、\"'“”").strip().lower()
 
 
 def question_answer(messages: list[dict]) -> tuple[str, str]:
@@ -344,6 +344,8 @@ def task_vqa(
     _require(dm, VisionChatDataModule, "vqa", "image chat")
     train, val = dm.split()
     records = (val if cfg.split == "val" else train)[: cfg.limit]
+    if not records:
+        raise ValueError(f"task=vqa: no {cfg.split} records (limit={cfg.limit})")
     pairs = dm.questions(records)
     settings = OmegaConf.to_container(cfg.generation)
     torch.manual_seed(cfg.seed)
@@ -376,7 +378,7 @@ def task_vqa(
         )
     metrics = {"acc": sum(r["correct"] for r in rows) / len(rows), "blind_acc": _share(rows, "majority")}
     for kind in sorted({str(r["type"]) for r in rows if r["type"] is not None}):
-        typed = [r for r in rows if r["type"] == kind]
+        typed = [r for r in rows if str(r["type"]) == kind]
         metrics[f"acc/{kind}"] = _share(typed, "correct")
         metrics[f"blind_acc/{kind}"] = _share(typed, "majority")
     info = {
