@@ -39,6 +39,7 @@ from lmlab.core.vision import (
     attach_vision,
     export_processor,
     image_processor,
+    image_prompt,
     parts,
 )
 from lmlab.infer.conversation import ChatSession
@@ -201,6 +202,15 @@ def test_the_export_loads_in_plain_transformers_with_equal_logits(tiny_tokenizer
     assert torch.equal(inputs["pixel_values"], dm.sample_images(1))
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    picture_file = tmp_path / "red.png"
+    picture_file.write_bytes(png((220, 40, 40)))
+    parts_format = [{"type": "image", "path": str(picture_file)}, {"type": "text", "text": "Color?"}]
+    chat = processor.apply_chat_template(
+        [{"role": "user", "content": parts_format}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    training_prompt = image_prompt(tiny_tokenizer, model, [{"role": "user", "content": "Color?"}])  # chat.py's too
+    assert chat["input_ids"][0] == tiny_tokenizer.encode(training_prompt, add_special_tokens=False)
+    assert torch.equal(torch.as_tensor(chat["pixel_values"]), inputs["pixel_values"])
 
 
 def test_a_missing_or_unreadable_image_names_its_line(tiny_tokenizer, tmp_path):

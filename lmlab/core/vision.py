@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -218,8 +219,32 @@ def build_processor(
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         image_token=tokenizer.image_token,
         num_additional_image_tokens=config.image_seq_length - patches + int(drop_first),
-        chat_template=tokenizer.chat_template,
+        chat_template=multimodal_template(tokenizer.chat_template, tokenizer.image_token),
     )
+
+
+# Jinja put before a text chat template: a message whose content is a list of parts (transformers' multimodal chat
+# format, [{"type": "image", ...}, {"type": "text", "text": ...}]) becomes text, each image part the placeholder and a
+# line break (where with_placeholder puts it); string contents pass as they are.
+CONTENT_PARTS = """{%- set ns = namespace(messages=[]) -%}
+{%- for m in messages -%}
+{%- if m.content is string -%}{%- set ns.messages = ns.messages + [m] -%}
+{%- else -%}{%- set text = namespace(value='') -%}
+{%- for part in m.content -%}
+{%- if part.type == 'image' -%}{%- set text.value = text.value + IMAGE_TOKEN + '\n' -%}
+{%- elif part.type == 'text' -%}{%- set text.value = text.value + part.text -%}{%- endif -%}
+{%- endfor -%}
+{%- set ns.messages = ns.messages + [{'role': m.role, 'content': text.value}] -%}
+{%- endif -%}
+{%- endfor -%}
+{%- set messages = ns.messages -%}
+"""
+
+
+def multimodal_template(chat_template: str, image_token: str) -> str:
+    """``chat_template`` (the run's text layout) that also renders list contents (:data:`CONTENT_PARTS`), so the
+    exported processor's ``apply_chat_template`` takes the usual multimodal messages and gives training's prompt."""
+    return CONTENT_PARTS.replace("IMAGE_TOKEN", json.dumps(image_token)) + chat_template
 
 
 def export_processor(
