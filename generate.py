@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.formats import SkipCounter, to_messages
 from datamodules.sources import adapted_records, parse_sources
 from lmlab.core.tokenizer import render_prompt
-from lmlab.core.vision import image_prompt
+from lmlab.core.vision import image_prompt, image_slots
 from lmlab.infer.generation import generate_texts, load_for_inference, load_image
 from lmlab.infer.rejected import RejectedSettings, build_rejected
 
@@ -47,7 +47,7 @@ def reply(cfg: DictConfig) -> str:
             raise ValueError("image= needs the chat template (raw=false): the image's tokens go into the prompt")
         text = cfg.prompt
     elif image is not None:
-        text = image_prompt(tokenizer, model, messages)
+        text = image_prompt(tokenizer, messages, *image_slots(model, tokenizer))
     else:
         text = render_prompt(tokenizer, messages)
     torch.manual_seed(cfg.seed)

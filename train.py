@@ -36,7 +36,7 @@ from lmlab.core.models import (
 )
 from lmlab.core.runs import WANDB_TMP, register_resolvers, remove_leftovers, resume_checkpoint
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
-from lmlab.core.vision import export_processor, image_token, with_vision
+from lmlab.core.vision import export_processor, image_slots, with_vision
 from lmlab.train.callbacks import RunCSVLogger, import_wandb
 
 log = logging.getLogger("lmlab.train")
@@ -185,7 +185,7 @@ def train(cfg: DictConfig) -> float | None:
         model, images = with_vision(model, vision_cfg, tokenizer, cfg.init_from)
     connect_data(cfg, datamodule, tokenizer)
     if images is not None:
-        datamodule.connect_images(image_token(model, tokenizer), model.config.image_seq_length, images)
+        datamodule.connect_images(*image_slots(model, tokenizer), images)
     if peft_cfg is not None:  # LoRA (QLoRA: on the 4-bit base); a classifier's head trains with it
         model = add_adapters(model, peft_cfg)
     # plain containers: checkpoints then load with torch.load(weights_only=True)

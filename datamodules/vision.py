@@ -23,7 +23,7 @@ import torch
 
 from datamodules.formats import DataError, to_messages
 from datamodules.sft import SFTDataModule, first_exchange, tokenize_conversation
-from lmlab.core.vision import check_image, expand_images, open_image, pixel_values, with_placeholder
+from lmlab.core.vision import check_image, expand_images, image_prompt, open_image, pixel_values, with_placeholder
 
 IMAGE_FIELD = "image"
 
@@ -140,9 +140,11 @@ class VisionChatDataModule(SFTDataModule):
         continues), and that reply."""
         pairs = []
         for _, _, record in records:
-            messages = with_placeholder(record["messages"], self.image_token)
+            messages = record["messages"]
             first = first_exchange(messages)
-            prompt = expand_images(self.render_prompt(messages[:first]), self.image_token, self.image_tokens)
+            prompt = image_prompt(
+                self.tokenizer, messages[:first], self.image_token, self.image_tokens, self.chat_template
+            )
             pairs.append((prompt, messages[first]["content"]))
         return pairs
 

@@ -40,6 +40,7 @@ from lmlab.core.vision import (
     export_processor,
     image_processor,
     image_prompt,
+    image_slots,
     parts,
 )
 from lmlab.infer.conversation import ChatSession
@@ -208,7 +209,9 @@ def test_the_export_loads_in_plain_transformers_with_equal_logits(tiny_tokenizer
     chat = processor.apply_chat_template(
         [{"role": "user", "content": parts_format}], add_generation_prompt=True, tokenize=True, return_dict=True
     )
-    training_prompt = image_prompt(tiny_tokenizer, model, [{"role": "user", "content": "Color?"}])  # chat.py's too
+    training_prompt = image_prompt(
+        tiny_tokenizer, [{"role": "user", "content": "Color?"}], *image_slots(model, tiny_tokenizer)
+    )
     assert chat["input_ids"][0] == tiny_tokenizer.encode(training_prompt, add_special_tokens=False)
     assert torch.equal(torch.as_tensor(chat["pixel_values"]), inputs["pixel_values"])
 

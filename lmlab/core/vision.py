@@ -175,7 +175,7 @@ def with_vision(
             "init_from=%s is a vision-language run: its tower, projector and processor go on; vision= builds nothing",
             init_from,
         )
-        add_image_token(tokenizer, tokenizer.convert_ids_to_tokens(model.config.image_token_id))
+        add_image_token(tokenizer, image_slots(model, tokenizer)[0])
         settle_tower(model)
         return model, load_processor(init_from)
     add_image_token(tokenizer, vision_cfg.image_token)
@@ -183,9 +183,9 @@ def with_vision(
     return model, image_processor(vision_cfg, model.config.vision_config.image_size)
 
 
-def image_token(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The placeholder token of ``model``'s images."""
-    return tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+def image_slots(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> tuple[str, int]:
+    """``model``'s image placeholder token and how many of them one image fills (its ``image_seq_length``)."""
+    return tokenizer.convert_ids_to_tokens(model.config.image_token_id), model.config.image_seq_length
 
 
 def image_processor(vision_cfg: DictConfig, image_size: int) -> Any:
@@ -265,12 +265,18 @@ def expand_images(text: str, image_token: str, count: int) -> str:
     return text.replace(image_token, image_token * count)
 
 
-def image_prompt(tokenizer: PreTrainedTokenizerBase, model: LlavaForConditionalGeneration, messages: list[dict]) -> str:
-    """``messages`` (ending with a user turn) rendered as a prompt about one image: the placeholder placed as in
-    training (:func:`with_placeholder`) and expanded to the model's ``image_seq_length`` tokens."""
-    token = image_token(model, tokenizer)
-    rendered = render_prompt(tokenizer, with_placeholder(messages, token))
-    return expand_images(rendered, token, model.config.image_seq_length)
+def image_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    image_token: str,
+    count: int,
+    chat_template: str | None = None,
+) -> str:
+    """``messages`` (ending with a user turn) rendered as a prompt about one image, with ``chat_template`` (None: the
+    tokenizer's): the placeholder placed as in training (:func:`with_placeholder`) and expanded to ``count`` tokens
+    (:func:`image_slots`). Validation samples, eval.py, generate.py and chat.py all prompt through here."""
+    rendered = render_prompt(tokenizer, with_placeholder(messages, image_token), chat_template)
+    return expand_images(rendered, image_token, count)
 
 
 def with_placeholder(messages: list[dict], image_token: str) -> list[dict]:

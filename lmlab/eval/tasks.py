@@ -60,7 +60,7 @@ from lightning_modules.lm import lm_forward
 from lmlab.core.losses import label_token_stats
 from lmlab.core.models import is_vision_language
 from lmlab.core.tokenizer import render_prompt, require_chat_template, trained_max_length
-from lmlab.core.vision import image_token, load_processor
+from lmlab.core.vision import image_slots, load_processor
 from lmlab.eval.diversity import distinct_n, in_repetition_loop
 from lmlab.eval.judge import Judge, judge_prompt
 from lmlab.eval.rouge import rouge_scores
@@ -113,7 +113,7 @@ def connected_data(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTraine
         chat_template=tokenizer.chat_template,
     )
     if is_vision_language(model.config):  # its image placeholder, tokens per image and image processing
-        dm.connect_images(image_token(model, tokenizer), model.config.image_seq_length, load_processor(cfg.run))
+        dm.connect_images(*image_slots(model, tokenizer), load_processor(cfg.run))
     return dm
 
 

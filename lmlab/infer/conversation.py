@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from lmlab.core.tokenizer import render_prompt
-from lmlab.core.vision import image_prompt
+from lmlab.core.vision import image_prompt, image_slots
 from lmlab.infer.generation import generate_texts
 
 HELP = """commands:
@@ -111,7 +111,7 @@ class ChatSession:
         in training, lmlab.core.vision.image_prompt)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
         if self.image is not None:
-            return image_prompt(self.tokenizer, self.model, system + turns)
+            return image_prompt(self.tokenizer, system + turns, *image_slots(self.model, self.tokenizer))
         return render_prompt(self.tokenizer, system + turns)
 
     def render(self, user: str) -> str:
