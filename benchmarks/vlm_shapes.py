@@ -1,8 +1,12 @@
 """stage=vlm on the generated shapes set (data=shapes): accuracy per question type, and babyllama's comparison of
 freeze policies (train everything, freeze the language model, freeze the vision tower, train the projector alone).
 
-    python benchmarks/vlm_shapes.py [--steps 1500] [--lm-steps 400] [--policies all language vision vision,language]
-        [--device-kind cpu] [overrides...]
+    python benchmarks/vlm_shapes.py [overrides...] [--steps 1500] [--lm-steps 400]
+        [--policies all language vision vision,language] [--vlm vision=clip-small lr=3e-4]
+
+Overrides for every run come first (--policies and --vlm take the words after them); the H200 report:
+``python benchmarks/vlm_shapes.py trainer=gpu model=llama-26m --steps 2000 --lm-steps 600 --vlm vision=clip-small
+lr=3e-4``.
 
 First a language model learns the set's questions and answers as text alone (stage=sft on the same records, images
 left out): it knows the words, not the pictures, as babyllama's pretrained LLaMA did. Then for each policy a
@@ -45,7 +49,8 @@ def text_model(report: Report, steps: int, overrides: list[str]) -> tuple[Path, 
 
 
 def policy_run(report: Report, name: str, lm: Path, steps: int, overrides: list[str]) -> dict[str, Any]:
-    """One stage=vlm run from ``lm`` with the policy's parts frozen, and its task=vqa scores with and without images."""
+    """One stage=vlm run from ``lm`` with the policy's parts frozen, and its task=vqa scores with and without images.
+    ``overrides`` may hold ``vision=``, which only a stage=vlm run takes."""
     run_dir = report.work / f"vlm_{name.replace(',', '+')}"
     freeze = "[" + ",".join(POLICIES[name]) + "]"
     cmd = ["train.py", "stage=vlm", f"init_from={lm}", f"stage.module.freeze={freeze}", f"max_steps={steps}"]
@@ -80,7 +85,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- versions: {json.dumps(report['versions'])}",
         f"- language model: text-only SFT of {report['lm_steps']} steps ({report['lm_train_s']} s); each policy "
-        f"{report['steps']} stage=vlm steps from it; extra overrides: {report['overrides'] or 'none'}",
+        f"{report['steps']} stage=vlm steps from it with {' '.join(report['vlm_overrides']) or 'no more overrides'}; "
+        f"overrides of every run: {' '.join(report['overrides']) or 'none'}",
         "- exact-match accuracy of greedy answers on the 400 val questions (new scenes; 14 pictures equal a training "
         "one); blind: each question's most frequent training answer; blank: every image zeroed",
         "",
@@ -103,6 +109,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500, help="stage=vlm steps per policy")
     parser.add_argument("--lm-steps", type=int, default=400, help="text-only SFT steps of the language model")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--vlm", nargs="+", default=[], help="Hydra overrides for the stage=vlm runs only (vision=...)")
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "vlm_shapes", help="run folders")
     parser.add_argument("--out", type=Path, help="report path without suffix (default: benchmarks/results/...)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run (e.g. trainer=gpu)")
@@ -122,11 +129,12 @@ def main() -> None:
         "lm_steps": args.lm_steps,
         "lm_train_s": lm_seconds,
         "overrides": args.overrides,
+        "vlm_overrides": args.vlm,
         "policies": {},
         "commands": report.commands,
     }
     for name in args.policies:
-        record["policies"][name] = policy_run(report, name, lm, args.steps, common)
+        record["policies"][name] = policy_run(report, name, lm, args.steps, [*common, *args.vlm])
         out.with_suffix(".json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         out.with_suffix(".md").write_text(markdown(record), encoding="utf-8")
         print(f"{name}: acc {record['policies'][name]['vqa']['acc']:.3f}", flush=True)

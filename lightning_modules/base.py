@@ -53,7 +53,7 @@ class TrainingModule(L.LightningModule):
         self.optim = optim
         self.compile_model = compile
         self.flops_per_batch = 0.0  # read by ThroughputMonitor for MFU; set by _count_flops
-        self._flops: dict[tuple, float] = {}  # batch shapes -> training FLOPs, see _count_flops
+        self._flops: dict[tuple, float] = {}  # batch shapes and images -> training FLOPs, see _count_flops
         self._new_non_finite_record(torch.device("cpu"))
         self._window_anchor: torch.Tensor | None = None  # see _token_weighted
         self._window_tokens: torch.Tensor | None = None
@@ -84,15 +84,21 @@ class TrainingModule(L.LightningModule):
 
         lmlab.core.models.flops_per_batch counts them, frozen parameters included (forward only), once
         per batch shape: counting parameters every step would cost time, so what trains is fixed
-        before the first step (LMModule's ``freeze``, ClassifierModule's ``trainable``).
+        before the first step (LMModule's ``freeze``, ClassifierModule's ``trainable``). A vision-language
+        batch's images (``pixel_values``, one row per image) are passed on as ``images``: its tower and
+        projector run per image, which the token shapes do not tell; the cache is keyed on them too.
         """
+        images = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
         if "document_lengths" in batch:  # packed: the attention term grows with each sample's length, not the row's
+            if images:  # _packed_flops counts tokens only; datamodules/vision.py never packs
+                raise ValueError("a packed batch with images: stage=vlm batches are padded, not packed")
             self.flops_per_batch = self._packed_flops(batch["input_ids"].numel(), batch["document_lengths"]) * factor
             return
         shapes = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
-        if shapes not in self._flops:
-            self._flops[shapes] = flops_per_batch(self.model, *shapes)
-        self.flops_per_batch = self._flops[shapes] * factor
+        key = (*shapes, images)
+        if key not in self._flops:
+            self._flops[key] = flops_per_batch(self.model, *shapes, images=images)
+        self.flops_per_batch = self._flops[key] * factor
 
     def _packed_flops(self, tokens: int, lengths: list[int]) -> float:
         """A packed row's training FLOPs: flops_per_token(L) = a + b*L, so samples of lengths L_i in a row of

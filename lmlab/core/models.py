@@ -220,11 +220,19 @@ def load_model(
     hf_dir = resolve_hf_dir(path)
     config = AutoConfig.from_pretrained(str(hf_dir))
     check_arch(model_cfg, config, f"init_from={path}")
+    dropout = preset_dropout(model_cfg, config, f"init_from={path}")
+    text_config = config.get_text_config()
+    if text_config is not config:
+        # a composite config (a vlm run's LlavaConfig): from_pretrained's keywords set its top level, which the
+        # language model never reads, so the preset's dropout goes into its text_config and the config is passed
+        for key, value in dropout.items():
+            setattr(text_config, key, value)
+        dropout = {"config": config}
     model = auto_class(config, bool(labels)).from_pretrained(
         str(hf_dir),
         attn_implementation=model_cfg.attn_implementation,
         **head_config(labels),
-        **preset_dropout(model_cfg, config, f"init_from={path}"),
+        **dropout,
         **quantized,
     )
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -241,8 +249,13 @@ def preset_dropout(model_cfg: DictConfig, config: PretrainedConfig, where: str) 
     """The dropout rates the preset's ``config`` sets (``*dropout*``, ``*pdrop*`` keys) where a loaded model's config
     has another: a setting of this run, like the lr, so ``model.config.attention_dropout=0.1`` applies to a fine-tune
     from init_from too (the checkpoint's value was kept without a word). The preset's other keys that differ (the
-    shape: the checkpoint's is what loads) are named in a warning."""
+    shape: the checkpoint's is what loads) are named in a warning.
+
+    The preset describes a language model, so a vision-language model's (a vlm run's LlavaConfig) is compared with
+    its ``text_config`` (get_text_config(): the config itself for a language model), where its dropout keys live;
+    the caller sets them there (load_model)."""
     built = instantiate(model_cfg.config, _convert_="all")  # as the config class takes them (T5 ties its head)
+    config = config.get_text_config()
     keys = [key for key in model_cfg.config if key != "_target_" and hasattr(built, key) and hasattr(config, key)]
     differ = {key: getattr(built, key) for key in keys if getattr(built, key) != getattr(config, key)}
     dropout = {key: value for key, value in differ.items() if "dropout" in key or "pdrop" in key}
@@ -309,6 +322,21 @@ def _idle_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [model.get_input_embeddings().weight, *idle]
 
 
+def _language_part(model: PreTrainedModel) -> tuple[torch.nn.Module, bool]:
+    """The modules that run once per position of ``input_ids``, and whether a trainable parameter lies below them.
+
+    For a language model that is all of it (nothing below). A vision-language model (a LLaVA, lmlab.core.vision) runs
+    only its language model and output head per position: its tower and projector run per image and per image
+    feature (:func:`image_flops`), and when either trains, the gradient passes down through the whole language
+    model to reach them (the image features enter at its input), frozen or not.
+    """
+    if not is_vision_language(model.config):
+        return model, False
+    inner = model.model
+    below = [*inner.vision_tower.parameters(), *inner.multi_modal_projector.parameters()]
+    return torch.nn.ModuleList([inner.language_model, model.lm_head]), any(p.requires_grad for p in below)
+
+
 def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     """Training FLOPs per token, the PaLM/nanoGPT estimate: 6N + 12 * layers * width * seq_len.
 
@@ -319,13 +347,21 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     (:func:`_parameter_flops`), and with adapters (peft) 4 x frozen N + 6 x trainable N: the
     gradient passes down through every frozen layer to the adapters below it. The attention term
     is counted in full. A sequence classifier's head is an ordinary layer of N.
+
+    For a vision-language model this is its language model's cost per position of ``input_ids``
+    (image placeholder positions included: they carry the projected features), its tower and
+    projector left out (they run per image, not per position: :func:`image_flops`); with the
+    language model frozen and the projector or tower training, every frozen language parameter
+    costs 4, as with adapters: the gradient passes down through it to the image features.
     """
     cfg = model.config.get_text_config()
     embeddings = model.get_input_embeddings().weight
-    n_all, n_trainable = _matmul_parameters(model, _idle_parameters(model))
+    language, trains_below = _language_part(model)
+    in_language = {id(p) for p in language.parameters()}
+    n_all, n_trainable = _matmul_parameters(language, [p for p in _idle_parameters(model) if id(p) in in_language])
     experts, active = getattr(cfg, "num_local_experts", None), getattr(cfg, "num_experts_per_tok", None)
     if experts and active:
-        in_experts = [p for name, p in model.named_parameters() if ".experts." in name]
+        in_experts = [p for name, p in language.named_parameters() if ".experts." in name]
         n_all -= sum(p.numel() for p in in_experts) * (1 - active / experts)
         n_trainable -= sum(p.numel() for p in in_experts if p.requires_grad) * (1 - active / experts)
     output = model.get_output_embeddings()  # None for a sequence classifier
@@ -336,11 +372,42 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
             n_all += head.numel()
             n_trainable += head.numel() if head.requires_grad else 0
         frozen_head = 0 if head.requires_grad else head.numel()
-    frozen_above = n_all - n_trainable if _adapted(model) else frozen_head
+    frozen_above = n_all - n_trainable if _adapted(model) or trains_below else frozen_head
     return _parameter_flops(n_all, n_trainable, frozen_above) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
-def flops_per_batch(model: PreTrainedModel, input_shape: tuple[int, int], label_shape: tuple[int, ...]) -> float:
+def image_flops(model: PreTrainedModel) -> float:
+    """Training FLOPs of one image in a vision-language model (a LLaVA): its tower and projector.
+
+    The tower (a CLIP or SigLIP vision model) runs once per patch of the image, its embeddings'
+    ``num_positions`` (CLIP's class token included), at 6N per patch plus its own attention term
+    12 * layers * width * patches, counted in full as a language model's; its position table and
+    class embedding are look-ups (no N). Nothing trains below the tower, so a frozen tower
+    (``freeze=[vision]``) costs 2N per patch, and the parameters settle_tower froze (those no
+    feature reads, e.g. CLIP's final norm) 2 each. The projector runs once per image feature
+    (``image_seq_length``) at 6N, 2N when frozen, 4N when frozen above a training tower (its input
+    gradient). The language model's cost is per position of ``input_ids`` (:func:`flops_per_token`).
+    """
+    inner = model.model
+    tower, projector = inner.vision_tower, inner.multi_modal_projector
+    embeddings = getattr(tower, "vision_model", tower).embeddings  # older transformers nest it in vision_model
+    lookups = [embeddings.position_embedding.weight]
+    if isinstance(getattr(embeddings, "class_embedding", None), torch.nn.Parameter):
+        lookups.append(embeddings.class_embedding)
+    tower_all, tower_trainable = _matmul_parameters(tower, lookups)
+    projector_all, projector_trainable = _matmul_parameters(projector, [])
+    frozen_projector = projector_all - projector_trainable if tower_trainable else 0
+    vision, patches = model.config.vision_config, embeddings.num_positions
+    per_patch = (
+        _parameter_flops(tower_all, tower_trainable) + 12 * vision.num_hidden_layers * vision.hidden_size * patches
+    )
+    per_feature = _parameter_flops(projector_all, projector_trainable, frozen_projector)
+    return patches * per_patch + model.config.image_seq_length * per_feature
+
+
+def flops_per_batch(
+    model: PreTrainedModel, input_shape: tuple[int, int], label_shape: tuple[int, ...], images: int = 0
+) -> float:
     """Training FLOPs of one batch, for MFU (ThroughputMonitor), frozen parameters accounted for.
 
     Causal (LMs and sequence classifiers; ``label_shape`` unused): :func:`flops_per_token` times
@@ -349,7 +416,16 @@ def flops_per_batch(model: PreTrainedModel, input_shape: tuple[int, int], label_
     token, plus the attention terms (self-attention over each side's length, cross-attention
     over the encoder's); with a frozen side (``freeze=[encoder]``) its 6 becomes 2, with adapters
     4 per frozen parameter.
+
+    A vision-language model's batch also holds ``images`` images (its ``pixel_values.shape[0]``),
+    each :func:`image_flops`: the tower and projector run per image, not per token, so the count
+    cannot come from the token shapes. An argument, not read from the model: only the batch knows.
     """
+    if is_vision_language(model.config):
+        tokens = input_shape[0] * input_shape[1]
+        return flops_per_token(model, input_shape[1]) * tokens + images * image_flops(model)
+    if images:
+        raise ValueError(f"{images} images in a batch for {type(model).__name__}, a model that reads no images")
     if not model.config.is_encoder_decoder:
         return flops_per_token(model, input_shape[1]) * input_shape[0] * input_shape[1]
     cfg = model.config
