@@ -50,12 +50,10 @@ import random
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -67,6 +65,8 @@ VAL_PAIRS = 8  # lmlab's datamodule needs a validation file; it is never evaluat
 SIDES = (("lmlab", "copy"), ("lmlab", "precomputed"), ("trl", "copy"), ("trl", "precomputed"))
 
 log = logging.getLogger("dpo_throughput")
+
+from trl_anchor import StepClock, cuda, hf_clock, require_trl  # noqa: E402  (this folder, beside this script)
 
 
 def synthetic_pairs(n: int, prompt_words: int, answer_words: int, seed: int) -> list[dict[str, str]]:
@@ -81,51 +81,6 @@ def synthetic_pairs(n: int, prompt_words: int, answer_words: int, seed: int) -> 
     ]
 
 
-def cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def peak_gib() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if cuda() else None
-
-
-class StepClock:
-    """Wall time from the end of step ``warmup`` to the end of step ``steps`` (GPU synchronized at both),
-    peak memory before and during training, and the padded width of every training batch."""
-
-    def __init__(self, warmup: int, steps: int):
-        self.warmup, self.steps = warmup, steps
-        self.times: dict[int, float] = {}
-        self.setup_peak = self.train_peak = None
-        self.widths: list[int] = []
-
-    def train_start(self) -> None:
-        self.setup_peak = peak_gib()
-        if cuda():
-            torch.cuda.reset_peak_memory_stats()
-
-    def step_end(self, step: int) -> None:
-        if step in (self.warmup, self.steps):
-            if cuda():
-                torch.cuda.synchronize()
-            self.times[step] = time.perf_counter()
-            self.train_peak = peak_gib()
-
-    def result(self, batch_size: int) -> dict:
-        assert set(self.times) == {self.warmup, self.steps}, f"timed steps {sorted(self.times)}, expected both ends"
-        seconds = self.times[self.steps] - self.times[self.warmup]
-        timed = self.steps - self.warmup
-        return {
-            "pairs_per_sec": timed * batch_size / seconds,
-            "step_ms": 1e3 * seconds / timed,
-            "steps_timed": timed,
-            "peak_setup_gib": self.setup_peak,
-            "peak_train_gib": self.train_peak,
-            "mean_batch_width": sum(self.widths) / len(self.widths),
-            "batches": len(self.widths),
-        }
-
-
 class LightningClock(L.Callback):
     def __init__(self, clock: StepClock):
         self.clock = clock
@@ -136,17 +91,6 @@ class LightningClock(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         self.clock.widths.append(batch["input_ids"].shape[1])
         self.clock.step_end(trainer.global_step)
-
-
-class HFClock(TrainerCallback):
-    def __init__(self, clock: StepClock):
-        self.clock = clock
-
-    def on_train_begin(self, args, state, control, **kwargs) -> None:
-        self.clock.train_start()
-
-    def on_step_end(self, args, state, control, **kwargs) -> None:
-        self.clock.step_end(state.global_step)
 
 
 def token_stats(pairs: list[tuple[list[int], list[int], list[int]]]) -> dict:
@@ -335,7 +279,7 @@ def run_trl(args: argparse.Namespace, work: Path, reference: str) -> tuple[dict,
         args=config,
         train_dataset=dataset,
         processing_class=load_tokenizer(work / "init"),
-        callbacks=[HFClock(clock)],
+        callbacks=[hf_clock(clock)],
     )
     trainer.train()
 
@@ -432,6 +376,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     parser.add_argument("--smoke", action="store_true", help="CPU check: gpt2-tiny, 32 pairs of ~20/35 words, 6 steps")
     args = parser.parse_args()
+    require_trl("dpo_throughput.py")
     if args.smoke:
         args.preset, args.pairs, args.prompt_words, args.answer_words = "gpt2-tiny", 32, 20, 35
         args.vocab_size, args.seq_len, args.steps, args.warmup, args.compile = 512, 256, 6, 2, False

@@ -17,16 +17,34 @@ off, run in this one process one after the other:
   block-diagonal mask of the whole row, so SDPA computes every block);
 - ``packed_flex``: ``packing=true model.attn_implementation=flex_attention`` (the blocks between samples skipped),
 
-each with ``compile=false`` and ``compile=true``. A callback (``WindowTimer``) skips ``--warmup`` steps (compilation
-included), synchronizes the GPU, times the next ``--steps`` steps on the host clock and synchronizes again at the end
-only; tokens and losses are summed on the device in between. Torch's dynamo graph count before and after the window
-shows whether anything recompiled inside it. A configuration that fails (e.g. flex attention on this torch /
-transformers) is recorded with its error and the others go on. Results go to
-``<date>_<gpu>_sft_packing.{json,md}`` in ``$OUT`` if set, else the current folder, rewritten after each
-configuration.
+each with ``compile=false`` and ``compile=true``, and beside them the anchor, TRL's ``SFTTrainer`` (trl 1.16), in the
+same process on the same samples (lmlab's tokenized ``input_ids`` and ``labels``, in the order lmlab's loader draws
+them, so the same batches), from the same saved random base (``init_from`` of the lmlab runs), with lmlab's batch size,
+steps, lr schedule, AdamW settings, grad clip, precision (bf16 autocast over fp32 weights), compile setting, loader
+workers and pad multiple, and no gradient checkpointing (TRL's default is on; lmlab has none):
+
+- ``trl_padded``: rows padded to the batch's longest (with an attention mask);
+- ``trl_padding_free``: ``padding_free=True``, the batch's samples in one row with restarting position ids (as lmlab's
+  packed rows; ``--trl-attn``, default ``flash_attention_2`` where the flash_attn package is installed, else sdpa);
+- ``trl_packed``: ``packing=True, packing_strategy="bfd"``: the data set packed into ``seq_len`` rows, ``batch_size``
+  rows a step (padding-free), so other batches than lmlab's: compare its real tokens/s only.
+
+Each lmlab run's real tokens/s and peak memory are divided by the fastest TRL run's (same compile setting) and by the
+TRL run that lays out the batch the same way; trl_padded and trl_padding_free must match the padded run's losses. TRL
+is optional (``pip install -e ".[bench]"``): without it the script says so, unless no trl_* variant is asked for.
+
+A callback (``WindowTimer``; for TRL, its trainer's ``training_step`` and a TrainerCallback) skips ``--warmup`` steps
+(compilation included), synchronizes the GPU, times the next ``--steps`` steps on the host clock and synchronizes
+again at the end only; tokens and losses are summed on the device in between, peak memory is over those steps. Torch's
+dynamo graph count before and after the window shows whether anything recompiled inside it. A configuration that
+fails (e.g. flex attention on this torch / transformers) is recorded with its error and the others go on. Results go
+to ``<date>_<gpu>_sft_packing.{json,md}`` (``sft_trl`` with TRL runs, ``sft_adapters`` with adapters) in ``$OUT`` if
+set, else the current folder, rewritten after each configuration.
 
     python benchmarks/sft_throughput.py --tokenizer <folder> [--override paths.data_dir=<data>]   # GPU, 8+ min
-    python benchmarks/sft_throughput.py --smoke --tokenizer <folder>   # CPU check: llama-tiny, 3 steps, no flex/compile
+    V=padded,packed_sdpa,packed_flex,trl_padded,trl_padding_free,trl_packed   # lmlab vs TRL, no adapters
+    python benchmarks/sft_throughput.py --tokenizer <folder> --variants $V   # GPU
+    python benchmarks/sft_throughput.py --smoke --tokenizer <folder>   # CPU check: llama-tiny, 3 steps, with TRL
 
 The defaults are the llama_matelike_sft recipe's shape and lr: ``model=llama`` (246M at vocab 6400), 32 samples,
 seq_len 512, lr 1e-4 -> 1e-5. On an H200 (2026-11-30) ``packed_flex`` with ``compile=true`` had not finished its first
@@ -68,10 +86,17 @@ VARIANTS = {  # name -> Hydra overrides on top of the common ones
     "packed_qlora": ["packing=true", "peft=qlora"],
 }
 ADAPTED = ("lora", "qlora")  # variants named *_lora / *_qlora train adapters on a saved base (init_from)
+TRL_VARIANTS = {  # the anchor: TRL's SFTTrainer, name -> its SFTConfig settings beyond the common ones (run_trl)
+    "trl_padded": {"padding_free": False, "packing": False, "max_length": None},
+    "trl_padding_free": {"padding_free": True, "packing": False, "max_length": None},
+    "trl_packed": {"packing": True, "packing_strategy": "bfd"},  # max_length: seq_len, the packed rows' length
+}
+OTHER_BATCHES = ("trl_packed",)  # packs the whole data set into seq_len rows: not the same samples per step
 
 log = logging.getLogger("sft_throughput")
 
 from gpu_throughput import gpu_peak_flops  # noqa: E402  (this folder, beside this script)
+from trl_anchor import StepClock, hf_clock, require_trl  # noqa: E402
 
 from lmlab.core.collate import IGNORE_INDEX  # noqa: E402
 
@@ -228,14 +253,177 @@ def run_one(args: argparse.Namespace, variant: str, compile_: bool, work: Path) 
     return result
 
 
+def trl_attention(args: argparse.Namespace) -> str:
+    """TRL's attention: ``--trl-attn``, else FlashAttention 2 on a GPU where the flash_attn package is installed (the
+    varlen kernels TRL's padding-free batches are made for), else SDPA (transformers then masks the packed samples from
+    their position ids, block-diagonal, as for lmlab's packed_sdpa)."""
+    import importlib.util
+
+    if args.trl_attn:
+        return args.trl_attn
+    return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def lmlab_samples(args: argparse.Namespace, compile_: bool, work: Path) -> list[dict[str, list[int]]]:
+    """The tokenized training samples lmlab's SFT datamodule builds from the composed config (``input_ids`` and the
+    aligned ``labels``, -100 on the prompt), in the order its training loader draws them in the first epoch: what the
+    padded and packed lmlab runs train on, for TRL to train on the same samples in the same batches."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from train import connect_data, prepare_tokenizer
+
+    overrides = [*common_overrides(args, compile_), *VARIANTS["padded"]]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={work / 'data'}"])
+    datamodule = instantiate(cfg.data)
+    tokenizer = prepare_tokenizer(cfg, datamodule, work / "data", classifier=False)
+    connect_data(cfg, datamodule, tokenizer)
+    datamodule.setup("fit")
+    order = list(datamodule.train_dataloader().sampler)
+    return [{k: datamodule.train_set[i][k].tolist() for k in ("input_ids", "labels")} for i in order]
+
+
+def run_trl(args: argparse.Namespace, variant: str, compile_: bool, work: Path, samples: list[dict]) -> dict:
+    """TRL's SFTTrainer on ``samples`` (lmlab's, in its order) from the saved base lmlab's runs start from, configured
+    like them: batch size, max steps, lr and its warmup + cosine schedule down to min_lr, AdamW betas and weight decay,
+    grad clip, bf16 autocast over fp32 weights (bf16-mixed), fused AdamW (TRL's default), no gradient checkpointing
+    (TRL's default is on), ``torch_compile`` as lmlab's compile, the same loader workers, pinning and pad multiple,
+    ``train_sampling_strategy="sequential"`` (the samples come in lmlab's order); no eval, no saving. Measured like
+    :class:`WindowTimer`: the same window of steps, real tokens (each sample's length - 1: positions predicting a token
+    of their own sample, as lmlab's packed count), label and padded tokens, peak memory over the window, losses."""
+    from datasets import Dataset
+    from hydra import compose, initialize_config_dir
+    from trl import SFTConfig, SFTTrainer
+
+    from lmlab.core.tokenizer import load_tokenizer
+    from train import loader_settings
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*common_overrides(args, compile_), f"paths.output_dir={work / 'run'}"])
+    loader = loader_settings(cfg)
+    end = args.warmup + args.steps
+    clock = StepClock(args.warmup, end)
+    counts: dict[str, Any] = {"real": 0, "labels": 0, "padded": 0, "graphs0": 0}
+    losses: list[torch.Tensor] = []
+
+    class CountingCollator:
+        """TRL's collator, plus the batch's real tokens (``n_real``, popped before the model sees the batch)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, examples: list[dict]) -> dict:
+            out = self.inner(examples)
+            lengths = [n for e in examples for n in e.get("seq_lengths", [len(e["input_ids"])])]
+            out["n_real"] = torch.tensor(sum(n - 1 for n in lengths))
+            return out
+
+    class RecordingSFTTrainer(SFTTrainer):
+        def training_step(self, model, inputs, *rest, **kwargs):
+            n_real, step = inputs.pop("n_real"), self.state.global_step
+            if step == args.warmup:  # the clock synchronized at the end of the step before
+                counts["graphs0"] = unique_graphs()
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+            if args.warmup <= step < end:  # summed on the device: no synchronization
+                counts["real"] = counts["real"] + n_real
+                counts["labels"] = counts["labels"] + (inputs["labels"] != IGNORE_INDEX).sum()
+                counts["padded"] += inputs["input_ids"].numel()
+            loss = super().training_step(model, inputs, *rest, **kwargs)
+            losses.append(loss.detach().float())
+            if step == end - 1:
+                counts["graphs"] = unique_graphs() - counts["graphs0"]
+            return loss
+
+    settings = {
+        **TRL_VARIANTS[variant],
+        "bf16": cfg.trainer.precision.startswith("bf16"),
+        "gradient_checkpointing": False,
+        "torch_compile": compile_,
+        "pad_to_multiple_of": loader["pad_to_multiple_of"] if loader["pad_to_multiple_of"] > 1 else None,
+        "dataloader_num_workers": loader["num_workers"],
+        "dataloader_pin_memory": loader["pin_memory"],
+        "train_sampling_strategy": "sequential",
+        "model_init_kwargs": {"attn_implementation": trl_attention(args), "dtype": "float32"},
+    }
+    if settings.get("packing"):
+        settings["max_length"] = args.seq_len
+    config = SFTConfig(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=end,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": args.min_lr},
+        warmup_steps=cfg.optim.warmup_steps,
+        adam_beta1=cfg.optim.optimizer.betas[0],
+        adam_beta2=cfg.optim.optimizer.betas[1],
+        weight_decay=cfg.optim.weight_decay,
+        max_grad_norm=cfg.trainer.gradient_clip_val,
+        logging_steps=cfg.trainer.log_every_n_steps,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        **settings,
+    )
+    trainer = RecordingSFTTrainer(
+        model=str(args.base),
+        args=config,
+        train_dataset=Dataset.from_list(samples),
+        processing_class=load_tokenizer(args.base),
+        callbacks=[hf_clock(clock)],
+    )
+    trainer.data_collator = CountingCollator(trainer.data_collator)
+    t0 = time.perf_counter()
+    trainer.train()
+    fit_wall_s = time.perf_counter() - t0
+    elapsed = clock.seconds()
+    real, labels, padded = int(counts["real"]), int(counts["labels"]), counts["padded"]
+    losses_ = torch.stack(losses).tolist()
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules())
+    settings["gradient_checkpointing"] = checkpointing  # what the model ended up with
+    settings.update(
+        optim=config.optim.value,
+        padding_free_effective=trainer.padding_free,
+        attn_implementation=trainer.model.config._attn_implementation,
+    )
+    del trainer
+    return {
+        "elapsed_s": elapsed,
+        "steps_timed": args.steps,
+        "warmup_steps": args.warmup,
+        "real_tokens": real,
+        "label_tokens": labels,
+        "padded_tokens": padded,
+        "real_tokens_per_sec": real / elapsed,
+        "label_tokens_per_sec": labels / elapsed,
+        "padded_tokens_per_sec": padded / elapsed,
+        "steps_per_sec": args.steps / elapsed,
+        "real_share": real / padded,
+        "flops_per_sec": None,
+        "peak_mem_gib": clock.train_peak,
+        "graphs_compiled_in_window": counts.get("graphs", 0),
+        "mean_loss_timed": statistics.fmean(losses_[args.warmup :]),
+        "losses": losses_,
+        "fit_wall_s": fit_wall_s,
+        "trl_settings": settings,
+    }
+
+
 def markdown(result: dict) -> str:
     peak = result["peak_flops_bf16"]
+    trl = result["versions"].get("trl")
     lines = [
-        f"# SFT throughput, padded vs packed: {result['model']} on {result['data']} ({result['date']})",
+        f"# SFT throughput, padded vs packed{', lmlab vs TRL SFTTrainer' if trl else ''}: {result['model']} on "
+        f"{result['data']} ({result['date']})",
         "",
         (
             f"{result['device']}; torch {result['versions']['torch']}, transformers "
-            f"{result['versions']['transformers']}, lightning {result['versions']['lightning']}; batch "
+            f"{result['versions']['transformers']}, lightning {result['versions']['lightning']}"
+            f"{f', trl {trl}' if trl else ''}; batch "
             f"{result['batch_size']} samples, seq_len {result['seq_len']}, lr {result['lr']} -> {result['min_lr']}; "
             f"{result['warmup']} warmup steps, then {result['steps']} timed steps (the same samples in every "
             f"configuration); MFU against {f'{peak:.4g}' if peak else 'n/a'} FLOP/s."
@@ -250,20 +438,31 @@ def markdown(result: dict) -> str:
             "built during the timed steps (recompiles); adapters vs full: an adapter run's steps/s and peak memory "
             "over the full fine-tune's with the same batches (all start from one saved random base: init_from)."
         ),
+    ]
+    if trl:
+        lines += ["", TRL_NOTE, ""]
+        seen = set()
+        for run in result["runs"]:
+            if "trl_settings" in run and run["variant"] not in seen:
+                seen.add(run["variant"])
+                shown = {k: v for k, v in run["trl_settings"].items() if k != "torch_compile"}
+                lines.append(f"- {run['variant']}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    lines += [
         "",
         "| config | compile | real tok/s | label tok/s | padded tok/s | steps/s | vs padded | real share | peak GiB | "
-        "MFU | mean loss | loss vs padded | graphs in window | adapters vs full: steps/s, peak memory |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "MFU | mean loss | loss vs padded | graphs in window | adapters vs full: steps/s, peak memory | "
+        "lmlab / TRL best: real tok/s, peak | lmlab / TRL same layout: real tok/s, peak |",
+        "| --- | --- |" + " ---: |" * 14,
     ]
     for run in result["runs"]:
         head = f"| {run['variant']} | {run['compile']} |"
         if "error" in run:
-            lines.append(f"{head} failed: {run['error'].strip().splitlines()[-1][:150]} |" + " |" * 11)
+            lines.append(f"{head} failed: {run['error'].strip().splitlines()[-1][:150]} |" + " |" * 13)
             continue
         base = next((r for r in result["runs"] if r["variant"] == "padded" and r["compile"] == run["compile"]), None)
         speedup = (
             f"{run['steps_per_sec'] / base['steps_per_sec']:.2f}x"
-            if base and "error" not in base and run is not base and not run["variant"].endswith(ADAPTED)
+            if base and "error" not in base and run is not base and same_batches(run)
             else ""
         )
         full = full_run(result["runs"], run)
@@ -272,17 +471,71 @@ def markdown(result: dict) -> str:
             if full and run["peak_mem_gib"]
             else ""
         )
-        mfu = f"{100 * run['flops_per_sec'] / peak:.1f}%" if peak else "n/a"
+        mfu = f"{100 * run['flops_per_sec'] / peak:.1f}%" if peak and run["flops_per_sec"] else "n/a"
         diff = run.get("loss_vs_padded", {}).get("mean_timed_rel_diff")
         loss_diff = "" if diff is None else f"{100 * diff:+.2f}%"
         mem = "n/a" if run["peak_mem_gib"] is None else f"{run['peak_mem_gib']:.2f}"
+        vs_trl = [
+            f"{v['real_tokens_per_sec_ratio']:.2f}x ({v['trl_variant']})"
+            + ("" if v["peak_mem_ratio"] is None else f", {v['peak_mem_ratio']:.2f}x")
+            if v
+            else ""
+            for v in (run.get("vs_trl"), run.get("vs_trl_same_layout"))
+        ]
         lines.append(
             f"{head} {run['real_tokens_per_sec']:,.0f} | {run['label_tokens_per_sec']:,.0f} | "
             f"{run['padded_tokens_per_sec']:,.0f} | {run['steps_per_sec']:.2f} | {speedup} | {run['real_share']:.3f} | "
             f"{mem} | {mfu} | {run['mean_loss_timed']:.4f} | {loss_diff} | {run['graphs_compiled_in_window']} | "
-            f"{vs_full} |"
+            f"{vs_full} | {vs_trl[0]} | {vs_trl[1]} |"
         )
     return "\n".join(lines) + "\n"
+
+
+TRL_NOTE = (
+    "TRL anchor: SFTTrainer (trl_*) on lmlab's tokenized samples in lmlab's order (input_ids and labels, so the same "
+    "tokens and loss mask), from the same saved random base, with lmlab's batch size, steps, lr schedule, AdamW "
+    "betas and weight decay, grad clip, precision, compile setting, loader workers and pad multiple; its real tokens "
+    "are each sample's length - 1 (as lmlab's packed count). trl_padded and trl_padding_free train the same batches as "
+    "lmlab's runs (their loss vs padded checks it); trl_packed packs the data set into seq_len rows (best-fit "
+    "decreasing), batch_size rows a step, so it trains other batches. lmlab / TRL best: over the fastest TRL run "
+    "(real tok/s) with the same compile setting; same layout: padded over trl_padded, packed over trl_padding_free. "
+    "TRL settings per run:"
+)
+
+
+def same_batches(run: dict) -> bool:
+    """Whether the run trains the padded run's weights on its batches (not adapters, not TRL's packed rows)."""
+    return not run["variant"].endswith(ADAPTED) and run["variant"] not in OTHER_BATCHES
+
+
+def trl_best(runs: list[dict], compile_: bool) -> dict | None:
+    """The TRL run with the most real tokens/s among those with this compile setting: the anchor lmlab is held to."""
+    done = [r for r in runs if r["variant"] in TRL_VARIANTS and r["compile"] == compile_ and "error" not in r]
+    return max(done, key=lambda r: r["real_tokens_per_sec"], default=None)
+
+
+def compare_trl(runs: list[dict]) -> None:
+    """Per lmlab run (full fine-tuning), its real tokens/s and peak memory over TRL's best run with the same compile
+    setting (``vs_trl``), and over TRL's run that feeds the model the same way (padded: trl_padded, packed:
+    trl_padding_free, the same samples a step)."""
+    for run in runs:
+        if run["variant"] in TRL_VARIANTS or "error" in run or run["variant"].endswith(ADAPTED):
+            continue
+        twin = "trl_padded" if run["variant"] == "padded" else "trl_padding_free"
+        for key, other in (
+            ("vs_trl", trl_best(runs, run["compile"])),
+            (
+                "vs_trl_same_layout",
+                next((r for r in runs if r["variant"] == twin and r["compile"] == run["compile"]), None),
+            ),
+        ):
+            if other is None or "error" in other:
+                continue
+            run[key] = {
+                "trl_variant": other["variant"],
+                "real_tokens_per_sec_ratio": run["real_tokens_per_sec"] / other["real_tokens_per_sec"],
+                "peak_mem_ratio": run["peak_mem_gib"] / other["peak_mem_gib"] if run["peak_mem_gib"] else None,
+            }
 
 
 def full_run(runs: list[dict], run: dict) -> dict | None:
@@ -301,8 +554,8 @@ def compare_losses(runs: list[dict]) -> None:
     the largest step-wise difference, relative (packing is exact, so these are bf16 noise)."""
     for run in runs:
         base = next((r for r in runs if r["variant"] == "padded" and r["compile"] == run["compile"]), None)
-        if run is base or base is None or "error" in run or "error" in base or run["variant"].endswith(ADAPTED):
-            continue  # adapters train other weights: their losses differ by design
+        if run is base or base is None or "error" in run or "error" in base or not same_batches(run):
+            continue  # adapters train other weights, trl_packed other batches: their losses differ by design
         run["loss_vs_padded"] = {
             "mean_timed_rel_diff": run["mean_loss_timed"] / base["mean_loss_timed"] - 1,
             "first_step_rel_diff": run["losses"][0] / base["losses"][0] - 1,
@@ -313,7 +566,14 @@ def compare_losses(runs: list[dict]) -> None:
 
 def save(result: dict, out: Path) -> None:
     gpu = re.search(r"\b([A-Z]\d{2,4})\b", result["device"])
-    kind = "sft_adapters" if any(r["variant"].endswith(ADAPTED) for r in result["runs"]) else "sft_packing"
+    asked = result["variants"]  # not the runs so far: one name from the first configuration to the last
+    kind = (
+        "sft_adapters"
+        if any(v.endswith(ADAPTED) for v in asked)
+        else "sft_trl"
+        if any(v in TRL_VARIANTS for v in asked)
+        else "sft_packing"
+    )
     stem = f"{result['date']}_{gpu.group(1).lower() if gpu else 'cpu'}_{kind}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(result))
@@ -339,21 +599,35 @@ def main() -> None:
     parser.add_argument("--min-lr", type=float, default=1e-5, help="cosine floor (the recipe's)")
     parser.add_argument("--warmup", type=int, default=25, help="untimed steps first, compilation included")
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    every = [*VARIANTS, *TRL_VARIANTS]
+    parser.add_argument("--variants", help=f"comma-separated, of {', '.join(every)} (default: all)")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="extra Hydra override")
-    parser.add_argument("--smoke", action="store_true", help="CPU check: llama-tiny, batch 4, 1 + 3 steps, no flex")
+    parser.add_argument(
+        "--trl-attn",
+        help="TRL's attn_implementation (default: flash_attention_2 where flash_attn is installed, else sdpa)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU check: llama-tiny, batch 4, 1 + 3 steps; padded, packed_sdpa and the TRL runs unless --variants",
+    )
     args = parser.parse_args()
     if args.smoke:
-        args.model, args.batch_size, args.warmup, args.steps = "llama-tiny", 4, 1, 3
-        args.variants, args.compile = "padded,packed_sdpa", "off"
-    variants = args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
+        args.model, args.batch_size, args.warmup, args.steps, args.compile = "llama-tiny", 4, 1, 3, "off"
+        args.variants = args.variants or "padded,packed_sdpa,trl_padded,trl_padding_free,trl_packed"
+    variants = (args.variants or ",".join(every)).split(",")
+    unknown = set(variants) - set(every)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
+    trl = [v for v in variants if v in TRL_VARIANTS]
+    if trl:
+        require_trl("sft_throughput.py", f"; or leave out the anchor: --variants without {', '.join(TRL_VARIANTS)}")
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    if any(v.endswith(ADAPTED) for v in variants):  # every configuration starts from one saved base
-        args.override.append(f"init_from={random_base(args, Path(tempfile.mkdtemp(prefix='lmlab_sft_bench_')))}")
+    args.base = None
+    if trl or any(v.endswith(ADAPTED) for v in variants):  # every configuration starts from one saved base
+        args.base = random_base(args, Path(tempfile.mkdtemp(prefix="lmlab_sft_bench_")))
+        args.override.append(f"init_from={args.base}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_SILENT", "true")
     out = Path(os.environ.get("OUT") or ".")
@@ -378,9 +652,16 @@ def main() -> None:
         "warmup": args.warmup,
         "steps": args.steps,
         "command": " ".join(sys.argv),
+        "variants": variants,
         "peak_flops_bf16": gpu_peak_flops(),
         "runs": [],
     }
+    if trl:
+        import trl as trl_module
+
+        result["versions"]["trl"] = trl_module.__version__
+        result["trl_attn_implementation"] = trl_attention(args)
+    samples: list[dict] = []  # lmlab's training samples in its order, for TRL (the same with either compile setting)
     for compile_ in compiles:
         for variant in variants:
             log.info("%s, compile=%s", variant, compile_)
@@ -388,12 +669,17 @@ def main() -> None:
             run: dict = {"variant": variant, "compile": compile_}
             try:
                 with tempfile.TemporaryDirectory(prefix="lmlab_sft_bench_") as tmp:
-                    run.update(run_one(args, variant, compile_, Path(tmp)))
+                    if variant in TRL_VARIANTS:
+                        samples = samples or lmlab_samples(args, compile_, Path(tmp))
+                        run.update(run_trl(args, variant, compile_, Path(tmp), samples))
+                    else:
+                        run.update(run_one(args, variant, compile_, Path(tmp)))
             except Exception:  # recorded, and the other configurations still run
                 run["error"] = traceback.format_exc()
                 log.error("%s, compile=%s failed:\n%s", variant, compile_, run["error"])
             result["runs"].append(run)
             compare_losses(result["runs"])
+            compare_trl(result["runs"])
             save(result, out)
     print(json.dumps({**result, "runs": [{k: v for k, v in r.items() if k != "losses"} for r in result["runs"]]}))
     print(markdown(result))

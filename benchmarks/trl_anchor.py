@@ -1,0 +1,91 @@
+"""What the benchmarks that run a TRL trainer as their anchor share (dpo_throughput.py, sft_throughput.py).
+
+TRL is an optional benchmark dependency (``pip install -e ".[bench]"``): :func:`require_trl` stops with a clear
+message when it is missing. :class:`StepClock` times training steps the same way on either side of a comparison,
+fed by a Lightning callback or by :class:`HFClock`, a TrainerCallback for TRL's (Hugging Face) trainers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+TRL_MIN = "1.16"
+
+
+def require_trl(script: str, skip_hint: str = "") -> None:
+    """Exit with a clear message when trl (or datasets, which TRL's trainers take their data in) is missing."""
+    import importlib
+
+    try:
+        for name in ("trl", "datasets"):  # trl first: its absence is the one to name
+            importlib.import_module(name)
+    except ImportError as e:
+        raise SystemExit(
+            f"{script}: its anchor is TRL, which is not installed here ({e}). Install the benchmark extra: "
+            f'pip install -e ".[bench]" (trl>={TRL_MIN}, datasets){skip_hint}'
+        ) from e
+
+
+def cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if cuda() else None
+
+
+class StepClock:
+    """Wall time from the end of step ``warmup`` to the end of step ``steps`` (GPU synchronized at both),
+    peak memory before and during training, and the padded width of every training batch."""
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps = warmup, steps
+        self.times: dict[int, float] = {}
+        self.setup_peak = self.train_peak = None
+        self.widths: list[int] = []
+
+    def train_start(self) -> None:
+        self.setup_peak = peak_gib()
+        if cuda():
+            torch.cuda.reset_peak_memory_stats()
+
+    def step_end(self, step: int) -> None:
+        if step in (self.warmup, self.steps):
+            if cuda():
+                torch.cuda.synchronize()
+            self.times[step] = time.perf_counter()
+            self.train_peak = peak_gib()
+
+    def seconds(self) -> float:
+        """The timed window's wall time: from the end of step ``warmup`` to the end of step ``steps``."""
+        assert set(self.times) == {self.warmup, self.steps}, f"timed steps {sorted(self.times)}, expected both ends"
+        return self.times[self.steps] - self.times[self.warmup]
+
+    def result(self, batch_size: int) -> dict:
+        seconds = self.seconds()
+        timed = self.steps - self.warmup
+        return {
+            "pairs_per_sec": timed * batch_size / seconds,
+            "step_ms": 1e3 * seconds / timed,
+            "steps_timed": timed,
+            "peak_setup_gib": self.setup_peak,
+            "peak_train_gib": self.train_peak,
+            "mean_batch_width": sum(self.widths) / len(self.widths),
+            "batches": len(self.widths),
+        }
+
+
+def hf_clock(clock: StepClock):
+    """A transformers TrainerCallback feeding ``clock`` (imported here: transformers is needed only with TRL)."""
+    from transformers import TrainerCallback
+
+    class HFClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs) -> None:
+            clock.train_start()
+
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            clock.step_end(state.global_step)
+
+    return HFClock()
