@@ -101,6 +101,20 @@ from trl_anchor import StepClock, hf_clock, require_trl  # noqa: E402
 from lmlab.core.collate import IGNORE_INDEX  # noqa: E402
 
 
+def real_tokens(batch: dict[str, Any]) -> torch.Tensor | int:
+    """Positions that predict a token of their own sample: n - 1 for a sample of n tokens, as TRL's side counts them.
+
+    A packed batch lists each sample's shifted length. A padded batch is shifted after padding, so a sample shorter
+    than the row keeps all n positions in its attention mask (the last predicts padding) and is counted one less;
+    a row whose mask reaches the end lost its last token to the shift already (exact unless a sample is exactly
+    one token shorter than the row: at most one token of a batch)."""
+    lengths = batch.get("document_lengths")
+    if lengths is not None:
+        return sum(lengths)
+    mask = batch["attention_mask"]
+    return mask.sum() - (mask[:, -1] == 0).sum()
+
+
 class WindowTimer(L.Callback):
     """Times training batches ``warmup .. warmup + steps - 1`` (0-based) and writes what it measured to ``out`` (JSON).
 
@@ -128,18 +142,24 @@ class WindowTimer(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    def start(self) -> None:
+        """The window opens where the step before it ended (TRL's side, StepClock, opens at the same point), so the
+        first timed batch's loading and transfer are inside it on both sides."""
+        self.sync()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.graphs0 = unique_graphs()
+        self.t0 = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.warmup == 0:
+            self.start()
+
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.batches == self.warmup:
-            self.sync()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            self.graphs0 = unique_graphs()
-            self.t0 = time.perf_counter()
         if self.in_window():
-            lengths = batch.get("document_lengths")
-            self.real = self.real + (sum(lengths) if lengths is not None else batch["attention_mask"].sum())
+            self.real = self.real + real_tokens(batch)
             self.labels = self.labels + (batch["labels"] != IGNORE_INDEX).sum()
             self.padded += batch["input_ids"].numel()
 
@@ -150,6 +170,8 @@ class WindowTimer(L.Callback):
         if self.in_window():
             self.flops += pl_module.flops_per_batch
         self.batches += 1
+        if self.batches == self.warmup:
+            self.start()
         if self.batches == self.warmup + self.steps:
             self.sync()
             elapsed = time.perf_counter() - self.t0

@@ -384,17 +384,22 @@ def image_flops(model: PreTrainedModel) -> float:
     12 * layers * width * patches, counted in full as a language model's; its position table and
     class embedding are look-ups (no N). Nothing trains below the tower, so a frozen tower
     (``freeze=[vision]``) costs 2N per patch, and the parameters settle_tower froze (those no
-    feature reads, e.g. CLIP's final norm) 2 each. The projector runs once per image feature
+    feature reads, e.g. CLIP's final norm) 2 each. A SigLIP's pooling head (which LLaVA does not read)
+    runs once per image, so it counts once, not per patch (its key and value projections do see every patch:
+    a tiny SigLIP is then counted 7% under, a 12-layer one about 1%). The projector runs once per image feature
     (``image_seq_length``) at 6N, 2N when frozen, 4N when frozen above a training tower (its input
     gradient). The language model's cost is per position of ``input_ids`` (:func:`flops_per_token`).
     """
     inner = model.model
     tower, projector = inner.vision_tower, inner.multi_modal_projector
-    embeddings = getattr(tower, "vision_model", tower).embeddings  # older transformers nest it in vision_model
+    body = getattr(tower, "vision_model", tower)  # older transformers nest the tower's modules in vision_model
+    embeddings, head = body.embeddings, getattr(body, "head", None)
     lookups = [embeddings.position_embedding.weight]
     if isinstance(getattr(embeddings, "class_embedding", None), torch.nn.Parameter):
         lookups.append(embeddings.class_embedding)
-    tower_all, tower_trainable = _matmul_parameters(tower, lookups)
+    once = list(head.parameters()) if head is not None else []
+    tower_all, tower_trainable = _matmul_parameters(tower, lookups + once)
+    head_all, head_trainable = _matmul_parameters(head, []) if head is not None else (0, 0)
     projector_all, projector_trainable = _matmul_parameters(projector, [])
     frozen_projector = projector_all - projector_trainable if tower_trainable else 0
     vision, patches = model.config.vision_config, embeddings.num_positions
@@ -402,7 +407,8 @@ def image_flops(model: PreTrainedModel) -> float:
         _parameter_flops(tower_all, tower_trainable) + 12 * vision.num_hidden_layers * vision.hidden_size * patches
     )
     per_feature = _parameter_flops(projector_all, projector_trainable, frozen_projector)
-    return patches * per_patch + model.config.image_seq_length * per_feature
+    per_image = _parameter_flops(head_all, head_trainable)
+    return patches * per_patch + per_image + model.config.image_seq_length * per_feature
 
 
 def flops_per_batch(
