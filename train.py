@@ -20,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.sft import SFTDataModule
@@ -38,6 +39,7 @@ from lmlab.core.runs import WANDB_TMP, register_resolvers, remove_leftovers, res
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
 from lmlab.core.vision import export_processor, image_slots, with_vision
 from lmlab.train.callbacks import RunCSVLogger, import_wandb
+from lmlab.train.sharding import check_sharding, whole_model
 
 log = logging.getLogger("lmlab.train")
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))  # conf/paths: root_dir
@@ -157,6 +159,7 @@ def train(cfg: DictConfig) -> float | None:
     """One training run in ``paths.output_dir``; returns the monitored metric's final value."""
     if cfg.export not in ("best", "last"):
         raise ValueError(f"export must be 'best' or 'last', got {cfg.export!r}")
+    check_sharding(cfg)  # trainer=fsdp: refuse what cannot run sharded yet, before anything is built
     run_dir = Path(cfg.paths.output_dir)
     resume = resume_checkpoint(cfg, run_dir)  # (checkpoint, its step) or None; it logs what it found
     if resume:
@@ -207,12 +210,19 @@ def train(cfg: DictConfig) -> float | None:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume[0]) if resume else None)
     best = best_checkpoint(trainer, cfg.stage.monitor)
+    # trainer=fsdp: each rank holds a shard, so every rank gathers and rank 0 exports a plain copy
+    unsharded = None
+    if isinstance(trainer.strategy, FSDPStrategy):
+        unsharded = whole_model(trainer, module, best.best_model_path if cfg.export == "best" and best else None)
     if trainer.is_global_zero:
-        if cfg.export == "best" and best:
-            load_best(module, best)
+        if unsharded is not None:
+            exported = unsharded
         else:
-            log.info("export: the final weights, step %d", trainer.global_step)
-        exported = module.model
+            if cfg.export == "best" and best:
+                load_best(module, best)
+            else:
+                log.info("export: the final weights, step %d", trainer.global_step)
+            exported = module.model
         if is_adapted(exported):
             unquantized = partial(load_model, cfg.init_from, cfg.model, tokenizer, labels)  # QLoRA's base
             exported = export_adapted(exported, run_dir / "adapter", unquantized)

@@ -10,6 +10,7 @@ import random
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedModel
 
 from lightning_modules.optim import param_groups, warmup_cosine
@@ -236,7 +237,9 @@ class TrainingModule(L.LightningModule):
         Lightning calls this once per optimizer step, after the window's last backward, with gradient_clip_val or
         not, so this is where the norm is computed, once: by torch's clip_grad_norm_ when clipping by norm (it returns
         the norm before clipping), else by get_total_norm (foreach kernels). _guard_gradients then flags a
-        non-finite norm and logs it.
+        non-finite norm and logs it. Under FSDP (trainer=fsdp) a rank's parameters are shards, whose norm alone
+        would be guarded, logged and clipped by: the root's clip_grad_norm_ all-reduces the whole model's (by inf
+        when not clipping by norm: the norm alone).
         Lightning itself would refuse to clip for an optimizer that unscales gradients itself (fused AdamW) under
         mixed precision, because fp16's GradScaler would hand it scaled gradients; bf16 has no scaler, so the
         gradients are the true ones and torch's clipping is exact. Under fp16's GradScaler, Lightning clips, and
@@ -246,12 +249,16 @@ class TrainingModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if gradient_clip_val and gradient_clip_algorithm != "value":
+        by_norm = bool(gradient_clip_val) and gradient_clip_algorithm != "value"
+        root = self.trainer.model
+        if isinstance(root, FullyShardedDataParallel):  # trainer=fsdp: this rank's params are shards of the model
+            norm = root.clip_grad_norm_(gradient_clip_val if by_norm else math.inf)  # the norm all-reduced over them
+        elif by_norm:
             norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            if gradient_clip_val:
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        if gradient_clip_val and not by_norm:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)  # element-wise: exact on shards too
         self._guard_gradients(optimizer, params, norm.float())
 
     def _guard_gradients(self, optimizer, params: list[torch.Tensor], norm: torch.Tensor) -> None:
