@@ -155,6 +155,22 @@ def load_best(module: L.LightningModule, best: ModelCheckpoint) -> None:
     )
 
 
+def exported_model(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, best: ModelCheckpoint | None):
+    """The model hf/ gets on rank 0 (None on the others): the best checkpoint's weights under ``export=best``, else the
+    final ones. Under trainer=fsdp each rank holds a shard, so every rank must call this: they gather the whole model
+    and rank 0 gets a plain copy of it (lmlab.train.sharding.whole_model)."""
+    best_path = best.best_model_path if cfg.export == "best" and best else None
+    if isinstance(trainer.strategy, FSDPStrategy):
+        return whole_model(trainer, module, best_path)
+    if not trainer.is_global_zero:
+        return None
+    if best_path:
+        load_best(module, best)
+    else:
+        log.info("export: the final weights, step %d", trainer.global_step)
+    return module.model
+
+
 def train(cfg: DictConfig) -> float | None:
     """One training run in ``paths.output_dir``; returns the monitored metric's final value."""
     if cfg.export not in ("best", "last"):
@@ -210,19 +226,8 @@ def train(cfg: DictConfig) -> float | None:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume[0]) if resume else None)
     best = best_checkpoint(trainer, cfg.stage.monitor)
-    # trainer=fsdp: each rank holds a shard, so every rank gathers and rank 0 exports a plain copy
-    unsharded = None
-    if isinstance(trainer.strategy, FSDPStrategy):
-        unsharded = whole_model(trainer, module, best.best_model_path if cfg.export == "best" and best else None)
+    exported = exported_model(cfg, trainer, module, best)
     if trainer.is_global_zero:
-        if unsharded is not None:
-            exported = unsharded
-        else:
-            if cfg.export == "best" and best:
-                load_best(module, best)
-            else:
-                log.info("export: the final weights, step %d", trainer.global_step)
-            exported = module.model
         if is_adapted(exported):
             unquantized = partial(load_model, cfg.init_from, cfg.model, tokenizer, labels)  # QLoRA's base
             exported = export_adapted(exported, run_dir / "adapter", unquantized)

@@ -66,7 +66,7 @@ SIDES = (("lmlab", "copy"), ("lmlab", "precomputed"), ("trl", "copy"), ("trl", "
 
 log = logging.getLogger("dpo_throughput")
 
-from trl_anchor import StepClock, cuda, hf_clock, require_trl  # noqa: E402  (this folder, beside this script)
+from trl_anchor import StepClock, cuda, hf_clock, lmlab_trainer_args, require_trl  # noqa: E402  (this folder, beside this script)
 
 
 def synthetic_pairs(n: int, prompt_words: int, answer_words: int, seed: int) -> list[dict[str, str]]:
@@ -254,23 +254,14 @@ def run_trl(args: argparse.Namespace, work: Path, reference: str) -> tuple[dict,
         precompute_ref_log_probs=reference == "precomputed",
         max_steps=args.steps,
         learning_rate=cfg.lr,
-        adam_beta1=cfg.optim.optimizer.betas[0],
-        adam_beta2=cfg.optim.optimizer.betas[1],
-        weight_decay=cfg.optim.weight_decay,
         warmup_steps=cfg.warmup_steps,
         lr_scheduler_type="cosine",
-        max_grad_norm=cfg.trainer.gradient_clip_val,
         bf16=cuda(),
         gradient_checkpointing=False,
         torch_compile=args.compile,
         pad_to_multiple_of=loader["pad_to_multiple_of"] if loader["pad_to_multiple_of"] > 1 else None,
         dataloader_num_workers=loader["num_workers"],
-        logging_steps=cfg.trainer.log_every_n_steps,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=cfg.seed,
+        **lmlab_trainer_args(cfg),
         model_init_kwargs={"attn_implementation": cfg.model.attn_implementation, "dtype": "float32"},
     )
     clock = StepClock(args.warmup, args.steps)

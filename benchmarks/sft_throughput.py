@@ -96,7 +96,7 @@ OTHER_BATCHES = ("trl_packed",)  # packs the whole data set into seq_len rows: n
 log = logging.getLogger("sft_throughput")
 
 from gpu_throughput import gpu_peak_flops  # noqa: E402  (this folder, beside this script)
-from trl_anchor import StepClock, hf_clock, require_trl  # noqa: E402
+from trl_anchor import StepClock, hf_clock, lmlab_trainer_args, require_trl  # noqa: E402
 
 from lmlab.core.collate import IGNORE_INDEX  # noqa: E402
 
@@ -379,16 +379,7 @@ def run_trl(args: argparse.Namespace, variant: str, compile_: bool, work: Path, 
         lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr": args.min_lr},
         warmup_steps=cfg.optim.warmup_steps,
-        adam_beta1=cfg.optim.optimizer.betas[0],
-        adam_beta2=cfg.optim.optimizer.betas[1],
-        weight_decay=cfg.optim.weight_decay,
-        max_grad_norm=cfg.trainer.gradient_clip_val,
-        logging_steps=cfg.trainer.log_every_n_steps,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=cfg.seed,
+        **lmlab_trainer_args(cfg),
         **settings,
     )
     trainer = RecordingSFTTrainer(
@@ -653,6 +644,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_SILENT", "true")
     out = Path(os.environ.get("OUT") or ".")
+    out.mkdir(parents=True, exist_ok=True)
 
     import transformers
 

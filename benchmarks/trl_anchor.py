@@ -8,6 +8,7 @@ fed by a Lightning callback or by :class:`HFClock`, a TrainerCallback for TRL's 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -26,6 +27,24 @@ def require_trl(script: str, skip_hint: str = "") -> None:
             f"{script}: its anchor is TRL, which is not installed here ({e}). Install the benchmark extra: "
             f'pip install -e ".[bench]" (trl>={TRL_MIN}, datasets){skip_hint}'
         ) from e
+
+
+def lmlab_trainer_args(cfg: Any) -> dict[str, Any]:
+    """The TrainingArguments an anchor takes from lmlab's composed run config ``cfg``, so both sides step alike:
+    AdamW's betas and weight decay, gradient clipping, the log interval and seed; and a trainer that only trains
+    (no eval, no saving, no reporting, no progress bar)."""
+    return {
+        "adam_beta1": cfg.optim.optimizer.betas[0],
+        "adam_beta2": cfg.optim.optimizer.betas[1],
+        "weight_decay": cfg.optim.weight_decay,
+        "max_grad_norm": cfg.trainer.gradient_clip_val,
+        "logging_steps": cfg.trainer.log_every_n_steps,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": cfg.seed,
+    }
 
 
 def cuda() -> bool:
