@@ -27,6 +27,7 @@ from datamodules.sft import SFTDataModule
 from datamodules.vision import VisionChatDataModule
 from lightning_modules.dpo import build_reference
 from lmlab.core.adapters import add_adapters, export_adapted, is_adapted, quantization
+from lmlab.core.kernels import apply_kernels
 from lmlab.core.models import (
     build_model,
     export_hf,
@@ -202,6 +203,7 @@ def train(cfg: DictConfig) -> float | None:
     images = None  # a vision-language model's image processor
     if vision_cfg is not None:  # the language model gets eyes (or an init_from vlm run keeps its own)
         model, images = with_vision(model, vision_cfg, tokenizer, cfg.init_from)
+    apply_kernels(model, cfg.kernels, cfg.compile)  # Liger's fused kernels where switched on (CUDA), before adapters wrap it
     connect_data(cfg, datamodule, tokenizer)
     if images is not None:
         datamodule.connect_images(*image_slots(model, tokenizer), images)

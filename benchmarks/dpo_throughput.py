@@ -7,7 +7,10 @@ Everything runs in one process, one side after the other, on the same data, toke
   words each (each length varies by +-10%), one user turn answered by the assistant. A byte-level BPE
   (``lmlab.core.tokenizer.train_bpe``, conf/bpe/byte.yaml with ``--vocab-size``, the chatml template) is trained on
   that text (it stops near 5.5k tokens, once every word is one token), and a ``model=<preset>`` is built for it
-  (``lmlab.core.models.build_model``) and exported once (``export_hf``): both sides load that folder, so they start
+  (``lmlab.core.models.build_model``); where ``--vocab-size`` is larger than the tokenizer (``--vocab-size 50257``:
+  GPT-2's), its embedding table and tied head are resized to it (``resize_token_embeddings``): the extra rows are
+  never a target, but every logits row then has GPT-2's width, which is what the vocabulary costs a DPO step.
+  It is exported once (``export_hf``): both sides load that folder, so they start
   from identical weights and tokenize identically. The token counts each side sees are recorded, and the pairs
   whose token ids are identical on both sides are counted (all of them, with the chatml template).
 - lmlab: the config ``python train.py stage=dpo model=<preset> trainer=gpu init_from=<exported>`` composes
@@ -165,8 +168,14 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
         **OmegaConf.to_container(cfg.bpe, resolve=True),
     )
     model = build_model(cfg.model, tokenizer)
+    if args.vocab_size > len(tokenizer):
+        model.resize_token_embeddings(args.vocab_size)
     export_hf(model, tokenizer, work / "init")
-    return {"parameters": count_parameters(model), "vocab_size": len(tokenizer)}
+    return {
+        "parameters": count_parameters(model),
+        "vocab_size": model.get_input_embeddings().num_embeddings,
+        "tokenizer_size": len(tokenizer),
+    }
 
 
 def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dict, list]:
@@ -301,7 +310,7 @@ def markdown(result: dict) -> str:
         f"{result['device']}; {versions}. {result['pairs']} synthetic pairs, batch {result['batch_size']} pairs "
         f"({2 * result['batch_size']} rows), beta {result['beta']}, sigmoid loss, compile={result['compile']}; "
         f"{result['steps']} steps a side, the last {result['steps'] - result['warmup']} timed; vocab "
-        f"{result['vocab_size']}, {result['parameters'] / 1e6:.1f}M parameters."
+        f"{result['vocab_size']} (tokenizer {result['tokenizer_size']}), {result['parameters'] / 1e6:.1f}M parameters."
     )
     lines = [f"# DPO throughput: lmlab vs TRL DPOTrainer, {result['preset']} ({result['date']})", "", setup]
     if "identical_pairs" in result["tokens"]:
@@ -357,7 +366,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=512, help="training pairs (512: 60 steps x 8 in one epoch)")
     parser.add_argument("--prompt-words", type=int, default=100)
     parser.add_argument("--answer-words", type=int, default=170)
-    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--vocab-size", type=int, help="BPE size; the model's, if larger (default 8192; smoke 512)")
     parser.add_argument("--seq-len", type=int, default=384, help="max tokens of prompt + answer (nothing is cut)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--beta", type=float, default=0.1)
@@ -370,7 +379,9 @@ def main() -> None:
     require_trl("dpo_throughput.py")
     if args.smoke:
         args.preset, args.pairs, args.prompt_words, args.answer_words = "gpt2-tiny", 32, 20, 35
-        args.vocab_size, args.seq_len, args.steps, args.warmup, args.compile = 512, 256, 6, 2, False
+        args.seq_len, args.steps, args.warmup, args.compile = 256, 6, 2, False
+        args.vocab_size = args.vocab_size or 512
+    args.vocab_size = args.vocab_size or 8192
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's progress bar of the reference precomputation

@@ -1,14 +1,20 @@
-"""Training throughput of lmlab's GPT-2 preset against a raw torch.compile'd Hugging Face GPT-2 loop.
+"""Training throughput of an lmlab causal preset against a raw torch.compile'd Hugging Face loop of the same model.
 
-Both run in one process, one after the other, on the same shapes (GPT-2 small: 124M parameters,
-vocab 50257, batch 16 x 1024 tokens, bf16 autocast, fused AdamW, grad clip 1.0, dropout 0):
+Both run in one process, one after the other, on the same shapes (default: GPT-2 small, 124M parameters,
+vocab 50257, batch 16 x 1024 tokens; ``--preset llama --batch-size 32 --seq-len 512``: the 246M LLaMA at
+vocab 6400), bf16 autocast, fused AdamW, grad clip 1.0, the preset's dropout (0 in the gpt2 and llama presets):
 
-(a) raw: ``GPT2LMHeadModel`` with SDPA attention, ``model.compile()``, ``loss = model(x, labels=x).loss``
-    on random token ids already on the GPU; ``--warmup`` untimed steps (compilation), then
-    ``--steps`` steps timed with CUDA events around the whole loop (no per-step sync).
-(b) lmlab: ``train.train(cfg)`` on the config ``python train.py model=gpt2 trainer=gpu compile=true
+(a) raw: the model lmlab's ``build_model`` makes from the preset (e.g. ``GPT2LMHeadModel`` with SDPA attention),
+    ``model.compile()``, ``loss = model(x, labels=x).loss`` on random token ids already on the GPU;
+    ``--warmup`` untimed steps (compilation), then ``--steps`` steps timed with CUDA events around the whole
+    loop (no per-step sync).
+(b) lmlab: ``train.train(cfg)`` on the config ``python train.py model=<preset> trainer=gpu compile=true
     logger=csv`` composes, reading a synthetic corpus through the real datamodule (memmap windows,
-    4 workers) with a synthetic 50257-token word-level tokenizer, so the model has the anchor's shape.
+    4 workers) with a synthetic word-level tokenizer of the vocabulary size, so the model has the anchor's shape.
+(c) with ``--kernels-ablation`` (a LLaMA-family preset, Liger-Kernel installed): lmlab again with Liger's
+    kernels added one at a time, cumulatively (``kernels.rope``, then ``rms_norm``, ``swiglu``,
+    ``fused_linear_cross_entropy``): Liger patches transformers' modeling module for the rest of the process
+    (lmlab.core.kernels), so a kernel once on stays on, and each row's config names every kernel it ran.
     Tokens/s and MFU come from the ``TokenThroughputMonitor`` rows of ``metrics.csv`` (each the rate
     over a window of timings, one per log step, host-synced only there): the median of the rows whose
     window holds no warmup step.
@@ -23,6 +29,7 @@ folder (``benchmarks/results/`` keeps the ones worth keeping).
 
     python benchmarks/gpu_throughput.py                 # GPU: warmup 30, 300 timed steps a side
     python benchmarks/gpu_throughput.py --smoke         # CPU check: gpt2-tiny, seq 64, batch 4, no compile
+    python benchmarks/gpu_throughput.py --preset llama --batch-size 32 --seq-len 512 --kernels-ablation
 
 On a machine without hydra-core/omegaconf/torchdata, install them first (the repo's train.py needs them).
 """
@@ -42,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,23 +59,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PROJECT_ROOT", str(REPO))
 
-VOCAB_SIZE = 50257  # the GPT-2 vocabulary size; the synthetic tokenizer has exactly this many entries
+GPT2_VOCAB = 50257  # the GPT-2 vocabulary size: the default for gpt2* presets
+PRESET_VOCAB = 6400  # lmlab's byte BPE (conf/bpe/byte.yaml): the default for other presets
 SPECIALS = {"eos": "<|endoftext|>", "pad": "<|pad|>", "unk": "<|unk|>"}
-SHAPES = {  # the raw model's shape for each lmlab preset this benchmark runs (conf/model/*.yaml)
-    "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12},
-    "gpt2-tiny": {"n_embd": 64, "n_layer": 2, "n_head": 4},
-}
+ABLATION = ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy")  # --kernels-ablation's order (cumulative)
 WORDS_PER_DOC = 3000
 
 log = logging.getLogger("gpu_throughput")
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A word-level tokenizer of exactly VOCAB_SIZE entries ("w0", "w1", ... plus the specials)."""
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer of exactly ``vocab_size`` entries ("w0", "w1", ... plus the specials)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = [f"w{i}" for i in range(VOCAB_SIZE - len(SPECIALS))]
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
     vocab = {w: i for i, w in enumerate([*words, *SPECIALS.values()])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS["unk"]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -78,14 +84,14 @@ def write_tokenizer(folder: Path) -> None:
         pad_token=SPECIALS["pad"],
         unk_token=SPECIALS["unk"],
     )
-    assert len(fast) == VOCAB_SIZE, len(fast)
+    assert len(fast) == vocab_size, len(fast)
     fast.save_pretrained(folder)
 
 
-def write_corpus(path: Path, tokens: int, seed: int = 0) -> None:
+def write_corpus(path: Path, tokens: int, vocab_size: int, seed: int = 0) -> None:
     """One document per line of WORDS_PER_DOC random words: about ``tokens`` tokens (1 word = 1 token)."""
     rng = np.random.default_rng(seed)
-    words = np.array([f"w{i}" for i in range(VOCAB_SIZE - len(SPECIALS))])
+    words = np.array([f"w{i}" for i in range(vocab_size - len(SPECIALS))])
     with open(path, "w") as f:
         f.writelines(
             " ".join(words[rng.integers(0, len(words), WORDS_PER_DOC)]) + "\n"
@@ -109,26 +115,30 @@ def peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def run_raw(args: argparse.Namespace, steps: int) -> dict:
-    """The anchor: a plain compiled HF GPT-2 training loop on random token ids."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def compose_config(args: argparse.Namespace, work: Path, max_steps: int, extra: Sequence[str] = ()):
+    """The config ``python train.py <lmlab_overrides>`` composes."""
+    from hydra import compose, initialize_config_dir
 
-    from lmlab.core.models import count_parameters, flops_per_token
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=lmlab_overrides(args, work, max_steps, extra))
+
+
+def run_raw(args: argparse.Namespace, work: Path, steps: int) -> dict:
+    """The anchor: a plain compiled HF training loop of the model lmlab builds from the preset, on random ids."""
+    from transformers import AutoTokenizer
+
+    from lmlab.core.models import build_model, count_parameters, flops_per_token
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **SHAPES[args.preset]
-    )
-    config._attn_implementation = "sdpa"
-    model = GPT2LMHeadModel(config).to(device)
-    model.train()
+    model = build_model(compose_config(args, work, 0).model, AutoTokenizer.from_pretrained(work / "tokenizer"))
+    model.to(device).train()
     if args.compile:
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
     shape = (args.batch_size, args.seq_len)
-    batches = [torch.randint(0, VOCAB_SIZE, shape, device=device) for _ in range(8)]
+    batches = [torch.randint(0, args.vocab_size, shape, device=device) for _ in range(8)]
 
     def step(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -171,10 +181,11 @@ def run_raw(args: argparse.Namespace, steps: int) -> dict:
         "final_loss": loss.item(),
         "parameters": count_parameters(model),
         "flops_per_token": flops_per_token(model, args.seq_len),
+        "config": model.config.to_dict(),
     }
 
 
-def lmlab_overrides(args: argparse.Namespace, work: Path, max_steps: int) -> list[str]:
+def lmlab_overrides(args: argparse.Namespace, work: Path, max_steps: int, extra: Sequence[str] = ()) -> list[str]:
     cuda = torch.cuda.is_available()
     return [
         f"model={args.preset}",
@@ -194,42 +205,44 @@ def lmlab_overrides(args: argparse.Namespace, work: Path, max_steps: int) -> lis
         f"paths.output_dir={work / 'run'}",
         f"paths.cache_dir={work / 'cache'}",
         *args.lmlab_override,
+        *extra,
     ]
 
 
-def run_lmlab(args: argparse.Namespace, work: Path) -> dict:
-    """lmlab's own training entry point on the composed config; throughput from metrics.csv."""
-    from hydra import compose, initialize_config_dir
+def run_lmlab(args: argparse.Namespace, work: Path, raw_config: dict, extra: Sequence[str] = ()) -> dict:
+    """lmlab's own training entry point on the composed config (plus ``extra`` overrides), in ``work/run``;
+    throughput from metrics.csv. Its model must have the raw loop's shape (``raw_config``)."""
+    import shutil
 
     import train
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=lmlab_overrides(args, work, max_steps=0))
+    cfg = compose_config(args, work, 0, extra)
     # A row logged at (0-based) step s is the rate over the `span` steps s-span+1..s (window timings, one per log
     # step); the first row with no warmup step in it:
     window = cfg.callbacks.throughput.window_size
     span = (window - 1) * cfg.trainer.log_every_n_steps
     first_step = args.warmup + span - 1
     max_steps = args.warmup + span + args.steps
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=lmlab_overrides(args, work, max_steps=max_steps))
-
-    write_tokenizer(work / "tokenizer")
+    cfg = compose_config(args, work, max_steps, extra)
+    shutil.rmtree(work / "run", ignore_errors=True)  # the last run's folder: this run starts fresh
     # Enough training text for every step without a second epoch (whose start would save last.ckpt).
-    write_corpus(work / "train.txt", int(1.1 * max_steps * args.batch_size * (args.seq_len + 1)) + WORDS_PER_DOC)
-    write_corpus(work / "val.txt", 2 * WORDS_PER_DOC, seed=1)
+    tokens = int(1.1 * max_steps * args.batch_size * (args.seq_len + 1)) + WORDS_PER_DOC
+    write_corpus(work / "train.txt", tokens, args.vocab_size)
+    write_corpus(work / "val.txt", 2 * WORDS_PER_DOC, args.vocab_size, seed=1)
 
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     t0 = time.perf_counter()
     train.train(cfg)
     fit_s = time.perf_counter() - t0
 
     hf = json.loads((work / "run" / "hf" / "config.json").read_text())
-    shape = {k: hf[k] for k in ("vocab_size", "n_positions", *SHAPES[args.preset])}
-    expected = {"vocab_size": VOCAB_SIZE, "n_positions": 1024, **SHAPES[args.preset]}
+    shape_keys = [k for k in cfg.model.config if k != "_target_"] + ["vocab_size"]
+    shape, expected = ({k: c.get(k) for k in shape_keys} for c in (hf, raw_config))
     assert shape == expected, f"lmlab built {shape}, the raw loop {expected}"
 
     with open(work / "run" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("train/device/items_per_sec")]
+        rows = list(csv.DictReader(f))
+    losses = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
     all_rows = [
         {
             "step": int(r["step"]),
@@ -237,6 +250,7 @@ def run_lmlab(args: argparse.Namespace, work: Path) -> dict:
             "mfu": float(r["train/device/mfu"]) if r.get("train/device/mfu") else None,
         }
         for r in rows
+        if r.get("train/device/items_per_sec")
     ]
     timed = [r for r in all_rows if r["step"] >= first_step]
     assert timed, f"no throughput rows at step >= {first_step} in metrics.csv: {all_rows}"
@@ -254,7 +268,9 @@ def run_lmlab(args: argparse.Namespace, work: Path) -> dict:
         "max_steps": max_steps,
         "fit_wall_s": fit_s,
         "optimizer_fused": bool(cfg.optim.optimizer.fused),
-        "overrides": lmlab_overrides(args, Path("<tmp>"), max_steps),
+        "kernels": [k for k, on in cfg.kernels.items() if on],
+        "overrides": lmlab_overrides(args, Path("<tmp>"), max_steps, extra),
+        "first_losses": [losses[s] for s in sorted(losses)[:5]],  # same seed and data: kernels must not move them
         "rows": all_rows,
     }
 
@@ -286,6 +302,8 @@ def markdown(result: dict) -> str:
     ]
     if lm:
         lines.append(row("lmlab", lm))
+        for side in result.get("ablation", []):
+            lines.append(row(f"lmlab + Liger {' + '.join(side['kernels'])}", side))
         if result["lmlab_extra_overrides"]:
             lines += ["", f"lmlab ran with extra overrides: `{' '.join(result['lmlab_extra_overrides'])}`."]
         first = lm["rows_first_step"] - lm["window_steps"] + 1
@@ -298,6 +316,10 @@ def markdown(result: dict) -> str:
                 f"span over {raw['steps_timed']} steps after {raw['warmup_steps']} warmup steps)"
             ),
         ]
+        for side in [lm, *result.get("ablation", [])]:
+            name = " + ".join(side["kernels"]) or "no kernels"
+            losses = ", ".join(f"{x:.4f}" for x in side["first_losses"])
+            lines.append(f"- first logged train losses, {name}: {losses}")
     return "\n".join(lines) + "\n"
 
 
@@ -316,8 +338,15 @@ def main() -> None:
         "--steps", type=int, default=300, help="timed steps (raw); steps after warmup + throughput window (lmlab)"
     )
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first, compilation included")
+    parser.add_argument("--preset", default="gpt2", help="a causal conf/model preset (e.g. llama, llama-26m)")
+    parser.add_argument("--vocab-size", type=int, help=f"default {GPT2_VOCAB} for gpt2 presets, else {PRESET_VOCAB}")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument(
+        "--kernels-ablation",
+        action="store_true",
+        help=f"lmlab again with Liger's kernels added one at a time ({', '.join(ABLATION)}); CUDA + liger-kernel",
+    )
     parser.add_argument(
         "--lmlab-override",
         action="append",
@@ -327,10 +356,12 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny CPU check: gpt2-tiny, seq 64, batch 4, no compile")
     args = parser.parse_args()
-    args.preset, args.compile = "gpt2", torch.cuda.is_available()
+    args.compile = torch.cuda.is_available()
     if args.smoke:
-        args.preset, args.compile, args.seq_len, args.batch_size = "gpt2-tiny", False, 64, 4
-        args.warmup, args.steps = 2, 10
+        args.preset = "gpt2-tiny" if args.preset == "gpt2" else args.preset
+        args.compile, args.seq_len, args.batch_size, args.warmup, args.steps = False, 64, 4, 2, 10
+    if args.vocab_size is None:
+        args.vocab_size = GPT2_VOCAB if args.preset.startswith("gpt2") else PRESET_VOCAB
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_SILENT", "true")
     out = Path(os.environ.get("OUT") or ".")
@@ -350,6 +381,7 @@ def main() -> None:
         },
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
+        "vocab_size": args.vocab_size,
         "compile": args.compile,
         "lmlab_extra_overrides": args.lmlab_override,
         "peak_flops_bf16": gpu_peak_flops(),
@@ -363,17 +395,27 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-    log.info("raw HF loop: %s", vars(args))
-    fresh()
-    result["raw"] = run_raw(args, args.steps)
-    log.info("raw: %s", result["raw"])
-    save(result, out)
-
-    fresh()
     with tempfile.TemporaryDirectory(prefix="lmlab_bench_") as tmp:
-        result["lmlab"] = run_lmlab(args, Path(tmp))
-    result["ratio_tokens_per_sec"] = result["lmlab"]["tokens_per_sec"] / result["raw"]["tokens_per_sec"]
-    save(result, out)
+        work = Path(tmp)
+        write_tokenizer(work / "tokenizer", args.vocab_size)
+        log.info("raw HF loop: %s", vars(args))
+        fresh()
+        result["raw"] = run_raw(args, work, args.steps)
+        log.info("raw: %s", {k: v for k, v in result["raw"].items() if k != "config"})
+        save(result, out)
+
+        fresh()
+        result["lmlab"] = run_lmlab(args, work, result["raw"]["config"])
+        result["ratio_tokens_per_sec"] = result["lmlab"]["tokens_per_sec"] / result["raw"]["tokens_per_sec"]
+        save(result, out)
+
+        if args.kernels_ablation:
+            result["ablation"] = []
+            for i in range(len(ABLATION)):
+                fresh()
+                extra = [f"kernels.{k}=true" for k in ABLATION[: i + 1]]
+                result["ablation"].append(run_lmlab(args, work, result["raw"]["config"], extra))
+                save(result, out)
 
     print(json.dumps(result, indent=2))
     print(markdown(result))

@@ -121,9 +121,10 @@ class LMModule(TrainingModule):
         self._track_non_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         if self._on_log_step():
-            with torch.no_grad():
-                correct, n = label_hits(out.logits, batch["labels"])
-                self.log("train/acc", correct / n.clamp(min=1))
+            if out.logits is not None:  # Liger's fused loss (kernels.fused_linear_cross_entropy) forms no logits
+                with torch.no_grad():
+                    correct, n = label_hits(out.logits, batch["labels"])
+                    self.log("train/acc", correct / n.clamp(min=1))
             self.log("train/ppl", torch.exp(loss.detach()))
         return self._token_weighted(loss, (batch["labels"] != IGNORE_INDEX).sum())
 

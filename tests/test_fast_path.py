@@ -72,3 +72,59 @@ def test_compile_compiles_the_live_dpo_reference_with_the_policy(tiny_tokenizer,
     module.configure_model()
     compiled = [m._compiled_call_impl is not None for m in (module.model, module.reference)]
     assert compiled == [compile, compile]
+
+
+def fake_liger(monkeypatch) -> list[dict]:
+    """A stand-in for liger_kernel's table of patch functions (Liger needs Triton and CUDA), on a 'CUDA' machine:
+    records the keywords each call gets."""
+    import sys
+    import types
+
+    calls: list[dict] = []
+
+    def apply_liger_kernel_to_llama(
+        rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True, swiglu=True, model=None
+    ):
+        calls.append({k: v for k, v in locals().items() if k != "calls"})
+
+    module = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    module.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": apply_liger_kernel_to_llama, "": None}
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return calls
+
+
+def test_kernels_switch_on_exactly_the_liger_kernels_asked_for(tiny_tokenizer, monkeypatch):
+    """Each switch reaches Liger's patch function as given, the ones off as False (Liger's own defaults are on),
+    and a run with every switch off never imports Liger."""
+    from lmlab.core.kernels import apply_kernels
+
+    model = tiny_model("llama-tiny", tiny_tokenizer)
+    assert apply_kernels(model, {"rope": False, "rms_norm": False}) == []  # the CPU default: nothing imported
+    calls = fake_liger(monkeypatch)
+    assert apply_kernels(model, {"rms_norm": True, "swiglu": True, "rope": False}) == ["rms_norm", "swiglu"]
+    want = dict(rope=False, fused_linear_cross_entropy=False, rms_norm=True, swiglu=True, cross_entropy=False)
+    assert calls == [{**want, "model": model}]
+
+
+def test_kernels_refuse_what_liger_cannot_do_before_touching_the_model(tiny_tokenizer, monkeypatch):
+    from lmlab.core.kernels import apply_kernels
+
+    llama = tiny_model("llama-tiny", tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"kernels.rope=true: Liger's kernels are Triton kernels for CUDA"):
+        apply_kernels(llama, {"rope": True})  # this CPU box
+    calls = fake_liger(monkeypatch)
+    with pytest.raises(ValueError, match=r"unknown switch\(es\) \['layer_norm'\]"):
+        apply_kernels(llama, {"layer_norm": True})
+    with pytest.raises(ValueError, match=r"no kernels for gpt2 models; it has: \['llama'\]"):
+        apply_kernels(tiny_model("gpt2-tiny", tiny_tokenizer), {"rms_norm": True})
+    with pytest.raises(ValueError, match=r"LlamaForSequenceClassification is no causal LM"):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=["model=llama-tiny"])
+        classifier = build_model(cfg.model, tiny_tokenizer, labels=["ham", "spam"])
+        apply_kernels(classifier, {"fused_linear_cross_entropy": True})
+    with pytest.raises(ValueError, match=r"does not run under compile=true"):
+        apply_kernels(llama, {"fused_linear_cross_entropy": True, "rms_norm": True}, compile=True)
+    assert calls == []

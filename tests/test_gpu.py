@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import csv
+import importlib.util
 
 import pytest
 import torch
 from conftest import compose_cfg
 
+from lmlab.core.kernels import KERNELS, apply_kernels
+from lmlab.core.models import build_model
 from train import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -59,3 +63,40 @@ def test_gpu_classifier_learns_in_bf16(tmp_path):
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert float(next(r["test/acc"] for r in rows if r.get("test/acc"))) > 0.95
+
+
+liger = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason='needs pip install -e ".[kernels]"')
+
+
+@liger
+def test_liger_kernels_give_the_plain_loss_and_gradients(tmp_path, tiny_tokenizer):
+    """Every Liger kernel on (lmlab.core.kernels) on a copy of a tiny LLaMA: the fused loss forms no logits and
+    gives the plain model's loss and gradients. Last in this file: Liger patches transformers' llama module for the
+    rest of the process."""
+    model = build_model(compose_cfg(tmp_path, ["model=llama-tiny"]).model, tiny_tokenizer).cuda()
+    fused = copy.deepcopy(model)
+    ids = torch.randint(3, len(tiny_tokenizer), (4, 96), generator=torch.Generator().manual_seed(0)).cuda()
+    plain = model(input_ids=ids, labels=ids)
+    plain.loss.backward()
+    assert apply_kernels(fused, dict.fromkeys(KERNELS, True)) == list(KERNELS)
+    out = fused(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, plain.loss, rtol=1e-4, atol=1e-4)
+    for (name, p), q in zip(model.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@liger
+def test_gpu_run_with_liger_kernels_learns(tmp_path):
+    """train.py with every kernels.* switch on: the run learns and logs (train/acc is left out: no logits)."""
+    text = tmp_path / "rep.txt"
+    text.write_text("\n".join(["the cat sat on the mat and the dog sat on the log."] * 400))
+    kernels = [f"kernels.{k}=true" for k in KERNELS]
+    overrides = ["trainer=gpu", f"data.train_files=[{text}]", "max_steps=40", "lr=1e-2", "trainer.log_every_n_steps=1"]
+    cfg = compose_cfg(tmp_path / "run", [*overrides, *kernels])
+    train(cfg)
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses[-1] < losses[0] / 2
