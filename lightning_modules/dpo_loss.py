@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.core.collate import IGNORE_INDEX
+from lmlab.core.losses import label_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -43,13 +44,13 @@ def sequence_logps(
 ) -> torch.Tensor:
     """Per-row (per-sample with ``documents``) sum (or mean) of log p(label) over label positions, shape [N].
 
-    cross_entropy fuses log-softmax and the gather, so no [N, T, V] log-prob tensor is kept around.
+    lmlab.core.losses.label_logps computes them chunk by chunk, so neither an fp32 copy of the [N, T, V] logits nor
+    a log-prob tensor of that size is made or kept for the backward (TRL keeps none either).
     A row without label positions sums to 0; averaging it is an error, since a pair with no response token
     must never reach the loss (the preference datamodule drops those, counted).
     """
     _check_aligned(logits, labels)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    logps = per_sample_sums(-nll.view(labels.shape), documents)
+    logps = per_sample_sums(label_logps(logits, labels), documents)
     if not average:
         return logps
     counts = label_counts(labels, documents)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_modules.dpo_loss import (
     LOSS_TYPES,
@@ -16,6 +17,7 @@ from lightning_modules.dpo_loss import (
     rpo_nll,
     sequence_logps,
 )
+from lmlab.core.losses import label_logps
 
 POLICY_CHOSEN = [-3.0, -5.0, -2.0]
 POLICY_REJECTED = [-4.0, -4.5, -6.0]
@@ -173,6 +175,60 @@ def test_sequence_logps_empty_row():
     assert sequence_logps(logits, labels)[1].item() == 0.0
     with pytest.raises(ValueError, match=r"\[1\]"):
         sequence_logps(logits, labels, average=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_logps_equal_cross_entropys_values_and_gradients_in_chunks(dtype):
+    """Chunks of 2 positions (the vocabulary is 50): the chunked log-probs and their gradients are the fp32 cross
+    entropy's, and a -100 position (a huge logit there included) neither counts nor gets a gradient."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 50)).to(dtype)
+    labels = torch.randint(0, 50, (3, 5))
+    labels[0, :2] = labels[2] = -100
+    logits[2, 0, 0] = 1e4
+    weights = torch.randn(3, 5)
+
+    def grad(logps_of):
+        x = logits.clone().requires_grad_()
+        logps = logps_of(x)
+        (logps * weights).sum().backward()
+        return logps, x.grad
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        nll = F.cross_entropy(x.flatten(0, 1).float(), labels.flatten(), reduction="none", ignore_index=-100)
+        return -nll.view(3, 5)
+
+    ref, ref_grad = grad(plain)
+    ours, our_grad = grad(lambda x: label_logps(x, labels, chunk_elements=100))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_grad, ref_grad, rtol=1e-5, atol=1e-5)
+    assert our_grad[2].abs().sum() == 0 and (ours[2] == 0).all()
+
+
+def test_sequence_logps_keep_no_fp32_copy_of_the_logits_for_the_backward():
+    """What autograd keeps for DPO's backward, beyond the bf16 logits themselves: one float per position
+    (lmlab.core.losses.label_logps), where the plain fp32 cross entropy kept an fp32 log-softmax of the whole
+    [N, T, V] logits (twice their bf16 size)."""
+    logits = torch.randn(4, 16, 1000, dtype=torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 1000, (4, 16))
+    labels[:, :5] = -100
+    size = logits.numel() * logits.element_size()
+
+    def kept_bytes(logps_of) -> int:
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():  # not the logits themselves
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logps_of(logits).sum().backward()
+        return sum(kept.values())
+
+    plain = kept_bytes(lambda x: F.cross_entropy(x.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
+    assert plain >= 2 * size
+    assert kept_bytes(lambda x: sequence_logps(x, labels)) <= 16 * labels.numel()  # < 2% of the logits here
 
 
 def test_sequence_logps_rejects_misaligned_shapes():
