@@ -203,7 +203,7 @@ def train(cfg: DictConfig) -> float | None:
     images = None  # a vision-language model's image processor
     if vision_cfg is not None:  # the language model gets eyes (or an init_from vlm run keeps its own)
         model, images = with_vision(model, vision_cfg, tokenizer, cfg.init_from)
-    apply_kernels(model, cfg.kernels, cfg.compile)  # Liger's fused kernels where switched on (CUDA), before adapters wrap it
+    apply_kernels(model, cfg.kernels, cfg.compile)  # Liger's kernels where switched on (CUDA), before any adapters
     connect_data(cfg, datamodule, tokenizer)
     if images is not None:
         datamodule.connect_images(*image_slots(model, tokenizer), images)

@@ -97,7 +97,7 @@ class LMDataModule(L.LightningDataModule):
     position inside the epoch in every checkpoint and a resumed run sees exactly the batches it had not seen yet.
     """
 
-    packable = False  # whether ``packing`` applies: samples of their own that a row can hold several of (SFT, DPO)
+    packable = False  # whether ``packing`` applies: samples a row can hold several of (SFT, DPO, classification)
 
     def __init__(
         self,
@@ -177,7 +177,8 @@ class LMDataModule(L.LightningDataModule):
         - ``num_workers`` (loader processes), ``pad_to_multiple_of`` (batch widths) and ``pin_memory`` (page-locked
           batches for non-blocking copies to a GPU), defaults for the CPU;
         - ``packing``: a batch's samples end to end in one row, without padding (lmlab.core.collate's
-          PackedCausalCollator), for a datamodule whose class says it can (``packable``: SFT, DPO) and a causal model;
+          PackedCausalCollator), for a datamodule whose class says it can (``packable``: SFT, DPO, classification)
+          and a causal model;
         - ``chat_template``: the run's chat template (None: the tokenizer's), which chat data renders with
           unless its preset has its own (:meth:`datamodules.sft.SFTDataModule.connect`); other data renders none.
         """
@@ -185,8 +186,8 @@ class LMDataModule(L.LightningDataModule):
             raise ValueError(f"model.arch must be 'causal' or 'seq2seq', got {arch!r}")
         if packing and not (self.packable and arch == "causal"):
             raise ValueError(
-                f"packing=true packs SFT and DPO samples for a causal model; {type(self).__name__} with "
-                f"model.arch={arch} pads its batches: set packing=false"
+                f"packing=true packs SFT, DPO and classification samples for a causal model; "
+                f"{type(self).__name__} with model.arch={arch} pads its batches: set packing=false"
             )
         self.tokenizer = tokenizer
         self.arch = arch

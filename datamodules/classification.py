@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from datamodules.base import LMDataModule
 from datamodules.formats import DataError, _field
 from datamodules.sft import ListDataset
-from lmlab.core.collate import PAD_SIDES, pad, padding_mask, round_up
+from lmlab.core.collate import PAD_SIDES, pack, pad, padding_mask, round_up
 
 log = logging.getLogger(__name__)
 BALANCE = ("none", "undersample", "class_weights")
@@ -103,8 +103,26 @@ class ClassificationCollator:
         }
 
 
+class PackedClassificationCollator:
+    """Padding-free classification batches (``packing=true``): the texts end to end in one row, with
+    lmlab.core.collate.pack's ``position_ids`` (restarting with every text, so each attends to itself only) and
+    ``document_lengths`` (where the classifier pools each text's last token); ``labels`` one class id per text."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
+        self.pad_id = pad_id
+        self.multiple = max(1, pad_to_multiple_of)
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor | list[int]]:
+        return {
+            **pack([s["input_ids"] for s in samples], self.pad_id, self.multiple),
+            "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        }
+
+
 class ClassificationDataModule(LMDataModule):
     """(text, label) records from jsonl/json/parquet/csv/tsv files, tokenized in memory, with a test split."""
+
+    packable = True
 
     def __init__(
         self,
@@ -247,6 +265,8 @@ class ClassificationDataModule(LMDataModule):
         self.log_skips()
 
     def collator(self) -> Callable[[list], dict]:
+        if self.packing:
+            return PackedClassificationCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
         return ClassificationCollator(self.tokenizer.pad_token_id, self.padding_side, self.pad_to_multiple_of)
 
     def test_dataloader(self) -> StatefulDataLoader:

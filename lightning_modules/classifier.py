@@ -267,7 +267,19 @@ class ClassifierModule(TrainingModule):
         setattr(self.model.config, THRESHOLD_KEY, entry)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        """Class logits [texts, classes]. A padded batch: the model's own, pooled at each row's last real token. A
+        packed one (datamodules/classification.PackedClassificationCollator: ``position_ids`` isolate the texts):
+        the head applied to the final hidden state of each text's last token, which is where the padded batch pools
+        (the model's own pooling would take one token per row)."""
+        if "document_lengths" not in batch:
+            return self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
+        out = self.model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_hidden_states=True, use_cache=False
+        )
+        ends = torch.tensor(batch["document_lengths"], device=out.logits.device).cumsum(0) - 1
+        return self.model.score(out.hidden_states[-1][0, ends])
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, weight=self.class_weights)

@@ -1,6 +1,6 @@
-"""packing=true (issue 15): an SFT or DPO batch's samples end to end in one row, without padding, each attending to
-itself only. The packed logits, losses, DPO's per-sample log-probs and metrics, gradients and training curves equal the
-padded batch's, per sample."""
+"""packing=true (issue 15): an SFT, DPO or classification batch's samples end to end in one row, without padding, each
+attending to itself only. The packed logits, losses, DPO's per-sample log-probs and metrics, class logits, gradients and
+training curves equal the padded batch's, per sample."""
 
 from __future__ import annotations
 
@@ -9,9 +9,19 @@ import csv
 import pytest
 import torch
 from conftest import compose_cfg
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
 
+from datamodules.classification import ClassificationCollator, PackedClassificationCollator
 from lightning_modules.base import TrainingModule
+from lightning_modules.classifier import ClassifierModule
 from lightning_modules.dpo import DPOModule
 from lightning_modules.lm import lm_forward
 from lmlab.core.collate import IGNORE_INDEX, CausalCollator, PackedCausalCollator, PreferenceCollator
@@ -120,7 +130,9 @@ def losses(run) -> dict[str, list[float]]:
 
 
 @pytest.mark.parametrize(
-    "stage", [["stage=sft"], ["stage=dpo"], ["stage=dpo", "stage.module.reference=precomputed"]], ids=lambda o: o[-1]
+    "stage",
+    [["stage=sft"], ["stage=dpo"], ["stage=dpo", "stage.module.reference=precomputed"], ["stage=classify"]],
+    ids=lambda o: o[-1],
 )
 def test_a_packed_run_trains_as_the_padded_one(tmp_path, stage):
     """Same seed, same samples per step: the same loss at every step, and the same validation loss."""
@@ -167,9 +179,34 @@ def test_packed_dpo_loss_metrics_and_gradients_equal_the_padded_batchs(family, l
         torch.testing.assert_close(packed_grads[name], grads[name], msg=name)
 
 
-@pytest.mark.parametrize(
-    "overrides", [["stage=classify"], ["stage=sft", "model=t5-tiny"], ["stage=dpo", "model=t5-tiny"]]
-)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
+def test_packed_class_logits_loss_and_gradients_equal_the_padded_batchs(family):
+    """A packed classification row (texts end to end, positions restarting) pools each text's last token: the same
+    class logits as the padded batch, per text, and the same loss and gradients."""
+    lm = tiny(family, "sdpa")
+    config = lm.config
+    config.num_labels, config.pad_token_id = 2, 0
+    torch.manual_seed(0)
+    module = ClassifierModule(
+        AutoModelForSequenceClassification.from_config(config).eval(), {}, ["ham", "spam"], "all", None, 0.0
+    )
+    texts = [{"input_ids": s["input_ids"], "label": i % 2} for i, s in enumerate(samples())]
+    outs = []
+    for collate in (ClassificationCollator(0, "right"), PackedClassificationCollator(0, pad_to_multiple_of=8)):
+        batch = collate(texts)
+        logits = module(batch)
+        module._loss(logits, batch["labels"]).backward()
+        outs.append((logits, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+        module.zero_grad()
+    (padded, padded_grads), (packed, packed_grads) = outs
+    assert packed.shape == (len(texts), 2)
+    torch.testing.assert_close(packed, padded)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("overrides", [["stage=sft", "model=t5-tiny"], ["stage=dpo", "model=t5-tiny"]])
 def test_packing_where_it_does_not_apply_is_an_error(tmp_path, overrides):
-    with pytest.raises(ValueError, match="packing=true packs SFT and DPO samples for a causal model"):
+    with pytest.raises(ValueError, match="packing=true packs SFT, DPO and classification samples for a causal model"):
         train(compose_cfg(tmp_path, [*overrides, "packing=true", "max_steps=1"]))

@@ -136,13 +136,24 @@ class PackedCausalCollator:
         lengths = [len(row) for row in ids]
         if 0 in lengths:  # no token left to start it (position 0): it would merge with its neighbour
             raise ValueError(f"sample {lengths.index(0)} of the batch has fewer than 2 tokens: nothing to pack")
-        tail = round_up(sum(lengths), self.multiple) - sum(lengths)
         return {
-            "input_ids": torch.cat([*ids, torch.full((tail,), self.pad_id)]).long().unsqueeze(0),
-            "labels": torch.cat([*labels, torch.full((tail,), IGNORE_INDEX)]).long().unsqueeze(0),
-            "position_ids": torch.cat([torch.arange(n) for n in [*lengths, tail]]).unsqueeze(0),
-            "document_lengths": lengths,
+            **pack(ids, self.pad_id, self.multiple),
+            "labels": pack(labels, IGNORE_INDEX, self.multiple)["input_ids"],
         }
+
+
+def pack(rows: Sequence[torch.Tensor], pad_id: int, multiple: int) -> dict[str, torch.Tensor | list[int]]:
+    """``rows`` end to end in one row [1, L] (``input_ids``), padded at its end with ``pad_id`` to a multiple of
+    ``multiple``; ``position_ids`` restarting at 0 with every row (and the padding tail); ``document_lengths``."""
+    lengths = [len(row) for row in rows]
+    if 0 in lengths:
+        raise ValueError(f"row {lengths.index(0)} is empty: an empty sample cannot be packed")
+    tail = round_up(sum(lengths), multiple) - sum(lengths)
+    return {
+        "input_ids": torch.cat([*map(torch.as_tensor, rows), torch.full((tail,), pad_id)]).long().unsqueeze(0),
+        "position_ids": torch.cat([torch.arange(n) for n in [*lengths, tail]]).unsqueeze(0),
+        "document_lengths": lengths,
+    }
 
 
 def packed_documents(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
