@@ -44,20 +44,17 @@ def sequence_logps(
 ) -> torch.Tensor:
     """Per-row (per-sample with ``documents``) sum (or mean) of log p(label) over label positions, shape [N].
 
-    lmlab.core.losses.label_logps computes them chunk by chunk, so neither an fp32 copy of the [N, T, V] logits nor
-    a log-prob tensor of that size is made or kept for the backward (TRL keeps none either).
-    A row without label positions sums to 0; averaging it is an error, since a pair with no response token
-    must never reach the loss (the preference datamodule drops those, counted).
+    lmlab.core.losses.label_logps computes them chunk by chunk: no fp32 copy of the [N, T, V] logits and no
+    log-prob tensor of that size is made, and the backward keeps only the logits (as TRL's).
+    A row without label positions sums to 0 and averages to 0. None reaches a training step: the preference
+    datamodule drops a pair with no answer token (counted in its skips). Averaging does not check for one, which
+    would wait for the GPU at every step (IPO's step had such a host sync).
     """
     _check_aligned(logits, labels)
     logps = per_sample_sums(label_logps(logits, labels), documents)
     if not average:
         return logps
-    counts = label_counts(labels, documents)
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"row(s) {empty} have no label positions; cannot average their log-probs")
-    return logps / counts
+    return logps / label_counts(labels, documents).clamp(min=1)
 
 
 def masked_mean_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

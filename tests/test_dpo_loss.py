@@ -170,11 +170,14 @@ def test_sequence_logps_ignores_masked_positions():
 
 
 def test_sequence_logps_empty_row():
+    """An empty row sums and averages to 0 (no NaN), and leaves the other rows as they were."""
     logits, labels = batch()
+    full = sequence_logps(logits, labels, average=True)
     labels[1] = -100
     assert sequence_logps(logits, labels)[1].item() == 0.0
-    with pytest.raises(ValueError, match=r"\[1\]"):
-        sequence_logps(logits, labels, average=True)
+    averaged = sequence_logps(logits, labels, average=True)
+    assert averaged[1].item() == 0.0
+    torch.testing.assert_close(averaged[[0, 2]], full[[0, 2]])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -205,30 +208,35 @@ def test_label_logps_equal_cross_entropys_values_and_gradients_in_chunks(dtype):
     assert our_grad[2].abs().sum() == 0 and (ours[2] == 0).all()
 
 
-def test_sequence_logps_keep_no_fp32_copy_of_the_logits_for_the_backward():
-    """What autograd keeps for DPO's backward, beyond the bf16 logits themselves: one float per position
+def test_sequence_logps_keep_the_logits_not_an_fp32_log_softmax_for_the_backward():
+    """What autograd keeps for DPO's backward: the bf16 logits and one float per position
     (lmlab.core.losses.label_logps), where the plain fp32 cross entropy kept an fp32 log-softmax of the whole
-    [N, T, V] logits (twice their bf16 size)."""
-    logits = torch.randn(4, 16, 1000, dtype=torch.bfloat16).requires_grad_()
+    [N, T, V] logits (twice their bf16 size). The logits are left as they were, in bf16 and in fp32."""
     labels = torch.randint(0, 1000, (4, 16))
     labels[:, :5] = -100
-    size = logits.numel() * logits.element_size()
 
-    def kept_bytes(logps_of) -> int:
+    def kept_bytes(logits: torch.Tensor, logps_of) -> int:
         kept: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():  # not the logits themselves
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logps_of(logits).sum().backward()
         return sum(kept.values())
 
-    plain = kept_bytes(lambda x: F.cross_entropy(x.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
-    assert plain >= 2 * size
-    assert kept_bytes(lambda x: sequence_logps(x, labels)) <= 16 * labels.numel()  # < 2% of the logits here
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = torch.randn(4, 16, 1000, dtype=dtype).requires_grad_()
+        before = logits.detach().clone()
+        size = logits.numel() * logits.element_size()
+        plain = kept_bytes(
+            logits, lambda x: F.cross_entropy(x.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        )
+        ours = kept_bytes(logits, lambda x: sequence_logps(x, labels))
+        assert plain >= (2 if dtype == torch.bfloat16 else 1) * size
+        assert ours <= size + 24 * labels.numel()
+        assert torch.equal(logits.detach(), before)
 
 
 def test_sequence_logps_rejects_misaligned_shapes():

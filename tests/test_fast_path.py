@@ -87,8 +87,16 @@ def fake_liger(monkeypatch) -> list[dict]:
     ):
         calls.append({k: v for k, v in locals().items() if k != "calls"})
 
+    def apply_liger_kernel_to_llava(cross_entropy=False, fused_linear_cross_entropy=True, model=None, **kwargs):
+        switches = {"cross_entropy": cross_entropy, "fused_linear_cross_entropy": fused_linear_cross_entropy}
+        calls.append({**switches, "model": model, **kwargs})
+
     module = types.ModuleType("liger_kernel.transformers.monkey_patch")
-    module.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": apply_liger_kernel_to_llama, "": None}
+    module.MODEL_TYPE_TO_APPLY_LIGER_FN = {
+        "llama": apply_liger_kernel_to_llama,
+        "llava": apply_liger_kernel_to_llava,
+        "": None,
+    }
     for name in ("liger_kernel", "liger_kernel.transformers"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, module.__name__, module)
@@ -107,6 +115,11 @@ def test_kernels_switch_on_exactly_the_liger_kernels_asked_for(tiny_tokenizer, m
     assert apply_kernels(model, {"rms_norm": True, "swiglu": True, "rope": False}) == ["rms_norm", "swiglu"]
     want = dict(rope=False, fused_linear_cross_entropy=False, rms_norm=True, swiglu=True, cross_entropy=False)
     assert calls == [{**want, "model": model}]
+    # llava's function takes the language model's switches as **kwargs: all four go through, the ones off as False
+    calls.clear()
+    model.config.model_type = "llava"
+    assert apply_kernels(model, {"fused_linear_cross_entropy": True}) == ["fused_linear_cross_entropy"]
+    assert calls == [{**want, "rms_norm": False, "swiglu": False, "fused_linear_cross_entropy": True, "model": model}]
 
 
 def test_kernels_refuse_what_liger_cannot_do_before_touching_the_model(tiny_tokenizer, monkeypatch):
@@ -118,7 +131,7 @@ def test_kernels_refuse_what_liger_cannot_do_before_touching_the_model(tiny_toke
     calls = fake_liger(monkeypatch)
     with pytest.raises(ValueError, match=r"unknown switch\(es\) \['layer_norm'\]"):
         apply_kernels(llama, {"layer_norm": True})
-    with pytest.raises(ValueError, match=r"no kernels for gpt2 models; it has: \['llama'\]"):
+    with pytest.raises(ValueError, match=r"no kernels for gpt2 models; it has: \['llama', 'llava'\]"):
         apply_kernels(tiny_model("gpt2-tiny", tiny_tokenizer), {"rms_norm": True})
     with pytest.raises(ValueError, match=r"LlamaForSequenceClassification is no causal LM"):
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -68,11 +68,20 @@ def test_gpu_classifier_learns_in_bf16(tmp_path):
 liger = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason='needs pip install -e ".[kernels]"')
 
 
+@pytest.fixture(autouse=True)
+def unpatched_llama(monkeypatch):
+    """Liger patches transformers' llama module for the whole process (lmlab.core.kernels): put back what it
+    replaces after each test, so later tests build plain LLaMAs (on the CPU too)."""
+    from transformers.models.llama import modeling_llama
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+
+
 @liger
 def test_liger_kernels_give_the_plain_loss_and_gradients(tmp_path, tiny_tokenizer):
     """Every Liger kernel on (lmlab.core.kernels) on a copy of a tiny LLaMA: the fused loss forms no logits and
-    gives the plain model's loss and gradients. Last in this file: Liger patches transformers' llama module for the
-    rest of the process."""
+    gives the plain model's loss and gradients."""
     model = build_model(compose_cfg(tmp_path, ["model=llama-tiny"]).model, tiny_tokenizer).cuda()
     fused = copy.deepcopy(model)
     ids = torch.randint(3, len(tiny_tokenizer), (4, 96), generator=torch.Generator().manual_seed(0)).cuda()

@@ -6,8 +6,10 @@ rotary embedding with Triton kernels and fuses the LM head with the cross entrop
 patch the instance given and also transformers' modeling module of that family (its RMSNorm and MLP classes, its
 ``apply_rotary_pos_emb``), so every model of the family built later in the same process gets those kernels too;
 lmlab builds one family per run, and a DPO reference copy then runs the policy's kernels. The fused loss replaces
-only the loss of a forward pass given labels (pretraining and SFT); DPO, validation and evaluation read logits,
-which the patched forward still returns when no labels are given.
+only the loss of a forward pass given labels (pretraining and SFT), whose logits are then never formed, so such a
+run logs no train/acc; DPO, validation and evaluation read logits, which the patched forward still returns when no
+labels are given. A vision-language model (stage=vlm, model_type llava) goes through Liger's llava function, which
+hands rms_norm, swiglu and rope on to its language model's family.
 """
 
 from __future__ import annotations
@@ -51,10 +53,13 @@ def apply_kernels(model: PreTrainedModel, kernels: Mapping[str, bool], compile: 
     if apply is None:
         known = sorted(t for t in MODEL_TYPE_TO_APPLY_LIGER_FN if t)
         raise ValueError(f"{switches}: Liger-Kernel has no kernels for {model_type} models; it has: {known}")
-    accepted = inspect.signature(apply).parameters
+    parameters = inspect.signature(apply).parameters
+    # a function with **kwargs (llava's) hands them on to its language model's: it takes every switch
+    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    accepted = list(KERNELS) if passes_on else [name for name in KERNELS if name in parameters]
     missing = [name for name in wanted if name not in accepted]
     if missing:
-        raise ValueError(f"Liger-Kernel's {apply.__name__} has no {missing} kernel; it takes {list(accepted)}")
+        raise ValueError(f"Liger-Kernel's {apply.__name__} has no {missing} kernel; it takes {accepted}")
     if "fused_linear_cross_entropy" in wanted and (model.config.is_encoder_decoder or not model.can_generate()):
         raise ValueError(
             f"kernels.fused_linear_cross_entropy=true: {type(model).__name__} is no causal LM (it fuses an LM head "
@@ -66,6 +71,6 @@ def apply_kernels(model: PreTrainedModel, kernels: Mapping[str, bool], compile: 
             "Liger's fused loss); use one or the other"
         )
     # every switch the function takes is passed, the ones off as False (Liger's own defaults turn most of them on)
-    apply(model=model, **{name: name in wanted for name in KERNELS if name in accepted})
+    apply(model=model, **{name: name in wanted for name in accepted})
     log.info("Liger kernels on %s: %s", type(model).__name__, ", ".join(wanted))
     return wanted

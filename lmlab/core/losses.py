@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from lmlab.core.collate import IGNORE_INDEX
 
@@ -27,17 +28,19 @@ def label_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 
 
 def label_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 2**26) -> torch.Tensor:
-    """log p(label) [N, T] in float32 at the positions whose label is not -100 (0 elsewhere), differentiable.
+    """log p(label) [N, T] in float32 at the positions whose label is not -100, 0 at the others (which get no
+    gradient either), differentiable: at the label positions the numbers of ``-F.cross_entropy(logits.float())``.
 
-    The same numbers as ``-F.cross_entropy(logits.float(), ...)``, without its memory: that makes an fp32 copy of
-    the whole ``[N, T, V]`` logits and keeps its fp32 log-softmax for the backward, about 4x the bf16 logits
-    (DPO at GPT-2's 50257-token vocabulary, 16 rows of 320: ~2 GB a step). Here the positions go through in
-    chunks of about ``chunk_elements`` fp32 values, and the backward keeps only the logits (which the caller holds
-    anyway) and one logsumexp per position, recomputing each chunk's softmax; TRL's selective_log_softmax does
-    the forward this way. Every position is computed, the -100 ones too, so nothing waits for the GPU to count them.
+    That cross entropy makes an fp32 copy of the whole ``[N, T, V]`` logits and keeps its fp32 log-softmax for the
+    backward: 2x the bf16 logits kept, 4x at the forward's peak, and a 2x fp32 gradient again in the backward (DPO
+    at GPT-2's 50257-token vocabulary, 16 rows of 320: 0.5 GB of bf16 logits). Here the positions go through in
+    chunks of about ``chunk_elements`` fp32 values; the backward keeps the logits themselves (1x, not copied when
+    contiguous, as a model's output is) and one logsumexp per position, recomputes each chunk's softmax and
+    writes the gradient in the logits' dtype. TRL's selective_log_softmax does the forward this way. Every position
+    is computed, the -100 ones too, so nothing waits for the GPU to count them.
     """
     rows = max(1, chunk_elements // logits.shape[-1])
-    logps = _LabelLogps.apply(logits.flatten(0, 1), labels.flatten().clamp(min=0), rows)
+    logps = _LabelLogps.apply(logits.reshape(-1, logits.shape[-1]), labels.flatten().clamp(min=0), rows)
     return torch.where(labels != IGNORE_INDEX, logps.view(labels.shape), 0.0)
 
 
@@ -52,13 +55,14 @@ class _LabelLogps(torch.autograd.Function):
         return logits.gather(-1, targets[:, None]).squeeze(-1).float() - lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         """d logp / d logits = onehot(target) - softmax, scaled by each row's incoming gradient."""
         logits, targets, lse = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
         chunks = (x.split(ctx.rows) for x in (logits, targets, lse, grad, grad_logits))
         for chunk, target, s, g, out in zip(*chunks, strict=True):
-            rows = chunk.float().sub_(s[:, None]).exp_().mul_(-g[:, None])
+            rows = (chunk.float() - s[:, None]).exp_().mul_(-g[:, None])  # a new tensor: the logits stay as they are
             rows.scatter_add_(-1, target[:, None], g[:, None])
             out.copy_(rows)
         return grad_logits, None, None
