@@ -40,7 +40,7 @@ from lmlab.core.runs import WANDB_TMP, register_resolvers, remove_leftovers, res
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
 from lmlab.core.vision import export_processor, image_slots, with_vision
 from lmlab.train.callbacks import RunCSVLogger, import_wandb
-from lmlab.train.sharding import check_sharding, whole_model
+from lmlab.train.sharding import check_resume, check_sharding, whole_model
 
 log = logging.getLogger("lmlab.train")
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))  # conf/paths: root_dir
@@ -180,6 +180,7 @@ def train(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.output_dir)
     resume = resume_checkpoint(cfg, run_dir)  # (checkpoint, its step) or None; it logs what it found
     if resume:
+        check_resume(resume[0], cfg)
         remove_leftovers(run_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")

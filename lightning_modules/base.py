@@ -18,6 +18,8 @@ from lmlab.core.adapters import is_quantized
 from lmlab.core.models import flops_per_batch, flops_per_token
 from lmlab.core.runs import resume_advice
 
+SHARDED_KEY = "lmlab_sharded"  # a checkpoint's flag: written under trainer=fsdp (lmlab.train.sharding.check_resume)
+
 
 def rng_states() -> dict:
     """This process's torch (CPU and every GPU) and Python random states, in types ``torch.load(weights_only=True)``
@@ -202,6 +204,8 @@ class TrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._raise_if_non_finite()
         checkpoint["rng_states"] = self._gather_objects(rng_states())
+        # FSDP's optimizer state is keyed by parameter name, DDP's by position: lmlab.train.sharding.check_resume
+        checkpoint[SHARDED_KEY] = isinstance(self.trainer.model, FullyShardedDataParallel)
         if not self.strict_loading:  # QLoRA: the frozen 4-bit base is init_from's, loaded again on resume
             trains = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {  # what trains, and the module's own state (a classifier's threshold)

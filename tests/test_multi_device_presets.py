@@ -176,3 +176,16 @@ def test_fsdp_trains_as_ddp(straight):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-3, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("written", "now"), [("ddp", "fsdp"), ("fsdp", "ddp")])
+def test_a_checkpoint_resumed_across_fsdp_and_ddp_is_refused_at_startup(tmp_path, text, straight, written, now):
+    """Their optimizer states have other layouts (torch failed deep in the restore: "loaded state dict contains a
+    parameter group that doesn't match"): refused before anything is built, naming both and init_from."""
+    resumed = tmp_path / "resumed"
+    resume_from(checkpoint_at(straight(written), 3), straight(written), resumed)
+    with pytest.raises(ValueError, match=r"was written under .* this run uses .* init_from=") as error:
+        train(compose_cfg(resumed, [*overrides(text, now), "resume=auto"]))
+    assert ("trainer=fsdp" in str(error.value).split("this run uses")[now == "fsdp"]) is True
+    assert sorted(p.name for p in resumed.iterdir()) == ["checkpoints", "tokenizer"], "nothing was written"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -30,6 +31,8 @@ from torch.distributed.fsdp import (
 )
 from torch.optim import Optimizer
 from transformers import PreTrainedModel
+
+from lightning_modules.base import SHARDED_KEY
 
 log = logging.getLogger("lmlab.train")
 
@@ -131,6 +134,26 @@ def check_sharding(cfg: DictConfig) -> None:
             f"trainer=fsdp does not support {' or '.join(refused)} yet: use trainer=ddp, which keeps a whole model "
             "on every GPU"
         )
+
+
+def check_resume(checkpoint: Path, cfg: DictConfig) -> None:
+    """Refuse to resume a checkpoint across trainer=fsdp and the unsharded presets, before anything is built.
+
+    Both write whole files, but FSDP's optimizer state is keyed by parameter name and DDP's (any unsharded run's)
+    by position, so torch fails deep in the restore ("loaded state dict contains a parameter group that doesn't match
+    ..."). The weights alone move freely: ``init_from=<run>`` starts a new run from the run's hf/ export.
+    """
+    written_sharded = bool(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(SHARDED_KEY))
+    if written_sharded == is_sharded(cfg):
+        return
+    then, now = (
+        ("trainer=fsdp", "an unsharded trainer") if written_sharded else ("an unsharded trainer", "trainer=fsdp")
+    )
+    raise ValueError(
+        f"{checkpoint} was written under {then} and this run uses {now}: their optimizer states have other layouts, "
+        f"so resume it with the trainer it was written with, or start a new run from its weights with "
+        f"init_from={checkpoint.parent.parent}"
+    )
 
 
 def whole_model(trainer: L.Trainer, module: L.LightningModule, best_path: str | None) -> PreTrainedModel | None:
