@@ -127,7 +127,10 @@ class TrainingModule(L.LightningModule):
 
     def _on_log_step(self) -> bool:
         """The work of a logging step: stop on a non-finite loss or gradient norm flagged since the last one and log
-        the lr. Returns whether this step is one, so that an objective can log its costlier metrics there too."""
+        the lr. Returns whether this step is one: the objectives log their training metrics only there. Lightning
+        writes training metrics at log steps alone anyway, and each ``self.log`` costs host time at every call (it
+        walks the stored metric to move it to the value's device: ~1.4 ms a call on a 2-core CPU, where lmlab's loop
+        took 9.4 ms a step more than a raw loop of the same tiny model)."""
         if not self._is_log_step():
             return False
         self._raise_if_non_finite()

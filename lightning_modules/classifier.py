@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.aggregation import CatMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -237,7 +237,6 @@ class ClassifierModule(TrainingModule):
         self.logits = torch.nn.ModuleDict({split: CatMetric(nan_strategy="disable") for split in splits})
         self.targets = torch.nn.ModuleDict({split: CatMetric(nan_strategy="disable") for split in splits})
         self.losses = torch.nn.ModuleDict({split: MeanMetric() for split in splits})
-        self.train_acc = MulticlassAccuracy(len(labels), average="micro")
         self.register_buffer("class_weights", None, persistent=False)
         # in the checkpoint, so the best checkpoint is tested (and exported) with the threshold chosen with it;
         # loading a checkpoint's state dict (for test or export) puts its threshold into the model's config too
@@ -289,10 +288,9 @@ class ClassifierModule(TrainingModule):
         logits = self(batch)
         loss = self._loss(logits, batch["labels"])
         self._track_non_finite(loss)
-        self.train_acc(logits.argmax(-1), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc)
-        self._on_log_step()
+        if self._on_log_step():
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/acc", (logits.argmax(-1) == batch["labels"]).float().mean())  # this batch's, as before
         return loss
 
     def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:

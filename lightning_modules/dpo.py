@@ -343,8 +343,9 @@ class DPOModule(TrainingModule):
         log_step = self._on_log_step()
         loss, metrics = self._step(batch, with_metrics=log_step)
         self._track_non_finite(loss)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()})
+        if log_step:
+            self.log("train/loss", loss, prog_bar=True)
+            self.log_dict({f"train/{k}": v for k, v in metrics.items()})
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

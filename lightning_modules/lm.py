@@ -119,8 +119,8 @@ class LMModule(TrainingModule):
         out = self._forward(batch, with_loss=True)
         loss = out.loss
         self._track_non_finite(loss)
-        self.log("train/loss", loss, prog_bar=True)
         if self._on_log_step():
+            self.log("train/loss", loss, prog_bar=True)
             if out.logits is not None:  # Liger's fused loss (kernels.fused_linear_cross_entropy) forms no logits
                 with torch.no_grad():
                     correct, n = label_hits(out.logits, batch["labels"])

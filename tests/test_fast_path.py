@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, compose_cfg
 from hydra import compose, initialize_config_dir
+from lightning.pytorch import LightningModule
 
 from lightning_modules.lm import lm_forward
 from lmlab.core.collate import CausalCollator
 from lmlab.core.models import build_model
+from train import train
 
 
 def tiny_model(name: str, tokenizer):
@@ -141,3 +143,23 @@ def test_kernels_refuse_what_liger_cannot_do_before_touching_the_model(tiny_toke
     with pytest.raises(ValueError, match=r"does not run under compile=true"):
         apply_kernels(llama, {"fused_linear_cross_entropy": True, "rms_norm": True}, compile=True)
     assert calls == []
+
+
+def test_training_steps_log_only_at_log_steps(tmp_path, monkeypatch):
+    """Each self.log costs host time at every call (Lightning walks the stored metric to move it to the value's
+    device), and Lightning writes training metrics at log steps only: the objectives log there alone."""
+    logged: list[tuple[int, str]] = []
+    log = LightningModule.log
+
+    def spy(self, name, *args, **kwargs):
+        if self.trainer.training:
+            logged.append((self.global_step, name))
+        return log(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(LightningModule, "log", spy)
+    for stage in ("pretrain", "classify"):
+        logged.clear()
+        overrides = [f"stage={stage}", "max_steps=6", "trainer.log_every_n_steps=3", "trainer.val_check_interval=6"]
+        train(compose_cfg(tmp_path / stage, overrides))
+        assert {step for step, _ in logged} == {2, 5}, (stage, logged)
+        assert {"train/loss", "lr"} <= {name for _, name in logged}, stage

@@ -117,9 +117,10 @@ class MemorizationGuard(L.Callback):
         self._tokens += sum(batch["document_lengths"]) if "document_lengths" in batch else batch["attention_mask"].sum()
         self.batches_seen += 1
         step = trainer.global_step
-        if step % trainer.log_every_n_steps == 0 and step != self.sampled_step:
+        loss = trainer.callback_metrics.get(TRAIN_LOSS)  # none before the first log step (gradient accumulation)
+        if step % trainer.log_every_n_steps == 0 and step != self.sampled_step and loss is not None:
             self.sampled_step = step
-            self.train_losses.append(float(trainer.callback_metrics[TRAIN_LOSS]))
+            self.train_losses.append(float(loss))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
