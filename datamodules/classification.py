@@ -15,6 +15,7 @@ val and test messages.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -106,16 +107,24 @@ class ClassificationCollator:
 class PackedClassificationCollator:
     """Padding-free classification batches (``packing=true``): the texts end to end in one row, with
     lmlab.core.collate.pack's ``position_ids`` (restarting with every text, so each attends to itself only) and
-    ``document_lengths`` (where the classifier pools each text's last token); ``labels`` one class id per text."""
+    ``document_lengths``; ``labels`` one class id per text; ``pool_positions`` the row position each text is
+    classified at. That is the position transformers' sequence classifiers pool at in a padded batch (and at
+    inference): the text's last token whose id is not the pad id (its first token if it has none), so a text that
+    ends in a pad id (an EOS that doubles as padding) is classified at the token before, as there."""
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
         self.pad_id = pad_id
         self.multiple = max(1, pad_to_multiple_of)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor | list[int]]:
+        rows = [torch.as_tensor(s["input_ids"]) for s in samples]
+        batch = pack(rows, self.pad_id, self.multiple)
+        starts = [0, *itertools.accumulate(len(row) for row in rows)][:-1]
+        pooled = [(row != self.pad_id).nonzero().max().item() if (row != self.pad_id).any() else 0 for row in rows]
         return {
-            **pack([s["input_ids"] for s in samples], self.pad_id, self.multiple),
+            **batch,
             "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "pool_positions": torch.tensor([start + i for start, i in zip(starts, pooled, strict=True)]),
         }
 
 

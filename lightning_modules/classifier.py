@@ -268,8 +268,9 @@ class ClassifierModule(TrainingModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class logits [texts, classes]. A padded batch: the model's own, pooled at each row's last real token. A
         packed one (datamodules/classification.PackedClassificationCollator: ``position_ids`` isolate the texts):
-        the head applied to the final hidden state of each text's last token, which is where the padded batch pools
-        (the model's own pooling would take one token per row)."""
+        the head applied to the final hidden state at each text's ``pool_positions``, where the padded batch pools
+        (the model's own pooling would take one token per row). All the layers' hidden states are returned for that;
+        training keeps them for the backward anyway, evaluation holds them for the step."""
         if "document_lengths" not in batch:
             return self.model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -277,8 +278,7 @@ class ClassifierModule(TrainingModule):
         out = self.model(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_hidden_states=True, use_cache=False
         )
-        ends = torch.tensor(batch["document_lengths"], device=out.logits.device).cumsum(0) - 1
-        return self.model.score(out.hidden_states[-1][0, ends])
+        return self.model.score(out.hidden_states[-1][0, batch["pool_positions"]])
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, weight=self.class_weights)

@@ -20,6 +20,8 @@ from test_nan_guard import run_ranks
 from test_resume_epochs import checkpoint_at, resume_from
 from transformers import AutoModelForCausalLM
 
+from lightning_modules.base import SHARDED_KEY
+from lmlab.train.sharding import check_resume
 from train import train
 
 # the presets on 2 CPU ranks: what the tests of strategy=ddp set, the rest as the preset has it
@@ -189,3 +191,14 @@ def test_a_checkpoint_resumed_across_fsdp_and_ddp_is_refused_at_startup(tmp_path
         train(compose_cfg(resumed, [*overrides(text, now), "resume=auto"]))
     assert ("trainer=fsdp" in str(error.value).split("this run uses")[now == "fsdp"]) is True
     assert sorted(p.name for p in resumed.iterdir()) == ["checkpoints", "tokenizer"], "nothing was written"
+
+
+def test_a_checkpoint_without_the_sharded_flag_is_let_through(tmp_path):
+    """One written before checkpoints recorded it cannot tell which trainer wrote it: no refusal either way."""
+    checkpoint = tmp_path / "old.ckpt"
+    torch.save({"global_step": 3}, checkpoint)
+    for preset in ("ddp", "fsdp"):
+        check_resume(checkpoint, compose_cfg(tmp_path, [f"trainer={preset}"]))
+    torch.save({"global_step": 3, SHARDED_KEY: True}, checkpoint)
+    with pytest.raises(ValueError, match="written under trainer=fsdp"):
+        check_resume(checkpoint, compose_cfg(tmp_path, ["trainer=ddp"]))

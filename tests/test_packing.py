@@ -181,8 +181,9 @@ def test_packed_dpo_loss_metrics_and_gradients_equal_the_padded_batchs(family, l
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
 def test_packed_class_logits_loss_and_gradients_equal_the_padded_batchs(family):
-    """A packed classification row (texts end to end, positions restarting) pools each text's last token: the same
-    class logits as the padded batch, per text, and the same loss and gradients."""
+    """A packed classification row (texts end to end, positions restarting) pools each text where the padded batch
+    does, at its last token that is not the pad id (one text ends in it): the same class logits as the padded batch,
+    per text, and the same loss and gradients."""
     lm = tiny(family, "sdpa")
     config = lm.config
     config.num_labels, config.pad_token_id = 2, 0
@@ -191,6 +192,7 @@ def test_packed_class_logits_loss_and_gradients_equal_the_padded_batchs(family):
         AutoModelForSequenceClassification.from_config(config).eval(), {}, ["ham", "spam"], "all", None, 0.0
     )
     texts = [{"input_ids": s["input_ids"], "label": i % 2} for i, s in enumerate(samples())]
+    texts[1]["input_ids"] = torch.cat([texts[1]["input_ids"], torch.tensor([0])])  # ends in the pad id (an EOS)
     outs = []
     for collate in (ClassificationCollator(0, "right"), PackedClassificationCollator(0, pad_to_multiple_of=8)):
         batch = collate(texts)

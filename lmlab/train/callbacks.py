@@ -33,6 +33,11 @@ def _tokens(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].numel()
 
 
+def _samples(batch: dict[str, torch.Tensor]) -> int:
+    """Samples in a batch: its rows, or a packed row's samples (lmlab.core.collate.pack's ``document_lengths``)."""
+    return len(batch["document_lengths"]) if "document_lengths" in batch else batch["input_ids"].shape[0]
+
+
 def early_stopping(patience: int | None, **kwargs: Any) -> EarlyStopping | None:
     """Lightning's EarlyStopping, or None (train.py drops it) when ``patience`` is null.
 
@@ -52,9 +57,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
     """
 
     def __init__(self, window_size: int, peak_flops: float | None, peak_bf16_flops: dict[str, float], **kwargs: Any):
-        super().__init__(
-            batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=_tokens, window_size=window_size, **kwargs
-        )
+        super().__init__(batch_size_fn=_samples, length_fn=_tokens, window_size=window_size, **kwargs)
         self.peak_flops = peak_flops
         self.peak_bf16_flops = dict(peak_bf16_flops)
         self._untimed: dict[RunningStage, tuple[int, float]] = {}  # batches and FLOPs counted since the last timing

@@ -139,20 +139,20 @@ def check_sharding(cfg: DictConfig) -> None:
 def check_resume(checkpoint: Path, cfg: DictConfig) -> None:
     """Refuse to resume a checkpoint across trainer=fsdp and the unsharded presets, before anything is built.
 
-    Both write whole files, but FSDP's optimizer state is keyed by parameter name and DDP's (any unsharded run's)
-    by position, so torch fails deep in the restore ("loaded state dict contains a parameter group that doesn't match
-    ..."). The weights alone move freely: ``init_from=<run>`` starts a new run from the run's hf/ export.
+    Both write whole files, but the optimizer state of one does not line up with the other's parameters (FSDP groups
+    and orders them by its wrapping): torch failed deep in the restore ("loaded state dict contains a parameter group
+    that doesn't match the size of optimizer's group"). A checkpoint from before the flag was written (SHARDED_KEY)
+    cannot tell, and is let through.
     """
-    written_sharded = bool(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(SHARDED_KEY))
-    if written_sharded == is_sharded(cfg):
+    written_sharded = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(SHARDED_KEY)
+    if written_sharded is None or written_sharded == is_sharded(cfg):
         return
-    then, now = (
-        ("trainer=fsdp", "an unsharded trainer") if written_sharded else ("an unsharded trainer", "trainer=fsdp")
-    )
+    kinds = {True: "trainer=fsdp", False: "an unsharded trainer (cpu, gpu, ddp)"}
+    run = checkpoint.parent.parent
     raise ValueError(
-        f"{checkpoint} was written under {then} and this run uses {now}: their optimizer states have other layouts, "
-        f"so resume it with the trainer it was written with, or start a new run from its weights with "
-        f"init_from={checkpoint.parent.parent}"
+        f"{checkpoint} was written under {kinds[written_sharded]} and this run uses {kinds[not written_sharded]}: "
+        f"their optimizer states do not line up, so resume it with the trainer it was written with; to go on under "
+        f"the other, let that run finish (it exports {run / 'hf'}) and start a new one from it with init_from={run}"
     )
 
 
