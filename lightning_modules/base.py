@@ -81,7 +81,9 @@ class TrainingModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._new_non_finite_record(self.device)  # where the losses are; module.to() moves no plain tensor
 
-    def _count_flops(self, batch: dict[str, torch.Tensor], factor: float = 1.0) -> None:
+    def _count_flops(
+        self, batch: dict[str, torch.Tensor], factor: float = 1.0, encoder_rows: int | None = None
+    ) -> None:
         """Set flops_per_batch (read by ThroughputMonitor for MFU) to the batch's training FLOPs, ``factor`` times for
         extra passes (DPO's live reference: 4/3).
 
@@ -90,6 +92,7 @@ class TrainingModule(L.LightningModule):
         before the first step (LMModule's ``freeze``, ClassifierModule's ``trainable``). A vision-language
         batch's images (``pixel_values``, one row per image) are passed on as ``images``: its tower and
         projector run per image, which the token shapes do not tell; the cache is keyed on them too.
+        ``encoder_rows``: lmlab.core.models.flops_per_batch's (DPO's encoder-decoder batches encode half their rows).
         """
         images = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
         if "document_lengths" in batch:  # packed: the attention term grows with each sample's length, not the row's
@@ -98,9 +101,9 @@ class TrainingModule(L.LightningModule):
             self.flops_per_batch = self._packed_flops(batch["input_ids"].numel(), batch["document_lengths"]) * factor
             return
         shapes = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
-        key = (*shapes, images)
+        key = (*shapes, images, encoder_rows)
         if key not in self._flops:
-            self._flops[key] = flops_per_batch(self.model, *shapes, images=images)
+            self._flops[key] = flops_per_batch(self.model, *shapes, images=images, encoder_rows=encoder_rows)
         self.flops_per_batch = self._flops[key] * factor
 
     def _packed_flops(self, tokens: int, lengths: list[int]) -> float:

@@ -163,3 +163,51 @@ def test_training_steps_log_only_at_log_steps(tmp_path, monkeypatch):
         train(compose_cfg(tmp_path / stage, overrides))
         assert {step for step, _ in logged} == {2, 5}, (stage, logged)
         assert {"train/loss", "lr"} <= {name for _, name in logged}, stage
+
+
+def test_dpo_encodes_a_t5_pairs_shared_prompt_once_with_the_same_logits_and_gradients(tiny_tokenizer):
+    """preference_logits runs T5's encoder on half the rows (both answers of a pair share the prompt): the logits and
+    every gradient equal two encoder passes', the FLOPs count the encoder once, and a batch whose halves differ is
+    refused by its collator."""
+    from lightning_modules.dpo import preference_logits
+    from lmlab.core.collate import PreferenceCollator, Seq2SeqCollator
+    from lmlab.core.models import flops_per_batch
+
+    model = tiny_model("t5-tiny", tiny_tokenizer).train()
+    g = torch.Generator().manual_seed(0)
+
+    def sample(n_in: int, n_out: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": torch.randint(3, 50, (n_in,), generator=g),
+            "labels": torch.randint(3, 50, (n_out,), generator=g),
+        }
+
+    items = []
+    for n_in, n_out in ((7, 4), (3, 6)):
+        chosen, rejected = sample(n_in, n_out), sample(n_in, n_out + 1)
+        rejected["input_ids"] = chosen["input_ids"]
+        items.append({"chosen": chosen, "rejected": rejected})
+    batch = PreferenceCollator(Seq2SeqCollator(tiny_tokenizer.pad_token_id))(items)
+    outs = []
+    for forward in (preference_logits, lambda m, b: lm_forward(m, b, with_loss=False).logits):
+        model.zero_grad()
+        logits = forward(model, batch)
+        (logits.float().log_softmax(-1).amax(-1) * (batch["labels"] != -100)).sum().backward()
+        outs.append((logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (once, once_grads), (twice, twice_grads) = outs
+    torch.testing.assert_close(once, twice)
+    assert once_grads.keys() == twice_grads.keys()
+    for name, grad in twice_grads.items():
+        torch.testing.assert_close(once_grads[name], grad, msg=name)
+
+    rows, shapes = batch["input_ids"].shape[0], (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
+
+    def encoder_flops(n: int) -> float:  # what n encoder rows add to the batch's count
+        return flops_per_batch(model, *shapes) - flops_per_batch(model, *shapes, encoder_rows=rows - n)
+
+    assert encoder_flops(rows) > 0
+    assert encoder_flops(rows // 2) == pytest.approx(encoder_flops(rows) / 2)
+
+    items[1]["rejected"] = sample(3, 5)
+    with pytest.raises(ValueError, match="pair 1 of the batch: its chosen and rejected answers have other encoder"):
+        PreferenceCollator(Seq2SeqCollator(tiny_tokenizer.pad_token_id))(items)

@@ -95,7 +95,8 @@ class PreferenceCollator:
     ``inner`` (the arch's collator) batches ``[chosen_1..chosen_B, rejected_1..rejected_B]``, so the
     policy and the reference model each run once over both halves; rows ``:B`` are the chosen answers
     and rows ``B:`` the rejected ones. For an encoder-decoder both halves hold the same encoder input
-    with different labels. Items that carry the reference's log-probs (``ref_chosen_logps``,
+    with different labels (checked here, on the host: DPO encodes it once, lightning_modules/dpo.preference_logits).
+    Items that carry the reference's log-probs (``ref_chosen_logps``,
     ``ref_rejected_logps``: floats or 0-d tensors, computed once before training, as TRL's
     precompute_ref_log_probs adds them as dataset columns) give the batch those fields too,
     FloatTensor[B] each, in the pairs' order.
@@ -105,6 +106,13 @@ class PreferenceCollator:
         self.inner = inner
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        if isinstance(self.inner, Seq2SeqCollator):
+            for i, item in enumerate(items):
+                chosen, rejected = (torch.as_tensor(item[k]["input_ids"]) for k in ("chosen", "rejected"))
+                if not torch.equal(chosen, rejected):
+                    raise ValueError(
+                        f"pair {i} of the batch: its chosen and rejected answers have other encoder inputs"
+                    )
         batch = self.inner([item["chosen"] for item in items] + [item["rejected"] for item in items])
         if REF_LOGPS[0] in items[0]:  # all or none: a pair without them raises KeyError here
             for key in REF_LOGPS:

@@ -412,7 +412,11 @@ def image_flops(model: PreTrainedModel) -> float:
 
 
 def flops_per_batch(
-    model: PreTrainedModel, input_shape: tuple[int, int], label_shape: tuple[int, ...], images: int = 0
+    model: PreTrainedModel,
+    input_shape: tuple[int, int],
+    label_shape: tuple[int, ...],
+    images: int = 0,
+    encoder_rows: int | None = None,
 ) -> float:
     """Training FLOPs of one batch, for MFU (ThroughputMonitor), frozen parameters accounted for.
 
@@ -426,6 +430,8 @@ def flops_per_batch(
     A vision-language model's batch also holds ``images`` images (its ``pixel_values.shape[0]``),
     each :func:`image_flops`: the tower and projector run per image, not per token, so the count
     cannot come from the token shapes. An argument, not read from the model: only the batch knows.
+    ``encoder_rows``: the rows an encoder-decoder's encoder runs on, where fewer than the decoder's (DPO encodes a
+    pair's shared prompt once for both answers); None: every row.
     """
     if is_vision_language(model.config):
         tokens = input_shape[0] * input_shape[1]
@@ -448,7 +454,7 @@ def flops_per_batch(
     enc = _parameter_flops(encoder, encoder_trainable, frozen_encoder) + 12 * cfg.num_layers * cfg.d_model * enc_len
     dec = _parameter_flops(decoder, decoder_trainable, frozen_decoder)
     dec += 12 * cfg.num_decoder_layers * cfg.d_model * (dec_len + enc_len)
-    return batch * (enc * enc_len + dec * dec_len)
+    return (batch if encoder_rows is None else encoder_rows) * enc * enc_len + batch * dec * dec_len
 
 
 def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
