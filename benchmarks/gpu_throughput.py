@@ -231,7 +231,8 @@ def run_lmlab(args: argparse.Namespace, work: Path, raw_config: dict, extra: Seq
     write_corpus(work / "train.txt", tokens, args.vocab_size)
     write_corpus(work / "val.txt", 2 * WORDS_PER_DOC, args.vocab_size, seed=1)
 
-    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():  # this run's peak, not an earlier run's in the process
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     train.train(cfg)
     fit_s = time.perf_counter() - t0
