@@ -120,12 +120,18 @@ class PackedClassificationCollator:
         rows = [torch.as_tensor(s["input_ids"]) for s in samples]
         batch = pack(rows, self.pad_id, self.multiple)
         starts = [0, *itertools.accumulate(len(row) for row in rows)][:-1]
-        pooled = [(row != self.pad_id).nonzero().max().item() if (row != self.pad_id).any() else 0 for row in rows]
         return {
             **batch,
             "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-            "pool_positions": torch.tensor([start + i for start, i in zip(starts, pooled, strict=True)]),
+            "pool_positions": torch.tensor(
+                [start + self._pooled(row) for start, row in zip(starts, rows, strict=True)]
+            ),
         }
+
+    def _pooled(self, row: torch.Tensor) -> int:
+        """The position in ``row`` transformers pools at: its last non-pad token, else its first."""
+        non_pad = (row != self.pad_id).nonzero()
+        return int(non_pad[-1]) if len(non_pad) else 0
 
 
 class ClassificationDataModule(LMDataModule):

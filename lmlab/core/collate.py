@@ -144,21 +144,25 @@ class PackedCausalCollator:
         lengths = [len(row) for row in ids]
         if 0 in lengths:  # no token left to start it (position 0): it would merge with its neighbour
             raise ValueError(f"sample {lengths.index(0)} of the batch has fewer than 2 tokens: nothing to pack")
-        return {
-            **pack(ids, self.pad_id, self.multiple),
-            "labels": pack(labels, IGNORE_INDEX, self.multiple)["input_ids"],
-        }
+        return {**pack(ids, self.pad_id, self.multiple), "labels": packed_row(labels, IGNORE_INDEX, self.multiple)}
+
+
+def packed_row(rows: Sequence[torch.Tensor], fill: int, multiple: int) -> torch.Tensor:
+    """``rows`` end to end in one LongTensor[1, L], padded at its end with ``fill`` to a multiple of ``multiple``."""
+    total = sum(len(row) for row in rows)
+    return torch.cat([*map(torch.as_tensor, rows), torch.full((round_up(total, multiple) - total,), fill)]).long()[None]
 
 
 def pack(rows: Sequence[torch.Tensor], pad_id: int, multiple: int) -> dict[str, torch.Tensor | list[int]]:
-    """``rows`` end to end in one row [1, L] (``input_ids``), padded at its end with ``pad_id`` to a multiple of
-    ``multiple``; ``position_ids`` restarting at 0 with every row (and the padding tail); ``document_lengths``."""
+    """``rows`` end to end in one row (``input_ids``, packed_row); ``position_ids`` restarting at 0 with every row
+    (and the padding tail); ``document_lengths``."""
     lengths = [len(row) for row in rows]
     if 0 in lengths:
         raise ValueError(f"row {lengths.index(0)} is empty: an empty sample cannot be packed")
-    tail = round_up(sum(lengths), multiple) - sum(lengths)
+    input_ids = packed_row(rows, pad_id, multiple)
+    tail = input_ids.shape[1] - sum(lengths)
     return {
-        "input_ids": torch.cat([*map(torch.as_tensor, rows), torch.full((tail,), pad_id)]).long().unsqueeze(0),
+        "input_ids": input_ids,
         "position_ids": torch.cat([torch.arange(n) for n in [*lengths, tail]]).unsqueeze(0),
         "document_lengths": lengths,
     }
