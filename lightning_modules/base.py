@@ -132,11 +132,15 @@ class TrainingModule(L.LightningModule):
         """The work of a logging step: stop on a non-finite loss or gradient norm flagged since the last one and log
         the lr. Returns whether this step is one: the objectives log their training metrics only there. Lightning
         writes training metrics at log steps alone anyway, and each ``self.log`` costs host time at every call (it
-        walks the stored metric to move it to the value's device: ~1.4 ms a call on a 2-core CPU)."""
+        walks the stored metric to move it to the value's device: ~1.4 ms a call on a 2-core CPU).
+
+        No training metric is logged with ``prog_bar=True``: Lightning reads every such value back to the host at the
+        end of every batch (``.item()``, a host sync that drains the GPU's queue), log step or not, because it keeps
+        the last logged value. lmlab.train.callbacks.ProgressBar shows them, read at its own refreshes."""
         if not self._is_log_step():
             return False
         self._raise_if_non_finite()
-        self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])
         return True
 
     def _raise_if_non_finite(self) -> None:

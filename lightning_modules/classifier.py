@@ -289,7 +289,7 @@ class ClassifierModule(TrainingModule):
         loss = self._loss(logits, batch["labels"])
         self._track_non_finite(loss)
         if self._on_log_step():
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/loss", loss)
             self.log("train/acc", (logits.argmax(-1) == batch["labels"]).float().mean())  # this batch's, as before
         return loss
 

@@ -366,7 +366,7 @@ class DPOModule(TrainingModule):
         loss, metrics = self._step(batch, with_metrics=log_step)
         self._track_non_finite(loss)
         if log_step:
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/loss", loss)
             self.log_dict({f"train/{k}": v for k, v in metrics.items()})
         return loss
 

@@ -120,7 +120,7 @@ class LMModule(TrainingModule):
         loss = out.loss
         self._track_non_finite(loss)
         if self._on_log_step():
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/loss", loss)
             if out.logits is not None:  # Liger's fused loss (kernels.fused_linear_cross_entropy) forms no logits
                 with torch.no_grad():
                     correct, n = label_hits(out.logits, batch["labels"])

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import REPO, compose_cfg
 from hydra import compose, initialize_config_dir
 from lightning.pytorch import LightningModule
+from torch.overrides import TorchFunctionMode
 
 from lightning_modules.lm import lm_forward
 from lmlab.core.collate import CausalCollator
@@ -145,24 +149,61 @@ def test_kernels_refuse_what_liger_cannot_do_before_touching_the_model(tiny_toke
     assert calls == []
 
 
-def test_training_steps_log_only_at_log_steps(tmp_path, monkeypatch):
-    """Each self.log costs host time at every call (Lightning walks the stored metric to move it to the value's
-    device), and Lightning writes training metrics at log steps only: the objectives log there alone."""
-    logged: list[tuple[int, str]] = []
-    log = LightningModule.log
+class HostReads(TorchFunctionMode):
+    """Records the training step of every call that reads a tensor's value on the host (``.item()``, ``.tolist()``,
+    ``bool()``, ``float()``...): on a GPU each waits for the device to finish its queue of kernels. Left out: the data
+    loader's (its tensors are on the host) and transformers' eager-only check for packed rows (traced away under
+    compile)."""
 
-    def spy(self, name, *args, **kwargs):
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "nonzero", "cpu"}
+
+    def __init__(self, step: dict):
+        super().__init__()
+        self.step, self.seen = step, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS and self.step["now"] is not None:
+            stack = traceback.extract_stack()
+            if not any("utils/data" in f.filename or f.filename.endswith("masking_utils.py") for f in stack):
+                where = [f"{Path(f.filename).name}:{f.lineno}" for f in stack if "/torch/" not in f.filename]
+                self.seen.append((self.step["now"], func.__name__, where[-3:]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_steps_log_and_read_the_device_only_at_log_steps(tmp_path, monkeypatch):
+    """Between log steps a training step never waits for the device: nothing in the loop, the objective or the
+    callbacks reads a tensor back to the host (Lightning read prog_bar metrics at every batch's end, the
+    memorization guard read the loss at every step). And each self.log costs host time at every call (Lightning walks
+    the stored metric to move it to the value's device): the objectives log at log steps alone, as Lightning writes
+    training metrics there only. Fused AdamW, as trainer=gpu runs it: CPU AdamW reads its step counts."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    logged: list[tuple[int, str]] = []
+    log, advance = LightningModule.log, _TrainingEpochLoop.advance
+    step = {"now": None}
+
+    def log_spy(self, name, *args, **kwargs):
         if self.trainer.training:
             logged.append((self.global_step, name))
         return log(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(LightningModule, "log", spy)
+    def advance_spy(self, *args, **kwargs):
+        step["now"] = self.trainer.global_step
+        try:
+            return advance(self, *args, **kwargs)
+        finally:
+            step["now"] = None
+
+    monkeypatch.setattr(LightningModule, "log", log_spy)
+    monkeypatch.setattr(_TrainingEpochLoop, "advance", advance_spy)
     for stage in ("pretrain", "classify"):
         logged.clear()
         overrides = [f"stage={stage}", "max_steps=6", "trainer.log_every_n_steps=3", "trainer.val_check_interval=6"]
-        train(compose_cfg(tmp_path / stage, overrides))
-        assert {step for step, _ in logged} == {2, 5}, (stage, logged)
+        with HostReads(step) as reads:
+            train(compose_cfg(tmp_path / stage, [*overrides, "optim.optimizer.fused=true"]))
+        assert {s for s, _ in logged} == {2, 5}, (stage, logged)
         assert {"train/loss", "lr"} <= {name for _, name in logged}, stage
+        assert {s for s, _, _ in reads.seen} == {2, 5}, (stage, [r for r in reads.seen if r[0] not in (2, 5)])
 
 
 def test_dpo_encodes_a_t5_pairs_shared_prompt_once_with_the_same_logits_and_gradients(tiny_tokenizer):

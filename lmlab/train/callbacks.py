@@ -120,11 +120,26 @@ class TokenThroughputMonitor(ThroughputMonitor):
 
 
 class ProgressBar(TQDMProgressBar):
-    """tqdm bar with loss and lr (logged with prog_bar) plus tokens/s from the throughput monitor."""
+    """tqdm bar with the training ``metrics`` named in conf (e.g. train/loss, lr), tokens/s from the throughput
+    monitor, and what validation logs with prog_bar.
+
+    The training metrics are read here, at the bar's refreshes (every ``refresh_rate`` batches), and not logged with
+    prog_bar=True: Lightning reads a prog_bar value back to the host at the end of every batch, which waits for the
+    GPU to finish its queue: a host sync per step. With refresh_rate equal to
+    trainer.log_every_n_steps the bar refreshes at the log steps, which wait for the GPU anyway.
+    """
+
+    def __init__(self, refresh_rate: int, metrics: list[str]):
+        super().__init__(refresh_rate=refresh_rate)
+        self.metrics = list(metrics)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        logged = trainer.callback_metrics
+        for name in self.metrics:
+            if name in logged:
+                metrics[name] = f"{float(logged[name]):.4g}"
         for key, value in trainer.logged_metrics.items():
             if key.startswith("train") and key.endswith("items_per_sec"):
                 metrics["tok/s"] = f"{float(value):,.0f}"

@@ -117,8 +117,10 @@ class MemorizationGuard(L.Callback):
         self._tokens += sum(batch["document_lengths"]) if "document_lengths" in batch else batch["attention_mask"].sum()
         self.batches_seen += 1
         step = trainer.global_step
+        if step % trainer.log_every_n_steps or step == self.sampled_step:  # read the loss at log steps only
+            return
         loss = trainer.callback_metrics.get(TRAIN_LOSS)  # none before the first log step (gradient accumulation)
-        if step % trainer.log_every_n_steps == 0 and step != self.sampled_step and loss is not None:
+        if loss is not None:
             self.sampled_step = step
             self.train_losses.append(float(loss))
 
