@@ -22,6 +22,11 @@ vocab 6400), bf16 autocast, fused AdamW, grad clip 1.0, the preset's dropout (0 
     module for the rest of the process (lmlab.core.kernels), so a kernel once on stays on, and each row's config
     names every kernel it ran.
 
+(d) with ``--profile-steps N``: N more steps a side under torch.profiler (CPU and CUDA activity), after the timed
+    ones (lmlab: a callback, StepProfiler, the steps after the throughput rows, which leave them out): wall ms per
+    step, the GPU's kernel ms per step (self device time of every kernel and copy) and the kernels whose time a step
+    differs most between the sides, to tell whether lmlab's extra time is work on the GPU or the GPU waiting.
+
 MFU on both sides is ``lmlab.core.models.flops_per_token`` (6N + 12*L*d*T) x tokens/s over the GPU's dense
 bf16 peak from conf/callbacks/default.yaml (``callbacks.throughput.peak_bf16_flops``), as lmlab logs it. Peak
 memory is ``torch.cuda.max_memory_allocated``, reset between the sides. Prints a JSON object and a markdown
@@ -31,6 +36,7 @@ folder (``benchmarks/results/`` keeps the ones worth keeping).
     python benchmarks/gpu_throughput.py                 # GPU: warmup 30, 300 timed steps a side
     python benchmarks/gpu_throughput.py --smoke         # CPU check: gpt2-tiny, seq 64, batch 4, no compile
     python benchmarks/gpu_throughput.py --preset llama --batch-size 32 --seq-len 512 --kernels-ablation
+    python benchmarks/gpu_throughput.py --preset llama --batch-size 32 --seq-len 512 --profile-steps 20
 
 On a machine without hydra-core/omegaconf/torchdata, install them first (the repo's train.py needs them).
 """
@@ -53,6 +59,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -116,6 +123,61 @@ def peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+def profile_summary(prof, steps: int, wall_s: float, top: int = 25) -> dict:
+    """A torch.profiler run of ``steps`` training steps that took ``wall_s``: per step, wall ms, the GPU's busy ms (the
+    self device time of its kernels and copies) and the ``top`` device events and host functions by time."""
+    events = prof.key_averages()
+    kernels = (e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0)
+    # kernels and copies: neither the ops launching them nor the spans of annotations (Optimizer.step#AdamW.step, whose
+    # span on the GPU holds lmlab's whole forward and backward: Lightning runs them in the optimizer's closure)
+    device = sorted((e for e in kernels if not e.is_user_annotation), key=lambda e: -e.self_device_time_total)
+    host = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    busy_us = sum(e.self_device_time_total for e in device)
+    return {
+        "steps": steps,
+        "wall_ms_per_step": 1e3 * wall_s / steps,
+        "device_busy_ms_per_step": busy_us / 1e3 / steps,
+        "device": {e.key[:120]: [e.self_device_time_total / 1e3 / steps, e.count / steps] for e in device[:top]},
+        "host": {e.key[:120]: e.self_cpu_time_total / 1e3 / steps for e in host[:top]},
+        "device_all_ms": {e.key[:120]: e.self_device_time_total / 1e3 / steps for e in device},
+    }
+
+
+def profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=activities)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepProfiler(L.Callback):
+    """Lightning callback (added to the lmlab run by --profile-steps): torch.profiler over the ``steps`` training steps
+    from ``start`` (0-based global steps), its profile_summary written as JSON to ``out``."""
+
+    def __init__(self, start: int, steps: int, out: str):
+        self.start, self.steps, self.out = start, steps, Path(out)
+        self.prof, self.t0 = None, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.start and self.prof is None:
+            sync()
+            self.prof = profiler().__enter__()
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.prof is not None and trainer.global_step == self.start + self.steps:
+            sync()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            self.out.write_text(json.dumps(profile_summary(self.prof, self.steps, wall)))
+            self.prof = None
+
+
 def compose_config(args: argparse.Namespace, work: Path, max_steps: int, extra: Sequence[str] = ()):
     """The config ``python train.py <lmlab_overrides>`` composes."""
     from hydra import compose, initialize_config_dir
@@ -170,8 +232,19 @@ def run_raw(args: argparse.Namespace, work: Path, steps: int) -> dict:
     else:
         elapsed = time.perf_counter() - t0
     tokens_per_sec = steps * args.batch_size * args.seq_len / elapsed
+    profiled = None
+    if args.profile_steps:
+        sync()
+        with profiler() as prof:
+            t0 = time.perf_counter()
+            for i in range(args.profile_steps):
+                step(batches[i % len(batches)])
+            sync()
+            wall = time.perf_counter() - t0
+        profiled = profile_summary(prof, args.profile_steps, wall)
     peak = gpu_peak_flops()
     return {
+        "profile": profiled,
         "tokens_per_sec": tokens_per_sec,
         "mfu": flops_per_token(model, args.seq_len) * tokens_per_sec / peak if peak else None,
         "peak_mem_gib": peak_gib(),
@@ -224,6 +297,16 @@ def run_lmlab(args: argparse.Namespace, work: Path, raw_config: dict, extra: Seq
     span = (window - 1) * cfg.trainer.log_every_n_steps
     first_step = args.warmup + span - 1
     max_steps = args.warmup + span + args.steps
+    profile_start, profile_out = max_steps, work / "profile.json"
+    if args.profile_steps:  # after the timed steps; their rows are left out below
+        extra = [
+            *extra,
+            "+callbacks.step_profiler._target_=gpu_throughput.StepProfiler",
+            f"+callbacks.step_profiler.start={profile_start}",
+            f"+callbacks.step_profiler.steps={args.profile_steps}",
+            f"+callbacks.step_profiler.out={profile_out}",
+        ]
+        max_steps += args.profile_steps + 1
     cfg = compose_config(args, work, max_steps, extra)
     shutil.rmtree(work / "run", ignore_errors=True)  # the last run's folder: this run starts fresh
     # Enough training text for every step without a second epoch (whose start would save last.ckpt).
@@ -254,10 +337,11 @@ def run_lmlab(args: argparse.Namespace, work: Path, raw_config: dict, extra: Seq
         for r in rows
         if r.get("train/device/items_per_sec")
     ]
-    timed = [r for r in all_rows if r["step"] >= first_step]
+    timed = [r for r in all_rows if first_step <= r["step"] < profile_start]
     assert timed, f"no throughput rows at step >= {first_step} in metrics.csv: {all_rows}"
     mfus = [r["mfu"] for r in timed if r["mfu"] is not None]
     return {
+        "profile": json.loads(profile_out.read_text()) if args.profile_steps else None,
         "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed),
         "mfu": statistics.median(mfus) if mfus else None,
         "peak_mem_gib": peak_gib(),
@@ -322,7 +406,30 @@ def markdown(result: dict) -> str:
             name = " + ".join(side["kernels"]) or "no kernels"
             losses = ", ".join(f"{x:.4f}" for x in side["first_losses"])
             lines.append(f"- first logged train losses, {name}: {losses}")
+    if raw.get("profile") and lm and lm.get("profile"):
+        lines += profile_markdown(raw["profile"], lm["profile"])
     return "\n".join(lines) + "\n"
+
+
+def profile_markdown(raw: dict, lm: dict, top: int = 12) -> list[str]:
+    """The two sides' profiles: wall and GPU-busy ms per step, and the device events whose ms per step differ most."""
+    lines = [
+        "",
+        f"torch.profiler, {raw['steps']} steps a side (its own overhead included):",
+        "",
+        "| side | wall ms/step | GPU busy ms/step | GPU idle ms/step |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, side in (("raw HF loop", raw), ("lmlab", lm)):
+        wall, busy = side["wall_ms_per_step"], side["device_busy_ms_per_step"]
+        lines.append(f"| {name} | {wall:.2f} | {busy:.2f} | {wall - busy:.2f} |")
+    keys = set(raw["device_all_ms"]) | set(lm["device_all_ms"])
+    diff = {k: lm["device_all_ms"].get(k, 0.0) - raw["device_all_ms"].get(k, 0.0) for k in keys}
+    lines += ["", "| device event | raw ms/step | lmlab ms/step | lmlab - raw |", "| --- | ---: | ---: | ---: |"]
+    for k in sorted(keys, key=lambda k: -abs(diff[k]))[:top]:
+        r, m = raw["device_all_ms"].get(k, 0.0), lm["device_all_ms"].get(k, 0.0)
+        lines.append(f"| `{k[:80]}` | {r:.3f} | {m:.3f} | {diff[k]:+.3f} |")
+    return lines
 
 
 def save(result: dict, out: Path) -> None:
@@ -355,6 +462,9 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="extra Hydra override for the lmlab run (repeatable), e.g. optim.optimizer.fused=false",
+    )
+    parser.add_argument(
+        "--profile-steps", type=int, default=0, help="N more steps a side under torch.profiler (0: none)"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny CPU check: gpt2-tiny, seq 64, batch 4, no compile")
     args = parser.parse_args()

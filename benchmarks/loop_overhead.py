@@ -47,6 +47,7 @@ def main() -> None:
         lmlab_override=[*TINY, "optim.optimizer.fused=false"],
         vocab_size=64,
         kernels_ablation=False,
+        profile_steps=0,
     )
     with tempfile.TemporaryDirectory(prefix="lmlab_overhead_") as tmp:
         work = Path(tmp)

@@ -252,3 +252,35 @@ def test_dpo_encodes_a_t5_pairs_shared_prompt_once_with_the_same_logits_and_grad
     items[1]["rejected"] = sample(3, 5)
     with pytest.raises(ValueError, match="pair 1 of the batch: its chosen and rejected answers have other encoder"):
         PreferenceCollator(Seq2SeqCollator(tiny_tokenizer.pad_token_id))(items)
+
+
+def test_cudnn_sdpa_safe_forbids_cudnn_only_at_the_lengths_of_its_bug(tiny_tokenizer, monkeypatch):
+    """cudnn_sdpa=safe: SDPA may use cuDNN attention except where a query or key length is 64 mod 128, where its
+    backward returns NaN gradients (pytorch#196678; tests/test_gpu.py checks the kernels on a GPU). Off everywhere, a
+    compiled LLaMA on an H200 ran the memory-efficient kernel, 10% slower. A value that is none of the three is
+    refused by name."""
+    from lmlab.core.models import set_cudnn_attention
+
+    model = tiny_model("llama-tiny", tiny_tokenizer)
+    allowed = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        allowed.append((query.shape[-2], torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    try:
+        for mode in ("safe", False, True):
+            set_cudnn_attention(mode)
+            with torch.no_grad():
+                for length in (64, 128, 192):
+                    model(input_ids=torch.randint(3, 50, (1, length)), use_cache=False)
+        with pytest.raises(ValueError, match=r"cudnn_sdpa='on': one of true, false, safe"):
+            set_cudnn_attention("on")
+    finally:
+        set_cudnn_attention("safe")  # conf/train.yaml's, as train() leaves it
+    layers = model.config.num_hidden_layers
+    modes = ((False, True, False), (False,) * 3, (True,) * 3)  # safe, false, true at lengths 64, 128, 192
+    expected = [(n, on) for allowed_at in modes for n, on in zip((64, 128, 192), allowed_at, strict=True)]
+    assert allowed == [call for call in expected for _ in range(layers)]

@@ -109,3 +109,36 @@ def test_gpu_run_with_liger_kernels_learns(tmp_path):
         rows = list(csv.DictReader(f))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert losses[-1] < losses[0] / 2
+
+
+@pytest.mark.parametrize("length", [704, 768])
+def test_cudnn_sdpa_safe_keeps_the_bug_length_off_cudnn_and_the_rest_on_it(length):
+    """pytorch#196678: cuDNN attention's backward gives NaN query gradients for a masked attention over a length
+    64 mod 128 whose logits are all about -120 (benchmarks/sdpa_cudnn_probe.py). cudnn_sdpa=safe's sdpa attention gives
+    finite ones there and runs cuDNN at other lengths (the speed of a compiled LLaMA depends on it)."""
+    import math
+
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AttentionInterface
+
+    from lmlab.core.models import set_cudnn_attention
+
+    set_cudnn_attention("safe")
+    torch.manual_seed(0)
+    d = 64
+    q = torch.randn(1, 1, length, d, device="cuda", dtype=torch.bfloat16) * 0.1
+    k = torch.randn(1, 1, length, d, device="cuda", dtype=torch.bfloat16) * 0.1
+    v = torch.randn(1, 1, length, d, device="cuda", dtype=torch.bfloat16)
+    q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(d)
+    q.requires_grad_()
+    mask = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()[None, None]
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out, _ = AttentionInterface()["sdpa"](torch.nn.Module(), q, k, v, mask)
+            out.backward(torch.randn_like(out))
+            torch.cuda.synchronize()
+    finally:
+        set_cudnn_attention(True)  # torch's default, for the tests after this one
+    assert torch.isfinite(q.grad).all()
+    used_cudnn = any("cudnn" in e.key.lower() for e in prof.key_averages())
+    assert used_cudnn == (length % 128 != 64)

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
+    AttentionInterface,
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -26,23 +28,40 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lmlab.core.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
 
+WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"  # the model= presets
 
 
-def set_cudnn_attention(enabled: bool) -> None:
-    """Allow or forbid torch's cuDNN backend of scaled_dot_product_attention (flash and memory-efficient stay).
+def set_cudnn_attention(mode: bool | str) -> None:
+    """Allow (``true``), forbid (``false``) or allow except at the lengths of its bug (``safe``) torch's cuDNN backend
+    of scaled_dot_product_attention, for transformers' ``sdpa`` attention; flash and memory-efficient stay.
 
     Its backward pass (torch 2.11-2.13, H100/H200) returns NaN query gradients for masked attention over a
     length with ``length % 128 == 64`` once a head's logits in a row are all below about -88 (fp32 exp underflow of
     the logsumexp): pytorch/pytorch#196678. Batches padded to multiples of 64 meet that length, and T5 (whose
-    relative position bias always travels as a mask) and models with massive activations meet the logits.
+    relative position bias always travels as a mask) and models with massive activations meet the logits. Forbidding
+    it everywhere cost a compiled LLaMA 10% of its training throughput on an H200: transformers 5.17 hands a compiled
+    model's SDPA a mask, which leaves only the memory-efficient kernel when cuDNN is off (benchmarks/results/).
+    ``safe`` keeps attention whose query or key length is ``64 mod 128`` off cuDNN, and only that.
     """
-    torch.backends.cuda.enable_cudnn_sdp(enabled)
+    if mode not in (True, False, "safe"):
+        raise ValueError(f"cudnn_sdpa={mode!r}: one of true, false, safe")
+    torch.backends.cuda.enable_cudnn_sdp(bool(mode))
+    AttentionInterface.register("sdpa", _sdpa_off_cudnn_at_bug_lengths if mode == "safe" else sdpa_attention_forward)
+
+
+def _sdpa_off_cudnn_at_bug_lengths(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' sdpa attention; without cuDNN where a query or key length is 64 mod 128 (set_cudnn_attention)."""
+    if query.shape[-2] % 128 == 64 or key.shape[-2] % 128 == 64:
+        with sdpa_kernel(WITHOUT_CUDNN):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 def resolve_hf_dir(path: str | Path) -> Path:
