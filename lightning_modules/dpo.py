@@ -325,10 +325,13 @@ class DPOModule(TrainingModule):
             return self._logps(self.reference, batch)[0].chunk(2)
 
     def _step(self, batch: dict[str, torch.Tensor], with_metrics: bool) -> tuple[torch.Tensor, dict]:
-        """The loss, and (``with_metrics``: they cost a pass over the logits) TRL's metrics."""
+        """The loss, and (``with_metrics``: they cost a pass over the logits) TRL's metrics.
+
+        The reference runs first, as in TRL: its logits are freed before the policy's exist, which autograd keeps until
+        the backward. In the other order both were alive at once, one more ``[2B, T, vocab]`` tensor at the peak."""
+        ref_chosen, ref_rejected = self._reference_logps(batch)
         policy, logits = self._logps(self.model, batch)
         policy_chosen, policy_rejected = policy.chunk(2)
-        ref_chosen, ref_rejected = self._reference_logps(batch)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen,
             policy_rejected,
