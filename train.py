@@ -30,11 +30,11 @@ from lmlab.core.adapters import add_adapters, export_adapted, is_adapted, quanti
 from lmlab.core.kernels import apply_kernels
 from lmlab.core.models import (
     build_model,
+    cudnn_attention,
     export_hf,
     is_vision_language,
     load_model,
     resolve_hf_dir,
-    set_cudnn_attention,
 )
 from lmlab.core.runs import WANDB_TMP, register_resolvers, remove_leftovers, resume_checkpoint
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
@@ -173,7 +173,14 @@ def exported_model(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModul
 
 
 def train(cfg: DictConfig) -> float | None:
-    """One training run in ``paths.output_dir``; returns the monitored metric's final value."""
+    """One training run in ``paths.output_dir``; returns the monitored metric's final value. SDPA's cuDNN use follows
+    ``cudnn_sdpa`` for the run and is put back after it (lmlab.core.models.cudnn_attention)."""
+    with cudnn_attention(cfg.cudnn_sdpa):
+        return fit_and_export(cfg)
+
+
+def fit_and_export(cfg: DictConfig) -> float | None:
+    """train()'s run: fit, export hf/ (rank 0), test the best checkpoint if the stage asks."""
     if cfg.export not in ("best", "last"):
         raise ValueError(f"export must be 'best' or 'last', got {cfg.export!r}")
     check_sharding(cfg)  # trainer=fsdp: refuse what cannot run sharded yet, before anything is built
@@ -184,7 +191,6 @@ def train(cfg: DictConfig) -> float | None:
         remove_leftovers(run_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    set_cudnn_attention(cfg.cudnn_sdpa)
 
     labels = OmegaConf.select(cfg, "stage.module.labels")  # a stage with class labels trains a classifier
     datamodule = instantiate(cfg.data)

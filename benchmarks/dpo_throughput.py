@@ -183,7 +183,7 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dic
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from lmlab.core.models import load_model
+    from lmlab.core.models import cudnn_attention, load_model
     from train import connect_data, loader_settings, prepare_tokenizer, reference_model
 
     cfg = compose_cfg(args, work, lmlab_overrides(args, work, reference))
@@ -204,7 +204,8 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dic
     trainer = instantiate(
         cfg.trainer, logger=[instantiate(c) for c in cfg.logger.values()], callbacks=[LightningClock(clock)]
     )
-    trainer.fit(module, datamodule=datamodule)
+    with cudnn_attention(cfg.cudnn_sdpa):  # as train.py runs it; TRL's side gets torch's own backends
+        trainer.fit(module, datamodule=datamodule)
 
     pairs = []
     for item in datamodule.train_set:
@@ -220,6 +221,7 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dic
         **clock.result(args.batch_size),
         "overrides": lmlab_overrides(args, Path("<tmp>"), reference),
         "precision": cfg.trainer.precision,
+        "cudnn_sdpa": cfg.cudnn_sdpa,
         "optimizer_fused": cfg.optim.optimizer.fused,
         **loader_settings(cfg),
     }

@@ -354,6 +354,7 @@ def run_lmlab(args: argparse.Namespace, work: Path, raw_config: dict, extra: Seq
         "max_steps": max_steps,
         "fit_wall_s": fit_s,
         "optimizer_fused": bool(cfg.optim.optimizer.fused),
+        "cudnn_sdpa": cfg.cudnn_sdpa,
         "kernels": [k for k, on in cfg.kernels.items() if on],
         "overrides": lmlab_overrides(args, Path("<tmp>"), max_steps, extra),
         "first_losses": [losses[s] for s in sorted(losses)[:5]],  # same seed and data: kernels must not move them

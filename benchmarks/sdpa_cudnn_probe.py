@@ -24,13 +24,12 @@ import torch
 from transformers import AttentionInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lmlab.core.models import set_cudnn_attention
+from lmlab.core.models import cudnn_attention
 
 
 def torch_only(length: int, cudnn: bool | str) -> int:
     """Non-finite grad_q elements of one masked SDPA whose logits are all about -120 (the issue's repro), through
     transformers' ``sdpa`` attention as lmlab's ``cudnn_sdpa`` setting leaves it (true, false or safe)."""
-    set_cudnn_attention(cudnn)
     torch.manual_seed(0)
     d = 64
     q = torch.randn(1, 1, length, d, device="cuda", dtype=torch.bfloat16) * 0.1
@@ -39,8 +38,9 @@ def torch_only(length: int, cudnn: bool | str) -> int:
     q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(d)
     q.requires_grad_()
     mask = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()[None, None]
-    out, _ = AttentionInterface()["sdpa"](torch.nn.Module(), q, k, v, mask)
-    out.backward(torch.randn_like(out))
+    with cudnn_attention(cudnn):
+        out, _ = AttentionInterface()["sdpa"](torch.nn.Module(), q, k, v, mask)
+        out.backward(torch.randn_like(out))
     return int((~torch.isfinite(q.grad)).sum())
 
 
@@ -56,7 +56,6 @@ def main() -> None:
     }
     for length in (640, 704, 768):
         results["torch_only"][length] = {f"cudnn_{c}": torch_only(length, c) for c in (True, False, "safe")}
-    set_cudnn_attention(False)
     print(json.dumps(results, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -61,28 +61,26 @@ def cpu_trainer(**kwargs) -> L.Trainer:
 
 
 def test_the_policys_logits_are_freed_before_the_live_reference_runs(tmp_path, pairs_file, tiny_tokenizer, monkeypatch):
-    """The live reference runs before the policy in each step, as in TRL: no two [2B, T, vocab] logits tensors are
-    alive at once (the policy's are kept for the backward; the reference's, run after them, added a second at the
-    step's peak)."""
+    """The live reference runs before the policy in each step, as in TRL, and its logits are gone when the policy
+    runs: no two [2B, T, vocab] logits tensors are alive at once (the policy's are kept for the backward; the
+    reference's, run after them, added a second at the step's peak)."""
     import weakref
 
-    policy_logits: list[weakref.ref] = []
-    alive_at_reference: list[int] = []
+    logits_of = {True: [], False: []}  # reference (frozen) and policy logits, as weak references
+    alive_at = {True: [], False: []}  # at each forward, how many of the other model's logits are alive
     forward = dpo.preference_logits
 
     def spy(model, batch):
         frozen = not any(p.requires_grad for p in model.parameters())
-        if frozen:
-            alive_at_reference.append(sum(ref() is not None for ref in policy_logits))
+        alive_at[frozen].append(sum(ref() is not None for ref in logits_of[not frozen]))
         logits = forward(model, batch)
-        if not frozen:
-            policy_logits.append(weakref.ref(logits))
+        logits_of[frozen].append(weakref.ref(logits))
         return logits
 
     monkeypatch.setattr(dpo, "preference_logits", spy)
     dm, _, _, module = parts(tmp_path, tiny_tokenizer, [f"data.train_files=[{pairs_file}]"])
     cpu_trainer(max_steps=3, limit_val_batches=0).fit(module, datamodule=dm)
-    assert alive_at_reference == [0, 0, 0]
+    assert alive_at == {True: [0, 0, 0], False: [0, 0, 0]}
 
 
 def test_injected_reference_is_frozen_eval_mode_and_outside_state_dict_and_optimizer(

@@ -155,7 +155,7 @@ class HostReads(TorchFunctionMode):
     loader's (its tensors are on the host) and transformers' eager-only check for packed rows (traced away under
     compile)."""
 
-    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "nonzero", "cpu"}
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "nonzero", "cpu", "numpy", "masked_select", "unique"}
 
     def __init__(self, step: dict):
         super().__init__()
@@ -170,12 +170,13 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_training_steps_log_and_read_the_device_only_at_log_steps(tmp_path, monkeypatch):
+def test_training_steps_log_and_read_the_device_only_at_log_steps(tmp_path, addition_pairs, monkeypatch):
     """Between log steps a training step never waits for the device: nothing in the loop, the objective or the
     callbacks reads a tensor back to the host (Lightning read prog_bar metrics at every batch's end, the
     memorization guard read the loss at every step). And each self.log costs host time at every call (Lightning walks
     the stored metric to move it to the value's device): the objectives log at log steps alone, as Lightning writes
-    training metrics there only. Fused AdamW, as trainer=gpu runs it: CPU AdamW reads its step counts."""
+    training metrics there only. Fused AdamW, as trainer=gpu runs it: CPU AdamW reads its step counts. transformers'
+    own check for packed rows reads the position ids at every eager forward; compile=true traces it away."""
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
     logged: list[tuple[int, str]] = []
@@ -196,14 +197,18 @@ def test_training_steps_log_and_read_the_device_only_at_log_steps(tmp_path, monk
 
     monkeypatch.setattr(LightningModule, "log", log_spy)
     monkeypatch.setattr(_TrainingEpochLoop, "advance", advance_spy)
-    for stage in ("pretrain", "classify"):
+    pairs = [f"data.train_files=[{addition_pairs}]", f"data.val_files=[{addition_pairs}]"]
+    runs = {"pretrain": [], "classify": [], "dpo": pairs, "accumulated": ["trainer.accumulate_grad_batches=2"]}
+    fused_bar = ["optim.optimizer.fused=true", "callbacks.progress.refresh_rate=3"]
+    for name, extra in runs.items():
         logged.clear()
+        stage = "pretrain" if name == "accumulated" else name
         overrides = [f"stage={stage}", "max_steps=6", "trainer.log_every_n_steps=3", "trainer.val_check_interval=6"]
-        with HostReads(step) as reads:
-            train(compose_cfg(tmp_path / stage, [*overrides, "optim.optimizer.fused=true"]))
-        assert {s for s, _ in logged} == {2, 5}, (stage, logged)
-        assert {"train/loss", "lr"} <= {name for _, name in logged}, stage
-        assert {s for s, _, _ in reads.seen} == {2, 5}, (stage, [r for r in reads.seen if r[0] not in (2, 5)])
+        with HostReads(step) as reads:  # the bar refreshes every 3 batches: between log steps when accumulating
+            train(compose_cfg(tmp_path / name, [*overrides, *extra, *fused_bar]))
+        assert {s for s, _ in logged} == {2, 5}, (name, logged)
+        assert {"train/loss", "lr"} <= {metric for _, metric in logged}, name
+        assert {s for s, _, _ in reads.seen} == {2, 5}, (name, [r for r in reads.seen if r[0] not in (2, 5)])
 
 
 def test_dpo_encodes_a_t5_pairs_shared_prompt_once_with_the_same_logits_and_gradients(tiny_tokenizer):
@@ -257,29 +262,29 @@ def test_dpo_encodes_a_t5_pairs_shared_prompt_once_with_the_same_logits_and_grad
 def test_cudnn_sdpa_safe_forbids_cudnn_only_at_the_lengths_of_its_bug(tiny_tokenizer, monkeypatch):
     """cudnn_sdpa=safe: SDPA may use cuDNN attention except where a query or key length is 64 mod 128, where its
     backward returns NaN gradients (pytorch#196678; tests/test_gpu.py checks the kernels on a GPU). Off everywhere, a
-    compiled LLaMA on an H200 ran the memory-efficient kernel, 10% slower. A value that is none of the three is
-    refused by name."""
-    from lmlab.core.models import set_cudnn_attention
+    compiled LLaMA on an H200 ran the memory-efficient kernel, 10% slower. After the block (a run) the process has
+    torch's and transformers' own attention again. A value that is none of the three is refused by name."""
+    from transformers import AttentionInterface
+
+    from lmlab.core.models import cudnn_attention
 
     model = tiny_model("llama-tiny", tiny_tokenizer)
     allowed = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    before = torch.backends.cuda.cudnn_sdp_enabled(), AttentionInterface()["sdpa"]
 
     def spy(query, *args, **kwargs):
         allowed.append((query.shape[-2], torch.backends.cuda.cudnn_sdp_enabled()))
         return sdpa(query, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    try:
-        for mode in ("safe", False, True):
-            set_cudnn_attention(mode)
-            with torch.no_grad():
-                for length in (64, 128, 192):
-                    model(input_ids=torch.randint(3, 50, (1, length)), use_cache=False)
-        with pytest.raises(ValueError, match=r"cudnn_sdpa='on': one of true, false, safe"):
-            set_cudnn_attention("on")
-    finally:
-        set_cudnn_attention("safe")  # conf/train.yaml's, as train() leaves it
+    for mode in ("safe", False, True):
+        with cudnn_attention(mode), torch.no_grad():
+            for length in (64, 128, 192):
+                model(input_ids=torch.randint(3, 50, (1, length)), use_cache=False)
+        assert (torch.backends.cuda.cudnn_sdp_enabled(), AttentionInterface()["sdpa"]) == before, mode
+    with pytest.raises(ValueError, match=r"cudnn_sdpa='on': one of true, false, safe"), cudnn_attention("on"):
+        pass
     layers = model.config.num_hidden_layers
     modes = ((False, True, False), (False,) * 3, (True,) * 3)  # safe, false, true at lengths 64, 128, 192
     expected = [(n, on) for allowed_at in modes for n, on in zip((64, 128, 192), allowed_at, strict=True)]

@@ -121,9 +121,8 @@ def test_cudnn_sdpa_safe_keeps_the_bug_length_off_cudnn_and_the_rest_on_it(lengt
     from torch.profiler import ProfilerActivity, profile
     from transformers import AttentionInterface
 
-    from lmlab.core.models import set_cudnn_attention
+    from lmlab.core.models import cudnn_attention
 
-    set_cudnn_attention("safe")
     torch.manual_seed(0)
     d = 64
     q = torch.randn(1, 1, length, d, device="cuda", dtype=torch.bfloat16) * 0.1
@@ -132,13 +131,10 @@ def test_cudnn_sdpa_safe_keeps_the_bug_length_off_cudnn_and_the_rest_on_it(lengt
     q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(d)
     q.requires_grad_()
     mask = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()[None, None]
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            out, _ = AttentionInterface()["sdpa"](torch.nn.Module(), q, k, v, mask)
-            out.backward(torch.randn_like(out))
-            torch.cuda.synchronize()
-    finally:
-        set_cudnn_attention(True)  # torch's default, for the tests after this one
+    with cudnn_attention("safe"), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out, _ = AttentionInterface()["sdpa"](torch.nn.Module(), q, k, v, mask)
+        out.backward(torch.randn_like(out))
+        torch.cuda.synchronize()
     assert torch.isfinite(q.grad).all()
     used_cudnn = any("cudnn" in e.key.lower() for e in prof.key_averages())
     assert used_cudnn == (length % 128 != 64)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,26 +39,36 @@ WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"  # the model= presets
 
 
-def set_cudnn_attention(mode: bool | str) -> None:
-    """Allow (``true``), forbid (``false``) or allow except at the lengths of its bug (``safe``) torch's cuDNN backend
-    of scaled_dot_product_attention, for transformers' ``sdpa`` attention; flash and memory-efficient stay.
+@contextmanager
+def cudnn_attention(mode: bool | str) -> Iterator[None]:
+    """For the block, allow (``true``), forbid (``false``) or allow except at the lengths of its bug (``safe``) torch's
+    cuDNN backend of scaled_dot_product_attention, for transformers' ``sdpa`` attention; flash and memory-efficient
+    stay. After it, the process's SDPA backends and transformers' ``sdpa`` attention are what they were, so what
+    follows a run in the same process (a benchmark's TRL side, the next test) gets torch's and transformers' own.
 
-    Its backward pass (torch 2.11-2.13, H100/H200) returns NaN query gradients for masked attention over a
+    cuDNN's backward pass (torch 2.11-2.13, H100/H200) returns NaN query gradients for masked attention over a
     length with ``length % 128 == 64`` once a head's logits in a row are all below about -88 (fp32 exp underflow of
     the logsumexp): pytorch/pytorch#196678. Batches padded to multiples of 64 meet that length, and T5 (whose
     relative position bias always travels as a mask) and models with massive activations meet the logits. Forbidding
-    it everywhere cost a compiled LLaMA 10% of its training throughput on an H200: transformers 5.17 hands a compiled
-    model's SDPA a mask, which leaves only the memory-efficient kernel when cuDNN is off (benchmarks/results/).
+    it everywhere cost a compiled LLaMA 10% of its training throughput on an H200 (torch 2.11, transformers 5.17, which
+    hands a compiled model's SDPA a mask: flash takes none, so only the memory-efficient kernel was left;
+    benchmarks/results/2026-12-01_h200_fast_path_2.md).
     ``safe`` keeps attention whose query or key length is ``64 mod 128`` off cuDNN, and only that.
     """
     if mode not in (True, False, "safe"):
         raise ValueError(f"cudnn_sdpa={mode!r}: one of true, false, safe")
+    enabled, sdpa = torch.backends.cuda.cudnn_sdp_enabled(), AttentionInterface()["sdpa"]
     torch.backends.cuda.enable_cudnn_sdp(bool(mode))
     AttentionInterface.register("sdpa", _sdpa_off_cudnn_at_bug_lengths if mode == "safe" else sdpa_attention_forward)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
+        AttentionInterface.register("sdpa", sdpa)
 
 
 def _sdpa_off_cudnn_at_bug_lengths(module, query, key, value, attention_mask, *args, **kwargs):
-    """transformers' sdpa attention; without cuDNN where a query or key length is 64 mod 128 (set_cudnn_attention)."""
+    """transformers' sdpa attention; without cuDNN where a query or key length is 64 mod 128 (cudnn_attention)."""
     if query.shape[-2] % 128 == 64 or key.shape[-2] % 128 == 64:
         with sdpa_kernel(WITHOUT_CUDNN):
             return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)

@@ -123,27 +123,31 @@ class ProgressBar(TQDMProgressBar):
     """tqdm bar with the training ``metrics`` named in conf (e.g. train/loss, lr), tokens/s from the throughput
     monitor, and what validation logs with prog_bar.
 
-    The training metrics are read here, at the bar's refreshes (every ``refresh_rate`` batches), and not logged with
-    prog_bar=True: Lightning reads a prog_bar value back to the host at the end of every batch, which waits for the
-    GPU to finish its queue: a host sync per step. With refresh_rate equal to
-    trainer.log_every_n_steps the bar refreshes at the log steps, which wait for the GPU anyway.
+    The training metrics are not logged with prog_bar=True: Lightning reads a prog_bar value back to the host at the
+    end of every batch, which waits for the GPU to finish its queue, a host sync per step. This bar reads them itself
+    once per log step (every trainer.log_every_n_steps optimizer steps, where lmlab waits for the GPU anyway) and
+    shows those values until the next one; between log steps its refreshes (every ``refresh_rate`` batches) move the
+    counter only.
     """
 
     def __init__(self, refresh_rate: int, metrics: list[str]):
         super().__init__(refresh_rate=refresh_rate)
         self.metrics = list(metrics)
+        self._shown: dict[str, str] = {}
+        self._read_at: int | None = None  # the optimizer step whose values _shown holds
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        logged = trainer.callback_metrics
-        for name in self.metrics:
-            if name in logged:
-                metrics[name] = f"{float(logged[name]):.4g}"
-        for key, value in trainer.logged_metrics.items():
-            if key.startswith("train") and key.endswith("items_per_sec"):
-                metrics["tok/s"] = f"{float(value):,.0f}"
-        return metrics
+        step = trainer.global_step
+        if step % trainer.log_every_n_steps == 0 and step != self._read_at:
+            self._read_at = step
+            logged = trainer.callback_metrics
+            self._shown = {name: f"{float(logged[name]):.4g}" for name in self.metrics if name in logged}
+            for key, value in trainer.logged_metrics.items():
+                if key.startswith("train") and key.endswith("items_per_sec"):
+                    self._shown["tok/s"] = f"{float(value):,.0f}"
+        return {**metrics, **self._shown}
 
 
 class SampleGenerations(L.Callback):
