@@ -175,9 +175,12 @@ def test_training_steps_log_and_read_the_device_only_at_log_steps(tmp_path, addi
     callbacks reads a tensor back to the host (Lightning read prog_bar metrics at every batch's end, the
     memorization guard read the loss at every step). And each self.log costs host time at every call (Lightning walks
     the stored metric to move it to the value's device): the objectives log at log steps alone, as Lightning writes
-    training metrics there only. Fused AdamW, as trainer=gpu runs it: CPU AdamW reads its step counts. transformers'
+    training metrics there only. The bar reads them once after each log step, whatever its refreshes do (they count
+    an epoch's batches). Fused AdamW, as trainer=gpu runs it: CPU AdamW reads its step counts. transformers'
     own check for packed rows reads the position ids at every eager forward; compile=true traces it away."""
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    from lmlab.train.callbacks import ProgressBar
 
     logged: list[tuple[int, str]] = []
     log, advance = LightningModule.log, _TrainingEpochLoop.advance
@@ -195,20 +198,31 @@ def test_training_steps_log_and_read_the_device_only_at_log_steps(tmp_path, addi
         finally:
             step["now"] = None
 
+    def bar_spy(self, trainer):
+        bar_read(self, trainer)
+        bar_reads.append((trainer.global_step, "train/loss" in self._shown))
+
+    bar_read, bar_reads = ProgressBar._read, []
     monkeypatch.setattr(LightningModule, "log", log_spy)
     monkeypatch.setattr(_TrainingEpochLoop, "advance", advance_spy)
+    monkeypatch.setattr(ProgressBar, "_read", bar_spy)
     pairs = [f"data.train_files=[{addition_pairs}]", f"data.val_files=[{addition_pairs}]"]
-    runs = {"pretrain": [], "classify": [], "dpo": pairs, "accumulated": ["trainer.accumulate_grad_batches=2"]}
+    # 5-batch epochs of 2-batch windows: optimizer steps of 2, 2 and 1 batches; the bar's refreshes every 3 batches of
+    # an epoch fall between log steps
+    accumulated = ["trainer.accumulate_grad_batches=2", "+trainer.limit_train_batches=5"]
+    runs = {"pretrain": [], "classify": [], "dpo": pairs, "accumulated": accumulated}
     fused_bar = ["optim.optimizer.fused=true", "callbacks.progress.refresh_rate=3"]
     for name, extra in runs.items():
         logged.clear()
+        bar_reads.clear()
         stage = "pretrain" if name == "accumulated" else name
         overrides = [f"stage={stage}", "max_steps=6", "trainer.log_every_n_steps=3", "trainer.val_check_interval=6"]
-        with HostReads(step) as reads:  # the bar refreshes every 3 batches: between log steps when accumulating
+        with HostReads(step) as reads:
             train(compose_cfg(tmp_path / name, [*overrides, *extra, *fused_bar]))
         assert {s for s, _ in logged} == {2, 5}, (name, logged)
         assert {"train/loss", "lr"} <= {metric for _, metric in logged}, name
         assert {s for s, _, _ in reads.seen} == {2, 5}, (name, [r for r in reads.seen if r[0] not in (2, 5)])
+        assert bar_reads == [(3, True), (6, True)], (name, bar_reads)  # once after each log step, its values
 
 
 def test_dpo_encodes_a_t5_pairs_shared_prompt_once_with_the_same_logits_and_gradients(tiny_tokenizer):

@@ -53,7 +53,9 @@ def cudnn_attention(mode: bool | str) -> Iterator[None]:
     it everywhere cost a compiled LLaMA 10% of its training throughput on an H200 (torch 2.11, transformers 5.17, which
     hands a compiled model's SDPA a mask: flash takes none, so only the memory-efficient kernel was left;
     benchmarks/results/2026-12-01_h200_fast_path_2.md).
-    ``safe`` keeps attention whose query or key length is ``64 mod 128`` off cuDNN, and only that.
+    ``safe`` keeps attention whose query or key length is ``64 mod 128`` off cuDNN, and only that. The backend of a
+    torch.compile'd graph is fixed when it is traced: a graph traced under one setting keeps it, so compare settings
+    in separate processes.
     """
     if mode not in (True, False, "safe"):
         raise ValueError(f"cudnn_sdpa={mode!r}: one of true, false, safe")

@@ -125,9 +125,9 @@ class ProgressBar(TQDMProgressBar):
 
     The training metrics are not logged with prog_bar=True: Lightning reads a prog_bar value back to the host at the
     end of every batch, which waits for the GPU to finish its queue, a host sync per step. This bar reads them itself
-    once per log step (every trainer.log_every_n_steps optimizer steps, where lmlab waits for the GPU anyway) and
-    shows those values until the next one; between log steps its refreshes (every ``refresh_rate`` batches) move the
-    counter only.
+    at the end of each log step's last batch (every trainer.log_every_n_steps optimizer steps, where lmlab waits for
+    the GPU anyway) and shows those values until the next one; its refreshes (every ``refresh_rate`` batches of an
+    epoch) only show them.
     """
 
     def __init__(self, refresh_rate: int, metrics: list[str]):
@@ -136,17 +136,23 @@ class ProgressBar(TQDMProgressBar):
         self._shown: dict[str, str] = {}
         self._read_at: int | None = None  # the optimizer step whose values _shown holds
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.is_enabled and step and step % trainer.log_every_n_steps == 0 and step != self._read_at:
+            self._read(trainer)
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def _read(self, trainer: L.Trainer) -> None:
+        self._read_at = trainer.global_step
+        logged = trainer.callback_metrics
+        self._shown = {name: f"{float(logged[name]):.4g}" for name in self.metrics if name in logged}
+        for key, value in trainer.logged_metrics.items():
+            if key.startswith("train") and key.endswith("items_per_sec"):
+                self._shown["tok/s"] = f"{float(value):,.0f}"
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        step = trainer.global_step
-        if step % trainer.log_every_n_steps == 0 and step != self._read_at:
-            self._read_at = step
-            logged = trainer.callback_metrics
-            self._shown = {name: f"{float(logged[name]):.4g}" for name in self.metrics if name in logged}
-            for key, value in trainer.logged_metrics.items():
-                if key.startswith("train") and key.endswith("items_per_sec"):
-                    self._shown["tok/s"] = f"{float(value):,.0f}"
         return {**metrics, **self._shown}
 
 
