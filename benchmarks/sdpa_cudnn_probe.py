@@ -21,15 +21,17 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from transformers import AttentionInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lmlab.core.models import cudnn_attention
 
 
-def torch_only(length: int, cudnn: bool | str) -> int:
-    """Non-finite grad_q elements of one masked SDPA whose logits are all about -120 (the issue's repro), through
-    transformers' ``sdpa`` attention as lmlab's ``cudnn_sdpa`` setting leaves it (true, false or safe)."""
+def torch_only(length: int, cudnn: bool | str) -> tuple[int, bool]:
+    """(non-finite grad_q elements, whether a cuDNN kernel ran) of one masked SDPA whose logits are all about -120
+    (the issue's repro), through transformers' ``sdpa`` attention as lmlab's ``cudnn_sdpa`` setting leaves it (true,
+    false or safe). tests/test_gpu.py runs it too."""
     torch.manual_seed(0)
     d = 64
     q = torch.randn(1, 1, length, d, device="cuda", dtype=torch.bfloat16) * 0.1
@@ -38,10 +40,12 @@ def torch_only(length: int, cudnn: bool | str) -> int:
     q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(d)
     q.requires_grad_()
     mask = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()[None, None]
-    with cudnn_attention(cudnn):
+    with cudnn_attention(cudnn), profile(activities=[ProfilerActivity.CUDA]) as prof:
         out, _ = AttentionInterface()["sdpa"](torch.nn.Module(), q, k, v, mask)
         out.backward(torch.randn_like(out))
-    return int((~torch.isfinite(q.grad)).sum())
+        torch.cuda.synchronize()
+    used_cudnn = any("cudnn" in e.key.lower() for e in prof.key_averages())
+    return int((~torch.isfinite(q.grad)).sum()), used_cudnn
 
 
 def main() -> None:
@@ -52,10 +56,14 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
-        "torch_only": {},
+        "torch_only": {},  # non-finite grad_q elements
+        "cudnn_kernel_ran": {},
     }
     for length in (640, 704, 768):
-        results["torch_only"][length] = {f"cudnn_{c}": torch_only(length, c) for c in (True, False, "safe")}
+        for c in (True, False, "safe"):
+            nonfinite, used_cudnn = torch_only(length, c)
+            results["torch_only"].setdefault(length, {})[f"cudnn_{c}"] = nonfinite
+            results["cudnn_kernel_ran"].setdefault(length, {})[f"cudnn_{c}"] = used_cudnn
     print(json.dumps(results, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -136,7 +136,7 @@ class TrainingModule(L.LightningModule):
 
         No training metric is logged with ``prog_bar=True``: Lightning reads every such value back to the host at the
         end of every batch (``.item()``, a host sync that drains the GPU's queue), log step or not, because it keeps
-        the last logged value. lmlab.train.callbacks.ProgressBar shows them, read at its own refreshes."""
+        the last logged value. lmlab.train.callbacks.ProgressBar shows them, read once per log step."""
         if not self._is_log_step():
             return False
         self._raise_if_non_finite()
