@@ -17,7 +17,9 @@ Everything runs in one process, one side after the other, on the same data, toke
   (``trainer=cpu`` without a GPU; ``batch_size``, ``beta``, ``seq_len``, ``compile`` from the arguments,
   ``logger=csv``; no validation, no checkpoints, no other callbacks), built as train.py builds it, once with
   ``stage.module.reference=copy`` (a live frozen reference) and once with ``precomputed`` (its log-probs
-  computed before training, then the reference is freed).
+  computed before training, then the reference is freed). The answers' log-probs come from the fused LM head
+  (``stage.module.fused_lm_head``, the default); ``--frameworks lmlab,lmlab_logits,trl`` runs both again with
+  the logits formed (``lmlab_logits``), and a list without ``trl`` skips TRL's sides.
 - TRL: ``DPOTrainer`` with a ``DPOConfig`` matching that config: batch size, beta, sigmoid loss, lr, AdamW
   betas, weight decay, warmup, grad clip 1.0, bf16 (GPU), fused AdamW (TRL's default), padding to the same
   multiple, the same data-loader workers, no gradient checkpointing (TRL's default is on; lmlab has none),
@@ -65,7 +67,8 @@ os.environ.setdefault("PROJECT_ROOT", str(REPO))
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 WORDS = [a + b for a in SYLLABLES for b in SYLLABLES]  # 4900 made-up words
 VAL_PAIRS = 8  # lmlab's datamodule needs a validation file; it is never evaluated
-SIDES = (("lmlab", "copy"), ("lmlab", "precomputed"), ("trl", "copy"), ("trl", "precomputed"))
+REFERENCES = ("copy", "precomputed")
+LMLAB = {"lmlab": [], "lmlab_logits": ["stage.module.fused_lm_head=false"]}  # lmlab's sides: their extra overrides
 
 log = logging.getLogger("dpo_throughput")
 
@@ -133,8 +136,9 @@ def compose_cfg(args: argparse.Namespace, work: Path, overrides: list[str]):
         )
 
 
-def lmlab_overrides(args: argparse.Namespace, work: Path, reference: str) -> list[str]:
+def lmlab_overrides(args: argparse.Namespace, work: Path, reference: str, framework: str = "lmlab") -> list[str]:
     return [
+        *LMLAB[framework],
         f"init_from={work / 'init'}",
         f"tokenizer={work / 'init'}",
         f"max_steps={args.steps}",
@@ -145,7 +149,7 @@ def lmlab_overrides(args: argparse.Namespace, work: Path, reference: str) -> lis
         "+trainer.enable_checkpointing=false",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
-        f"paths.output_dir={work / f'lmlab_{reference}'}",
+        f"paths.output_dir={work / f'{framework}_{reference}'}",
     ]
 
 
@@ -178,15 +182,16 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
-def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dict, list]:
-    """lmlab's DPO as train.py builds it from the composed config, timed by a Lightning callback."""
+def run_lmlab(args: argparse.Namespace, work: Path, reference: str, framework: str) -> tuple[dict, list]:
+    """lmlab's DPO as train.py builds it from the composed config, timed by a Lightning callback; ``framework``
+    lmlab_logits forms the logits (``fused_lm_head=false``)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from lmlab.core.models import cudnn_attention, load_model
     from train import connect_data, loader_settings, prepare_tokenizer, reference_model
 
-    cfg = compose_cfg(args, work, lmlab_overrides(args, work, reference))
+    cfg = compose_cfg(args, work, lmlab_overrides(args, work, reference, framework))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     tokenizer = prepare_tokenizer(cfg, datamodule, work, classifier=False)
@@ -219,7 +224,7 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str) -> tuple[dic
     assert longest < args.seq_len, f"a sequence of {longest} tokens may have been cut to seq_len={args.seq_len}"
     result = {
         **clock.result(args.batch_size),
-        "overrides": lmlab_overrides(args, Path("<tmp>"), reference),
+        "overrides": lmlab_overrides(args, Path("<tmp>"), reference, framework),
         "precision": cfg.trainer.precision,
         "cudnn_sdpa": cfg.cudnn_sdpa,
         "optimizer_fused": cfg.optim.optimizer.fused,
@@ -299,6 +304,14 @@ def run_trl(args: argparse.Namespace, work: Path, reference: str) -> tuple[dict,
     return result, pairs
 
 
+FRAMEWORKS = (*LMLAB, "trl")  # in running order: TRL's sides last, so the ratios can be computed after them
+
+
+def sides(frameworks: list[str]) -> list[tuple[str, str]]:
+    """(framework, reference) of each side of ``frameworks`` in running order."""
+    return [(f, reference) for f in FRAMEWORKS if f in frameworks for reference in REFERENCES]
+
+
 def side_name(framework: str, reference: str) -> str:
     return f"{framework}_{'live' if reference == 'copy' else 'precomputed'}"
 
@@ -338,7 +351,7 @@ def markdown(result: dict) -> str:
         "lmlab / TRL peak",
     )
     lines += ["", "| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * (len(columns) - 2)]
-    for framework, reference in SIDES:
+    for framework, reference in sides(result["frameworks"]):
         name = side_name(framework, reference)
         if name not in result["sides"]:
             continue
@@ -376,8 +389,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed first steps (compilation included)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides (GPU)")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument(
+        "--frameworks",
+        default="lmlab,trl",
+        help=f"comma-separated sides of {FRAMEWORKS}; lmlab_logits: lmlab forming the logits (fused_lm_head=false)",
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU check: gpt2-tiny, 32 pairs of ~20/35 words, 6 steps")
     args = parser.parse_args()
+    unknown = set(args.frameworks.split(",")) - set(FRAMEWORKS)
+    if unknown:
+        parser.error(f"--frameworks: unknown {sorted(unknown)}; choose from {FRAMEWORKS}")
     require_trl("dpo_throughput.py")
     if args.smoke:
         args.preset, args.pairs, args.prompt_words, args.answer_words = "gpt2-tiny", 32, 20, 35
@@ -429,6 +450,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "compile": args.compile,
+        "frameworks": args.frameworks.split(","),
         "sides": {},
         "ratios": {},
         "tokens": {},
@@ -438,7 +460,7 @@ def main() -> None:
         work = Path(tmp)
         result.update(prepare(args, work))
         tokens = {}
-        for framework, reference in SIDES:
+        for framework, reference in sides(result["frameworks"]):
             gc.collect()
             torch._dynamo.reset()
             if cuda():
@@ -447,18 +469,23 @@ def main() -> None:
             name = side_name(framework, reference)
             log.info("%s: starting", name)
             before = torch.cuda.memory_allocated() / 2**30 if cuda() else None
-            side, pairs = (run_lmlab if framework == "lmlab" else run_trl)(args, work, reference)
+            if framework == "trl":
+                side, pairs = run_trl(args, work, reference)
+            else:
+                side, pairs = run_lmlab(args, work, reference, framework)
             result["sides"][name] = {"allocated_before_gib": before, **side}
             log.info("%s: %s", name, result["sides"][name])
             if framework not in tokens:
                 tokens[framework] = pairs
                 result["tokens"][framework] = token_stats(pairs)
             if framework == "trl":
-                ours, theirs = result["sides"][side_name("lmlab", reference)], result["sides"][name]
-                result["ratios"][side_name("lmlab", reference)] = {
-                    "pairs_per_sec": ours["pairs_per_sec"] / theirs["pairs_per_sec"],
-                    "peak_train_gib": ours["peak_train_gib"] / theirs["peak_train_gib"] if cuda() else None,
-                }
+                theirs = result["sides"][name]
+                for ours_name in (side_name(f, reference) for f in LMLAB if side_name(f, reference) in result["sides"]):
+                    ours = result["sides"][ours_name]
+                    result["ratios"][ours_name] = {
+                        "pairs_per_sec": ours["pairs_per_sec"] / theirs["pairs_per_sec"],
+                        "peak_train_gib": ours["peak_train_gib"] / theirs["peak_train_gib"] if cuda() else None,
+                    }
                 result["tokens"]["identical_pairs"] = sum(
                     a == b for a, b in zip(tokens["lmlab"], tokens["trl"], strict=True)
                 )

@@ -36,15 +36,18 @@ from lightning_modules.dpo_loss import (
     rpo_nll,
     sequence_logps,
 )
-from lightning_modules.lm import freeze_parameters, lm_forward
+from lightning_modules.lm import causal_inputs, freeze_parameters, lm_forward
 from lmlab.core.adapters import is_adapted
-from lmlab.core.collate import IGNORE_INDEX, REF_LOGPS, packed_documents
+from lmlab.core.collate import IGNORE_INDEX, LABEL_POSITIONS, REF_LOGPS, packed_documents
 from lmlab.core.files import write_atomically
+from lmlab.core.losses import head_label_logps, label_logps
 from lmlab.core.models import auto_class, resolve_hf_dir
 
 log = logging.getLogger(__name__)
 
 REFERENCES = ("copy", "precomputed")
+# model types whose logits are their base model's last hidden states times the LM head (read in transformers 5.x)
+FUSED_HEAD_TYPES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 METRICS = (
     "loss",
     "rewards/chosen",
@@ -139,17 +142,61 @@ def build_reference(policy: PreTrainedModel, ref_from: str | None = None) -> Pre
 
 
 def halves(
-    logits: torch.Tensor, batch: dict[str, torch.Tensor]
+    values: torch.Tensor, batch: dict[str, torch.Tensor]
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(logits, labels) of the chosen and of the rejected answers: the batch's halves of rows, or of a packed row's
-    samples, where each half keeps the whole row and the other half's labels become -100."""
+    """(values [N, T], labels) of the chosen and of the rejected answers: the batch's halves of rows, or of a packed
+    row's samples, where each half keeps the whole row and the other half's labels become -100."""
     documents = packed_documents(batch)
     if documents is None:
-        return tuple(zip(logits.chunk(2), batch["labels"].chunk(2), strict=True))
+        return tuple(zip(values.chunk(2), batch["labels"].chunk(2), strict=True))
     index, n = documents
     chosen = index < n // 2
     labels = batch["labels"]
-    return (logits, labels.masked_fill(~chosen, IGNORE_INDEX)), (logits, labels.masked_fill(chosen, IGNORE_INDEX))
+    return (values, labels.masked_fill(~chosen, IGNORE_INDEX)), (values, labels.masked_fill(chosen, IGNORE_INDEX))
+
+
+def fused_head_refusal(model: PreTrainedModel | AdaptersOff) -> str | None:
+    """Why ``model``'s answer log-probs cannot come from its base model's hidden states and its LM head's weight
+    (answer_logps with ``fused``), or None when they can. Its logits must be exactly ``hidden @ weight.T``, which
+    only a family's code tells (Granite divides them by ``logits_scaling``, Gemma 2 soft-caps them), so the families
+    are the ones read for it (FUSED_HEAD_TYPES); T5, a vision-language model and any other form their logits."""
+    if isinstance(model, AdaptersOff) or is_adapted(model):
+        return "its LoRA adapters wrap the model's forward"
+    if model.config.model_type not in FUSED_HEAD_TYPES:
+        return f"its logits are not known to be its hidden states times its head ({model.config.model_type} models)"
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        return "its LM head has a bias"
+    return None
+
+
+def answer_logps(
+    model: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    fused: bool,
+    with_logit_sums: bool = False,
+    compile: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(label) [N, T] of a preference batch (0 off the labels) and, ``with_logit_sums``, each position's logits
+    summed over the vocabulary [N, T] (detached; else None).
+
+    ``fused``: the base model's hidden states go through the LM head at the label positions only
+    (lmlab.core.losses.head_label_logps), so the ``[N, T, vocab]`` logits are never formed, for the prompts
+    (about half the positions of a DPO batch) least of all; fused_head_refusal says which models allow it. The
+    positions come with the batch (PreferenceCollator); a batch from elsewhere has them counted here, which waits
+    for the GPU. Otherwise from the model's logits (preference_logits). ``compile``: the log-probs' element-wise
+    work compiled (lmlab.core.losses.label_logps).
+    """
+    labels = batch["labels"]
+    if fused:
+        hidden = model.base_model(**causal_inputs(model, batch)).last_hidden_state
+        weight = model.get_output_embeddings().weight
+        positions = batch.get(LABEL_POSITIONS)
+        if positions is None:
+            positions = labels.flatten().ne(IGNORE_INDEX).nonzero().squeeze(1)
+        return head_label_logps(hidden, weight, labels, positions, with_logit_sums, compile=compile)
+    logits = preference_logits(model, batch)
+    sums = logits.detach().sum(-1, dtype=torch.float32) if with_logit_sums else None
+    return label_logps(logits, labels, compile=compile), sums
 
 
 def preference_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -182,7 +229,9 @@ class DPOModule(TrainingModule):
     module makes the default, a copy of the starting weights, as TRL's DPOTrainer does for ``ref_model=None``; a
     ``ref_from`` reference has to be passed in. ``ref_from`` itself is kept in the hyperparameters as the
     record of where the reference came from. With ``reference: precomputed``, :meth:`setup` gives the
-    datamodule the reference's log-probs (``add_reference_logps``) before any loader is built.
+    datamodule the reference's log-probs (``add_reference_logps``) before any loader is built. ``fused_lm_head``
+    computes the answers' log-probs from hidden states at the label positions, never forming the logits
+    (answer_logps), for every model that allows it (fused_head_refusal; the others, T5 among them, form the logits).
     """
 
     def __init__(
@@ -199,6 +248,7 @@ class DPOModule(TrainingModule):
         freeze: Sequence[str] = (),
         compile: bool = False,
         disable_dropout: bool = True,
+        fused_lm_head: bool = False,
         reference_model: PreTrainedModel | None = None,
     ):
         super().__init__(model, optim, compile)
@@ -217,9 +267,18 @@ class DPOModule(TrainingModule):
                     "(train.py does)"
                 )
             reference_model = build_reference(model)
+        self.fused_policy = fused_lm_head and self._fuses(model, "policy")
+        self.fused_reference = fused_lm_head and self._fuses(reference_model, "reference")
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in METRICS})
         # A list, not an attribute: a registered child would land in state_dict, parameters() and DDP.
         self._reference = [reference_model]
+
+    @staticmethod
+    def _fuses(model: PreTrainedModel | AdaptersOff, role: str) -> bool:
+        refusal = fused_head_refusal(model)
+        if refusal:
+            log.info("fused_lm_head: the %s forms its logits: %s", role, refusal)
+        return refusal is None
 
     @property
     def reference(self) -> PreTrainedModel | None:
@@ -246,10 +305,13 @@ class DPOModule(TrainingModule):
 
     def configure_model(self) -> None:
         """``compile`` compiles the live reference with the policy: uncompiled, its forward-only pass cost ~61% of a
-        compiled policy step on an H100, where a third is its share (issue 15). A precomputed one is gone by now."""
-        super().configure_model()
-        if self.compile_model and self.reference is not None:
-            self.reference.compile()
+        compiled policy step on an H100, where a third is its share (issue 15). A precomputed one is gone by now.
+        A model whose head is fused runs its base model (answer_logps), so that is what is compiled."""
+        if not self.compile_model:
+            return
+        for model, fused in ((self.model, self.fused_policy), (self.reference, self.fused_reference)):
+            if model is not None:
+                (model.base_model if fused else model).compile()
 
     def on_fit_start(self) -> None:
         self._reference_to_device()
@@ -306,11 +368,15 @@ class DPOModule(TrainingModule):
         pieces = sorted((piece for ranks in self._gather_objects(pieces) for piece in ranks), key=lambda p: p[0])
         return torch.cat([rows for _, rows in pieces]) if pieces else torch.zeros(0, 2)
 
-    def _logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs of every row [2B], logits) of ``model``; per-token averages for IPO, as TRL."""
-        logits = preference_logits(model, batch)
+    def _logps(
+        self, model: PreTrainedModel, batch: dict[str, torch.Tensor], with_logit_sums: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probs of every row [2B], answer_logps' logit sums) of ``model``, the policy or the reference; per-token
+        averages for IPO, as TRL."""
+        fused = self.fused_policy if model is self.model else self.fused_reference
+        token_logps, logit_sums = answer_logps(model, batch, fused, with_logit_sums, self.compile_model)
         average = self.hparams.loss_type == "ipo"
-        return sequence_logps(logits, batch["labels"], average, packed_documents(batch)), logits
+        return sequence_logps(token_logps, batch["labels"], average, packed_documents(batch)), logit_sums
 
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's (chosen, rejected) log-probs: carried by the batch when precomputed, else computed."""
@@ -325,12 +391,13 @@ class DPOModule(TrainingModule):
             return self._logps(self.reference, batch)[0].chunk(2)
 
     def _step(self, batch: dict[str, torch.Tensor], with_metrics: bool) -> tuple[torch.Tensor, dict]:
-        """The loss, and (``with_metrics``: they cost a pass over the logits) TRL's metrics.
+        """The loss, and (``with_metrics``: they cost a pass over the logits, if formed) TRL's metrics.
 
-        The reference runs first, as in TRL: its logits are freed before the policy's exist, which autograd keeps until
-        the backward. In the other order both were alive at once, one more ``[2B, T, vocab]`` tensor at the peak."""
+        The reference runs first, as in TRL: its logits (if formed) are freed before the policy's exist, which autograd
+        keeps until the backward. In the other order both were alive at once, one more ``[2B, T, vocab]`` tensor at
+        the peak."""
         ref_chosen, ref_rejected = self._reference_logps(batch)
-        policy, logits = self._logps(self.model, batch)
+        policy, logit_sums = self._logps(self.model, batch, with_metrics)
         policy_chosen, policy_rejected = policy.chunk(2)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen,
@@ -349,15 +416,16 @@ class DPOModule(TrainingModule):
             )
         if not with_metrics:
             return loss, {}
-        (logits_chosen, labels_chosen), (logits_rejected, labels_rejected) = halves(logits.detach(), batch)
+        (sums_chosen, labels_chosen), (sums_rejected, labels_rejected) = halves(logit_sums, batch)
+        vocab_size = self.model.get_output_embeddings().weight.shape[0]
         with torch.no_grad():
             metrics = preference_metrics(
                 chosen_rewards,
                 rejected_rewards,
                 policy_chosen.detach(),
                 policy_rejected.detach(),
-                masked_mean_logits(logits_chosen, labels_chosen),
-                masked_mean_logits(logits_rejected, labels_rejected),
+                masked_mean_logits(sums_chosen, labels_chosen, vocab_size),
+                masked_mean_logits(sums_rejected, labels_rejected, vocab_size),
             )
         return loss, metrics
 
@@ -365,6 +433,10 @@ class DPOModule(TrainingModule):
         live_reference = self.hparams.reference == "copy"
         encoder_rows = batch["input_ids"].shape[0] // 2 if self.model.config.is_encoder_decoder else None
         self._count_flops(batch, 4 / 3 if live_reference else 1.0, encoder_rows)  # + the reference; one encoding
+        if LABEL_POSITIONS in batch:  # a fused head skips the positions without a label: 6 (policy), 2 (reference)
+            skipped = batch["input_ids"].numel() - batch[LABEL_POSITIONS].numel()
+            passes = 6 * self.fused_policy + 2 * (live_reference and self.fused_reference)
+            self.flops_per_batch -= passes * self.model.get_output_embeddings().weight.numel() * skipped
         log_step = self._on_log_step()
         loss, metrics = self._step(batch, with_metrics=log_step)
         self._track_non_finite(loss)

@@ -1,9 +1,9 @@
 """Pure tensor functions for DPO-style preference training, following TRL's DPOTrainer formulas.
 
 Chosen and rejected answers run as one concatenated batch: the first half of the rows is chosen, the second half
-rejected. Logits [N, T, V] are aligned with labels [N, T] (next-token targets, -100 on prompt and padding). A packed
-batch (one row of samples end to end) passes ``documents`` (lmlab.core.collate.packed_documents): its samples are then
-what the per-row functions reduce over, the first half of them chosen.
+rejected. Per-token values [N, T] are aligned with labels [N, T] (next-token targets, -100 on prompt and padding).
+A packed batch (one row of samples end to end) passes ``documents`` (lmlab.core.collate.packed_documents): its
+samples are then what the per-row functions reduce over, the first half of them chosen.
 """
 
 from __future__ import annotations
@@ -12,15 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.core.collate import IGNORE_INDEX
-from lmlab.core.losses import label_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-
-
-def _check_aligned(logits: torch.Tensor, labels: torch.Tensor) -> None:
-    """A shape mismatch would silently broadcast or mis-flatten, pairing logits with the wrong targets."""
-    if logits.ndim != 3 or logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} must be [N, T, V] with labels {tuple(labels.shape)} as [N, T]")
 
 
 def per_sample_sums(values: torch.Tensor, documents: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
@@ -37,36 +30,36 @@ def label_counts(labels: torch.Tensor, documents: tuple[torch.Tensor, int] | Non
 
 
 def sequence_logps(
-    logits: torch.Tensor,
+    token_logps: torch.Tensor,
     labels: torch.Tensor,
     average: bool = False,
     documents: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
-    """Per-row (per-sample with ``documents``) sum (or mean) of log p(label) over label positions, shape [N].
+    """Per-row (per-sample with ``documents``) sum (or mean) of the per-token log p(label) [N, T] (0 off the labels:
+    lmlab.core.losses.label_logps or head_label_logps), shape [N].
 
-    lmlab.core.losses.label_logps computes them chunk by chunk: no fp32 copy of the [N, T, V] logits and no
-    log-prob tensor of that size is made, and the backward keeps only the logits (as TRL's).
     A row without label positions sums to 0 and averages to 0. None reaches a training step: the preference
     datamodule drops a pair with no answer token (counted in its skips). Averaging does not check for one, which
     would wait for the GPU at every step (IPO's step had such a host sync).
     """
-    _check_aligned(logits, labels)
-    logps = per_sample_sums(label_logps(logits, labels), documents)
+    if token_logps.shape != labels.shape:
+        raise ValueError(
+            f"token log-probs {tuple(token_logps.shape)} must have the labels' shape {tuple(labels.shape)}"
+        )
+    logps = per_sample_sums(token_logps, documents)
     if not average:
         return logps
     return logps / label_counts(labels, documents).clamp(min=1)
 
 
-def masked_mean_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean logit over the whole vocabulary at label positions (TRL's logits/chosen, logits/rejected), a scalar.
+def masked_mean_logits(logit_sums: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean logit over the whole vocabulary at label positions (TRL's logits/chosen, logits/rejected), a scalar, from
+    each position's logits summed over the vocabulary [N, T] (float32: no float copy of the logits is made).
 
-    Summing over the vocabulary first (accumulating in float32) avoids a float copy of the full logits tensor
-    on GPU. Detached: it is a logged metric. NaN when there are no label positions, like an empty mean.
+    Detached: it is a logged metric. NaN when there are no label positions, like an empty mean.
     """
-    _check_aligned(logits, labels)
     mask = labels.ne(IGNORE_INDEX)
-    per_position = logits.detach().sum(-1, dtype=torch.float32)
-    return per_position[mask].sum() / (mask.sum() * logits.shape[-1])
+    return logit_sums.detach()[mask].sum() / (mask.sum() * vocab_size)
 
 
 def preference_loss(

@@ -44,17 +44,20 @@ def lm_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], with_loss
             decoder_input_ids=decoder_input_ids,
             use_cache=False,
         )
+    return model(**causal_inputs(model, batch), labels=labels, shift_labels=labels)
+
+
+def causal_inputs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool | None]:
+    """A causal model's inputs of a batch (lm_forward says why without a padding mask), for it or its base model."""
     routed = getattr(model.config, "output_router_logits", False)
     images = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}  # a vision-language model's
-    return model(
+    return {
         **images,
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask") if routed else None,  # a packed batch has none
-        position_ids=batch.get("position_ids"),  # packed: restarting per sample, which isolates the samples
-        labels=labels,
-        shift_labels=labels,
-        use_cache=False,
-    )
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch.get("attention_mask") if routed else None,  # a packed batch has none
+        "position_ids": batch.get("position_ids"),  # packed: restarting per sample, which isolates the samples
+        "use_cache": False,
+    }
 
 
 def freeze_parameters(model: PreTrainedModel, patterns: Sequence[str]) -> list[str]:

@@ -212,3 +212,28 @@ def test_disable_dropout_makes_the_train_mode_policy_deterministic(
         assert module.model.config.to_dict() == build_model(cfg.model, tiny_tokenizer).config.to_dict()
     assert torch.equal(*logps[True])
     assert not torch.equal(*logps[False])  # the model does use dropout, so the flag is what makes the difference
+
+
+def test_the_fused_head_serves_the_families_whose_logits_are_hidden_states_times_head(tiny_tokenizer, tmp_path):
+    """fused_lm_head: GPT-2, LLaMA and Mixtral (their logits are the base model's hidden states times the head);
+    T5 and a family that scales its logits (Granite's logits_scaling) form their logits, with the reason logged."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from lightning_modules.dpo import fused_head_refusal
+
+    for model in ("gpt2-tiny", "llama-tiny", "llama-moe-tiny"):
+        assert fused_head_refusal(build_model(compose_cfg(tmp_path, [f"model={model}"]).model, tiny_tokenizer)) is None
+    t5 = build_model(compose_cfg(tmp_path, ["model=t5-tiny"]).model, tiny_tokenizer)
+    assert "t5 models" in fused_head_refusal(t5)
+    granite = GraniteForCausalLM(
+        GraniteConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            logits_scaling=8.0,
+        )
+    )
+    assert "granite models" in fused_head_refusal(granite)

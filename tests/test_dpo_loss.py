@@ -17,7 +17,7 @@ from lightning_modules.dpo_loss import (
     rpo_nll,
     sequence_logps,
 )
-from lmlab.core.losses import label_logps
+from lmlab.core.losses import head_label_logps, label_logps
 
 POLICY_CHOSEN = [-3.0, -5.0, -2.0]
 POLICY_REJECTED = [-4.0, -4.5, -6.0]
@@ -150,12 +150,17 @@ def manual_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[float
     return sums, counts
 
 
+def logits_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """sequence_logps of the logits' per-token log-probs (lmlab.core.losses.label_logps)."""
+    return sequence_logps(label_logps(logits, labels), labels, average)
+
+
 def test_sequence_logps_matches_manual_loop():
     logits, labels = batch()
     sums, counts = manual_logps(logits, labels)
     assert counts == [3, 4, 2]
-    assert sequence_logps(logits, labels).tolist() == pytest.approx(sums, rel=1e-6)
-    averaged = sequence_logps(logits, labels, average=True)
+    assert logits_logps(logits, labels).tolist() == pytest.approx(sums, rel=1e-6)
+    averaged = logits_logps(logits, labels, average=True)
     assert averaged.tolist() == pytest.approx([s / c for s, c in zip(sums, counts, strict=True)], rel=1e-6)
     assert label_counts(labels).tolist() == counts
 
@@ -164,18 +169,18 @@ def test_sequence_logps_ignores_masked_positions():
     logits, labels = batch()
     changed = logits.clone()
     changed[labels == -100] = 1000.0 * torch.randn_like(changed[labels == -100])
-    assert torch.equal(sequence_logps(changed, labels), sequence_logps(logits, labels))
+    assert torch.equal(logits_logps(changed, labels), logits_logps(logits, labels))
     changed[0, 2, 0] += 1.0  # a label position does count
-    assert not torch.equal(sequence_logps(changed, labels), sequence_logps(logits, labels))
+    assert not torch.equal(logits_logps(changed, labels), logits_logps(logits, labels))
 
 
 def test_sequence_logps_empty_row():
     """An empty row sums and averages to 0 (no NaN), and leaves the other rows as they were."""
     logits, labels = batch()
-    full = sequence_logps(logits, labels, average=True)
+    full = logits_logps(logits, labels, average=True)
     labels[1] = -100
-    assert sequence_logps(logits, labels)[1].item() == 0.0
-    averaged = sequence_logps(logits, labels, average=True)
+    assert logits_logps(logits, labels)[1].item() == 0.0
+    averaged = logits_logps(logits, labels, average=True)
     assert averaged[1].item() == 0.0
     torch.testing.assert_close(averaged[[0, 2]], full[[0, 2]])
 
@@ -208,6 +213,37 @@ def test_label_logps_equal_cross_entropys_values_and_gradients_in_chunks(dtype):
     assert our_grad[2].abs().sum() == 0 and (ours[2] == 0).all()
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_head_label_logps_equal_the_logits_values_and_gradients_without_forming_them(autocast):
+    """Hidden states through a head of 50 tokens, 2 positions a chunk: the label positions' log-probs, their
+    gradients for the hidden states and the head, and the logit sums (TRL's logits metric) are those of the formed
+    logits (label_logps); -100 positions count for nothing. Under bf16 autocast the head runs in bf16, as an
+    nn.Linear head would; then the two sides agree to bf16's precision."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 5, 8), torch.randn(50, 8)
+    labels = torch.randint(0, 50, (3, 5))
+    labels[0, :2] = labels[2] = -100
+    positions = labels.flatten().ne(-100).nonzero().squeeze(1)
+    weights = torch.randn(3, 5)
+
+    def run(fused: bool):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                logps, sums = head_label_logps(h, w, labels, positions, with_logit_sums=True, chunk_elements=100)
+            else:
+                logits = h @ w.T
+                logps, sums = label_logps(logits, labels), logits.detach().float().sum(-1) * labels.ne(-100)
+        (logps * weights).sum().backward()
+        return logps, sums, h.grad, w.grad
+
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    for ours, ref in zip(run(fused=True), run(fused=False), strict=True):
+        torch.testing.assert_close(ours, ref, **tolerance)
+    logps, sums, hidden_grad, _ = run(fused=True)
+    assert (logps[2] == 0).all() and (sums[2] == 0).all() and hidden_grad[2].abs().sum() == 0
+
+
 def test_sequence_logps_keep_the_logits_not_an_fp32_log_softmax_for_the_backward():
     """What autograd keeps for DPO's backward: the bf16 logits and one float per position
     (lmlab.core.losses.label_logps), where the plain fp32 cross entropy kept an fp32 log-softmax of the whole
@@ -233,7 +269,7 @@ def test_sequence_logps_keep_the_logits_not_an_fp32_log_softmax_for_the_backward
         plain = kept_bytes(
             logits, lambda x: F.cross_entropy(x.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         )
-        ours = kept_bytes(logits, lambda x: sequence_logps(x, labels))
+        ours = kept_bytes(logits, lambda x: logits_logps(x, labels))
         assert plain >= (2 if dtype == torch.bfloat16 else 1) * size
         assert ours <= size + 24 * labels.numel()
         assert torch.equal(logits.detach(), before)
@@ -242,7 +278,7 @@ def test_sequence_logps_keep_the_logits_not_an_fp32_log_softmax_for_the_backward
 def test_sequence_logps_rejects_misaligned_shapes():
     logits, labels = batch()
     with pytest.raises(ValueError, match="labels"):
-        sequence_logps(logits[:, :-1], labels)
+        sequence_logps(label_logps(logits, labels)[:, :-1], labels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -250,7 +286,7 @@ def test_masked_mean_logits_matches_direct_mean(dtype):
     logits, labels = batch()
     logits = logits.to(dtype)
     expected = logits.float()[labels != -100].mean()
-    result = masked_mean_logits(logits, labels)
+    result = masked_mean_logits(logits.sum(-1, dtype=torch.float32), labels, logits.shape[-1])
     assert result.dtype == torch.float32 and result.ndim == 0
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
@@ -284,6 +320,6 @@ def test_preference_metrics_hand_example():
 def test_rpo_nll_is_mean_per_token_nll():
     logits, labels = batch()
     sums, counts = manual_logps(logits, labels)
-    result = rpo_nll(sequence_logps(logits, labels), label_counts(labels))
+    result = rpo_nll(logits_logps(logits, labels), label_counts(labels))
     assert result.item() == pytest.approx(sum(-s / c for s, c in zip(sums, counts, strict=True)) / 3, rel=1e-6)
     assert rpo_nll(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1])).item() == pytest.approx(2.0)

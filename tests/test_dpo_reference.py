@@ -63,7 +63,8 @@ def cpu_trainer(**kwargs) -> L.Trainer:
 def test_the_policys_logits_are_freed_before_the_live_reference_runs(tmp_path, pairs_file, tiny_tokenizer, monkeypatch):
     """The live reference runs before the policy in each step, as in TRL, and its logits are gone when the policy
     runs: no two [2B, T, vocab] logits tensors are alive at once (the policy's are kept for the backward; the
-    reference's, run after them, added a second at the step's peak)."""
+    reference's, run after them, added a second at the step's peak). With the logits formed (the default): the
+    fused head (``fused_lm_head``) forms none."""
     import weakref
 
     logits_of = {True: [], False: []}  # reference (frozen) and policy logits, as weak references
@@ -78,7 +79,8 @@ def test_the_policys_logits_are_freed_before_the_live_reference_runs(tmp_path, p
         return logits
 
     monkeypatch.setattr(dpo, "preference_logits", spy)
-    dm, _, _, module = parts(tmp_path, tiny_tokenizer, [f"data.train_files=[{pairs_file}]"])
+    overrides = [f"data.train_files=[{pairs_file}]", "stage.module.fused_lm_head=false"]
+    dm, _, _, module = parts(tmp_path, tiny_tokenizer, overrides)
     cpu_trainer(max_steps=3, limit_val_batches=0).fit(module, datamodule=dm)
     assert alive_at == {True: [0, 0, 0], False: [0, 0, 0]}
 
@@ -174,7 +176,7 @@ def test_resumed_run_reads_the_cache_and_never_calls_the_reference(tmp_path, pai
 
     def counted(policy, ref_from=None):
         reference = build(policy, ref_from)
-        reference.register_forward_pre_hook(lambda *_: calls.append(1))
+        reference.base_model.register_forward_pre_hook(lambda *_: calls.append(1))  # fused head too
         return reference
 
     monkeypatch.setattr(train_script, "build_reference", counted)
@@ -220,7 +222,7 @@ def _precompute(tmp_path, pairs_file, trainer: L.Trainer) -> dict:
     ]
     torch.manual_seed(0)
     dm, _, reference, module = parts(tmp_path, tiny_bpe("byte"), overrides)
-    reference.register_forward_pre_hook(lambda *_: calls.append(1))
+    reference.base_model.register_forward_pre_hook(lambda *_: calls.append(1))  # fused head too
     dpo.write_atomically = counted_write
     try:
         trainer.validate(module, datamodule=dm)

@@ -70,14 +70,17 @@ def test_a_moe_keeps_the_padding_mask_for_its_load_balancing_loss(tiny_tokenizer
 
 
 @pytest.mark.parametrize("compile", [True, False])
-def test_compile_compiles_the_live_dpo_reference_with_the_policy(tiny_tokenizer, compile):
+@pytest.mark.parametrize("fused", [True, False])
+def test_compile_compiles_the_live_dpo_reference_with_the_policy(tiny_tokenizer, compile, fused):
+    """Both models are compiled where they run: with the fused head (answer_logps) their base models."""
     from lightning_modules.dpo import DPOModule
 
     optim = {"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3}, "weight_decay": 0.0}
-    module = DPOModule(tiny_model("llama-tiny", tiny_tokenizer), optim, beta=0.1, compile=compile)
+    model = tiny_model("llama-tiny", tiny_tokenizer)
+    module = DPOModule(model, optim, beta=0.1, compile=compile, fused_lm_head=fused)
     module.configure_model()
-    compiled = [m._compiled_call_impl is not None for m in (module.model, module.reference)]
-    assert compiled == [compile, compile]
+    runs = [m.base_model if fused else m for m in (module.model, module.reference)]
+    assert [m._compiled_call_impl is not None for m in runs] == [compile, compile]
 
 
 def fake_liger(monkeypatch) -> list[dict]:

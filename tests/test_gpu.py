@@ -124,3 +124,26 @@ def test_cudnn_sdpa_safe_keeps_the_bug_length_off_cudnn_and_the_rest_on_it(lengt
     nonfinite, used_cudnn = torch_only(length, "safe")
     assert nonfinite == 0
     assert used_cudnn == (length % 128 != 64)
+
+
+def test_compiled_head_label_logps_equal_the_eager_ones():
+    """DPO's fused LM head under compile=true (lmlab.core.losses: the chunks' element-wise work compiled, dynamic
+    shapes): the log-probs and the gradients of the hidden states and the head are the eager ones, at a vocabulary
+    of GPT-2's size, under bf16 autocast, for two numbers of label positions (one compiled graph serves both)."""
+    from lmlab.core.losses import head_label_logps
+
+    g = torch.Generator().manual_seed(0)
+    for answer in (100, 37):
+        hidden, weight = torch.randn(4, 128, 64, generator=g).cuda(), torch.randn(50257, 64, generator=g).cuda() / 8
+        labels = torch.randint(0, 50257, (4, 128), generator=g).cuda()
+        labels[:, :-answer] = -100
+        positions = labels.flatten().ne(-100).nonzero().squeeze(1)
+        results = []
+        for compile in (False, True):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logps, _ = head_label_logps(h, w, labels, positions, chunk_elements=2**22, compile=compile)
+            (logps * torch.linspace(-1, 1, 128, device="cuda")).sum().backward()
+            results.append((logps, h.grad, w.grad))
+        for eager, compiled in zip(*results, strict=True):
+            torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-3)

@@ -158,25 +158,33 @@ def pairs(seed: int = 0) -> list[dict]:
 
 
 @pytest.mark.parametrize(("loss_type", "rpo_alpha"), [("sigmoid", 0.5), ("ipo", 0.0)])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_packed_dpo_loss_metrics_and_gradients_equal_the_padded_batchs(family, loss_type, rpo_alpha):
-    """DPO's per-sample log-probs, loss (with RPO's SFT term), TRL's metrics and the gradients, from one packed row."""
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
+def test_packed_and_fused_dpo_loss_metrics_and_gradients_equal_the_padded_batchs(family, loss_type, rpo_alpha):
+    """DPO's per-sample log-probs, loss (with RPO's SFT term), TRL's metrics and the gradients: from the padded
+    batch's formed logits, and with the fused LM head (fused_lm_head: hidden states at the label positions) from the
+    padded batch and from one packed row."""
     optim = {"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3}}
-    module = DPOModule(tiny(family, "sdpa"), optim, beta=0.1, loss_type=loss_type, rpo_alpha=rpo_alpha)
+    model = tiny(family, "sdpa")
+    module = DPOModule(model, optim, beta=0.1, loss_type=loss_type, rpo_alpha=rpo_alpha, fused_lm_head=True)
+    assert module.fused_policy and module.fused_reference
     results = []
-    for inner in (CausalCollator(pad_id=0), PackedCausalCollator(pad_id=0, pad_to_multiple_of=8)):
+    padded, packed = CausalCollator(pad_id=0), PackedCausalCollator(pad_id=0, pad_to_multiple_of=8)
+    for inner, fused in ((padded, False), (padded, True), (packed, True)):
+        module.fused_policy = module.fused_reference = fused
         module.zero_grad()
         loss, metrics = module._step(PreferenceCollator(inner)(pairs()), with_metrics=True)
         loss.backward()
         grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
         results.append((loss, metrics, grads))
-    (loss, metrics, grads), (packed_loss, packed_metrics, packed_grads) = results
-    torch.testing.assert_close(packed_loss, loss)
-    assert packed_metrics.keys() == metrics.keys()
-    for name in metrics:
-        torch.testing.assert_close(packed_metrics[name], metrics[name], msg=name)
-    for name in grads:
-        torch.testing.assert_close(packed_grads[name], grads[name], msg=name)
+    (loss, metrics, grads), *others = results
+    for other_loss, other_metrics, other_grads in others:
+        torch.testing.assert_close(other_loss, loss)
+        assert other_metrics.keys() == metrics.keys()
+        for name in metrics:
+            torch.testing.assert_close(other_metrics[name], metrics[name], msg=name)
+        assert other_grads.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(other_grads[name], grads[name], msg=name)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])

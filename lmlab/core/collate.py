@@ -87,6 +87,7 @@ class Seq2SeqCollator:
 
 
 REF_LOGPS = ("ref_chosen_logps", "ref_rejected_logps")  # TRL's names for a pair's precomputed reference log-probs
+LABEL_POSITIONS = "label_positions"  # a causal preference batch's flat indices of its label positions
 
 
 class PreferenceCollator:
@@ -99,7 +100,10 @@ class PreferenceCollator:
     Items that carry the reference's log-probs (``ref_chosen_logps``,
     ``ref_rejected_logps``: floats or 0-d tensors, computed once before training, as TRL's
     precompute_ref_log_probs adds them as dataset columns) give the batch those fields too,
-    FloatTensor[B] each, in the pairs' order.
+    FloatTensor[B] each, in the pairs' order. A causal batch (padded or packed) carries ``label_positions``, the flat
+    indices of its labels that are not -100 (LongTensor): DPO sends only those positions through the LM head
+    (lmlab.core.losses.head_label_logps), and counting them here, on the host, spares the training step a wait for
+    the GPU.
     """
 
     def __init__(self, inner):
@@ -117,6 +121,8 @@ class PreferenceCollator:
         if REF_LOGPS[0] in items[0]:  # all or none: a pair without them raises KeyError here
             for key in REF_LOGPS:
                 batch[key] = torch.tensor([float(item[key]) for item in items], dtype=torch.float32)
+        if not isinstance(self.inner, Seq2SeqCollator):
+            batch[LABEL_POSITIONS] = batch["labels"].flatten().ne(IGNORE_INDEX).nonzero().squeeze(1)
         return batch
 
 

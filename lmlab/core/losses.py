@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -27,7 +29,9 @@ def label_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return ((logits.argmax(-1) == labels) & mask).sum(), mask.sum()
 
 
-def label_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 2**26) -> torch.Tensor:
+def label_logps(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 2**26, compile: bool = False
+) -> torch.Tensor:
     """log p(label) [N, T] in float32 at the positions whose label is not -100, 0 at the others (which get no
     gradient either), differentiable: at the label positions the numbers of ``-F.cross_entropy(logits.float())``.
 
@@ -37,32 +41,126 @@ def label_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int 
     chunks of about ``chunk_elements`` fp32 values; the backward keeps the logits themselves (1x, not copied when
     contiguous, as a model's output is) and one logsumexp per position, recomputes each chunk's softmax and
     writes the gradient in the logits' dtype. TRL's selective_log_softmax does the forward this way. Every position
-    is computed, the -100 ones too, so nothing waits for the GPU to count them.
+    is computed, the -100 ones too, so nothing waits for the GPU to count them. ``compile``: each chunk's
+    element-wise work runs as one compiled kernel (torch.compile) that forms no fp32 copy; eager, each chunk's
+    backward holds a few fp32 copies at once.
     """
     rows = max(1, chunk_elements // logits.shape[-1])
-    logps = _LabelLogps.apply(logits.reshape(-1, logits.shape[-1]), labels.flatten().clamp(min=0), rows)
+    targets = labels.flatten().clamp(min=0)
+    logps = _LabelLogps.apply(logits.reshape(-1, logits.shape[-1]), targets, rows, None, logits.shape[-1], compile)
     return torch.where(labels != IGNORE_INDEX, logps.view(labels.shape), 0.0)
 
 
+def head_label_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    positions: torch.Tensor,
+    with_logit_sums: bool = False,
+    chunk_elements: int = 2**26,
+    compile: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """label_logps of the logits ``hidden @ weight.T`` (an LM head without bias), without forming them: [N, T]
+    float32, 0 off the labels; and with ``with_logit_sums`` each label position's logits summed over the vocabulary
+    [N, T] (detached, 0 elsewhere: TRL's logits/chosen metric), else None.
+
+    ``positions`` are the flat indices of the label positions in ``labels`` (lmlab.core.collate.PreferenceCollator
+    counts them on the host, so nothing waits for the GPU here). Only their hidden states go through the head,
+    ``chunk_elements`` logits at a time, and the backward recomputes each chunk's logits: what is kept is the
+    selected hidden states, the head's weight and one logsumexp per position, never a ``[rows, vocab]`` tensor.
+    TRL's DPOTrainer does the same (``fused_lm_head``). Under autocast the head runs in its dtype, as a model's
+    ``nn.Linear`` head would. The head's rows are padded with zeros to a multiple of 64: at a vocabulary like
+    GPT-2's 50257, rows of logits with an odd stride sent cuBLAS to slow unaligned kernels (on an H200, 4.8 of a
+    22 ms step). ``compile`` as label_logps.
+    """
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    selected = hidden.flatten(0, 1).index_select(0, positions)
+    vocab = weight.shape[0]
+    head = F.pad(weight.to(dtype), (0, 0, 0, -vocab % 64))
+    rows = max(1, chunk_elements // head.shape[0])
+    targets = labels.flatten().index_select(0, positions)
+    picked = _LabelLogps.apply(selected.to(dtype), targets, rows, head, vocab, compile)
+    logps = picked.new_zeros(labels.numel()).index_copy(0, positions, picked).view(labels.shape)
+    if not with_logit_sums:
+        return logps, None
+    with torch.no_grad():  # elementwise, so autocast leaves it in fp32: sum_v h . w_v = h . sum_v w_v
+        sums = (selected.float() * weight.sum(0, dtype=torch.float32)).sum(-1)
+    return logps, sums.new_zeros(labels.numel()).index_copy(0, positions, sums).view(labels.shape)
+
+
+def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp, target logit) of each row of a chunk of logits, in float32; columns from ``vocab`` on are
+    padding."""
+    return logits[:, :vocab].float().logsumexp(-1), logits.gather(-1, targets[:, None]).squeeze(-1).float()
+
+
+def _chunk_grad(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, vocab: int
+) -> torch.Tensor:
+    """d logp(target) / d logits = onehot(target) - softmax, times each row's incoming gradient, in the logits'
+    dtype, 0 in the padding columns (from ``vocab`` on): element-wise throughout, so compiled it is one pass over the
+    chunk that forms no fp32 copy."""
+    softmax = (logits.float() - lse[:, None]).exp()
+    columns = torch.arange(logits.shape[-1], device=logits.device)
+    rows = torch.where(columns == targets[:, None], 1 - softmax, -softmax) * grad[:, None]
+    if vocab < logits.shape[-1]:
+        rows = torch.where(columns < vocab, rows, 0.0)
+    return rows.to(logits.dtype)
+
+
+@functools.cache
+def _compiled_chunk_ops() -> tuple:
+    """_chunk_stats and _chunk_grad compiled once per process, for any number of rows (dynamic shapes)."""
+    return torch.compile(_chunk_stats, dynamic=True), torch.compile(_chunk_grad, dynamic=True)
+
+
 class _LabelLogps(torch.autograd.Function):
-    """log p(target) of each row of ``logits`` [M, V], ``rows`` rows at a time (label_logps): logit - logsumexp."""
+    """log p(target) of each row of the logits [M, V], ``rows`` rows at a time: logit - logsumexp. The logits are
+    ``inputs`` (label_logps), or with ``weight`` [V, H] ``inputs @ weight.T`` of hidden states [M, H], recomputed
+    chunk by chunk in the backward (head_label_logps). Columns from ``vocab`` on are padding: no token's.
+    ``compile``: the chunks' element-wise work compiled (_compiled_chunk_ops)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
-        lse = torch.cat([chunk.float().logsumexp(-1) for chunk in logits.split(rows)])
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.rows = rows
-        return logits.gather(-1, targets[:, None]).squeeze(-1).float() - lse
+    def forward(
+        ctx,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        rows: int,
+        weight: torch.Tensor | None,
+        vocab: int,
+        compile: bool,
+    ) -> torch.Tensor:
+        ctx.stats, ctx.grad = _compiled_chunk_ops() if compile else (_chunk_stats, _chunk_grad)
+        lse, picked = zip(
+            *(
+                ctx.stats(chunk if weight is None else chunk @ weight.T, target, vocab)
+                for chunk, target in zip(inputs.split(rows), targets.split(rows), strict=True)
+            ),
+            strict=True,
+        )
+        lse = torch.cat(lse)
+        ctx.save_for_backward(inputs, targets, lse, weight)
+        ctx.rows, ctx.vocab = rows, vocab
+        return torch.cat(picked) - lse
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        """d logp / d logits = onehot(target) - softmax, scaled by each row's incoming gradient."""
-        logits, targets, lse = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits)
-        chunks = (x.split(ctx.rows) for x in (logits, targets, lse, grad, grad_logits))
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, torch.Tensor | None, None, None]:
+        """Through the head: d/d hidden = d/d logits @ weight and d/d weight = (d/d logits).T @ hidden, summed over
+        the chunks in float32."""
+        inputs, targets, lse, weight = ctx.saved_tensors
+        grad_inputs = torch.empty_like(inputs)
+        grad_weight = (
+            None if weight is None or not ctx.needs_input_grad[3] else torch.zeros_like(weight, dtype=torch.float32)
+        )
+        chunks = (x.split(ctx.rows) for x in (inputs, targets, lse, grad, grad_inputs))
         for chunk, target, s, g, out in zip(*chunks, strict=True):
-            rows = (chunk.float() - s[:, None]).exp_().mul_(-g[:, None])  # a new tensor: the logits stay as they are
-            rows.scatter_add_(-1, target[:, None], g[:, None])
-            out.copy_(rows)
-        return grad_logits, None, None
+            if weight is None:
+                out.copy_(ctx.grad(chunk, target, s, g, ctx.vocab))
+                continue
+            rows = ctx.grad(chunk @ weight.T, target, s, g, ctx.vocab)
+            torch.mm(rows, weight, out=out)
+            if grad_weight is not None:
+                grad_weight += rows.T @ chunk
+        return grad_inputs, None, None, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
