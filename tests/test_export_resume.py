@@ -303,6 +303,7 @@ def test_sigint_is_handled_like_sigterm(tmp_path):
         global_step = 12
         world_size = 1
         enable_validation = False
+        received_sigterm = False  # Lightning's own SIGTERM flag
         fit_loop = type("Loop", (), {"_should_accumulate": staticmethod(lambda: False)})()
 
         def save_checkpoint(self, path):

@@ -242,22 +242,48 @@ class Preemption(Checkpoint):
     during a validation is acted on at its end. Lightning's own SIGTERM handling stops at a step boundary but saves
     nothing and exits 0. The handlers are installed when training starts; Lightning's teardown restores the ones from
     before the run.
+
+    Under DDP the ranks agree on whether any of them got a signal (:meth:`_received_on_any_rank`), which is a
+    collective and waits for the GPU, so they do it every ``check_every_n_steps`` optimizer steps (and at each
+    validation's end), not at every step: a signal then stops the run at most that many steps later. Lightning's own
+    per-step SIGTERM broadcast (the same wait, at every step) is switched off while this callback handles SIGTERM,
+    since its handler replaces Lightning's, whose flag then never changes.
     """
 
-    def __init__(self, checkpoint: str, signals: list[str]):
+    def __init__(self, checkpoint: str, signals: list[str], check_every_n_steps: int = 1):
+        if check_every_n_steps < 1:
+            raise ValueError(f"callbacks.preemption.check_every_n_steps={check_every_n_steps}: must be 1 or more")
         self.checkpoint = checkpoint
         self.signals = [signal.Signals[name] for name in signals]
+        self.check_every_n_steps = check_every_n_steps
         self.received: signal.Signals | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for signum in self.signals:
             signal.signal(signum, self._note)
+        if trainer.world_size > 1 and signal.SIGTERM in self.signals:
+            self._drop_lightnings_sigterm_broadcast(trainer)
+
+    @staticmethod
+    def _drop_lightnings_sigterm_broadcast(trainer: L.Trainer) -> None:
+        """Lightning 2.6's training loop broadcasts its SIGTERM flag from rank 0 and reads it back before every batch
+        under DDP (``_broadcast_sigterm_tensor``), a wait for the GPU at every step; with this callback's SIGTERM
+        handler in place of Lightning's, the flag stays False. A Lightning without that method is left as it is."""
+        loop = trainer.fit_loop.epoch_loop
+        if callable(getattr(type(loop), "_broadcast_sigterm_tensor", None)):
+            loop._broadcast_sigterm_tensor = lambda: None
+        else:
+            logging.getLogger("lmlab.train").warning(
+                "callbacks.preemption: this Lightning has no per-step SIGTERM broadcast to switch off"
+            )
 
     def _note(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.fit_loop._should_accumulate():
+            return
+        if trainer.world_size > 1 and trainer.global_step % self.check_every_n_steps:
             return
         received = self._received_on_any_rank(trainer)
         if received is not None and not validation_follows(trainer):  # else: on_validation_end
@@ -284,9 +310,9 @@ class Preemption(Checkpoint):
         """The signal this rank or any other received (the highest number where they differ), checked by every rank
         at the same points under DDP: a signal that reached one rank alone (a scheduler or a Ctrl+C that signals one
         process) sent that rank into the checkpoint's barrier while the others went on into the next step's
-        all-reduce, a hang. One all-reduce of one number per step (and a host sync), as Lightning's own SIGTERM
-        broadcast; none on one device."""
-        received = int(self.received or 0)
+        all-reduce, a hang. One all-reduce of one number (and a host sync) per check; none on one device. A SIGTERM
+        that Lightning's handler noted before this callback's was installed (during the sanity check) counts too."""
+        received = int(self.received or (signal.SIGTERM if trainer.received_sigterm else 0))
         if trainer.world_size > 1:
             flag = torch.tensor(received, device=trainer.strategy.root_device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
