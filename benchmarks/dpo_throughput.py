@@ -18,8 +18,8 @@ Everything runs in one process, one side after the other, on the same data, toke
   ``logger=csv``; no validation, no checkpoints, no other callbacks), built as train.py builds it, once with
   ``stage.module.reference=copy`` (a live frozen reference) and once with ``precomputed`` (its log-probs
   computed before training, then the reference is freed). The answers' log-probs come from the fused LM head
-  (``stage.module.fused_lm_head``, the default); ``--frameworks lmlab,lmlab_logits,trl`` runs both again with
-  the logits formed (``lmlab_logits``), and a list without ``trl`` skips TRL's sides.
+  formed (the config's default); ``--frameworks lmlab,lmlab_fused,trl`` runs both again with the fused LM head
+  (``lmlab_fused``: ``stage.module.fused_lm_head=true``), and a list without ``trl`` skips TRL's sides.
 - TRL: ``DPOTrainer`` with a ``DPOConfig`` matching that config: batch size, beta, sigmoid loss, lr, AdamW
   betas, weight decay, warmup, grad clip 1.0, bf16 (GPU), fused AdamW (TRL's default), padding to the same
   multiple, the same data-loader workers, no gradient checkpointing (TRL's default is on; lmlab has none),
@@ -68,7 +68,7 @@ SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 WORDS = [a + b for a in SYLLABLES for b in SYLLABLES]  # 4900 made-up words
 VAL_PAIRS = 8  # lmlab's datamodule needs a validation file; it is never evaluated
 REFERENCES = ("copy", "precomputed")
-LMLAB = {"lmlab": [], "lmlab_logits": ["stage.module.fused_lm_head=false"]}  # lmlab's sides: their extra overrides
+LMLAB = {"lmlab": [], "lmlab_fused": ["stage.module.fused_lm_head=true"]}  # lmlab's sides: their extra overrides
 
 log = logging.getLogger("dpo_throughput")
 
@@ -184,7 +184,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
 
 def run_lmlab(args: argparse.Namespace, work: Path, reference: str, framework: str) -> tuple[dict, list]:
     """lmlab's DPO as train.py builds it from the composed config, timed by a Lightning callback; ``framework``
-    lmlab_logits forms the logits (``fused_lm_head=false``)."""
+    lmlab_fused with the fused LM head (``fused_lm_head=true``)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -227,6 +227,7 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str, framework: s
         "overrides": lmlab_overrides(args, Path("<tmp>"), reference, framework),
         "precision": cfg.trainer.precision,
         "cudnn_sdpa": cfg.cudnn_sdpa,
+        "fused_lm_head": cfg.stage.module.fused_lm_head,
         "optimizer_fused": cfg.optim.optimizer.fused,
         **loader_settings(cfg),
     }
@@ -351,11 +352,10 @@ def markdown(result: dict) -> str:
         "lmlab / TRL peak",
     )
     lines += ["", "| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * (len(columns) - 2)]
-    for framework, reference in sides(result["frameworks"]):
-        name = side_name(framework, reference)
-        if name not in result["sides"]:
-            continue
-        side, ratio = result["sides"][name], result["ratios"].get(name, {})
+    for name, side in result["sides"].items():
+        framework, reference = name.rsplit("_", 1)
+        reference = "copy" if reference == "live" else reference
+        ratio = result["ratios"].get(name, {})
         speed = f"{ratio['pairs_per_sec']:.3f}" if ratio else ""
         memory = f"{ratio['peak_train_gib']:.3f}" if ratio.get("peak_train_gib") else ""
         lines.append(
@@ -392,7 +392,7 @@ def main() -> None:
     parser.add_argument(
         "--frameworks",
         default="lmlab,trl",
-        help=f"comma-separated sides of {FRAMEWORKS}; lmlab_logits: lmlab forming the logits (fused_lm_head=false)",
+        help=f"comma-separated sides of {FRAMEWORKS}; lmlab_fused: lmlab with the fused LM head (fused_lm_head=true)",
     )
     parser.add_argument("--smoke", action="store_true", help="CPU check: gpt2-tiny, 32 pairs of ~20/35 words, 6 steps")
     args = parser.parse_args()

@@ -433,10 +433,14 @@ class DPOModule(TrainingModule):
         live_reference = self.hparams.reference == "copy"
         encoder_rows = batch["input_ids"].shape[0] // 2 if self.model.config.is_encoder_decoder else None
         self._count_flops(batch, 4 / 3 if live_reference else 1.0, encoder_rows)  # + the reference; one encoding
-        if LABEL_POSITIONS in batch:  # a fused head skips the positions without a label: 6 (policy), 2 (reference)
-            skipped = batch["input_ids"].numel() - batch[LABEL_POSITIONS].numel()
-            passes = 6 * self.fused_policy + 2 * (live_reference and self.fused_reference)
-            self.flops_per_batch -= passes * self.model.get_output_embeddings().weight.numel() * skipped
+        if LABEL_POSITIONS in batch:  # a fused head skips the positions without a label
+            head = self.model.get_output_embeddings().weight  # policy: 6 per weight (4 frozen), reference: 2
+            passes = (6 if head.requires_grad else 4) * self.fused_policy + 2 * (
+                live_reference and self.fused_reference
+            )
+            self.flops_per_batch -= (
+                passes * head.numel() * (batch["input_ids"].numel() - batch[LABEL_POSITIONS].numel())
+            )
         log_step = self._on_log_step()
         loss, metrics = self._step(batch, with_metrics=log_step)
         self._track_non_finite(loss)

@@ -160,16 +160,16 @@ def pairs(seed: int = 0) -> list[dict]:
 @pytest.mark.parametrize(("loss_type", "rpo_alpha"), [("sigmoid", 0.5), ("ipo", 0.0)])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
 def test_packed_and_fused_dpo_loss_metrics_and_gradients_equal_the_padded_batchs(family, loss_type, rpo_alpha):
-    """DPO's per-sample log-probs, loss (with RPO's SFT term), TRL's metrics and the gradients: from the padded
-    batch's formed logits, and with the fused LM head (fused_lm_head: hidden states at the label positions) from the
-    padded batch and from one packed row."""
+    """DPO's per-sample log-probs, loss (with RPO's SFT term), TRL's metrics and the gradients of one packed row equal
+    the padded batch's, from formed logits and with the fused LM head (fused_lm_head: hidden states at the label
+    positions)."""
     optim = {"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3}}
     model = tiny(family, "sdpa")
     module = DPOModule(model, optim, beta=0.1, loss_type=loss_type, rpo_alpha=rpo_alpha, fused_lm_head=True)
     assert module.fused_policy and module.fused_reference
     results = []
     padded, packed = CausalCollator(pad_id=0), PackedCausalCollator(pad_id=0, pad_to_multiple_of=8)
-    for inner, fused in ((padded, False), (padded, True), (packed, True)):
+    for inner, fused in ((padded, False), (packed, False), (padded, True), (packed, True)):
         module.fused_policy = module.fused_reference = fused
         module.zero_grad()
         loss, metrics = module._step(PreferenceCollator(inner)(pairs()), with_metrics=True)

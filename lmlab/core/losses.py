@@ -42,8 +42,7 @@ def label_logps(
     contiguous, as a model's output is) and one logsumexp per position, recomputes each chunk's softmax and
     writes the gradient in the logits' dtype. TRL's selective_log_softmax does the forward this way. Every position
     is computed, the -100 ones too, so nothing waits for the GPU to count them. ``compile``: each chunk's
-    element-wise work runs as one compiled kernel (torch.compile) that forms no fp32 copy; eager, each chunk's
-    backward holds a few fp32 copies at once.
+    element-wise work runs as one compiled kernel (torch.compile) that forms no fp32 copy.
     """
     rows = max(1, chunk_elements // logits.shape[-1])
     targets = labels.flatten().clamp(min=0)
@@ -99,13 +98,13 @@ def _chunk_grad(
     logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, vocab: int
 ) -> torch.Tensor:
     """d logp(target) / d logits = onehot(target) - softmax, times each row's incoming gradient, in the logits'
-    dtype, 0 in the padding columns (from ``vocab`` on): element-wise throughout, so compiled it is one pass over the
-    chunk that forms no fp32 copy."""
-    softmax = (logits.float() - lse[:, None]).exp()
+    dtype, 0 in the padding columns (from ``vocab`` on). Element-wise throughout, so compiled it is one pass over the
+    chunk that forms no fp32 copy; in place, so eager it holds about two fp32 copies of the chunk at once."""
     columns = torch.arange(logits.shape[-1], device=logits.device)
-    rows = torch.where(columns == targets[:, None], 1 - softmax, -softmax) * grad[:, None]
+    rows = (logits.float() - lse[:, None]).exp_().mul_(-grad[:, None])  # -softmax * grad
+    rows.add_((columns == targets[:, None]) * grad[:, None])  # + grad at the target
     if vocab < logits.shape[-1]:
-        rows = torch.where(columns < vocab, rows, 0.0)
+        rows.masked_fill_(columns >= vocab, 0.0)
     return rows.to(logits.dtype)
 
 

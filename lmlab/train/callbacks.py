@@ -244,10 +244,11 @@ class Preemption(Checkpoint):
     before the run.
 
     Under DDP the ranks agree on whether any of them got a signal (:meth:`_received_on_any_rank`), which is a
-    collective and waits for the GPU, so they do it every ``check_every_n_steps`` optimizer steps (and at each
-    validation's end), not at every step: a signal then stops the run at most that many steps later. Lightning's own
-    per-step SIGTERM broadcast (the same wait, at every step) is switched off while this callback handles SIGTERM,
-    since its handler replaces Lightning's, whose flag then never changes.
+    collective and waits for the GPU, so they do it every ``check_every_n_steps`` optimizer steps, at each
+    validation's end and when training ends, not at every step: a signal then stops the run at most that many steps
+    later. Lightning's own per-step SIGTERM broadcast (the same wait, at every step) is switched off while this
+    callback handles SIGTERM, since its handler replaces Lightning's; a SIGTERM that Lightning's handler noted before
+    (during the sanity check) is taken over when training starts.
     """
 
     def __init__(self, checkpoint: str, signals: list[str], check_every_n_steps: int = 1):
@@ -261,8 +262,12 @@ class Preemption(Checkpoint):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for signum in self.signals:
             signal.signal(signum, self._note)
-        if trainer.world_size > 1 and signal.SIGTERM in self.signals:
-            self._drop_lightnings_sigterm_broadcast(trainer)
+        if signal.SIGTERM in self.signals:
+            if trainer.received_sigterm:  # Lightning's handler got it: this callback acts on it, not Lightning
+                self.received = self.received or signal.SIGTERM
+                trainer._signal_connector.received_sigterm = False
+            if trainer.world_size > 1:
+                self._drop_lightnings_sigterm_broadcast(trainer)
 
     @staticmethod
     def _drop_lightnings_sigterm_broadcast(trainer: L.Trainer) -> None:
@@ -289,6 +294,13 @@ class Preemption(Checkpoint):
         if received is not None and not validation_follows(trainer):  # else: on_validation_end
             self._save_and_exit(trainer, received)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A signal after the last check (under DDP, in the last ``check_every_n_steps`` steps) still saves and
+        exits 128 + its number, rather than letting train.py go on to export and test."""
+        received = self._received_on_any_rank(trainer)
+        if received is not None:
+            self._save_and_exit(trainer, received)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             received = self._received_on_any_rank(trainer)
@@ -310,9 +322,8 @@ class Preemption(Checkpoint):
         """The signal this rank or any other received (the highest number where they differ), checked by every rank
         at the same points under DDP: a signal that reached one rank alone (a scheduler or a Ctrl+C that signals one
         process) sent that rank into the checkpoint's barrier while the others went on into the next step's
-        all-reduce, a hang. One all-reduce of one number (and a host sync) per check; none on one device. A SIGTERM
-        that Lightning's handler noted before this callback's was installed (during the sanity check) counts too."""
-        received = int(self.received or (signal.SIGTERM if trainer.received_sigterm else 0))
+        all-reduce, a hang. One all-reduce of one number (and a host sync) per check; none on one device."""
+        received = int(self.received or 0)
         if trainer.world_size > 1:
             flag = torch.tensor(received, device=trainer.strategy.root_device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
