@@ -4,6 +4,7 @@ precomputed reference log-probs give the same losses as the live reference."""
 from __future__ import annotations
 
 import csv
+import logging
 
 import lightning as L
 import pytest
@@ -106,27 +107,32 @@ def test_reference_is_frozen_bit_identical_and_outside_optimizer_and_checkpoint(
     assert not any(k.startswith(("reference", "_reference")) for k in module.state_dict())
 
 
-def test_precomputed_reference_gives_the_live_reference_losses(tmp_path, addition_pairs):
+def test_precomputed_reference_and_fused_head_give_the_live_reference_losses(tmp_path, addition_pairs, caplog):
+    """train.py runs: a precomputed reference, and the fused LM head (stage.module.fused_lm_head, for the policy and
+    the live reference), give the losses and margins of the default run (a live reference, the logits formed)."""
     runs = {}
-    for reference in ("copy", "precomputed"):
-        runs[reference] = tmp_path / reference
-        train(
-            compose_cfg(
-                runs[reference],
-                [
-                    *DPO,
-                    f"data.train_files=[{addition_pairs}]",
-                    "max_steps=12",
-                    f"stage.module.reference={reference}",
-                    "trainer.val_check_interval=12",
-                ],
+    for name, overrides in {
+        "copy": ["stage.module.reference=copy"],
+        "precomputed": ["stage.module.reference=precomputed"],
+        "fused": ["stage.module.reference=copy", "stage.module.fused_lm_head=true"],
+    }.items():
+        runs[name] = tmp_path / name
+        overrides = [
+            *DPO,
+            f"data.train_files=[{addition_pairs}]",
+            "max_steps=12",
+            "trainer.val_check_interval=12",
+            *overrides,
+        ]
+        with caplog.at_level(logging.INFO):
+            train(compose_cfg(runs[name], overrides))
+    assert "fused_lm_head" not in caplog.text  # a model that cannot take it forms its logits, and says so
+    live = metrics(runs["copy"])
+    for other in ("precomputed", "fused"):
+        for key in ("train/loss", "val/loss", "val/rewards/margins"):
+            torch.testing.assert_close(
+                torch.tensor(column(metrics(runs[other]), key)), torch.tensor(column(live, key)), rtol=1e-4, atol=1e-5
             )
-        )
-    live, cached = metrics(runs["copy"]), metrics(runs["precomputed"])
-    for key in ("train/loss", "val/loss", "val/rewards/margins"):
-        torch.testing.assert_close(
-            torch.tensor(column(cached, key)), torch.tensor(column(live, key)), rtol=1e-4, atol=1e-5
-        )
     assert (runs["precomputed"] / "ref_logps" / "train.pt").is_file()
     assert (runs["precomputed"] / "ref_logps" / "val.pt").is_file()
 
