@@ -150,6 +150,7 @@ def lmlab_overrides(args: argparse.Namespace, work: Path, reference: str, framew
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         f"paths.output_dir={work / f'{framework}_{reference}'}",
+        *args.override,
     ]
 
 
@@ -389,6 +390,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed first steps (compilation included)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides (GPU)")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="a Hydra override of lmlab's config, repeatable (e.g. stage.module.logps_chunk_elements=268435456)",
+    )
     parser.add_argument(
         "--frameworks",
         default="lmlab,trl",

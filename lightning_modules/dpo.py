@@ -175,6 +175,7 @@ def answer_logps(
     fused: bool,
     with_logit_sums: bool = False,
     compile: bool = False,
+    chunk_elements: int = 2**26,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(label) [N, T] of a preference batch (0 off the labels) and, ``with_logit_sums``, each position's logits
     summed over the vocabulary [N, T] (detached; else None).
@@ -184,7 +185,7 @@ def answer_logps(
     (about half the positions of a DPO batch) least of all; fused_head_refusal says which models allow it. The
     positions come with the batch (PreferenceCollator); a batch from elsewhere has them counted here, which waits
     for the GPU. Otherwise from the model's logits (preference_logits). ``compile``: the log-probs' element-wise
-    work compiled (lmlab.core.losses.label_logps).
+    work compiled; ``chunk_elements``: logits per chunk (lmlab.core.losses.label_logps).
     """
     labels = batch["labels"]
     if fused:
@@ -193,10 +194,10 @@ def answer_logps(
         positions = batch.get(LABEL_POSITIONS)
         if positions is None:
             positions = labels.flatten().ne(IGNORE_INDEX).nonzero().squeeze(1)
-        return head_label_logps(hidden, weight, labels, positions, with_logit_sums, compile=compile)
+        return head_label_logps(hidden, weight, labels, positions, with_logit_sums, chunk_elements, compile)
     logits = preference_logits(model, batch)
     sums = logits.detach().sum(-1, dtype=torch.float32) if with_logit_sums else None
-    return label_logps(logits, labels, compile=compile), sums
+    return label_logps(logits, labels, chunk_elements, compile), sums
 
 
 def preference_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -249,6 +250,7 @@ class DPOModule(TrainingModule):
         compile: bool = False,
         disable_dropout: bool = True,
         fused_lm_head: bool = False,
+        logps_chunk_elements: int = 2**26,
         reference_model: PreTrainedModel | None = None,
     ):
         super().__init__(model, optim, compile)
@@ -374,7 +376,8 @@ class DPOModule(TrainingModule):
         """(log-probs of every row [2B], answer_logps' logit sums) of ``model``, the policy or the reference; per-token
         averages for IPO, as TRL."""
         fused = self.fused_policy if model is self.model else self.fused_reference
-        token_logps, logit_sums = answer_logps(model, batch, fused, with_logit_sums, self.compile_model)
+        chunk = self.hparams.logps_chunk_elements
+        token_logps, logit_sums = answer_logps(model, batch, fused, with_logit_sums, self.compile_model, chunk)
         average = self.hparams.loss_type == "ipo"
         return sequence_logps(token_logps, batch["labels"], average, packed_documents(batch)), logit_sums
 

@@ -109,12 +109,13 @@ def test_reference_is_frozen_bit_identical_and_outside_optimizer_and_checkpoint(
 
 def test_precomputed_reference_and_fused_head_give_the_live_reference_losses(tmp_path, addition_pairs, caplog):
     """train.py runs: a precomputed reference, and the fused LM head (stage.module.fused_lm_head, for the policy and
-    the live reference), give the losses and margins of the default run (a live reference, the logits formed)."""
+    the live reference, in chunks of a few rows), give the losses and margins of the default run (a live reference,
+    the logits formed)."""
     runs = {}
     for name, overrides in {
         "copy": ["stage.module.reference=copy"],
         "precomputed": ["stage.module.reference=precomputed"],
-        "fused": ["stage.module.reference=copy", "stage.module.fused_lm_head=true"],
+        "fused": ["stage.module.fused_lm_head=true", "stage.module.logps_chunk_elements=4096"],  # several chunks
     }.items():
         runs[name] = tmp_path / name
         overrides = [
