@@ -58,8 +58,8 @@ def masked_mean_logits(logit_sums: torch.Tensor, labels: torch.Tensor, vocab_siz
 
     Detached: it is a logged metric. NaN when there are no label positions, like an empty mean.
     """
-    mask = labels.ne(IGNORE_INDEX)
-    return logit_sums.detach()[mask].sum() / (mask.sum() * vocab_size)
+    mask = labels.ne(IGNORE_INDEX)  # a where, not an index by the mask: that would wait for the GPU to count it
+    return torch.where(mask, logit_sums.detach(), 0.0).sum() / (mask.sum() * vocab_size)
 
 
 def preference_loss(

@@ -80,12 +80,15 @@ def head_label_logps(
     rows = max(1, chunk_elements // head.shape[0])
     targets = labels.flatten().index_select(0, positions)
     picked = _LabelLogps.apply(selected.to(dtype), targets, rows, head, vocab, compile)
-    logps = picked.new_zeros(labels.numel()).index_copy(0, positions, picked).view(labels.shape)
+
+    def at_positions(values: torch.Tensor) -> torch.Tensor:  # [len(positions)] -> [N, T], 0 elsewhere
+        return values.new_zeros(labels.numel()).index_copy(0, positions, values).view(labels.shape)
+
     if not with_logit_sums:
-        return logps, None
+        return at_positions(picked), None
     with torch.no_grad():  # elementwise, so autocast leaves it in fp32: sum_v h . w_v = h . sum_v w_v
         sums = (selected.float() * weight.sum(0, dtype=torch.float32)).sum(-1)
-    return logps, sums.new_zeros(labels.numel()).index_copy(0, positions, sums).view(labels.shape)
+    return at_positions(picked), at_positions(sums)
 
 
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -290,22 +290,22 @@ class Preemption(Checkpoint):
             return
         if trainer.world_size > 1 and trainer.global_step % self.check_every_n_steps:
             return
-        received = self._received_on_any_rank(trainer)
-        if received is not None and not validation_follows(trainer):  # else: on_validation_end
-            self._save_and_exit(trainer, received)
+        if not validation_follows(trainer):  # else: on_validation_end
+            self._stop_if_signalled(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A signal after the last check (under DDP, in the last ``check_every_n_steps`` steps) still saves and
         exits 128 + its number, rather than letting train.py go on to export and test."""
-        received = self._received_on_any_rank(trainer)
-        if received is not None:
-            self._save_and_exit(trainer, received)
+        self._stop_if_signalled(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            received = self._received_on_any_rank(trainer)
-            if received is not None:
-                self._save_and_exit(trainer, received)
+            self._stop_if_signalled(trainer)
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        received = self._received_on_any_rank(trainer)
+        if received is not None:
+            self._save_and_exit(trainer, received)
 
     def _save_and_exit(self, trainer: L.Trainer, received: signal.Signals) -> None:
         trainer.save_checkpoint(self.checkpoint)
