@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 
@@ -30,11 +31,12 @@ from lmlab.core.adapters import add_adapters, export_adapted, is_adapted, quanti
 from lmlab.core.kernels import apply_kernels
 from lmlab.core.models import (
     build_model,
-    cudnn_attention,
     export_hf,
+    has_varlen_attention,
     is_vision_language,
     load_model,
     resolve_hf_dir,
+    sdpa_settings,
 )
 from lmlab.core.runs import WANDB_TMP, register_resolvers, remove_leftovers, resume_checkpoint
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
@@ -173,10 +175,29 @@ def exported_model(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModul
 
 
 def train(cfg: DictConfig) -> float | None:
-    """One training run in ``paths.output_dir``; returns the monitored metric's final value. SDPA's cuDNN use follows
-    ``cudnn_sdpa`` for the run and is put back after it (lmlab.core.models.cudnn_attention)."""
-    with cudnn_attention(cfg.cudnn_sdpa):
+    """One training run in ``paths.output_dir``; returns the monitored metric's final value. SDPA attention follows
+    ``cudnn_sdpa`` and ``packed_attention`` for the run and is put back after it (attention)."""
+    with attention(cfg):
         return fit_and_export(cfg)
+
+
+def attention(cfg: DictConfig) -> AbstractContextManager:
+    """transformers' sdpa attention as ``cudnn_sdpa`` and ``packed_attention`` (conf/train.yaml) set it, for a block
+    (lmlab.core.models.sdpa_settings)."""
+    return sdpa_settings(cfg.cudnn_sdpa, varlen=packed_attention(cfg) == "varlen")
+
+
+def packed_attention(cfg: DictConfig) -> str:
+    """``packed_attention`` (conf/train.yaml) resolved: ``auto`` is varlen on a GPU (``gpu``/``cuda``) in 16-bit
+    precision (the kernel's only dtypes) whose torch has the kernel, else mask. varlen computes each packed sample's
+    attention alone, where a mask makes SDPA compute the whole row's; it runs on CUDA only."""
+    mode = cfg.packed_attention
+    if mode not in ("auto", "varlen", "mask"):
+        raise ValueError(f"packed_attention={mode!r}: one of auto, varlen, mask")
+    if mode == "auto":
+        gpu, half = cfg.trainer.accelerator in ("gpu", "cuda"), str(cfg.trainer.precision).startswith(("bf16", "16"))
+        return "varlen" if gpu and half and has_varlen_attention() else "mask"
+    return mode
 
 
 def fit_and_export(cfg: DictConfig) -> float | None:

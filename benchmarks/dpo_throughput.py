@@ -189,8 +189,8 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str, framework: s
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from lmlab.core.models import cudnn_attention, load_model
-    from train import connect_data, loader_settings, prepare_tokenizer, reference_model
+    from lmlab.core.models import load_model
+    from train import attention, connect_data, loader_settings, packed_attention, prepare_tokenizer, reference_model
 
     cfg = compose_cfg(args, work, lmlab_overrides(args, work, reference, framework))
     L.seed_everything(cfg.seed, workers=True)
@@ -210,7 +210,7 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str, framework: s
     trainer = instantiate(
         cfg.trainer, logger=[instantiate(c) for c in cfg.logger.values()], callbacks=[LightningClock(clock)]
     )
-    with cudnn_attention(cfg.cudnn_sdpa):  # as train.py runs it; TRL's side gets torch's own backends
+    with attention(cfg):  # as train.py runs it; TRL's side gets torch's own backends
         trainer.fit(module, datamodule=datamodule)
 
     pairs = []
@@ -228,6 +228,8 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str, framework: s
         "overrides": lmlab_overrides(args, Path("<tmp>"), reference, framework),
         "precision": cfg.trainer.precision,
         "cudnn_sdpa": cfg.cudnn_sdpa,
+        "packing": cfg.packing,
+        "packed_attention": packed_attention(cfg),
         "fused_lm_head": cfg.stage.module.fused_lm_head,
         "optimizer_fused": cfg.optim.optimizer.fused,
         **loader_settings(cfg),

@@ -13,8 +13,11 @@ trainer=gpu`` composes (bf16-mixed, fused AdamW, SDPA), with validation, sample 
 off, run in this one process one after the other:
 
 - ``padded``: ``packing=false`` (rows padded to the batch's longest, rounded up to 64; no attention mask, sdpa);
-- ``packed_sdpa``: ``packing=true`` (one row per batch, position ids restarting per sample; transformers builds a
-  block-diagonal mask of the whole row, so SDPA computes every block);
+- ``packed``: ``packing=true`` (one row per batch, position ids restarting per sample) with the default
+  ``packed_attention=auto``: on a GPU, torch's variable-length flash kernel over each sample (the blocks between
+  samples never computed), on the CPU the mask below;
+- ``packed_mask``: ``packing=true packed_attention=mask`` (transformers builds a block-diagonal mask of the whole row,
+  so SDPA computes every block; before 2026-12-01 this was ``packed_sdpa``, the only packed SDPA path);
 - ``packed_flex``: ``packing=true model.attn_implementation=flex_attention`` (the blocks between samples skipped),
 
 each with ``compile=false`` and ``compile=true``, and beside them the anchor, TRL's ``SFTTrainer`` (trl 1.16), in the
@@ -42,7 +45,7 @@ to ``<date>_<gpu>_sft_packing.{json,md}`` (``sft_trl`` with TRL runs, ``sft_adap
 set, else the current folder, rewritten after each configuration.
 
     python benchmarks/sft_throughput.py --tokenizer <folder> [--override paths.data_dir=<data>]   # GPU, 8+ min
-    V=padded,packed_sdpa,packed_flex,trl_padded,trl_padding_free,trl_packed   # lmlab vs TRL, no adapters
+    V=padded,packed,packed_mask,packed_flex,trl_padded,trl_padding_free,trl_packed   # lmlab vs TRL, no adapters
     python benchmarks/sft_throughput.py --tokenizer <folder> --variants $V   # GPU
     python benchmarks/sft_throughput.py --smoke --tokenizer <folder>   # CPU check: llama-tiny, 3 steps, with TRL
 
@@ -78,7 +81,8 @@ os.environ.setdefault("PROJECT_ROOT", str(REPO))
 
 VARIANTS = {  # name -> Hydra overrides on top of the common ones
     "padded": ["packing=false"],
-    "packed_sdpa": ["packing=true"],
+    "packed": ["packing=true"],
+    "packed_mask": ["packing=true", "packed_attention=mask"],
     "packed_flex": ["packing=true", "model.attn_implementation=flex_attention"],
     "padded_lora": ["packing=false", "peft=lora"],
     "packed_lora": ["packing=true", "peft=lora"],
@@ -272,13 +276,15 @@ def run_one(args: argparse.Namespace, variant: str, compile_: bool, work: Path) 
     result = json.loads(timing.read_text())
     result["fit_wall_s"] = time.perf_counter() - t0
     result["overrides"] = overrides
+    if cfg.packing:
+        result["packed_attention"] = train.packed_attention(cfg)
     return result
 
 
 def trl_attention(args: argparse.Namespace) -> str:
     """TRL's attention: ``--trl-attn``, else FlashAttention 2 on a GPU where the flash_attn package is installed (the
     varlen kernels TRL's padding-free batches are made for), else SDPA (transformers then masks the packed samples from
-    their position ids, block-diagonal, as for lmlab's packed_sdpa)."""
+    their position ids, block-diagonal, as for lmlab's packed_mask)."""
     import importlib.util
 
     if args.trl_attn:
@@ -553,11 +559,11 @@ def compare_trl(runs: list[dict]) -> None:
 
 def full_run(runs: list[dict], run: dict) -> dict | None:
     """For an adapter run (``packed_lora``), the full fine-tune with the same batches and compile setting
-    (``packed_sdpa``; ``padded`` for a padded one), if it ran; None for a full fine-tune."""
+    (``packed``; ``padded`` for a padded one), if it ran; None for a full fine-tune."""
     layout, _, adapters = run["variant"].partition("_")
     if adapters not in ADAPTED:
         return None
-    name = "padded" if layout == "padded" else "packed_sdpa"
+    name = "padded" if layout == "padded" else "packed"
     full = next((r for r in runs if r["variant"] == name and r["compile"] == run["compile"]), None)
     return full if full and "error" not in full else None
 
@@ -623,12 +629,12 @@ def main() -> None:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="CPU check: llama-tiny, batch 4, 1 + 3 steps; padded, packed_sdpa and the TRL runs unless --variants",
+        help="CPU check: llama-tiny, batch 4, 1 + 3 steps; padded, packed and the TRL runs unless --variants",
     )
     args = parser.parse_args()
     if args.smoke:
         args.model, args.batch_size, args.warmup, args.steps, args.compile = "llama-tiny", 4, 1, 3, "off"
-        args.variants = args.variants or "padded,packed_sdpa,trl_padded,trl_padding_free,trl_packed"
+        args.variants = args.variants or "padded,packed,trl_padded,trl_padding_free,trl_packed"
     variants = (args.variants or ",".join(every)).split(",")
     unknown = set(variants) - set(every)
     if unknown:

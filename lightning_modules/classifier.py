@@ -38,6 +38,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from lightning_modules.base import TrainingModule
 from lmlab.core.adapters import is_adapted
+from lmlab.core.collate import varlen_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,11 @@ class ClassifierModule(TrainingModule):
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
             ).logits
         out = self.model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_hidden_states=True, use_cache=False
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            output_hidden_states=True,
+            use_cache=False,
+            **varlen_kwargs(batch),
         )
         return self.model.score(out.hidden_states[-1][0, batch["pool_positions"]])
 

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lightning_modules.base import TrainingModule
-from lmlab.core.collate import IGNORE_INDEX
+from lmlab.core.collate import IGNORE_INDEX, varlen_kwargs
 from lmlab.core.losses import label_hits, label_token_stats
 from lmlab.core.models import is_vision_language
 from lmlab.core.vision import PARTS, parts
@@ -57,6 +57,7 @@ def causal_inputs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> dic
         "attention_mask": batch.get("attention_mask") if routed else None,  # a packed batch has none
         "position_ids": batch.get("position_ids"),  # packed: restarting per sample, which isolates the samples
         "use_cache": False,
+        **varlen_kwargs(batch),  # packed: the samples' bounds, for packed_attention=varlen
     }
 
 

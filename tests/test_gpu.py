@@ -147,3 +147,44 @@ def test_compiled_head_label_logps_equal_the_eager_ones():
             results.append((logps, h.grad, w.grad))
         for eager, compiled in zip(*results, strict=True):
             torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_varlen_packed_rows_equal_the_padded_batch_eager_and_compiled(family):
+    """packed_attention=varlen with torch's own kernel: a packed row's logits and gradients equal the padded batch's
+    (bf16 autocast), with samples longer and shorter than a 128-token block, with and without a padding tail (an
+    empty last segment), eager and compiled (two widths; llama's attention has 2 query heads per key head)."""
+    from test_packing import tiny
+
+    from lightning_modules.lm import lm_forward
+    from lmlab.core.collate import CausalCollator, PackedCausalCollator
+    from lmlab.core.models import sdpa_settings
+
+    g = torch.Generator().manual_seed(0)
+    model = tiny(family, "sdpa", positions=512).cuda().train()
+    if family == "llama":
+        assert model.config.num_key_value_heads < model.config.num_attention_heads
+    compiled = torch.compile(model)
+    for lengths, multiple in (([130, 3, 257, 64], 64), ([40, 300, 9], 1)):
+        samples = [{"input_ids": (ids := torch.randint(1, 50, (n,), generator=g)), "labels": ids} for n in lengths]
+        padded = {k: v.cuda() for k, v in CausalCollator(pad_id=0)(samples).items()}
+        packed = PackedCausalCollator(pad_id=0, pad_to_multiple_of=multiple)(samples)
+        packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()}
+        results = []
+        for net, batch in ((model, padded), (model, packed), (compiled, packed)):
+            net.zero_grad()
+            with sdpa_settings("safe", varlen=True), torch.autocast("cuda", dtype=torch.bfloat16):
+                out = lm_forward(net, batch, with_loss=True)
+            out.loss.backward()
+            logits = out.logits.float()
+            if batch is packed:  # back into the padded batch's rows
+                rows = logits[0].split([*packed["document_lengths"], logits.shape[1] - sum(packed["document_lengths"])])
+                logits = torch.nn.utils.rnn.pad_sequence(rows[:-1], batch_first=True)[:, : padded["labels"].shape[1]]
+            real = padded["labels"].ne(-100)
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            results.append((out.loss.detach(), logits[real], grads))
+        (loss, logits, grads), *others = results
+        for other_loss, other_logits, other_grads in others:
+            torch.testing.assert_close(other_loss, loss, rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(other_logits, logits, rtol=2e-2, atol=3e-2)
+            assert (other_grads - grads).norm() < 2e-2 * grads.norm()

@@ -4,10 +4,14 @@ training curves equal the padded batch's, per sample."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
+import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import compose_cfg
 from transformers import (
     AutoModelForSequenceClassification,
@@ -24,8 +28,10 @@ from lightning_modules.base import TrainingModule
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.dpo import DPOModule
 from lightning_modules.lm import lm_forward
+from lmlab.core import models
 from lmlab.core.collate import IGNORE_INDEX, CausalCollator, PackedCausalCollator, PreferenceCollator
-from lmlab.core.models import flops_per_batch, flops_per_token
+from lmlab.core.models import flops_per_batch, flops_per_token, sdpa_settings
+from train import attention as run_attention
 from train import train
 
 VOCAB = 50
@@ -58,12 +64,45 @@ def test_the_packed_row_restarts_positions_and_shifts_each_sample_on_its_own():
         assert batch["labels"][0, start : start + n].tolist() == sample["labels"][1:].tolist()
         start += n
     assert batch["input_ids"][0, 23] == 0 and batch["labels"][0, 23] == IGNORE_INDEX
+    # the segments of a varlen kernel: each sample, then the tail (an empty one when the samples fill the row)
+    assert batch["cu_seq_lens"].dtype == torch.int32
+    assert batch["cu_seq_lens"].tolist() == [0, 6, 8, 19, 23, 24] and batch["max_document_length"] == 11
+    full = PackedCausalCollator(pad_id=0)(samples())
+    assert full["cu_seq_lens"].tolist() == [0, 6, 8, 19, 23, 23] and full["input_ids"].shape == (1, 23)
 
 
-def tiny(family: str, attention: str) -> torch.nn.Module:
+def reference_varlen_attn(calls, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):
+    """torch's varlen_attn (CUDA only) as its documentation defines it, for the CPU: SDPA over each segment of
+    ``[T, heads, head_dim]`` rows alone, causal for ``window_size=(-1, 0)``; torch 2.11's signature (no enable_gqa)."""
+    bounds = cu_q.tolist()
+    assert cu_k.tolist() == bounds and max_q == max_k == max(b - a for a, b in itertools.pairwise(bounds))
+    calls.append(len(bounds) - 1)
+    out = torch.zeros_like(q)
+    for a, b in itertools.pairwise(bounds):
+        if b > a:
+            seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]
+            causal = window_size == (-1, 0)
+            attn = F.scaled_dot_product_attention(*seg, is_causal=causal, scale=scale)
+            out[a:b] = attn.transpose(0, 1)
+    return out
+
+
+@contextlib.contextmanager
+def attending(attention: str, monkeypatch) -> list[int]:
+    """lmlab's sdpa attention with packed_attention=varlen (torch's kernel replaced by reference_varlen_attn, so the
+    CPU runs lmlab's path to it) or =mask; yields the segments of each varlen call."""
+    calls = []
+    if attention == "varlen":
+        monkeypatch.setattr(models, "varlen_attn", functools.partial(reference_varlen_attn, calls))
+    with sdpa_settings(False, varlen=attention == "varlen"):
+        yield calls
+
+
+def tiny(family: str, attention: str, positions: int = 64) -> torch.nn.Module:
+    """A 2-layer model of ``family``; a GPT-2 embeds ``positions`` positions."""
     torch.manual_seed(0)
     if family == "gpt2":
-        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=positions)
         config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
         model = GPT2LMHeadModel(config)
     elif family == "mixtral":
@@ -92,18 +131,22 @@ def tiny(family: str, attention: str) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["mask", "eager", "varlen"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
-def test_packed_logits_loss_and_gradients_equal_the_padded_batchs(family, attention):
-    model = tiny(family, attention)
+def test_packed_logits_loss_and_gradients_equal_the_padded_batchs(family, attention, monkeypatch):
+    """Under sdpa with a mask over the row, eager, and lmlab's varlen path (each layer's attention over the 4 samples
+    and the tail; llama's has one key head for two query heads)."""
+    model = tiny(family, "eager" if attention == "eager" else "sdpa")
     padded = CausalCollator(pad_id=0)(samples())
     packed = PackedCausalCollator(pad_id=0, pad_to_multiple_of=8)(samples())
-    out_padded = lm_forward(model, padded, with_loss=True)
-    out_padded.loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    out_packed = lm_forward(model, packed, with_loss=True)
-    out_packed.loss.backward()
+    with attending(attention, monkeypatch) as calls:
+        out_padded = lm_forward(model, padded, with_loss=True)
+        out_padded.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        out_packed = lm_forward(model, packed, with_loss=True)
+        out_packed.loss.backward()
+    assert calls == ([5, 5] if attention == "varlen" else [])  # 2 layers, the padded batch never
     start = 0
     for row, n in enumerate(packed["document_lengths"]):
         torch.testing.assert_close(out_packed.logits[0, start : start + n], out_padded.logits[row, :n])
@@ -159,21 +202,27 @@ def pairs(seed: int = 0) -> list[dict]:
 
 @pytest.mark.parametrize(("loss_type", "rpo_alpha"), [("sigmoid", 0.5), ("ipo", 0.0)])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
-def test_packed_and_fused_dpo_loss_metrics_and_gradients_equal_the_padded_batchs(family, loss_type, rpo_alpha):
+def test_packed_and_fused_dpo_loss_metrics_and_gradients_equal_the_padded_batchs(
+    family, loss_type, rpo_alpha, monkeypatch
+):
     """DPO's per-sample log-probs, loss (with RPO's SFT term), TRL's metrics and the gradients of one packed row equal
     the padded batch's, from formed logits and with the fused LM head (fused_lm_head: hidden states at the label
-    positions)."""
+    positions), the packed row's attention masked or varlen (attending)."""
     optim = {"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3}}
     model = tiny(family, "sdpa")
     module = DPOModule(model, optim, beta=0.1, loss_type=loss_type, rpo_alpha=rpo_alpha, fused_lm_head=True)
     assert module.fused_policy and module.fused_reference
     results = []
     padded, packed = CausalCollator(pad_id=0), PackedCausalCollator(pad_id=0, pad_to_multiple_of=8)
-    for inner, fused in ((padded, False), (packed, False), (padded, True), (packed, True)):
+    for inner, fused, attention in [(padded, False, "mask"), (padded, True, "mask")] + [
+        (packed, fused, attention) for fused in (False, True) for attention in ("mask", "varlen")
+    ]:
         module.fused_policy = module.fused_reference = fused
         module.zero_grad()
-        loss, metrics = module._step(PreferenceCollator(inner)(pairs()), with_metrics=True)
-        loss.backward()
+        with attending(attention, monkeypatch) as calls:
+            loss, metrics = module._step(PreferenceCollator(inner)(pairs()), with_metrics=True)
+            loss.backward()
+        assert len(calls) == (4 if attention == "varlen" else 0)  # policy and reference, 2 layers each
         grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
         results.append((loss, metrics, grads))
     (loss, metrics, grads), *others = results
@@ -187,8 +236,9 @@ def test_packed_and_fused_dpo_loss_metrics_and_gradients_equal_the_padded_batchs
             torch.testing.assert_close(other_grads[name], grads[name], msg=name)
 
 
+@pytest.mark.parametrize("attention", ["mask", "varlen"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
-def test_packed_class_logits_loss_and_gradients_equal_the_padded_batchs(family):
+def test_packed_class_logits_loss_and_gradients_equal_the_padded_batchs(family, attention, monkeypatch):
     """A packed classification row (texts end to end, positions restarting) pools each text where the padded batch
     does, at its last token that is not the pad id (one text ends in it): the same class logits as the padded batch,
     per text, and the same loss and gradients."""
@@ -202,12 +252,14 @@ def test_packed_class_logits_loss_and_gradients_equal_the_padded_batchs(family):
     texts = [{"input_ids": s["input_ids"], "label": i % 2} for i, s in enumerate(samples())]
     texts[1]["input_ids"] = torch.cat([texts[1]["input_ids"], torch.tensor([0])])  # ends in the pad id (an EOS)
     outs = []
-    for collate in (ClassificationCollator(0, "right"), PackedClassificationCollator(0, pad_to_multiple_of=8)):
-        batch = collate(texts)
-        logits = module(batch)
-        module._loss(logits, batch["labels"]).backward()
-        outs.append((logits, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
-        module.zero_grad()
+    with attending(attention, monkeypatch) as calls:
+        for collate in (ClassificationCollator(0, "right"), PackedClassificationCollator(0, pad_to_multiple_of=8)):
+            batch = collate(texts)
+            logits = module(batch)
+            module._loss(logits, batch["labels"]).backward()
+            outs.append((logits, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+            module.zero_grad()
+    assert len(calls) == (2 if attention == "varlen" else 0)
     (padded, padded_grads), (packed, packed_grads) = outs
     assert packed.shape == (len(texts), 2)
     torch.testing.assert_close(packed, padded)
@@ -220,3 +272,12 @@ def test_packed_class_logits_loss_and_gradients_equal_the_padded_batchs(family):
 def test_packing_where_it_does_not_apply_is_an_error(tmp_path, overrides):
     with pytest.raises(ValueError, match="packing=true packs SFT, DPO and classification samples for a causal model"):
         train(compose_cfg(tmp_path, [*overrides, "packing=true", "max_steps=1"]))
+
+
+def test_packed_attention_is_varlen_on_a_gpu_only_and_names_its_choices(tmp_path):
+    """auto: mask on the CPU (torch's varlen kernel is CUDA's); varlen wherever the run asks for it; else an error."""
+    for value, varlen in (("auto", False), ("mask", False), ("varlen", True)):
+        with run_attention(compose_cfg(tmp_path, [f"packed_attention={value}"])):
+            assert models.AttentionInterface()["sdpa"].keywords["varlen"] is varlen
+    with pytest.raises(ValueError, match="packed_attention='flex': one of auto, varlen, mask"):
+        run_attention(compose_cfg(tmp_path, ["packed_attention=flex"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -159,19 +160,36 @@ def packed_row(rows: Sequence[torch.Tensor], fill: int, multiple: int) -> torch.
     return torch.cat([*map(torch.as_tensor, rows), torch.full((round_up(total, multiple) - total,), fill)]).long()[None]
 
 
-def pack(rows: Sequence[torch.Tensor], pad_id: int, multiple: int) -> dict[str, torch.Tensor | list[int]]:
+def pack(rows: Sequence[torch.Tensor], pad_id: int, multiple: int) -> dict[str, torch.Tensor | list[int] | int]:
     """``rows`` end to end in one row (``input_ids``, packed_row); ``position_ids`` restarting at 0 with every row
-    (and the padding tail); ``document_lengths``."""
+    (and the padding tail); ``document_lengths``; ``cu_seq_lens`` (int32) where each row and the tail start, then the
+    row's end, and ``max_document_length``: the segments a variable-length attention kernel takes
+    (varlen_kwargs). The tail is a segment of its own, empty when there is none, so every position is covered and a
+    batch of n samples always has n + 2 bounds."""
     lengths = [len(row) for row in rows]
     if 0 in lengths:
         raise ValueError(f"row {lengths.index(0)} is empty: an empty sample cannot be packed")
     input_ids = packed_row(rows, pad_id, multiple)
     tail = input_ids.shape[1] - sum(lengths)
+    segments = [*lengths, tail]
     return {
         "input_ids": input_ids,
-        "position_ids": torch.cat([torch.arange(n) for n in [*lengths, tail]]).unsqueeze(0),
+        "position_ids": torch.cat([torch.arange(n) for n in segments]).unsqueeze(0),
         "document_lengths": lengths,
+        "cu_seq_lens": torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32),
+        "max_document_length": max(segments),
     }
+
+
+def varlen_kwargs(batch: dict) -> dict[str, torch.Tensor | int]:
+    """A packed batch's segments (pack) as the keyword arguments transformers hands from a model's forward to each
+    attention layer (its flash-attention ones: ``cu_seq_lens_q/k``, ``max_length_q/k``); none for a padded batch.
+    lmlab's sdpa attention reads them under ``packed_attention=varlen`` (lmlab.core.models.sdpa_settings); the other
+    attentions ignore them and keep the samples apart by their ``position_ids``."""
+    if "cu_seq_lens" not in batch:
+        return {}
+    bounds, longest = batch["cu_seq_lens"], batch["max_document_length"]
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
 def packed_documents(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:

@@ -6,11 +6,13 @@ A preset's ``arch`` (causal | seq2seq) says which kind of model it builds; the d
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lmlab.core.tokenizer import save_tokenizer
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.10
+    varlen_attn = None
+
 log = logging.getLogger(__name__)
 
 WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -40,11 +47,13 @@ PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"  # the model= p
 
 
 @contextmanager
-def cudnn_attention(mode: bool | str) -> Iterator[None]:
-    """For the block, allow (``true``), forbid (``false``) or allow except at the lengths of its bug (``safe``) torch's
-    cuDNN backend of scaled_dot_product_attention, for transformers' ``sdpa`` attention; flash and memory-efficient
-    stay. After it, the process's SDPA backends and transformers' ``sdpa`` attention are what they were, so what
-    follows a run in the same process (a benchmark's TRL side, the next test) gets torch's and transformers' own.
+def sdpa_settings(cudnn: bool | str, varlen: bool = False) -> Iterator[None]:
+    """For the block, transformers' ``sdpa`` attention as a run configures it: torch's cuDNN backend allowed
+    (``cudnn`` true), forbidden (false) or allowed except at the lengths of its bug (``safe``), flash and
+    memory-efficient staying; and with ``varlen``, a packed row's samples (lmlab.core.collate.pack) through torch's
+    variable-length flash kernel (varlen_attention) instead of a mask over the whole row. After it, the process's
+    SDPA backends and transformers' ``sdpa`` attention are what they were, so what follows a run in the same process
+    (a benchmark's TRL side, the next test) gets torch's and transformers' own.
 
     cuDNN's backward pass (torch 2.11-2.13, H100/H200) returns NaN query gradients for masked attention over a
     length with ``length % 128 == 64`` once a head's logits in a row are all below about -88 (fp32 exp underflow of
@@ -57,11 +66,16 @@ def cudnn_attention(mode: bool | str) -> Iterator[None]:
     torch.compile'd graph is fixed when it is traced: a graph traced under one setting keeps it, so compare settings
     in separate processes.
     """
-    if mode not in (True, False, "safe"):
-        raise ValueError(f"cudnn_sdpa={mode!r}: one of true, false, safe")
+    if cudnn not in (True, False, "safe"):
+        raise ValueError(f"cudnn_sdpa={cudnn!r}: one of true, false, safe")
+    if varlen and not has_varlen_attention():
+        raise ValueError(
+            f"packed_attention=varlen: torch {torch.__version__} has no torch.nn.attention.varlen with "
+            "window_size (torch >= 2.11); use packed_attention=mask"
+        )
     enabled, sdpa = torch.backends.cuda.cudnn_sdp_enabled(), AttentionInterface()["sdpa"]
-    torch.backends.cuda.enable_cudnn_sdp(bool(mode))
-    AttentionInterface.register("sdpa", _sdpa_off_cudnn_at_bug_lengths if mode == "safe" else sdpa_attention_forward)
+    torch.backends.cuda.enable_cudnn_sdp(bool(cudnn))
+    AttentionInterface.register("sdpa", partial(_sdpa, safe=cudnn == "safe", varlen=varlen))
     try:
         yield
     finally:
@@ -69,12 +83,68 @@ def cudnn_attention(mode: bool | str) -> Iterator[None]:
         AttentionInterface.register("sdpa", sdpa)
 
 
-def _sdpa_off_cudnn_at_bug_lengths(module, query, key, value, attention_mask, *args, **kwargs):
-    """transformers' sdpa attention; without cuDNN where a query or key length is 64 mod 128 (cudnn_attention)."""
-    if query.shape[-2] % 128 == 64 or key.shape[-2] % 128 == 64:
+def _sdpa(module, query, key, value, attention_mask, *args, safe: bool, varlen: bool, **kwargs):
+    """transformers' sdpa attention as sdpa_settings sets it: a packed row with its samples' boundaries
+    (``cu_seq_lens_q``) through varlen_attention under ``varlen``; without cuDNN where a query or key length is 64 mod
+    128 under ``safe``."""
+    if varlen and kwargs.get("cu_seq_lens_q") is not None:
+        return varlen_attention(module, query, key, value, **kwargs)
+    if safe and (query.shape[-2] % 128 == 64 or key.shape[-2] % 128 == 64):
         with sdpa_kernel(WITHOUT_CUDNN):
             return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def has_varlen_attention() -> bool:
+    """Whether this torch has the variable-length attention that varlen_attention calls (torch >= 2.11's form)."""
+    return varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
+
+
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    cu_seq_lens_q: torch.Tensor,
+    cu_seq_lens_k: torch.Tensor,
+    max_length_q: int,
+    max_length_k: int,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of a packed row ``[1, heads, T, head_dim]`` sample by sample: torch's varlen flash kernel
+    (``torch.nn.attention.varlen``, CUDA) over the segments ``cu_seq_lens`` bounds, causal within each. A mask over
+    the whole row makes SDPA compute every block of it, the ones between samples included, so a row of 32 SFT
+    samples costs its width squared where the samples cost the sum of their lengths squared. transformers hands these
+    kwargs (its flash-attention ones) from the model's forward to every attention layer."""
+    if dropout:
+        raise ValueError(
+            f"{type(module).__name__}: attention dropout {dropout} in training, which torch's varlen kernel does not "
+            "apply: set the model's attention dropout to 0, or packed_attention=mask"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"varlen attention takes one packed row, got a batch of {query.shape[0]}")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
+    device = q.device.type
+    if torch.is_autocast_enabled(device):  # as autocast casts SDPA's inputs (RoPE's fp32 cos/sin promote q and k)
+        q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
+    if k.shape[1] != q.shape[1]:  # grouped keys: each key head serves the query heads after it (as repeat_kv)
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    causal = getattr(module, "is_causal", True)
+    out = varlen_attn(
+        q,
+        k,
+        v,
+        cu_seq_lens_q,
+        cu_seq_lens_k,
+        max_length_q,
+        max_length_k,
+        scale=scaling,
+        window_size=(-1, 0) if causal else (-1, -1),
+    )
+    return out[None], None  # [1, T, heads, head_dim], as transformers' sdpa returns it
 
 
 def resolve_hf_dir(path: str | Path) -> Path:
