@@ -37,6 +37,7 @@ from lmlab.core.models import (
     load_model,
     resolve_hf_dir,
     sdpa_settings,
+    sixteen_bit,
 )
 from lmlab.core.runs import WANDB_TMP, register_resolvers, remove_leftovers, resume_checkpoint
 from lmlab.core.tokenizer import configure_tokenizer, load_tokenizer, train_and_save
@@ -88,13 +89,18 @@ def loader_settings(cfg: DictConfig) -> dict[str, int | bool]:
     memory copy to the device without blocking the host; on the CPU, loading in the training process and no padding
     beyond the longest sample cost least, and pinning has nothing to speed up. A value is taken as it is.
     """
-    gpu = cfg.trainer.accelerator in ("gpu", "cuda")
+    gpu = on_gpu(cfg)
     auto = {"num_workers": 4 if gpu else 0, "pad_to_multiple_of": 64 if gpu else 1, "pin_memory": gpu}
     settings = {key: value if cfg[key] == "auto" else cfg[key] for key, value in auto.items()}
     for key, value in settings.items():
         if type(value) is not type(auto[key]):  # a quoted 'false' would be a true pin_memory
             raise ValueError(f"{key}={value!r}: give auto or a {type(auto[key]).__name__}")
     return settings
+
+
+def on_gpu(cfg: DictConfig) -> bool:
+    """Whether the run trains on a GPU: ``trainer.accelerator`` gpu or cuda (``auto`` settings key on it)."""
+    return cfg.trainer.accelerator in ("gpu", "cuda")
 
 
 def connect_data(cfg: DictConfig, datamodule, tokenizer) -> None:
@@ -188,16 +194,23 @@ def attention(cfg: DictConfig) -> AbstractContextManager:
 
 
 def packed_attention(cfg: DictConfig) -> str:
-    """``packed_attention`` (conf/train.yaml) resolved: ``auto`` is varlen on a GPU (``gpu``/``cuda``) in 16-bit
-    precision (the kernel's only dtypes) whose torch has the kernel, else mask. varlen computes each packed sample's
-    attention alone, where a mask makes SDPA compute the whole row's; it runs on CUDA only."""
+    """``packed_attention`` (conf/train.yaml) resolved: ``auto`` is varlen where it can run (a GPU, 16-bit precision,
+    ``model.attn_implementation=sdpa`` and a torch that has the kernel), else mask; an explicit varlen elsewhere is an
+    error, here rather than at the first attention call. varlen computes each packed sample's attention alone, where a
+    mask makes SDPA compute the whole row's."""
     mode = cfg.packed_attention
     if mode not in ("auto", "varlen", "mask"):
         raise ValueError(f"packed_attention={mode!r}: one of auto, varlen, mask")
-    if mode == "auto":
-        gpu, half = cfg.trainer.accelerator in ("gpu", "cuda"), str(cfg.trainer.precision).startswith(("bf16", "16"))
-        return "varlen" if gpu and half and has_varlen_attention() else "mask"
-    return mode
+    needs = {
+        "a GPU (trainer.accelerator gpu or cuda)": on_gpu(cfg),
+        "16-bit precision (trainer.precision bf16-mixed, ...)": sixteen_bit(cfg.trainer.precision),
+        "model.attn_implementation=sdpa": cfg.model.attn_implementation == "sdpa",
+        "torch >= 2.11 (torch.nn.attention.varlen)": has_varlen_attention(),
+    }
+    missing = [need for need, met in needs.items() if not met]
+    if mode == "varlen" and missing:
+        raise ValueError(f"packed_attention=varlen needs {', '.join(missing)}; or packed_attention=mask (or auto)")
+    return "varlen" if mode == "varlen" or (mode == "auto" and not missing) else "mask"
 
 
 def fit_and_export(cfg: DictConfig) -> float | None:

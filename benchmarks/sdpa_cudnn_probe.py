@@ -40,7 +40,7 @@ def torch_only(length: int, cudnn: bool | str) -> tuple[int, bool]:
     q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(d)
     q.requires_grad_()
     mask = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()[None, None]
-    with sdpa_settings(cudnn), profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with sdpa_settings(cudnn, varlen=False), profile(activities=[ProfilerActivity.CUDA]) as prof:
         out, _ = AttentionInterface()["sdpa"](torch.nn.Module(), q, k, v, mask)
         out.backward(torch.randn_like(out))
         torch.cuda.synchronize()

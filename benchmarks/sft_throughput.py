@@ -276,6 +276,7 @@ def run_one(args: argparse.Namespace, variant: str, compile_: bool, work: Path) 
     result = json.loads(timing.read_text())
     result["fit_wall_s"] = time.perf_counter() - t0
     result["overrides"] = overrides
+    result["attn_implementation"] = cfg.model.attn_implementation
     if cfg.packing:
         result["packed_attention"] = train.packed_attention(cfg)
     return result

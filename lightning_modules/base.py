@@ -67,6 +67,20 @@ class TrainingModule(L.LightningModule):
         if self.compile_model:
             self.model.compile()
 
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Under compile, mark a packed batch's sizes dynamic (every dimension of more than one element: the row's
+        width, its number of samples in ``cu_seq_lens``). They change from batch to batch, and torch.compile would
+        trace a graph specialized to the first batch's sizes, then a dynamic one at the second batch, and again at an
+        epoch's short last batch once ``cu_seq_lens`` is read (packed_attention=varlen). Marked from the first batch,
+        one graph serves them all (a CPU probe: 2 graphs -> 1 over 7 packed batches). Padded batches keep torch's
+        default: a pretraining batch's shape never changes, and a static graph suits it."""
+        if self.compile_model and "document_lengths" in batch:
+            for value in batch.values():
+                if torch.is_tensor(value):
+                    for dim in (d for d, size in enumerate(value.shape) if size > 1):
+                        torch._dynamo.maybe_mark_dynamic(value, dim)
+        return batch
+
     def _new_non_finite_record(self, device: torch.device) -> None:
         """The first non-finite step (-1: none yet) and its loss and gradient norm (-1: not computed yet); until there
         is one, the loss and norm are the current step's (_track_non_finite, _guard_gradients).

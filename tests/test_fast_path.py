@@ -296,11 +296,14 @@ def test_cudnn_sdpa_safe_forbids_cudnn_only_at_the_lengths_of_its_bug(tiny_token
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     for mode in ("safe", False, True):
-        with sdpa_settings(mode), torch.no_grad():
+        with sdpa_settings(mode, varlen=False), torch.no_grad():
             for length in (64, 128, 192):
                 model(input_ids=torch.randint(3, 50, (1, length)), use_cache=False)
         assert (torch.backends.cuda.cudnn_sdp_enabled(), AttentionInterface()["sdpa"]) == before, mode
-    with pytest.raises(ValueError, match=r"cudnn_sdpa='on': one of true, false, safe"), sdpa_settings("on"):
+    with (
+        pytest.raises(ValueError, match=r"cudnn_sdpa='on': one of true, false, safe"),
+        sdpa_settings("on", varlen=False),
+    ):
         pass
     layers = model.config.num_hidden_layers
     modes = ((False, True, False), (False,) * 3, (True,) * 3)  # safe, false, true at lengths 64, 128, 192

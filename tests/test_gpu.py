@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import importlib.util
 import sys
 
@@ -150,15 +151,26 @@ def test_compiled_head_label_logps_equal_the_eager_ones():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_varlen_packed_rows_equal_the_padded_batch_eager_and_compiled(family):
+def test_varlen_packed_rows_equal_the_padded_batch_eager_and_compiled(family, monkeypatch):
     """packed_attention=varlen with torch's own kernel: a packed row's logits and gradients equal the padded batch's
     (bf16 autocast), with samples longer and shorter than a 128-token block, with and without a padding tail (an
-    empty last segment), eager and compiled (two widths; llama's attention has 2 query heads per key head)."""
+    empty last segment), eager and compiled (two widths; llama's attention has 2 query heads per key head). Each eager
+    packed forward calls the kernel once per layer."""
     from test_packing import tiny
 
     from lightning_modules.lm import lm_forward
+    from lmlab.core import models
     from lmlab.core.collate import CausalCollator, PackedCausalCollator
     from lmlab.core.models import sdpa_settings
+
+    calls, kernel = [], models.varlen_attn
+
+    @functools.wraps(kernel)  # its signature, which sdpa_settings checks
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(models, "varlen_attn", counted)
 
     g = torch.Generator().manual_seed(0)
     model = tiny(family, "sdpa", positions=512).cuda().train()
@@ -173,8 +185,11 @@ def test_varlen_packed_rows_equal_the_padded_batch_eager_and_compiled(family):
         results = []
         for net, batch in ((model, padded), (model, packed), (compiled, packed)):
             net.zero_grad()
+            calls.clear()
             with sdpa_settings("safe", varlen=True), torch.autocast("cuda", dtype=torch.bfloat16):
                 out = lm_forward(net, batch, with_loss=True)
+            if net is model:
+                assert len(calls) == (model.config.num_hidden_layers if batch is packed else 0)
             out.loss.backward()
             logits = out.logits.float()
             if batch is packed:  # back into the padded batch's rows

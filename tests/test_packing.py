@@ -19,6 +19,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
 )
@@ -73,17 +75,19 @@ def test_the_packed_row_restarts_positions_and_shifts_each_sample_on_its_own():
 
 def reference_varlen_attn(calls, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):
     """torch's varlen_attn (CUDA only) as its documentation defines it, for the CPU: SDPA over each segment of
-    ``[T, heads, head_dim]`` rows alone, causal for ``window_size=(-1, 0)``; torch 2.11's signature (no enable_gqa)."""
+    ``[T, heads, head_dim]`` rows alone, a query seeing the keys at most ``window_size = (left, right)`` positions
+    before and after it (-1: unbounded; (-1, 0) is causal); torch 2.11's signature (no enable_gqa)."""
     bounds = cu_q.tolist()
     assert cu_k.tolist() == bounds and max_q == max_k == max(b - a for a, b in itertools.pairwise(bounds))
     calls.append(len(bounds) - 1)
+    left, right = window_size
     out = torch.zeros_like(q)
     for a, b in itertools.pairwise(bounds):
         if b > a:
             seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]
-            causal = window_size == (-1, 0)
-            attn = F.scaled_dot_product_attention(*seg, is_causal=causal, scale=scale)
-            out[a:b] = attn.transpose(0, 1)
+            offset = torch.arange(b - a)[None, :] - torch.arange(b - a)[:, None]  # key - query
+            seen = (offset <= right if right >= 0 else True) & (offset >= -left if left >= 0 else True)
+            out[a:b] = F.scaled_dot_product_attention(*seg, attn_mask=seen, scale=scale).transpose(0, 1)
     return out
 
 
@@ -117,14 +121,25 @@ def tiny(family: str, attention: str, positions: int = 64) -> torch.nn.Module:
             num_experts_per_tok=2,
         )
         model = MixtralForCausalLM(config)
-    else:
+    elif family == "mistral":  # a query sees its 4 latest keys
+        config = MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=4,
+        )
+        model = MistralForCausalLM(config)
+    else:  # 2 query heads per key head
         config = LlamaConfig(
             vocab_size=VOCAB,
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
         )
         model = LlamaForCausalLM(config)
     model.config._attn_implementation = attention
@@ -132,10 +147,10 @@ def tiny(family: str, attention: str, positions: int = 64) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("attention", ["mask", "eager", "varlen"])
-@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral", "mistral"])
 def test_packed_logits_loss_and_gradients_equal_the_padded_batchs(family, attention, monkeypatch):
     """Under sdpa with a mask over the row, eager, and lmlab's varlen path (each layer's attention over the 4 samples
-    and the tail; llama's has one key head for two query heads)."""
+    and the tail; llama's and mistral's with 2 query heads per key head, mistral's within a sliding window of 4)."""
     model = tiny(family, "eager" if attention == "eager" else "sdpa")
     padded = CausalCollator(pad_id=0)(samples())
     packed = PackedCausalCollator(pad_id=0, pad_to_multiple_of=8)(samples())
@@ -274,10 +289,37 @@ def test_packing_where_it_does_not_apply_is_an_error(tmp_path, overrides):
         train(compose_cfg(tmp_path, [*overrides, "packing=true", "max_steps=1"]))
 
 
-def test_packed_attention_is_varlen_on_a_gpu_only_and_names_its_choices(tmp_path):
-    """auto: mask on the CPU (torch's varlen kernel is CUDA's); varlen wherever the run asks for it; else an error."""
-    for value, varlen in (("auto", False), ("mask", False), ("varlen", True)):
-        with run_attention(compose_cfg(tmp_path, [f"packed_attention={value}"])):
-            assert models.AttentionInterface()["sdpa"].keywords["varlen"] is varlen
+def test_packed_attention_is_varlen_where_it_can_run_and_names_what_is_missing(tmp_path):
+    """auto: varlen on a 16-bit GPU run with sdpa attention, else mask; an explicit varlen where it cannot run is an
+    error that names what is missing; a value that is none of the three is an error."""
+    gpu = ["trainer=gpu"]  # bf16-mixed: composing and resolving it needs no GPU
+    for overrides, varlen in (([], False), (gpu, True), ([*gpu, "model.attn_implementation=eager"], False)):
+        with run_attention(compose_cfg(tmp_path, ["packed_attention=auto", *overrides])):
+            assert models.AttentionInterface()["sdpa"].keywords["varlen"] is varlen, overrides
+    with run_attention(compose_cfg(tmp_path, [*gpu, "packed_attention=mask"])):
+        assert models.AttentionInterface()["sdpa"].keywords["varlen"] is False
+    with pytest.raises(ValueError, match=r"packed_attention=varlen needs a GPU .*, 16-bit precision"):
+        run_attention(compose_cfg(tmp_path, ["packed_attention=varlen"]))
     with pytest.raises(ValueError, match="packed_attention='flex': one of auto, varlen, mask"):
         run_attention(compose_cfg(tmp_path, ["packed_attention=flex"]))
+
+
+def test_a_compiled_module_traces_one_graph_for_packed_rows_of_any_width():
+    """compile=true: the module marks a packed batch's sizes dynamic as it reaches the device
+    (TrainingModule.on_after_batch_transfer), so rows of four widths and an epoch's short last batch share one graph
+    (torch's default traces a second one at the second width). Dynamo's eager backend: the tracing without inductor."""
+    from torch._dynamo.utils import counters
+
+    module = TrainingModule(tiny("llama", "sdpa", positions=512), optim={}, compile=True)
+    compiled = torch.compile(module.model, backend="eager")
+    g = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    for n, longest in ((4, 40), (4, 90), (4, 20), (2, 9)):
+        rows = [
+            torch.randint(1, VOCAB, (int(torch.randint(2, longest, (1,), generator=g)),), generator=g) for _ in range(n)
+        ]
+        batch = module.on_after_batch_transfer(
+            PackedCausalCollator(pad_id=0)([{"input_ids": r, "labels": r} for r in rows]), 0
+        )
+        lm_forward(compiled, batch, with_loss=True).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1

@@ -184,8 +184,9 @@ def pack(rows: Sequence[torch.Tensor], pad_id: int, multiple: int) -> dict[str, 
 def varlen_kwargs(batch: dict) -> dict[str, torch.Tensor | int]:
     """A packed batch's segments (pack) as the keyword arguments transformers hands from a model's forward to each
     attention layer (its flash-attention ones: ``cu_seq_lens_q/k``, ``max_length_q/k``); none for a padded batch.
-    lmlab's sdpa attention reads them under ``packed_attention=varlen`` (lmlab.core.models.sdpa_settings); the other
-    attentions ignore them and keep the samples apart by their ``position_ids``."""
+    lmlab's sdpa attention reads them under ``packed_attention=varlen`` (lmlab.core.models.sdpa_settings), and so do
+    transformers' flash attentions; sdpa with a mask, eager and flex ignore them and keep the samples apart by their
+    ``position_ids``."""
     if "cu_seq_lens" not in batch:
         return {}
     bounds, longest = batch["cu_seq_lens"], batch["max_document_length"]

@@ -47,7 +47,7 @@ PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"  # the model= p
 
 
 @contextmanager
-def sdpa_settings(cudnn: bool | str, varlen: bool = False) -> Iterator[None]:
+def sdpa_settings(cudnn: bool | str, *, varlen: bool) -> Iterator[None]:
     """For the block, transformers' ``sdpa`` attention as a run configures it: torch's cuDNN backend allowed
     (``cudnn`` true), forbidden (false) or allowed except at the lengths of its bug (``safe``), flash and
     memory-efficient staying; and with ``varlen``, a packed row's samples (lmlab.core.collate.pack) through torch's
@@ -83,16 +83,25 @@ def sdpa_settings(cudnn: bool | str, varlen: bool = False) -> Iterator[None]:
         AttentionInterface.register("sdpa", sdpa)
 
 
+VARLEN_UNSUPPORTED = ("softcap", "s_aux", "position_bias")  # attention kwargs the varlen kernel cannot apply
+
+
 def _sdpa(module, query, key, value, attention_mask, *args, safe: bool, varlen: bool, **kwargs):
     """transformers' sdpa attention as sdpa_settings sets it: a packed row with its samples' boundaries
-    (``cu_seq_lens_q``) through varlen_attention under ``varlen``; without cuDNN where a query or key length is 64 mod
-    128 under ``safe``."""
-    if varlen and kwargs.get("cu_seq_lens_q") is not None:
+    (``cu_seq_lens_q``) through varlen_attention under ``varlen``, unless the layer asks for what that kernel cannot
+    do (logit soft-capping, attention sinks, a position bias: then the row's mask, which transformers builds anyway);
+    without cuDNN where a query or key length is 64 mod 128 under ``safe``."""
+    if varlen and kwargs.get("cu_seq_lens_q") is not None and all(kwargs.get(k) is None for k in VARLEN_UNSUPPORTED):
         return varlen_attention(module, query, key, value, **kwargs)
     if safe and (query.shape[-2] % 128 == 64 or key.shape[-2] % 128 == 64):
         with sdpa_kernel(WITHOUT_CUDNN):
             return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def sixteen_bit(precision: str) -> bool:
+    """Whether a Lightning ``precision`` computes in bf16 or fp16 (mixed or true)."""
+    return str(precision).startswith(("bf16", "16"))
 
 
 def has_varlen_attention() -> bool:
@@ -112,13 +121,17 @@ def varlen_attention(
     max_length_k: int,
     dropout: float = 0.0,
     scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
     **_: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention of a packed row ``[1, heads, T, head_dim]`` sample by sample: torch's varlen flash kernel
     (``torch.nn.attention.varlen``, CUDA) over the segments ``cu_seq_lens`` bounds, causal within each. A mask over
     the whole row makes SDPA compute every block of it, the ones between samples included, so a row of 32 SFT
     samples costs its width squared where the samples cost the sum of their lengths squared. transformers hands these
-    kwargs (its flash-attention ones) from the model's forward to every attention layer."""
+    kwargs (its flash-attention ones) from the model's forward to every attention layer, with the layer's own
+    ``is_causal`` and ``sliding_window`` (a query sees its ``sliding_window`` latest keys, itself included, as in
+    transformers' sliding mask)."""
     if dropout:
         raise ValueError(
             f"{type(module).__name__}: attention dropout {dropout} in training, which torch's varlen kernel does not "
@@ -132,7 +145,12 @@ def varlen_attention(
         q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
     if k.shape[1] != q.shape[1]:  # grouped keys: each key head serves the query heads after it (as repeat_kv)
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    causal = getattr(module, "is_causal", True)
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if sliding_window and not causal:
+        raise ValueError(
+            f"{type(module).__name__}: a sliding window on bidirectional attention; use packed_attention=mask"
+        )
+    left = sliding_window - 1 if sliding_window else -1
     out = varlen_attn(
         q,
         k,
@@ -142,7 +160,7 @@ def varlen_attention(
         max_length_q,
         max_length_k,
         scale=scaling,
-        window_size=(-1, 0) if causal else (-1, -1),
+        window_size=(left, 0) if causal else (-1, -1),
     )
     return out[None], None  # [1, T, heads, head_dim], as transformers' sdpa returns it
 

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_modules.classifier import ClassifierModule, write_confusion
 from lmlab.core.files import write_atomically
+from lmlab.core.models import sixteen_bit
 from lmlab.eval.rouge import ROUGE_TYPES, rouge_scores
 from lmlab.infer.generation import generate_texts
 from lmlab.train.checkpoint_io import validation_follows
@@ -113,7 +114,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
 
     def table_peak(self, device: torch.device, precision: str) -> float | None:
         """``peak_bf16_flops``' entry for a CUDA device training in bf16/fp16 (mixed or true), else None."""
-        if device.type != "cuda" or not precision.startswith(("bf16", "16")):
+        if device.type != "cuda" or not sixteen_bit(precision):
             return None
         name = torch.cuda.get_device_name(device).lower()
         return next((peak for chip, peak in self.peak_bf16_flops.items() if chip in name), None)
