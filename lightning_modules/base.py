@@ -72,8 +72,10 @@ class TrainingModule(L.LightningModule):
         width, its number of samples in ``cu_seq_lens``). They change from batch to batch, and torch.compile would
         trace a graph specialized to the first batch's sizes, then a dynamic one at the second batch, and again at an
         epoch's short last batch once ``cu_seq_lens`` is read (packed_attention=varlen). Marked from the first batch,
-        one graph serves them all (a CPU probe: 2 graphs -> 1 over 7 packed batches). Padded batches keep torch's
-        default: a pretraining batch's shape never changes, and a static graph suits it."""
+        one graph serves every width under the mask (a CPU probe: 2 graphs -> 1 over 7 packed batches); under varlen
+        the longest sample's length, a Python int the kernel takes, still costs a second graph at the second batch
+        (3 -> 2 in a review's trace). Padded batches keep torch's default: a pretraining batch's shape never changes,
+        and a static graph suits it."""
         if self.compile_model and "document_lengths" in batch:
             for value in batch.values():
                 if torch.is_tensor(value):

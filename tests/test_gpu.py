@@ -150,12 +150,12 @@ def test_compiled_head_label_logps_equal_the_eager_ones():
             torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
 def test_varlen_packed_rows_equal_the_padded_batch_eager_and_compiled(family, monkeypatch):
     """packed_attention=varlen with torch's own kernel: a packed row's logits and gradients equal the padded batch's
     (bf16 autocast), with samples longer and shorter than a 128-token block, with and without a padding tail (an
-    empty last segment), eager and compiled (two widths; llama's attention has 2 query heads per key head). Each eager
-    packed forward calls the kernel once per layer."""
+    empty last segment), eager and compiled (two widths; llama's and mistral's attention have 2 query heads per key
+    head, mistral's a sliding window of 4). Each eager packed forward calls the kernel once per layer."""
     from test_packing import tiny
 
     from lightning_modules.lm import lm_forward

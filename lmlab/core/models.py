@@ -83,20 +83,33 @@ def sdpa_settings(cudnn: bool | str, *, varlen: bool) -> Iterator[None]:
         AttentionInterface.register("sdpa", sdpa)
 
 
-VARLEN_UNSUPPORTED = ("softcap", "s_aux", "position_bias")  # attention kwargs the varlen kernel cannot apply
+VARLEN_UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")  # attention kwargs the varlen kernel cannot apply
 
 
 def _sdpa(module, query, key, value, attention_mask, *args, safe: bool, varlen: bool, **kwargs):
     """transformers' sdpa attention as sdpa_settings sets it: a packed row with its samples' boundaries
-    (``cu_seq_lens_q``) through varlen_attention under ``varlen``, unless the layer asks for what that kernel cannot
-    do (logit soft-capping, attention sinks, a position bias: then the row's mask, which transformers builds anyway);
-    without cuDNN where a query or key length is 64 mod 128 under ``safe``."""
-    if varlen and kwargs.get("cu_seq_lens_q") is not None and all(kwargs.get(k) is None for k in VARLEN_UNSUPPORTED):
+    (``cu_seq_lens_q``) through varlen_attention under ``varlen`` where it applies (_varlen_applies; else the row's
+    mask, which transformers builds anyway); without cuDNN where a query or key length is 64 mod 128 under ``safe``."""
+    if varlen and _varlen_applies(module, kwargs):
         return varlen_attention(module, query, key, value, **kwargs)
     if safe and (query.shape[-2] % 128 == 64 or key.shape[-2] % 128 == 64):
         with sdpa_kernel(WITHOUT_CUDNN):
             return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _varlen_applies(module: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether varlen_attention can run an attention call: a packed row's bounds are given, and the layer asks for
+    nothing the kernel cannot do (logit soft-capping, attention sinks, a position bias, a sliding window without
+    causal masking)."""
+    if kwargs.get("cu_seq_lens_q") is None or any(kwargs.get(k) is not None for k in VARLEN_UNSUPPORTED):
+        return False
+    return not (kwargs.get("sliding_window") and not _is_causal(module, kwargs.get("is_causal")))
+
+
+def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
+    """An attention call's causality: its ``is_causal`` kwarg, else its layer's (as transformers' sdpa reads it)."""
+    return getattr(module, "is_causal", True) if is_causal is None else is_causal
 
 
 def sixteen_bit(precision: str) -> bool:
@@ -145,11 +158,7 @@ def varlen_attention(
         q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
     if k.shape[1] != q.shape[1]:  # grouped keys: each key head serves the query heads after it (as repeat_kv)
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    if sliding_window and not causal:
-        raise ValueError(
-            f"{type(module).__name__}: a sliding window on bidirectional attention; use packed_attention=mask"
-        )
+    causal = _is_causal(module, is_causal)
     left = sliding_window - 1 if sliding_window else -1
     out = varlen_attn(
         q,
