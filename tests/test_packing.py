@@ -106,6 +106,21 @@ def attending(attention: str, monkeypatch) -> list[int]:
         yield calls
 
 
+TINY = {  # family -> config and model classes, and what it adds to the shared 2-layer decoder shape
+    "llama": (LlamaConfig, LlamaForCausalLM, {"num_attention_heads": 4, "num_key_value_heads": 2}),  # 2 per key head
+    "mistral": (  # a query sees its 4 latest keys
+        MistralConfig,
+        MistralForCausalLM,
+        {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 4},
+    ),
+    "mixtral": (
+        MixtralConfig,
+        MixtralForCausalLM,
+        {"num_attention_heads": 2, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+}
+
+
 def tiny(family: str, attention: str, positions: int = 64) -> torch.nn.Module:
     """A 2-layer model of ``family``; a GPT-2 embeds ``positions`` positions."""
     torch.manual_seed(0)
@@ -113,39 +128,10 @@ def tiny(family: str, attention: str, positions: int = 64) -> torch.nn.Module:
         config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=positions)
         config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
         model = GPT2LMHeadModel(config)
-    elif family == "mixtral":
-        config = MixtralConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-        )
-        model = MixtralForCausalLM(config)
-    elif family == "mistral":  # a query sees its 4 latest keys
-        config = MistralConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=4,
-        )
-        model = MistralForCausalLM(config)
-    else:  # 2 query heads per key head
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        model = LlamaForCausalLM(config)
+    else:
+        config_class, model_class, extra = TINY[family]
+        shape = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+        model = model_class(config_class(**shape, **extra))
     model.config._attn_implementation = attention
     return model.eval()
 
