@@ -18,7 +18,10 @@ off, run in this one process one after the other:
   samples never computed), on the CPU the mask below;
 - ``packed_mask``: ``packing=true packed_attention=mask`` (transformers builds a block-diagonal mask of the whole row,
   so SDPA computes every block; before 2026-12-01 this was ``packed_sdpa``, the only packed SDPA path);
-- ``packed_flex``: ``packing=true model.attn_implementation=flex_attention`` (the blocks between samples skipped),
+- ``packed_flex``: ``packing=true model.attn_implementation=flex_attention`` (the blocks between samples skipped);
+- ``packed_graphs``: ``packing=true compile=reduce-overhead``: as ``packed``, with the compiled step's kernels replayed
+  as CUDA graphs (rows padded to a multiple of 256 under ``pad_to_multiple_of=auto``: a graph per width), in both
+  compile passes; ``packed_graphs64``: the same at a multiple of 64 (many more widths, so more recordings),
 
 each with ``compile=false`` and ``compile=true``, and beside them the anchor, TRL's ``SFTTrainer`` (trl 1.16), in the
 same process on the same samples (lmlab's tokenized ``input_ids`` and ``labels``, in the order lmlab's loader draws
@@ -83,6 +86,8 @@ VARIANTS = {  # name -> Hydra overrides on top of the common ones
     "padded": ["packing=false"],
     "packed": ["packing=true"],
     "packed_mask": ["packing=true", "packed_attention=mask"],
+    "packed_graphs": ["packing=true", "compile=reduce-overhead"],
+    "packed_graphs64": ["packing=true", "compile=reduce-overhead", "pad_to_multiple_of=64"],
     "packed_flex": ["packing=true", "model.attn_implementation=flex_attention"],
     "padded_lora": ["packing=false", "peft=lora"],
     "packed_lora": ["packing=true", "peft=lora"],
@@ -99,7 +104,7 @@ OTHER_BATCHES = ("trl_packed",)  # packs the whole data set into seq_len rows: n
 
 log = logging.getLogger("sft_throughput")
 
-from gpu_throughput import gpu_peak_flops  # noqa: E402  (this folder, beside this script)
+from gpu_throughput import StepProfiler, gpu_peak_flops  # noqa: E402  (this folder, beside this script)
 from trl_anchor import StepClock, hf_clock, lmlab_trainer_args, require_trl  # noqa: E402
 
 from lmlab.core.collate import IGNORE_INDEX  # noqa: E402
@@ -228,7 +233,7 @@ def common_overrides(args: argparse.Namespace, compile_: bool) -> list[str]:
         f"seq_len={args.seq_len}",
         f"lr={args.lr}",
         f"min_lr={args.min_lr}",
-        f"max_steps={args.warmup + args.steps}",
+        f"max_steps={args.warmup + args.steps + args.profile_steps}",
         "trainer.val_check_interval=1000000",
         "trainer.limit_val_batches=0",
         "callbacks.samples.num_prompts=0",
@@ -271,9 +276,18 @@ def run_one(args: argparse.Namespace, variant: str, compile_: bool, work: Path) 
             "steps": args.steps,
             "out": str(timing),
         }
+        if args.profile_steps:
+            cfg.callbacks.profile = {
+                "_target_": f"{StepProfiler.__module__}.StepProfiler",
+                "start": args.warmup + args.steps,
+                "steps": args.profile_steps,
+                "out": str(work / "profile.json"),
+            }
     t0 = time.perf_counter()
     train.train(cfg)
     result = json.loads(timing.read_text())
+    if args.profile_steps:
+        result["profile"] = json.loads((work / "profile.json").read_text())
     result["fit_wall_s"] = time.perf_counter() - t0
     result["overrides"] = overrides
     result["attn_implementation"] = cfg.model.attn_implementation
@@ -619,6 +633,9 @@ def main() -> None:
     parser.add_argument("--min-lr", type=float, default=1e-5, help="cosine floor (the recipe's)")
     parser.add_argument("--warmup", type=int, default=25, help="untimed steps first, compilation included")
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
+    parser.add_argument(
+        "--profile-steps", type=int, default=0, help="then N more steps of each lmlab run under torch.profiler"
+    )
     every = [*VARIANTS, *TRL_VARIANTS]
     parser.add_argument("--variants", help=f"comma-separated, of {', '.join(every)} (default: all)")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both")

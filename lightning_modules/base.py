@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from lightning_modules.optim import param_groups, warmup_cosine
 from lmlab.core.adapters import is_quantized
-from lmlab.core.models import flops_per_batch, flops_per_token
+from lmlab.core.models import compile_mode, flops_per_batch, flops_per_token
 from lmlab.core.runs import resume_advice
 
 SHARDED_KEY = "lmlab_sharded"  # a checkpoint's flag: written under trainer=fsdp (lmlab.train.sharding.check_resume)
@@ -50,7 +50,7 @@ class TrainingModule(L.LightningModule):
     gradient norm is not finite changes no weight to NaN (configure_gradient_clipping).
     """
 
-    def __init__(self, model: PreTrainedModel, optim: dict, compile: bool = False):
+    def __init__(self, model: PreTrainedModel, optim: dict, compile: bool | str = False):
         super().__init__()
         self.model = model
         self.optim = optim
@@ -65,7 +65,11 @@ class TrainingModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.compile_model:
-            self.model.compile()
+            self._compile(self.model)
+
+    def _compile(self, module: torch.nn.Module) -> None:
+        """torch.compile ``module`` in place, in the mode ``compile`` names (lmlab.core.models.compile_mode)."""
+        module.compile(mode=compile_mode(self.compile_model))
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Under compile, mark a packed batch's sizes dynamic (every dimension of more than one element: the row's

@@ -220,7 +220,7 @@ class ClassifierModule(TrainingModule):
         trainable: str,
         positive: str | None,
         max_fpr: float,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         super().__init__(model, optim, compile)
         self.save_hyperparameters(ignore=["model"])

@@ -247,7 +247,7 @@ class DPOModule(TrainingModule):
         ref_from: str | None = None,
         ref_cache: str | None = None,
         freeze: Sequence[str] = (),
-        compile: bool = False,
+        compile: bool | str = False,
         disable_dropout: bool = True,
         fused_lm_head: bool = False,
         logps_chunk_elements: int = 2**26,
@@ -313,7 +313,7 @@ class DPOModule(TrainingModule):
             return
         for model, fused in ((self.model, self.fused_policy), (self.reference, self.fused_reference)):
             if model is not None:
-                (model.base_model if fused else model).compile()
+                self._compile(model.base_model if fused else model)
 
     def on_fit_start(self) -> None:
         self._reference_to_device()

@@ -108,7 +108,7 @@ class LMModule(TrainingModule):
     Validation loss is the plain token-weighted cross entropy, so val/ppl is a true perplexity.
     """
 
-    def __init__(self, model: PreTrainedModel, optim: dict, freeze: Sequence[str] = (), compile: bool = False):
+    def __init__(self, model: PreTrainedModel, optim: dict, freeze: Sequence[str] = (), compile: bool | str = False):
         super().__init__(model, optim, compile)
         self.save_hyperparameters(ignore=["model"])
         self.frozen = freeze_parameters(model, list(freeze))

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
+from lmlab.core.models import compile_mode, cuda_graphs
 from lmlab.core.runs import register_resolvers
 from train import chat_template, loader_settings
 
@@ -71,6 +72,16 @@ def test_a_trainer_preset_writes_only_trainer(preset):
     [
         (["trainer=cpu"], {"num_workers": 0, "pad_to_multiple_of": 1, "pin_memory": False}),
         (["trainer=gpu"], {"num_workers": 4, "pad_to_multiple_of": 64, "pin_memory": True}),
+        # packed rows under CUDA graphs: a graph per width, so fewer widths
+        (
+            ["trainer=gpu", "packing=true", "compile=reduce-overhead"],
+            {"num_workers": 4, "pad_to_multiple_of": 256, "pin_memory": True},
+        ),
+        (["trainer=gpu", "compile=reduce-overhead"], {"num_workers": 4, "pad_to_multiple_of": 64, "pin_memory": True}),
+        (
+            ["trainer=gpu", "packing=true", "compile=true"],
+            {"num_workers": 4, "pad_to_multiple_of": 64, "pin_memory": True},
+        ),
         (
             ["trainer=gpu", "num_workers=2", "pad_to_multiple_of=8", "pin_memory=false"],
             {"num_workers": 2, "pad_to_multiple_of": 8, "pin_memory": False},
@@ -87,6 +98,13 @@ def test_a_loader_setting_of_another_type_is_an_error(tmp_path, setting):
     key = setting.split("=")[0]
     with pytest.raises(ValueError, match=f"{key}=.*: give auto or a (bool|int)"):
         loader_settings(compose_cfg(tmp_path, [setting]))
+
+
+def test_compile_takes_a_torch_compile_mode_and_names_the_choices_otherwise():
+    assert [compile_mode(c) for c in (False, True, "reduce-overhead")] == [None, "default", "reduce-overhead"]
+    assert cuda_graphs("reduce-overhead") and cuda_graphs("max-autotune") and not cuda_graphs(True)
+    with pytest.raises(ValueError, match=r"compile='fast': false, true or a torch.compile mode \(default, reduce-"):
+        compile_mode("fast")
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "pretrain", "classify"])

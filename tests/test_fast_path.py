@@ -69,18 +69,27 @@ def test_a_moe_keeps_the_padding_mask_for_its_load_balancing_loss(tiny_tokenizer
     assert ours == masked and ours != unmasked
 
 
-@pytest.mark.parametrize("compile", [True, False])
+@pytest.mark.parametrize("compile, mode", [(True, "default"), (False, None), ("reduce-overhead", "reduce-overhead")])
 @pytest.mark.parametrize("fused", [True, False])
-def test_compile_compiles_the_live_dpo_reference_with_the_policy(tiny_tokenizer, compile, fused):
-    """Both models are compiled where they run: with the fused head (answer_logps) their base models."""
+def test_compile_compiles_the_live_dpo_reference_with_the_policy(tiny_tokenizer, monkeypatch, compile, mode, fused):
+    """Both models are compiled where they run (with the fused head, answer_logps, their base models), in the
+    torch.compile mode ``compile`` names."""
     from lightning_modules.dpo import DPOModule
 
+    modes, compile_ = [], torch.compile
+
+    def recording(fn, **kwargs):
+        modes.append(kwargs["mode"])
+        return compile_(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
     optim = {"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3}, "weight_decay": 0.0}
     model = tiny_model("llama-tiny", tiny_tokenizer)
     module = DPOModule(model, optim, beta=0.1, compile=compile, fused_lm_head=fused)
     module.configure_model()
     runs = [m.base_model if fused else m for m in (module.model, module.reference)]
-    assert [m._compiled_call_impl is not None for m in runs] == [compile, compile]
+    assert [m._compiled_call_impl is not None for m in runs] == [mode is not None] * 2
+    assert modes == ([mode] * 2 if mode else [])
 
 
 def fake_liger(monkeypatch) -> list[dict]:
@@ -309,3 +318,29 @@ def test_cudnn_sdpa_safe_forbids_cudnn_only_at_the_lengths_of_its_bug(tiny_token
     modes = ((False, True, False), (False,) * 3, (True,) * 3)  # safe, false, true at lengths 64, 128, 192
     expected = [(n, on) for allowed_at in modes for n, on in zip((64, 128, 192), allowed_at, strict=True)]
     assert allowed == [call for call in expected for _ in range(layers)]
+
+
+def test_sample_generations_run_eager_under_compile(tiny_tokenizer, tmp_path):
+    """The validation generations (callbacks.samples) leave the compiled model's graphs alone: each decoding step has
+    another shape, which under compile would be a graph traced (under reduce-overhead, a CUDA graph recorded) for a
+    few forward passes. The model is compiled with a backend that counts the graphs it is handed."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.testing import CompileCounter
+
+    from lmlab.train.callbacks import SampleGenerations
+
+    model, counter = tiny_model("llama-tiny", tiny_tokenizer), CompileCounter()
+    model.compile(backend=counter)
+    datamodule = SimpleNamespace(
+        tokenizer=tiny_tokenizer, sample_pairs=lambda n: [("<|user|>\nhi\n<|assistant|>\n", None)] * n
+    )
+    datamodule.sample_images = lambda n: None
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, datamodule=datamodule, global_step=3)
+    generation = {"max_new_tokens": 4, "do_sample": False, "num_beams": 1}
+    callback = SampleGenerations(str(tmp_path / "samples.jsonl"), 2, 2, None, generation)
+    callback.on_validation_epoch_end(trainer, SimpleNamespace(model=model))
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+    assert counter.frame_count == 0
+    model(input_ids=torch.tensor([[5, 6, 7]]))  # the training path still goes through the compiler
+    assert counter.frame_count == 1

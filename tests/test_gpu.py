@@ -154,8 +154,9 @@ def test_compiled_head_label_logps_equal_the_eager_ones():
 def test_varlen_packed_rows_equal_the_padded_batch_eager_and_compiled(family, monkeypatch):
     """packed_attention=varlen with torch's own kernel: a packed row's logits and gradients equal the padded batch's
     (bf16 autocast), with samples longer and shorter than a 128-token block, with and without a padding tail (an
-    empty last segment), eager and compiled (two widths; llama's and mistral's attention have 2 query heads per key
-    head, mistral's a sliding window of 4). Each eager packed forward calls the kernel once per layer."""
+    empty last segment), eager, compiled and replayed as CUDA graphs (compile=reduce-overhead; two widths, so two
+    recordings); llama's and mistral's attention have 2 query heads per key head, mistral's a sliding window of 4.
+    Each eager packed forward calls the kernel once per layer."""
     from test_packing import tiny
 
     from lightning_modules.lm import lm_forward
@@ -176,21 +177,23 @@ def test_varlen_packed_rows_equal_the_padded_batch_eager_and_compiled(family, mo
     model = tiny(family, "sdpa", positions=512).cuda().train()
     if family == "llama":
         assert model.config.num_key_value_heads < model.config.num_attention_heads
-    compiled = torch.compile(model)
+    compiled, graphed = torch.compile(model), torch.compile(model, mode="reduce-overhead")
     for lengths, multiple in (([130, 3, 257, 64], 64), ([40, 300, 9], 1)):
         samples = [{"input_ids": (ids := torch.randint(1, 50, (n,), generator=g)), "labels": ids} for n in lengths]
         padded = {k: v.cuda() for k, v in CausalCollator(pad_id=0)(samples).items()}
         packed = PackedCausalCollator(pad_id=0, pad_to_multiple_of=multiple)(samples)
         packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()}
         results = []
-        for net, batch in ((model, padded), (model, packed), (compiled, packed)):
-            net.zero_grad()
-            calls.clear()
-            with sdpa_settings("safe", varlen=True), torch.autocast("cuda", dtype=torch.bfloat16):
-                out = lm_forward(net, batch, with_loss=True)
+        # CUDA graphs: a shape's first step runs unrecorded, its second records, its third replays the recording
+        for net, batch, steps in ((model, padded, 1), (model, packed, 1), (compiled, packed, 1), (graphed, packed, 3)):
+            for _ in range(steps):
+                net.zero_grad()
+                calls.clear()
+                with sdpa_settings("safe", varlen=True), torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = lm_forward(net, batch, with_loss=True)
+                out.loss.backward()
             if net is model:
                 assert len(calls) == (model.config.num_hidden_layers if batch is packed else 0)
-            out.loss.backward()
             logits = out.logits.float()
             if batch is packed:  # back into the padded batch's rows
                 rows = logits[0].split([*packed["document_lengths"], logits.shape[1] - sum(packed["document_lengths"])])

@@ -165,7 +165,9 @@ def pack(rows: Sequence[torch.Tensor], pad_id: int, multiple: int) -> dict[str, 
     (and the padding tail); ``document_lengths``; ``cu_seq_lens`` (int32) where each row and the tail start, then the
     row's end, and ``max_document_length``: the segments a variable-length attention kernel takes
     (varlen_kwargs). The tail is a segment of its own, empty when there is none, so every position is covered and a
-    batch of n samples always has n + 2 bounds."""
+    batch of n samples always has n + 2 bounds. ``max_document_length`` is the longest segment rounded up to
+    ``multiple``: the kernel takes any upper bound, and under CUDA graphs (``compile=reduce-overhead``) every distinct
+    value is a graph recorded anew."""
     lengths = [len(row) for row in rows]
     if 0 in lengths:
         raise ValueError(f"row {lengths.index(0)} is empty: an empty sample cannot be packed")
@@ -177,7 +179,7 @@ def pack(rows: Sequence[torch.Tensor], pad_id: int, multiple: int) -> dict[str, 
         "position_ids": torch.cat([torch.arange(n) for n in segments]).unsqueeze(0),
         "document_lengths": lengths,
         "cu_seq_lens": torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32),
-        "max_document_length": max(segments),
+        "max_document_length": round_up(max(segments), multiple),
     }
 
 

@@ -112,6 +112,28 @@ def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
     return getattr(module, "is_causal", True) if is_causal is None else is_causal
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """``compile`` (conf/train.yaml) as torch.compile's ``mode``: None when off, ``default`` for true, else the mode it
+    names (reduce-overhead: CUDA graphs, which replay a step's kernels with one launch where the host is behind);
+    anything else is an error naming the choices."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "default"
+    if compile in COMPILE_MODES:
+        return compile
+    raise ValueError(f"compile={compile!r}: false, true or a torch.compile mode ({', '.join(COMPILE_MODES)})")
+
+
+def cuda_graphs(compile: bool | str) -> bool:
+    """Whether ``compile`` replays CUDA graphs (torch.compile's reduce-overhead and max-autotune modes), which record a
+    graph for every distinct batch shape."""
+    return compile_mode(compile) in ("reduce-overhead", "max-autotune")
+
+
 def sixteen_bit(precision: str) -> bool:
     """Whether a Lightning ``precision`` computes in bf16 or fp16 (mixed or true)."""
     return str(precision).startswith(("bf16", "16"))

@@ -180,9 +180,12 @@ class SampleGenerations(L.Callback):
         if not pairs:  # data without prompts (a classifier's texts): nothing to generate
             return
         prompts, images = [p for p, _ in pairs], dm.sample_images(len(pairs))  # images: a vision-language model's
-        outputs = generate_texts(
-            pl_module.model, dm.tokenizer, prompts, self.generation, self.batch_size, images=images
-        )
+        # eager, also under compile: a decoding step's shapes change with every token, and each would be a graph
+        # compiled (or, under compile=reduce-overhead, a CUDA graph recorded) for a few forward passes
+        with torch.compiler.set_stance("force_eager"):
+            outputs = generate_texts(
+                pl_module.model, dm.tokenizer, prompts, self.generation, self.batch_size, images=images
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             for (prompt, reference), output in zip(pairs, outputs, strict=True):
