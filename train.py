@@ -90,9 +90,9 @@ def loader_settings(cfg: DictConfig) -> dict[str, int | bool]:
     multiple of 64 give the kernels tensor-core-sized shapes and few distinct ones, and batches in pinned (page-locked)
     memory copy to the device without blocking the host; on the CPU, loading in the training process and no padding
     beyond the longest sample cost least, and pinning has nothing to speed up. Packed rows under CUDA graphs
-    (``compile=reduce-overhead``) are padded to a multiple of 256: every distinct width is a graph recorded anew, and
-    at 64 a 246M LLaMA's packed SFT recorded so often that it ran at a third of the speed (H200: 65k real tokens/s
-    against 181k; README "GPU"). A value is taken as it is.
+    (``compile=reduce-overhead`` or ``max-autotune``) are padded to a multiple of 256: every distinct width is a graph
+    recorded anew, and at 64 a 246M LLaMA's packed SFT recorded so often that it ran at a third of the speed (H200:
+    65k real tokens/s against 181k; README "GPU"). A value is taken as it is.
     """
     gpu = on_gpu(cfg)
     multiple = (256 if cfg.packing and cuda_graphs(cfg.compile) else 64) if gpu else 1
@@ -224,6 +224,13 @@ def fit_and_export(cfg: DictConfig) -> float | None:
     if cfg.export not in ("best", "last"):
         raise ValueError(f"export must be 'best' or 'last', got {cfg.export!r}")
     compile_mode(cfg.compile)  # an unknown mode fails here, before anything is built
+    if cuda_graphs(cfg.compile) and cfg.trainer.accumulate_grad_batches > 1:
+        # a replayed backward hands .grad the graph's own output, which the next micro-batch's replay takes back:
+        # torch stops at the second backward (gradient accumulation into a CUDA graph's output)
+        raise ValueError(
+            f"compile={cfg.compile} (CUDA graphs) does not accumulate gradients over micro-batches: set "
+            f"trainer.accumulate_grad_batches=1 (got {cfg.trainer.accumulate_grad_batches}) or compile=true"
+        )
     check_sharding(cfg)  # trainer=fsdp: refuse what cannot run sharded yet, before anything is built
     run_dir = Path(cfg.paths.output_dir)
     resume = resume_checkpoint(cfg, run_dir)  # (checkpoint, its step) or None; it logs what it found

@@ -41,7 +41,8 @@ is optional (``pip install -e ".[bench]"``): without it the script says so, unle
 
 A callback (``WindowTimer``; for TRL, its trainer's ``training_step`` and a TrainerCallback) skips ``--warmup`` steps
 (compilation included), synchronizes the GPU, times the next ``--steps`` steps on the host clock and synchronizes
-again at the end only; tokens and losses are summed on the device in between, peak memory is over those steps. Torch's
+again at the end only; tokens and losses are summed on the device in between, peak memory (allocated, and reserved:
+CUDA graphs' pool is only there) is over those steps. Torch's
 dynamo graph count before and after the window shows whether anything recompiled inside it. A configuration that
 fails (e.g. flex attention on this torch / transformers) is recorded with its error and the others go on. Results go
 to ``<date>_<gpu>_sft_packing.{json,md}`` (``sft_trl`` with TRL runs, ``sft_adapters`` with adapters) in ``$OUT`` if
@@ -51,6 +52,8 @@ set, else the current folder, rewritten after each configuration.
     V=padded,packed,packed_mask,packed_flex,trl_padded,trl_padding_free,trl_packed   # lmlab vs TRL, no adapters
     python benchmarks/sft_throughput.py --tokenizer <folder> --variants $V   # GPU
     python benchmarks/sft_throughput.py --smoke --tokenizer <folder>   # CPU check: llama-tiny, 3 steps, with TRL
+    python benchmarks/sft_throughput.py --tokenizer <folder> --variants packed --profile-steps 10   # + where a step's
+        # time goes: 10 more steps under torch.profiler, per step the wall and GPU-busy ms, top kernels and host ops
 
 The defaults are the llama_matelike_sft recipe's shape and lr: ``model=llama`` (246M at vocab 6400), 32 samples,
 seq_len 512, lr 1e-4 -> 1e-5. On an H200 (2026-11-30) ``packed_flex`` with ``compile=true`` had not finished its first
@@ -105,7 +108,7 @@ OTHER_BATCHES = ("trl_packed",)  # packs the whole data set into seq_len rows: n
 log = logging.getLogger("sft_throughput")
 
 from gpu_throughput import StepProfiler, gpu_peak_flops  # noqa: E402  (this folder, beside this script)
-from trl_anchor import StepClock, hf_clock, lmlab_trainer_args, require_trl  # noqa: E402
+from trl_anchor import StepClock, hf_clock, lmlab_trainer_args, peak_reserved_gib, require_trl  # noqa: E402
 
 from lmlab.core.collate import IGNORE_INDEX  # noqa: E402
 
@@ -205,6 +208,7 @@ class WindowTimer(L.Callback):
                     "real_share": real / self.padded,
                     "flops_per_sec": self.flops / elapsed,
                     "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                    "peak_reserved_gib": peak_reserved_gib(),
                     "graphs_compiled_in_window": unique_graphs() - self.graphs0,
                     "mean_loss_timed": statistics.fmean(losses[self.warmup :]),
                     "losses": losses,
@@ -439,6 +443,7 @@ def run_trl(args: argparse.Namespace, variant: str, compile_: bool, work: Path, 
         "real_share": real / padded,
         "flops_per_sec": None,
         "peak_mem_gib": clock.train_peak,
+        "peak_reserved_gib": clock.train_reserved,
         "graphs_compiled_in_window": counts.get("graphs", 0),
         "mean_loss_timed": statistics.fmean(losses_[args.warmup :]),
         "losses": losses_,
@@ -468,8 +473,10 @@ def markdown(result: dict) -> str:
             "of each shorter sample, whose target is padding; packed: sum(document_lengths)); label tok/s: tokens "
             "with a target, the same in every configuration; vs padded: steps/s over the padded run's with the same "
             "compile setting (the same samples each step); loss vs padded: the mean training loss over the timed "
-            "steps, relative (not for adapters, which train other weights); graphs in window: torch.compile graphs "
-            "built during the timed steps (recompiles); adapters vs full: an adapter run's steps/s and peak memory "
+            "steps, relative (not for adapters, which train other weights); peak memory over the timed steps: "
+            "allocated, and reserved by the allocator, which alone holds the pool of CUDA graphs (packed_graphs), "
+            "whose replays allocate nothing; graphs in window: torch.compile graphs built during the timed steps "
+            "(recompiles; not CUDA graph recordings); adapters vs full: an adapter run's steps/s and peak memory "
             "over the full fine-tune's with the same batches (all start from one saved random base: init_from)."
         ),
     ]
@@ -483,7 +490,8 @@ def markdown(result: dict) -> str:
                 lines.append(f"- {run['variant']}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     lines += [
         "",
-        "| config | compile | real tok/s | label tok/s | padded tok/s | steps/s | vs padded | real share | peak GiB | "
+        "| config | compile | real tok/s | label tok/s | padded tok/s | steps/s | vs padded | real share | "
+        "peak GiB allocated / reserved | "
         "MFU | mean loss | loss vs padded | graphs in window | adapters vs full: steps/s, peak memory | "
         "lmlab / TRL best: real tok/s, peak | lmlab / TRL same layout: real tok/s, peak |",
         "| --- | --- |" + " ---: |" * 14,
@@ -508,10 +516,10 @@ def markdown(result: dict) -> str:
         mfu = f"{100 * run['flops_per_sec'] / peak:.1f}%" if peak and run["flops_per_sec"] else "n/a"
         diff = run.get("loss_vs_padded", {}).get("mean_timed_rel_diff")
         loss_diff = "" if diff is None else f"{100 * diff:+.2f}%"
-        mem = "n/a" if run["peak_mem_gib"] is None else f"{run['peak_mem_gib']:.2f}"
+        mem = "n/a" if run["peak_mem_gib"] is None else f"{run['peak_mem_gib']:.2f} / {run['peak_reserved_gib']:.2f}"
         vs_trl = [
             f"{v['real_tokens_per_sec_ratio']:.2f}x ({v['trl_variant']})"
-            + ("" if v["peak_mem_ratio"] is None else f", {v['peak_mem_ratio']:.2f}x")
+            + ("" if v["peak_mem_ratio"] is None else f", {v['peak_mem_ratio']:.2f}x / {v['peak_reserved_ratio']:.2f}x")
             if v
             else ""
             for v in (run.get("vs_trl"), run.get("vs_trl_same_layout"))
@@ -569,6 +577,9 @@ def compare_trl(runs: list[dict]) -> None:
                 "trl_variant": other["variant"],
                 "real_tokens_per_sec_ratio": run["real_tokens_per_sec"] / other["real_tokens_per_sec"],
                 "peak_mem_ratio": run["peak_mem_gib"] / other["peak_mem_gib"] if run["peak_mem_gib"] else None,
+                "peak_reserved_ratio": (
+                    run["peak_reserved_gib"] / other["peak_reserved_gib"] if run.get("peak_reserved_gib") else None
+                ),
             }
 
 
@@ -634,7 +645,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=25, help="untimed steps first, compilation included")
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
     parser.add_argument(
-        "--profile-steps", type=int, default=0, help="then N more steps of each lmlab run under torch.profiler"
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="then N more steps of each lmlab run under torch.profiler (its fit wall time then includes them)",
     )
     every = [*VARIANTS, *TRL_VARIANTS]
     parser.add_argument("--variants", help=f"comma-separated, of {', '.join(every)} (default: all)")
@@ -702,6 +716,8 @@ def main() -> None:
     samples: list[dict] = []  # lmlab's training samples in its order, for TRL (the same with either compile setting)
     for compile_ in compiles:
         for variant in variants:
+            if not compile_ and any(o.startswith("compile=") for o in VARIANTS.get(variant, ())):
+                continue  # a variant with its own compile mode runs in the compiled pass only
             log.info("%s, compile=%s", variant, compile_)
             fresh()
             run: dict = {"variant": variant, "compile": compile_}

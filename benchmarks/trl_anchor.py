@@ -55,6 +55,12 @@ def peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if cuda() else None
 
 
+def peak_reserved_gib() -> float | None:
+    """The allocator's peak reserved memory: unlike the allocated peak it holds the memory pool of CUDA graphs
+    (compile=reduce-overhead), whose replays allocate nothing."""
+    return torch.cuda.max_memory_reserved() / 2**30 if cuda() else None
+
+
 class StepClock:
     """Wall time from the end of step ``warmup`` to the end of step ``steps`` (GPU synchronized at both),
     peak memory before and during training, and the padded width of every training batch."""
@@ -62,7 +68,7 @@ class StepClock:
     def __init__(self, warmup: int, steps: int):
         self.warmup, self.steps = warmup, steps
         self.times: dict[int, float] = {}
-        self.setup_peak = self.train_peak = None
+        self.setup_peak = self.train_peak = self.train_reserved = None
         self.widths: list[int] = []
 
     def train_start(self) -> None:
@@ -75,7 +81,7 @@ class StepClock:
             if cuda():
                 torch.cuda.synchronize()
             self.times[step] = time.perf_counter()
-            self.train_peak = peak_gib()
+            self.train_peak, self.train_reserved = peak_gib(), peak_reserved_gib()
 
     def seconds(self) -> float:
         """The timed window's wall time: from the end of step ``warmup`` to the end of step ``steps``."""
@@ -91,6 +97,7 @@ class StepClock:
             "steps_timed": timed,
             "peak_setup_gib": self.setup_peak,
             "peak_train_gib": self.train_peak,
+            "peak_reserved_train_gib": self.train_reserved,
             "mean_batch_width": sum(self.widths) / len(self.widths),
             "batches": len(self.widths),
         }

@@ -302,7 +302,8 @@ class ClassifierModule(TrainingModule):
         """Keeps the logits: the val threshold can only be chosen once the whole split is scored."""
         logits = self(batch)
         self.losses[split].update(self._loss(logits, batch["labels"]), weight=len(batch["labels"]))
-        self.logits[split].update(logits.float())
+        # a copy: the metric keeps it, and a CUDA graph (compile=reduce-overhead) reuses its outputs' memory
+        self.logits[split].update(logits.detach().to(torch.float32, copy=True))
         self.targets[split].update(batch["labels"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

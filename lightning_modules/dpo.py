@@ -377,7 +377,7 @@ class DPOModule(TrainingModule):
         averages for IPO, as TRL."""
         fused = self.fused_policy if model is self.model else self.fused_reference
         chunk = self.hparams.logps_chunk_elements
-        token_logps, logit_sums = answer_logps(model, batch, fused, with_logit_sums, self.compile_model, chunk)
+        token_logps, logit_sums = answer_logps(model, batch, fused, with_logit_sums, bool(self.compile_model), chunk)
         average = self.hparams.loss_type == "ipo"
         return sequence_logps(token_logps, batch["labels"], average, packed_documents(batch)), logit_sums
 

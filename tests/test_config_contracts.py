@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from lmlab.core.models import compile_mode, cuda_graphs
 from lmlab.core.runs import register_resolvers
-from train import chat_template, loader_settings
+from train import chat_template, fit_and_export, loader_settings
 
 register_resolvers()
 DATA = sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml"))
@@ -105,6 +105,16 @@ def test_compile_takes_a_torch_compile_mode_and_names_the_choices_otherwise():
     assert cuda_graphs("reduce-overhead") and cuda_graphs("max-autotune") and not cuda_graphs(True)
     with pytest.raises(ValueError, match=r"compile='fast': false, true or a torch.compile mode \(default, reduce-"):
         compile_mode("fast")
+
+
+def test_a_run_refuses_an_unknown_compile_mode_and_cuda_graphs_with_gradient_accumulation(tmp_path):
+    """Both before anything is built. Under CUDA graphs a replayed backward hands .grad the graph's own output, which
+    the next micro-batch takes back: torch would stop at the second backward."""
+    with pytest.raises(ValueError, match="compile='fast'"):
+        fit_and_export(compose_cfg(tmp_path, ["compile=fast"]))
+    accumulating = ["compile=reduce-overhead", "trainer.accumulate_grad_batches=2"]
+    with pytest.raises(ValueError, match=r"compile=reduce-overhead \(CUDA graphs\) does not accumulate .*\(got 2\)"):
+        fit_and_export(compose_cfg(tmp_path, accumulating))
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "pretrain", "classify"])

@@ -154,10 +154,11 @@ def test_compiled_head_label_logps_equal_the_eager_ones():
 def test_varlen_packed_rows_equal_the_padded_batch_eager_and_compiled(family, monkeypatch):
     """packed_attention=varlen with torch's own kernel: a packed row's logits and gradients equal the padded batch's
     (bf16 autocast), with samples longer and shorter than a 128-token block, with and without a padding tail (an
-    empty last segment), eager, compiled and replayed as CUDA graphs (compile=reduce-overhead; two widths, so two
-    recordings); llama's and mistral's attention have 2 query heads per key head, mistral's a sliding window of 4.
-    Each eager packed forward calls the kernel once per layer."""
+    empty last segment), eager, compiled and replayed as CUDA graphs (compile=reduce-overhead: two widths, each
+    recorded, then replayed; inductor skips no graph); llama's and mistral's attention have 2 query heads per key
+    head, mistral's a sliding window of 4. Each eager packed forward calls the kernel once per layer."""
     from test_packing import tiny
+    from torch._dynamo.utils import counters
 
     from lightning_modules.lm import lm_forward
     from lmlab.core import models
@@ -178,6 +179,7 @@ def test_varlen_packed_rows_equal_the_padded_batch_eager_and_compiled(family, mo
     if family == "llama":
         assert model.config.num_key_value_heads < model.config.num_attention_heads
     compiled, graphed = torch.compile(model), torch.compile(model, mode="reduce-overhead")
+    counters.clear()
     for lengths, multiple in (([130, 3, 257, 64], 64), ([40, 300, 9], 1)):
         samples = [{"input_ids": (ids := torch.randint(1, 50, (n,), generator=g)), "labels": ids} for n in lengths]
         padded = {k: v.cuda() for k, v in CausalCollator(pad_id=0)(samples).items()}
@@ -206,3 +208,4 @@ def test_varlen_packed_rows_equal_the_padded_batch_eager_and_compiled(family, mo
             torch.testing.assert_close(other_loss, loss, rtol=1e-2, atol=1e-2)
             torch.testing.assert_close(other_logits, logits, rtol=2e-2, atol=3e-2)
             assert (other_grads - grads).norm() < 2e-2 * grads.norm()
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the graphed model ran as CUDA graphs, not just compiled

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 KERNELS = ("fused_linear_cross_entropy", "rms_norm", "swiglu", "rope")  # conf/train.yaml's kernels: keys
 
 
-def apply_kernels(model: PreTrainedModel, kernels: Mapping[str, bool], compile: bool = False) -> list[str]:
+def apply_kernels(model: PreTrainedModel, kernels: Mapping[str, bool], compile: bool | str = False) -> list[str]:
     """Patch ``model`` with the Liger kernels switched on in ``kernels``; returns their names (none: untouched).
 
     Refuses, before touching anything: an unknown switch, a run without CUDA (Triton kernels; CPU runs keep the
@@ -67,8 +67,8 @@ def apply_kernels(model: PreTrainedModel, kernels: Mapping[str, bool], compile: 
         )
     if "fused_linear_cross_entropy" in wanted and compile:
         raise ValueError(
-            "kernels.fused_linear_cross_entropy=true does not run under compile=true (torch.compile fails inside "
-            "Liger's fused loss); use one or the other"
+            f"kernels.fused_linear_cross_entropy=true does not run under compile={str(compile).lower()} (torch.compile "
+            "fails inside Liger's fused loss); use one or the other"
         )
     # every switch the function takes is passed, the ones off as False (Liger's own defaults turn most of them on)
     apply(model=model, **{name: name in wanted for name in accepted})

@@ -115,7 +115,7 @@ def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def compile_mode(compile: bool | str) -> str | None:
+def compile_mode(compile: bool | str | None) -> str | None:
     """``compile`` (conf/train.yaml) as torch.compile's ``mode``: None when off, ``default`` for true, else the mode it
     names (reduce-overhead: CUDA graphs, which replay a step's kernels with one launch where the host is behind);
     anything else is an error naming the choices."""
@@ -128,7 +128,7 @@ def compile_mode(compile: bool | str) -> str | None:
     raise ValueError(f"compile={compile!r}: false, true or a torch.compile mode ({', '.join(COMPILE_MODES)})")
 
 
-def cuda_graphs(compile: bool | str) -> bool:
+def cuda_graphs(compile: bool | str | None) -> bool:
     """Whether ``compile`` replays CUDA graphs (torch.compile's reduce-overhead and max-autotune modes), which record a
     graph for every distinct batch shape."""
     return compile_mode(compile) in ("reduce-overhead", "max-autotune")
