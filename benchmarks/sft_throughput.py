@@ -108,7 +108,7 @@ OTHER_BATCHES = ("trl_packed",)  # packs the whole data set into seq_len rows: n
 log = logging.getLogger("sft_throughput")
 
 from gpu_throughput import StepProfiler, gpu_peak_flops  # noqa: E402  (this folder, beside this script)
-from trl_anchor import StepClock, hf_clock, lmlab_trainer_args, peak_reserved_gib, require_trl  # noqa: E402
+from trl_anchor import StepClock, hf_clock, lmlab_trainer_args, peak_gib, peak_reserved_gib, require_trl  # noqa: E402
 
 from lmlab.core.collate import IGNORE_INDEX  # noqa: E402
 
@@ -207,7 +207,7 @@ class WindowTimer(L.Callback):
                     "steps_per_sec": self.steps / elapsed,
                     "real_share": real / self.padded,
                     "flops_per_sec": self.flops / elapsed,
-                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                    "peak_mem_gib": peak_gib(),
                     "peak_reserved_gib": peak_reserved_gib(),
                     "graphs_compiled_in_window": unique_graphs() - self.graphs0,
                     "mean_loss_timed": statistics.fmean(losses[self.warmup :]),

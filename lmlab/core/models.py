@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from lmlab.core.tokenizer import save_tokenizer
 
@@ -174,12 +174,11 @@ def varlen_attention(
         )
     if query.shape[0] != 1:
         raise ValueError(f"varlen attention takes one packed row, got a batch of {query.shape[0]}")
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
+    groups = query.shape[1] // key.shape[1]  # grouped keys: torch 2.11's kernel has no enable_gqa
+    q, k, v = (t[0].transpose(0, 1) for t in (query, repeat_kv(key, groups), repeat_kv(value, groups)))  # [T, h, d]
     device = q.device.type
     if torch.is_autocast_enabled(device):  # as autocast casts SDPA's inputs (RoPE's fp32 cos/sin promote q and k)
         q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
-    if k.shape[1] != q.shape[1]:  # grouped keys: each key head serves the query heads after it (as repeat_kv)
-        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     causal = _is_causal(module, is_causal)
     left = sliding_window - 1 if sliding_window else -1
     out = varlen_attn(
