@@ -484,9 +484,10 @@ def main() -> None:
                 side, pairs = run_lmlab(args, work, reference, framework)
             result["sides"][name] = {"allocated_before_gib": before, **side}
             log.info("%s: %s", name, result["sides"][name])
-            if framework not in tokens:
-                tokens[framework] = pairs
-                result["tokens"][framework] = token_stats(pairs)
+            source = "trl" if framework == "trl" else "lmlab"  # every lmlab side tokenizes alike
+            if source not in tokens:
+                tokens[source] = pairs
+                result["tokens"][source] = token_stats(pairs)
             if framework == "trl":
                 theirs = result["sides"][name]
                 for ours_name in (side_name(f, reference) for f in LMLAB if side_name(f, reference) in result["sides"]):

@@ -5,9 +5,10 @@ vocab 50257, batch 16 x 1024 tokens; ``--preset llama --batch-size 32 --seq-len 
 vocab 6400), bf16 autocast, fused AdamW, grad clip 1.0, the preset's dropout (0 in the gpt2 and llama presets):
 
 (a) raw: the model lmlab's ``build_model`` makes from the preset (e.g. ``GPT2LMHeadModel`` with SDPA attention),
-    ``model.compile()``, ``loss = model(x, labels=x).loss`` on random token ids already on the GPU;
-    ``--warmup`` untimed steps (compilation), then ``--steps`` steps timed with CUDA events around the whole
-    loop (no per-step sync).
+    ``model.compile(mode=--raw-compile-mode)``, ``loss = model(x, labels=x).loss`` on random token ids already on
+    the GPU; ``--warmup`` untimed steps (compilation), then ``--steps`` steps timed with CUDA events around the
+    whole loop (no per-step sync). ``--raw-compile-mode reduce-overhead`` gives the anchor CUDA graphs too, to
+    set against ``--lmlab-override compile=reduce-overhead``.
 (b) lmlab: ``train.train(cfg)`` on the config ``python train.py model=<preset> trainer=gpu compile=true
     logger=csv`` composes, reading a synthetic corpus through the real datamodule (memmap windows,
     4 workers) with a synthetic word-level tokenizer of the vocabulary size, so the model has the anchor's shape.
@@ -198,7 +199,7 @@ def run_raw(args: argparse.Namespace, work: Path, steps: int) -> dict:
     model = build_model(compose_config(args, work, 0).model, AutoTokenizer.from_pretrained(work / "tokenizer"))
     model.to(device).train()
     if args.compile:
-        model.compile()
+        model.compile(mode=args.raw_compile_mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
     shape = (args.batch_size, args.seq_len)
     batches = [torch.randint(0, args.vocab_size, shape, device=device) for _ in range(8)]
@@ -373,6 +374,8 @@ def markdown(result: dict) -> str:
 
     precision = "bf16 autocast, fused AdamW" if result["device"] != "cpu" else "fp32, AdamW"
     peak = f"{result['peak_flops_bf16']:.4g}" if result["peak_flops_bf16"] else "n/a"
+    mode = result.get("raw_compile_mode")
+    raw_mode = f" (raw loop: mode {mode})" if mode not in (None, "default") else ""
     lines = [
         f"# {result['preset']} training throughput: lmlab vs raw compiled HF loop ({result['date']})",
         "",
@@ -380,7 +383,7 @@ def markdown(result: dict) -> str:
             f"{result['device']}; torch {result['versions']['torch']}, "
             f"transformers {result['versions']['transformers']}, "
             f"lightning {result['versions']['lightning']}; batch {result['batch_size']} x {result['seq_len']} tokens, "
-            f"{precision}, compile={result['compile']}; MFU against {peak} FLOP/s."
+            f"{precision}, compile={result['compile']}{raw_mode}; MFU against {peak} FLOP/s."
         ),
         "",
         "| side | tokens/s | MFU | peak GiB | steps timed | / raw |",
@@ -437,6 +440,7 @@ def save(result: dict, out: Path) -> None:
     """The JSON and the table, rewritten after each part so a cut-off run keeps what it measured."""
     gpu = re.search(r"\b([A-Z]\d{2,4})\b", result["device"])
     stem = f"{result['date']}_{gpu.group(1).lower() if gpu else 'cpu'}_{result['preset']}_throughput"
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(result))
     log.info("wrote %s.{json,md} in %s", stem, out)
@@ -463,6 +467,11 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="extra Hydra override for the lmlab run (repeatable), e.g. optim.optimizer.fused=false",
+    )
+    parser.add_argument(
+        "--raw-compile-mode",
+        default="default",
+        help="torch.compile mode of the raw loop (default, reduce-overhead, max-autotune, ...)",
     )
     parser.add_argument(
         "--profile-steps", type=int, default=0, help="N more steps a side under torch.profiler (0: none)"
@@ -496,6 +505,7 @@ def main() -> None:
         "seq_len": args.seq_len,
         "vocab_size": args.vocab_size,
         "compile": args.compile,
+        "raw_compile_mode": args.raw_compile_mode if args.compile else None,
         "lmlab_extra_overrides": args.lmlab_override,
         "peak_flops_bf16": gpu_peak_flops(),
     }
