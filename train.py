@@ -19,7 +19,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
@@ -277,6 +277,8 @@ def fit_and_export(cfg: DictConfig) -> float | None:
         if isinstance(lg, WandbLogger):
             import_wandb(run_dir / WANDB_TMP)
     callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values()) if cb is not None]  # None: off
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning's switch turns callbacks.progress off too: it
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]  # refuses a bar callback with it off
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -344,3 +344,13 @@ def test_sample_generations_run_eager_under_compile(tiny_tokenizer, tmp_path):
     assert counter.frame_count == 0
     model(input_ids=torch.tensor([[5, 6, 7]]))  # the training path still goes through the compiler
     assert counter.frame_count == 1
+
+
+def test_lightnings_switch_turns_the_bar_off(tmp_path, capsys):
+    """``trainer.enable_progress_bar=false`` trains without a bar: Lightning's own switch also turns off lmlab's
+    bar (callbacks.progress), where Lightning refused the bar callback and the run stopped at startup."""
+    overrides = ["trainer.enable_progress_bar=false", "max_steps=4", "trainer.val_check_interval=2"]
+    train(compose_cfg(tmp_path, [*overrides, "callbacks.samples.num_prompts=0"]))
+    assert (tmp_path / "hf" / "config.json").is_file()
+    shown = capsys.readouterr()
+    assert "Epoch 0" not in shown.out + shown.err  # the bar's line (tqdm, on stdout under Lightning)
