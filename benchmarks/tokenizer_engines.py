@@ -1,0 +1,202 @@
+"""BPE encoding speed on one core: Hugging Face tokenizers against tiktoken, with the same merges (CPU).
+
+Issue 3's target is 5 MB/s of Chinese text per core. This measures what lmlab's byte-level pre-tokenizer and another
+engine give, on the corpus of ``tokenize_throughput.py`` (the shared Chinese corpora, each document once), every side
+pinned to one core and one thread, best of ``--repeats``, with one tokenizer's merges:
+
+- ``hf_sequence``: tokenizers with the pre-tokenizer lmlab trained before 2026-12-01 (``SEQUENCE_BEFORE``: a
+  sequence of punctuation, digits, runs cut at 16 characters, GPT-2's regex). The anchor.
+- ``hf``: tokenizers with the tokenizer's own pre-tokenizer, one regex
+  (lmlab.core.tokenizer.byte_pieces_regex), then ByteLevel without its own regex.
+- ``tiktoken``: tiktoken's ``encode_ordinary`` with that regex and the merges as ranks (a merge's rank is its order;
+  single bytes first).
+
+Identical token sequences are counted document by document: ``tiktoken`` against ``hf`` (is the other engine exact?)
+and ``hf`` against ``hf_sequence`` (how much the one regex changed the tokens), with tokens per MB for each. Writes
+``<date>_cpu_tokenizer_engines.{json,md}`` into ``$OUT`` (else the current folder).
+
+    pip install tiktoken && python benchmarks/tokenizer_engines.py [--tokenizer <folder>] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import date
+from importlib.metadata import version
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread: before tokenizers is imported
+os.environ["RAYON_NUM_THREADS"] = "1"
+
+
+def sequence_before():
+    """The byte-level pre-tokenizer lmlab trained before the one regex (conf/bpe/byte.yaml's settings)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Split(Regex(r"\s*\S{1,16}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+
+
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-in character of each byte, reversed (ByteLevel's alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [*printable, *(256 + i for i in range(len(others)))]
+    return {chr(c): b for c, b in zip(chars, [*printable, *others], strict=True)}
+
+
+def bpe_ranks(spec: dict) -> tuple[dict[bytes, int], dict[int, bytes]]:
+    """tiktoken's ranks from a byte-level BPE's tokenizer.json (single bytes, then each merge's result in merge
+    order), and each HF token id's bytes (added tokens left out)."""
+    decode = byte_decoder()
+
+    def to_bytes(token: str) -> bytes:
+        return bytes(decode[c] for c in token)
+
+    vocab = spec["model"]["vocab"]
+    ranks: dict[bytes, int] = {}
+    for token in sorted(vocab, key=vocab.get):
+        if len(to_bytes(token)) == 1:
+            ranks[to_bytes(token)] = len(ranks)
+    for merge in spec["model"]["merges"]:
+        left, right = merge if isinstance(merge, list) else merge.split(" ")
+        ranks.setdefault(to_bytes(left) + to_bytes(right), len(ranks))
+    id_bytes = {i: to_bytes(t) for t, i in vocab.items() if all(c in decode for c in t)}
+    return ranks, id_bytes
+
+
+def timed(encode, repeats: int) -> tuple[float, list[list[bytes]]]:
+    best, out = float("inf"), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = encode()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def markdown(result: dict) -> str:
+    versions, sources = result["versions"], ", ".join(result["sources"])
+    lines = [
+        f"# BPE engines on one core: HF tokenizers vs tiktoken ({result['date']})",
+        "",
+        (
+            f"{result['machine']}; tokenizers {versions['tokenizers']}, tiktoken {versions['tiktoken']}, Python "
+            f"{versions['python']}. {result['mb']:.1f} MB of Chinese text ({result['docs']} documents: {sources}), "
+            f"byte-level BPE of {result['vocab_size']} tokens ({result['tokenizer']}); one core, one thread, best of "
+            f"{result['repeats']}."
+        ),
+        "",
+        "| side | pre-tokenizer | MB/s | tokens per MB | identical documents |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
+    for name, side in result["sides"].items():
+        lines.append(
+            f"| {name} | {side['pre_tokenizer']} | {side['mb_per_sec']:.2f} | {side['tokens_per_mb']:,.0f} | "
+            f"{side.get('identical', '')} |"
+        )
+    lines += ["", f"One regex: `{result['one_regex']}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", type=Path, help="a byte-level lmlab tokenizer folder (default: train one)")
+    parser.add_argument("--train-mb", type=float, default=4.0, help="MB of the corpus to train the default on")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+    import tempfile
+
+    import tiktoken
+    from tokenize_throughput import SOURCES, chinese_docs, train_tokenizer
+    from tokenizers import Tokenizer
+
+    docs = chinese_docs()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.tokenizer or Path(tmp) / "tokenizer"
+        if args.tokenizer is None:
+            train_tokenizer(docs, folder, args.train_mb)
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    steps = (spec.get("pre_tokenizer") or {}).get("pretokenizers", [])
+    if spec["model"]["type"] != "BPE" or [s["type"] for s in steps] != ["Split", "ByteLevel"]:
+        parser.error(f"{folder}: needs a byte-level BPE whose pre-tokenizer is one regex (trained since 2026-12-01)")
+    one_regex = steps[0]["pattern"]["Regex"]
+    ranks, id_bytes = bpe_ranks(spec)
+    hf = Tokenizer.from_str(json.dumps(spec))
+    before = Tokenizer.from_str(json.dumps(spec))
+    before.pre_tokenizer = sequence_before()
+    engine = tiktoken.Encoding("one_regex", pat_str=one_regex, mergeable_ranks=ranks, special_tokens={})
+    by_rank = {rank: piece for piece, rank in ranks.items()}
+    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+
+    def hf_side(tokenizer: Tokenizer):
+        def encode() -> list[list[bytes]]:
+            out = []
+            for i in range(0, len(docs), 1000):  # tokenize_throughput's raw anchor: batches of 1000 documents
+                out += [e.ids for e in tokenizer.encode_batch_fast(docs[i : i + 1000], add_special_tokens=False)]
+            return out
+
+        return encode
+
+    runs = {
+        "hf_sequence": ("the sequence before 2026-12-01", hf_side(before)),
+        "hf": ("one regex (the tokenizer's)", hf_side(hf)),
+        "tiktoken": ("one regex", lambda: [engine.encode_ordinary(d) for d in docs]),
+    }
+    sides, pieces = {}, {}
+    for name, (pre, encode) in runs.items():
+        seconds, ids = timed(encode, args.repeats)
+        table = by_rank if name == "tiktoken" else id_bytes
+        pieces[name] = [[table[i] for i in doc] for doc in ids]
+        sides[name] = {
+            "pre_tokenizer": pre,
+            "seconds": seconds,
+            "mb_per_sec": mb / seconds,
+            "tokens_per_mb": sum(map(len, ids)) / mb,
+        }
+        print(name, sides[name], flush=True)
+
+    def same(a: str, b: str) -> str:
+        count = sum(x == y for x, y in zip(pieces[a], pieces[b], strict=True))
+        return f"{count} / {len(docs)} with {b}"
+
+    sides["hf"]["identical"] = same("hf", "hf_sequence")
+    sides["tiktoken"]["identical"] = same("tiktoken", "hf")
+    result = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "versions": {
+            "tokenizers": version("tokenizers"),
+            "tiktoken": version("tiktoken"),
+            "python": platform.python_version(),
+        },
+        "tokenizer": str(args.tokenizer) if args.tokenizer else f"trained on the first {args.train_mb} MB",
+        "vocab_size": len(spec["model"]["vocab"]),
+        "sources": SOURCES,
+        "docs": len(docs),
+        "mb": mb,
+        "repeats": args.repeats,
+        "one_regex": one_regex,
+        "sides": sides,
+    }
+    out = Path(os.environ.get("OUT") or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{result['date']}_cpu_tokenizer_engines"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
