@@ -277,7 +277,7 @@ def fit_and_export(cfg: DictConfig) -> float | None:
         if isinstance(lg, WandbLogger):
             import_wandb(run_dir / WANDB_TMP)
     callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values()) if cb is not None]  # None: off
-    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning's switch turns callbacks.progress off too: it
+    if cfg.trainer.get("enable_progress_bar", True) is False:  # Lightning's switch turns callbacks.progress off: it
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]  # refuses a bar callback with it off
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     for lg in loggers:

@@ -496,9 +496,10 @@ def main() -> None:
                         "pairs_per_sec": ours["pairs_per_sec"] / theirs["pairs_per_sec"],
                         "peak_train_gib": ours["peak_train_gib"] / theirs["peak_train_gib"] if cuda() else None,
                     }
-                result["tokens"]["identical_pairs"] = sum(
-                    a == b for a, b in zip(tokens["lmlab"], tokens["trl"], strict=True)
-                )
+                if "lmlab" in tokens:
+                    result["tokens"]["identical_pairs"] = sum(
+                        a == b for a, b in zip(tokens["lmlab"], tokens["trl"], strict=True)
+                    )
             save(result, args.out)
     print(json.dumps(result, indent=2))
     print(markdown(result))

@@ -233,6 +233,7 @@ def run_raw(args: argparse.Namespace, work: Path, steps: int) -> dict:
     else:
         elapsed = time.perf_counter() - t0
     tokens_per_sec = steps * args.batch_size * args.seq_len / elapsed
+    final_loss = loss.item()  # now: under CUDA graphs the profiled steps' replays overwrite it
     profiled = None
     if args.profile_steps:
         sync()
@@ -253,7 +254,7 @@ def run_raw(args: argparse.Namespace, work: Path, steps: int) -> dict:
         "warmup_steps": args.warmup,
         "warmup_s": warmup_s,
         "step_ms": 1e3 * elapsed / steps,
-        "final_loss": loss.item(),
+        "final_loss": final_loss,
         "parameters": count_parameters(model),
         "flops_per_token": flops_per_token(model, args.seq_len),
         "config": model.config.to_dict(),

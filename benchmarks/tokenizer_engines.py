@@ -122,6 +122,8 @@ def main() -> None:
     from tokenize_throughput import SOURCES, chinese_docs, train_tokenizer
     from tokenizers import Tokenizer
 
+    from lmlab.core.tokenizer import byte_pieces_regex
+
     docs = chinese_docs()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.tokenizer or Path(tmp) / "tokenizer"
@@ -132,6 +134,8 @@ def main() -> None:
     if spec["model"]["type"] != "BPE" or [s["type"] for s in steps] != ["Split", "ByteLevel"]:
         parser.error(f"{folder}: needs a byte-level BPE whose pre-tokenizer is one regex (trained since 2026-12-01)")
     one_regex = steps[0]["pattern"]["Regex"]
+    if one_regex != byte_pieces_regex(True, True, 16):  # sequence_before() has conf/bpe/byte.yaml's settings
+        parser.error(f"{folder}: trained with other settings than conf/bpe/byte.yaml's (pieces {one_regex!r})")
     ranks, id_bytes = bpe_ranks(spec)
     hf = Tokenizer.from_str(json.dumps(spec))
     before = Tokenizer.from_str(json.dumps(spec))

@@ -145,25 +145,29 @@ PIECE_TEXTS = [
     "a" * 40 + " " + "汉" * 40 + "\n" + "12345678901234567890",
     "line one\r\nline two   \nwe'll they've I'm",
     "x\u3000y  z\u00a0w --- ... !!!",
+    "a $$ ++ << == >> || ~~ ^^ `` @@ ## %% && ** __ -- ;; !?",  # runs of ASCII punctuation, a space before each
 ]
 
 
-@pytest.mark.parametrize("split_digits, max_piece_chars", [(True, 16), (False, 8), (True, None)])
-def test_byte_level_cuts_as_the_sequence_it_replaced_in_one_regex(split_digits, max_piece_chars):
+@pytest.mark.parametrize(
+    "split_punctuation, split_digits, max_piece_chars",
+    [(True, True, 16), (True, False, 8), (True, True, None), (False, False, None)],  # the last: GPT-2's regex
+)
+def test_byte_level_cuts_as_the_sequence_it_replaced_in_one_regex(split_punctuation, split_digits, max_piece_chars):
     """Byte level's pieces are one regex now (tokenizers cuts text faster, and an engine that takes one regex, like
     tiktoken, can give the same tokens: benchmarks/tokenizer_engines.py), and cut text as the sequence of
     pre-tokenizers it replaced did: English, Chinese, ASCII and Unicode punctuation, digits, long runs, whitespace."""
-    one = build_pre_tokenizer("byte", True, split_digits, True, max_piece_chars)
+    one = build_pre_tokenizer("byte", split_punctuation, split_digits, True, max_piece_chars)
     assert [step["type"] for step in json.loads(one.__getstate__())["pretokenizers"]] == ["Split", "ByteLevel"]
-    before = sequence_before(True, split_digits, max_piece_chars)
+    before = sequence_before(split_punctuation, split_digits, max_piece_chars)
     for text in PIECE_TEXTS:
         assert pieces(one, text) == pieces(before, text), text
 
 
 def test_byte_level_cuts_runs_of_letters_at_the_cap_of_letters():
-    """Where the two differ: the sequence cut a run of other characters then letters (no space between) at 16
-    characters of both, one regex cuts each run at its own cap (14 of 19,355 Chinese documents tokenize otherwise).
-    With punctuation as pieces of their own that is symbols before letters; without, punctuation too."""
+    """Where the two differ: a run of non-space characters mixing categories (letters and symbols; punctuation too
+    without split_punctuation) longer than the cap. The sequence cut the run at 16 characters, one regex cuts each
+    category's run at 16 (14 of 19,355 Chinese documents tokenize otherwise)."""
     text = "★★★" + "汉" * 20
     assert pieces(build_pre_tokenizer("byte", True, True, True, 16), text) == ["★★★", "汉" * 16, "汉" * 4]
     assert pieces(sequence_before(True, True, 16), text) == ["★★★", "汉" * 13, "汉" * 7]
