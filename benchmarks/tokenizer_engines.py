@@ -12,8 +12,14 @@ pinned to one core and one thread, best of ``--repeats``, with one tokenizer's m
   single bytes first).
 
 Identical token sequences are counted document by document: ``tiktoken`` against ``hf`` (is the other engine exact?)
-and ``hf`` against ``hf_sequence`` (how much the one regex changed the tokens), with tokens per MB for each. Writes
-``<date>_cpu_tokenizer_engines.{json,md}`` into ``$OUT`` (else the current folder).
+and ``hf`` against ``hf_sequence`` (how much the one regex changed the tokens), with tokens per MB for each.
+
+The merges alone (``--fuzz N``): the two engines pick merges differently (tokenizers the adjacent pair of lowest merge
+rank, tiktoken the adjacent pair whose joined bytes have the lowest token rank, and a whole piece at once when it is a
+token), so both encode single pieces made of random vocabulary tokens: N pieces of 2-5 tokens, and 2 x 2000 around
+each token that also splits into two other tokens than its merge pair (the token, and that other pair, between two
+random tokens), where a difference would show first. Writes ``<date>_cpu_tokenizer_engines.{json,md}`` into
+``$OUT`` (else the current folder).
 
     pip install tiktoken && python benchmarks/tokenizer_engines.py [--tokenizer <folder>] [--repeats 2]
 """
@@ -75,6 +81,41 @@ def bpe_ranks(spec: dict) -> tuple[dict[bytes, int], dict[int, bytes]]:
     return ranks, id_bytes
 
 
+def merge_fuzz(spec: dict, ranks: dict[bytes, int], id_bytes: dict[int, bytes], pieces: int, seed: int = 0) -> dict:
+    """Both engines' BPE on single pieces (no pre-tokenizer): how many of them get different tokens."""
+    import random
+
+    import tiktoken
+    from tokenizers import Tokenizer, models
+
+    decode = byte_decoder()
+    printable = {b: c for c, b in decode.items()}
+    merges = [tuple(m if isinstance(m, list) else m.split(" ")) for m in spec["model"]["merges"]]
+    hf = Tokenizer(models.BPE(vocab=spec["model"]["vocab"], merges=merges))
+    whole = tiktoken.Encoding("whole", pat_str=r"[\s\S]+", mergeable_ranks=ranks, special_tokens={})
+    by_rank = {rank: piece for piece, rank in ranks.items()}
+    tokens = list(ranks)
+    pairs = {bytes(decode[c] for c in a) + bytes(decode[c] for c in b): (a, b) for a, b in merges}
+    other_splits = [
+        (token, token[:k], token[k:])
+        for token, (a, b) in pairs.items()
+        for k in range(1, len(token))
+        if k != len(bytes(decode[c] for c in a)) and token[:k] in ranks and token[k:] in ranks
+    ]
+    rng = random.Random(seed)
+    samples = [b"".join(rng.choice(tokens) for _ in range(rng.randint(2, 5))) for _ in range(pieces)]
+    for token, left, right in other_splits:
+        for _ in range(2000):
+            samples.append(rng.choice(tokens) + token + rng.choice(tokens))
+            samples.append(rng.choice(tokens) + left + right + rng.choice(tokens))
+    differing = 0
+    for sample in samples:
+        ours = [id_bytes[i] for i in hf.encode("".join(printable[b] for b in sample)).ids]
+        theirs = [by_rank[r] for r in whole._encode_bytes(sample)]  # bytes in: a piece need not be valid UTF-8
+        differing += ours != theirs
+    return {"pieces": len(samples), "differing": differing, "tokens_with_other_splits": len(other_splits)}
+
+
 def timed(encode, repeats: int) -> tuple[float, list[list[bytes]]]:
     best, out = float("inf"), []
     for _ in range(repeats):
@@ -105,6 +146,15 @@ def markdown(result: dict) -> str:
             f"{side.get('identical', '')} |"
         )
     lines += ["", f"One regex: `{result['one_regex']}`", ""]
+    if result.get("fuzz"):
+        fuzz = result["fuzz"]
+        lines += [
+            (
+                f"The merges alone: {fuzz['differing']} of {fuzz['pieces']:,} single pieces got different tokens "
+                f"({fuzz['tokens_with_other_splits']} merged tokens also split into two other tokens)."
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -113,6 +163,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, help="a byte-level lmlab tokenizer folder (default: train one)")
     parser.add_argument("--train-mb", type=float, default=4.0, help="MB of the corpus to train the default on")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--fuzz", type=int, default=100_000, help="random pieces for the merges-alone check (0: none)")
     args = parser.parse_args()
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
@@ -193,6 +244,7 @@ def main() -> None:
         "repeats": args.repeats,
         "one_regex": one_regex,
         "sides": sides,
+        "fuzz": merge_fuzz(spec, ranks, id_bytes, args.fuzz) if args.fuzz else None,
     }
     out = Path(os.environ.get("OUT") or ".")
     out.mkdir(parents=True, exist_ok=True)
