@@ -54,11 +54,15 @@ def sequence_before():
 
 
 def byte_decoder() -> dict[str, int]:
-    """GPT-2's printable stand-in character of each byte, reversed (ByteLevel's alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    chars = [*printable, *(256 + i for i in range(len(others)))]
-    return {chr(c): b for c, b in zip(chars, [*printable, *others], strict=True)}
+    """ByteLevel's printable stand-in characters back to their bytes (GPT-2's table, as transformers keeps it)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def merge_pairs(spec: dict) -> list[tuple[str, str]]:
+    """A tokenizer.json's merges as pairs (written "a b" or ["a", "b"])."""
+    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["model"]["merges"]]
 
 
 def bpe_ranks(spec: dict) -> tuple[dict[bytes, int], dict[int, bytes]]:
@@ -74,8 +78,7 @@ def bpe_ranks(spec: dict) -> tuple[dict[bytes, int], dict[int, bytes]]:
     for token in sorted(vocab, key=vocab.get):
         if len(to_bytes(token)) == 1:
             ranks[to_bytes(token)] = len(ranks)
-    for merge in spec["model"]["merges"]:
-        left, right = merge if isinstance(merge, list) else merge.split(" ")
+    for left, right in merge_pairs(spec):
         ranks.setdefault(to_bytes(left) + to_bytes(right), len(ranks))
     id_bytes = {i: to_bytes(t) for t, i in vocab.items() if all(c in decode for c in t)}
     return ranks, id_bytes
@@ -88,19 +91,18 @@ def merge_fuzz(spec: dict, ranks: dict[bytes, int], id_bytes: dict[int, bytes], 
     import tiktoken
     from tokenizers import Tokenizer, models
 
-    decode = byte_decoder()
-    printable = {b: c for c, b in decode.items()}
-    merges = [tuple(m if isinstance(m, list) else m.split(" ")) for m in spec["model"]["merges"]]
+    printable = {byte: char for char, byte in byte_decoder().items()}
+    merges = merge_pairs(spec)
     hf = Tokenizer(models.BPE(vocab=spec["model"]["vocab"], merges=merges))
     whole = tiktoken.Encoding("whole", pat_str=r"[\s\S]+", mergeable_ranks=ranks, special_tokens={})
     by_rank = {rank: piece for piece, rank in ranks.items()}
     tokens = list(ranks)
-    pairs = {bytes(decode[c] for c in a) + bytes(decode[c] for c in b): (a, b) for a, b in merges}
-    other_splits = [
+    own_cut = {id_bytes[spec["model"]["vocab"][a + b]]: len(id_bytes[spec["model"]["vocab"][a]]) for a, b in merges}
+    other_splits = [  # (token, left, right): another split into two tokens than the token's own merge
         (token, token[:k], token[k:])
-        for token, (a, b) in pairs.items()
+        for token, cut in own_cut.items()
         for k in range(1, len(token))
-        if k != len(bytes(decode[c] for c in a)) and token[:k] in ranks and token[k:] in ranks
+        if k != cut and token[:k] in ranks and token[k:] in ranks
     ]
     rng = random.Random(seed)
     samples = [b"".join(rng.choice(tokens) for _ in range(rng.randint(2, 5))) for _ in range(pieces)]
