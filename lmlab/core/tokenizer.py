@@ -63,7 +63,7 @@ def byte_pieces_regex(split_punctuation: bool, split_digits: bool, max_piece_cha
     One regex instead of a sequence of pre-tokenizers (punctuation, digits, cut runs, GPT-2's regex) because
     tokenizers then cuts text faster (benchmarks/tokenizer_engines.py: 1.2-1.4x on Chinese, one core), and an engine
     that takes one regex, like tiktoken, can give the same tokens (it did on all 19,355 Chinese documents measured, at
-    3-4.6x tokenizers' speed). The pieces are the sequence's except where a run of non-space characters that mixes
+    3-5x tokenizers' speed). The pieces are the sequence's except where a run of non-space characters that mixes
     categories (letters and symbols; also punctuation without ``split_punctuation``, digits without
     ``split_digits``) is longer than ``max_piece_chars``: the sequence cut the run, this cuts each category's run at
     the cap (with conf/bpe/byte.yaml's settings, 14 of 19,355 Chinese documents tokenize otherwise).
