@@ -72,6 +72,7 @@ LMLAB = {"lmlab": [], "lmlab_fused": ["stage.module.fused_lm_head=true"]}  # lml
 
 log = logging.getLogger("dpo_throughput")
 
+from gpu_throughput import share_lmlab_allocator  # noqa: E402
 from trl_anchor import StepClock, cuda, hf_clock, lmlab_trainer_args, require_trl  # noqa: E402  (this folder, beside this script)
 
 
@@ -430,6 +431,9 @@ def main() -> None:
     register_resolvers()
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()
+    allocator = share_lmlab_allocator(
+        ["stage=dpo", f"model={args.preset}", *args.override]
+    )  # before anything starts CUDA
     device = torch.cuda.get_device_name() if cuda() else "cpu"
     date = datetime.date.today().isoformat()
     if args.out is None and os.environ.get("OUT"):
@@ -439,6 +443,7 @@ def main() -> None:
         )
     result = {
         "preset": args.preset,
+        "cuda_alloc_conf": allocator,
         "device": device,
         "date": date,
         "versions": {

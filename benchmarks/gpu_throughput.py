@@ -108,6 +108,22 @@ def write_corpus(path: Path, tokens: int, vocab_size: int, seed: int = 0) -> Non
         )
 
 
+def share_lmlab_allocator(overrides: list[str]) -> str | None:
+    """Set lmlab's CUDA allocator settings (``cuda_alloc_conf`` under ``trainer=gpu`` and the side's ``overrides``, its
+    stage and model among them) for the whole
+    process before anything starts CUDA, so both sides of a comparison run under them: the allocator reads them once a
+    process (train.set_allocator). Returns the settings in force (None: torch's own, or no GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    from hydra import compose, initialize_config_dir
+
+    from train import set_allocator
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        set_allocator(compose("train", overrides=["trainer=gpu", *overrides]))
+    return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+
+
 def gpu_peak_flops() -> float | None:
     """The peak lmlab's TokenThroughputMonitor divides by in a bf16 run on this GPU (None on the CPU)."""
     from hydra import compose, initialize_config_dir
@@ -488,12 +504,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_SILENT", "true")
     out = Path(os.environ.get("OUT") or ".")
+    allocator = share_lmlab_allocator([f"model={args.preset}", *args.lmlab_override])
 
     import lightning
     import transformers
 
     result = {
         "preset": args.preset,
+        "cuda_alloc_conf": allocator,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.date.today().isoformat(),
         "versions": {

@@ -21,7 +21,8 @@ off, run in this one process one after the other:
 - ``packed_flex``: ``packing=true model.attn_implementation=flex_attention`` (the blocks between samples skipped);
 - ``packed_graphs``: ``packing=true compile=reduce-overhead``: as ``packed``, with the compiled step's kernels replayed
   as CUDA graphs (rows padded to a multiple of 256 under ``pad_to_multiple_of=auto``: a graph per width), in both
-  compile passes; ``packed_graphs64``: the same at a multiple of 64 (many more widths, so more recordings),
+  compile passes; ``packed_graphs64`` / ``packed_graphs512``: the same at a multiple of 64 (many more widths, so more
+  recordings) / 512 (fewer),
 
 each with ``compile=false`` and ``compile=true``, and beside them the anchor, TRL's ``SFTTrainer`` (trl 1.16), in the
 same process on the same samples (lmlab's tokenized ``input_ids`` and ``labels``, in the order lmlab's loader draws
@@ -91,6 +92,7 @@ VARIANTS = {  # name -> Hydra overrides on top of the common ones
     "packed_mask": ["packing=true", "packed_attention=mask"],
     "packed_graphs": ["packing=true", "compile=reduce-overhead"],
     "packed_graphs64": ["packing=true", "compile=reduce-overhead", "pad_to_multiple_of=64"],
+    "packed_graphs512": ["packing=true", "compile=reduce-overhead", "pad_to_multiple_of=512"],
     "packed_flex": ["packing=true", "model.attn_implementation=flex_attention"],
     "padded_lora": ["packing=false", "peft=lora"],
     "packed_lora": ["packing=true", "peft=lora"],
@@ -107,7 +109,7 @@ OTHER_BATCHES = ("trl_packed",)  # packs the whole data set into seq_len rows: n
 
 log = logging.getLogger("sft_throughput")
 
-from gpu_throughput import StepProfiler, gpu_peak_flops  # noqa: E402  (this folder, beside this script)
+from gpu_throughput import StepProfiler, gpu_peak_flops, share_lmlab_allocator  # noqa: E402  (this folder, beside this script)
 from trl_anchor import StepClock, hf_clock, lmlab_trainer_args, peak_gib, peak_reserved_gib, require_trl  # noqa: E402
 
 from lmlab.core.collate import IGNORE_INDEX  # noqa: E402
@@ -683,11 +685,13 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     out = Path(os.environ.get("OUT") or ".")
     out.mkdir(parents=True, exist_ok=True)
+    allocator = share_lmlab_allocator(["stage=sft", f"data={args.data}", f"model={args.model}", *args.override])
 
     import transformers
 
     result = {
         "model": args.model,
+        "cuda_alloc_conf": allocator,
         "data": args.data,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.date.today().isoformat(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import traceback
 from pathlib import Path
 
@@ -354,3 +355,26 @@ def test_lightnings_switch_turns_the_bar_off(tmp_path, capsys):
     assert (tmp_path / "hf" / "config.json").is_file()
     shown = capsys.readouterr()
     assert "Epoch 0" not in shown.out + shown.err  # the bar's line (tqdm, on stdout under Lightning)
+
+
+@pytest.mark.parametrize("shell", [None, "garbage_collection_threshold:0.8"])
+def test_a_gpu_run_hands_the_allocator_expandable_segments_unless_the_shell_set_it(
+    tmp_path, monkeypatch, caplog, shell
+):
+    """``cuda_alloc_conf=auto`` hands a GPU run's allocator expandable segments as PYTORCH_CUDA_ALLOC_CONF before CUDA
+    starts; a setting from the shell holds and the run says its own was not applied; on the CPU, or with null, nothing
+    is set."""
+    import train as train_module
+
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):  # set first, so the test's end puts back the
+        monkeypatch.setenv(name, "")  # environment as it was, whatever the run sets
+        monkeypatch.delenv(name)
+    if shell:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", shell)
+    train_module.set_allocator(compose_cfg(tmp_path, []))  # trainer=cpu
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == shell
+    train_module.set_allocator(compose_cfg(tmp_path, ["trainer=gpu", "cuda_alloc_conf=null"]))
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == shell
+    train_module.set_allocator(compose_cfg(tmp_path, ["trainer=gpu"]))  # cuda_alloc_conf=auto
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (shell or "expandable_segments:True")
+    assert ("expandable_segments:True not applied" in caplog.text) == bool(shell)
