@@ -111,12 +111,18 @@ def raw_encode(tokenizer_dir: Path, corpus: Path, threads: str, method: str) -> 
     return run
 
 
-def lmlab_prepare(tokenizer, corpus: Path, cache: Path, num_proc: int) -> Callable[[], int]:
-    """PretrainDataModule.prepare_data as configured in conf/data/sample_text.yaml, on the corpus, from scratch."""
+def lmlab_prepare(tokenizer, corpus: Path, cache: Path, num_proc: int, engine: str) -> Callable[[], int]:
+    """PretrainDataModule.prepare_data as configured in conf/data/sample_text.yaml, on the corpus, from scratch, with
+    ``data.tokenize_engine=engine``."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    overrides = [f"data.train_files=[{corpus}]", f"paths.cache_dir={cache}", f"data.num_proc={num_proc}"]
+    overrides = [
+        f"data.train_files=[{corpus}]",
+        f"paths.cache_dir={cache}",
+        f"data.num_proc={num_proc}",
+        f"data.tokenize_engine={engine}",
+    ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         dm = instantiate(compose("train", overrides=overrides).data)  # imports (torch, lightning) not timed
     dm.tokenizer = tokenizer
@@ -137,11 +143,11 @@ def rss_mb(field: str) -> int:
 
 
 def _long_line_in_fresh_process(tokenizer_dir: Path, long_file: Path, cache: Path, queue) -> None:
-    """prepare_data in this process (num_proc=0, one thread), reporting its time and memory."""
+    """prepare_data in this process (num_proc=0, one thread, the default engine), reporting its time and memory."""
     from transformers import AutoTokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    run = lmlab_prepare(AutoTokenizer.from_pretrained(tokenizer_dir), long_file, cache, 0)
+    run = lmlab_prepare(AutoTokenizer.from_pretrained(tokenizer_dir), long_file, cache, 0, "auto")
     before = rss_mb("VmRSS")
     start = time.perf_counter()
     run()
@@ -267,11 +273,12 @@ def main() -> None:
             ),
             *(
                 (
-                    f"lmlab prepare_data num_proc={n}",
+                    f"lmlab prepare_data {engine} num_proc={n}",
                     n,
                     f"{n} worker(s) x 1 + reader",
-                    lmlab_prepare(tokenizer, corpus, tmp / "cache", n),
+                    lmlab_prepare(tokenizer, corpus, tmp / "cache", n, engine),
                 )
+                for engine in ("tokenizers", "tiktoken")
                 for n in range(1, cores + 1)
             ),
         ]

@@ -8,8 +8,9 @@ pinned to one core and one thread, best of ``--repeats``, with one tokenizer's m
   sequence of punctuation, digits, runs cut at 16 characters, GPT-2's regex). The anchor.
 - ``hf``: tokenizers with the tokenizer's own pre-tokenizer, one regex
   (lmlab.core.tokenizer.byte_pieces_regex), then ByteLevel without its own regex.
-- ``tiktoken``: tiktoken's ``encode_ordinary`` with that regex and the merges as ranks (a merge's rank is its order;
-  single bytes first).
+- ``tiktoken``: lmlab's tiktoken twin of the tokenizer (lmlab.core.tiktoken_twin, what ``prepare_data`` runs under
+  ``data.tokenize_engine=auto``): tiktoken with that regex and the merges as ranks (a merge's rank is its order;
+  single bytes first), the ranks mapped back to the tokenizer's ids.
 
 Identical token sequences are counted document by document: ``tiktoken`` against ``hf`` (is the other engine exact?)
 and ``hf`` against ``hf_sequence`` (how much the one regex changed the tokens), with tokens per MB for each.
@@ -21,7 +22,7 @@ each token that also splits into two other tokens than its merge pair (the token
 random tokens), where a difference would show first. Writes ``<date>_cpu_tokenizer_engines.{json,md}`` into
 ``$OUT`` (else the current folder).
 
-    pip install tiktoken && python benchmarks/tokenizer_engines.py [--tokenizer <folder>] [--repeats 2]
+    python benchmarks/tokenizer_engines.py [--tokenizer <folder>] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ from pathlib import Path
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread: before tokenizers is imported
 os.environ["RAYON_NUM_THREADS"] = "1"
 
+from tokenizers import Tokenizer, models  # noqa: E402  (after the thread settings)
+
+from lmlab.core.tiktoken_twin import TiktokenTwin, bpe_merges  # noqa: E402
+
 
 def sequence_before():
     """The byte-level pre-tokenizer lmlab trained before the one regex (conf/bpe/byte.yaml's settings)."""
@@ -53,56 +58,30 @@ def sequence_before():
     )
 
 
-def byte_decoder() -> dict[str, int]:
-    """ByteLevel's printable stand-in characters back to their bytes (GPT-2's table, as transformers keeps it)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    return {char: byte for byte, char in bytes_to_unicode().items()}
-
-
-def merge_pairs(spec: dict) -> list[tuple[str, str]]:
-    """A tokenizer.json's merges as pairs (written "a b" or ["a", "b"])."""
-    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["model"]["merges"]]
-
-
-def bpe_ranks(spec: dict) -> tuple[dict[bytes, int], dict[int, bytes]]:
-    """tiktoken's ranks from a byte-level BPE's tokenizer.json (single bytes, then each merge's result in merge
-    order), and each HF token id's bytes (added tokens left out)."""
-    decode = byte_decoder()
-
-    def to_bytes(token: str) -> bytes:
-        return bytes(decode[c] for c in token)
-
-    vocab = spec["model"]["vocab"]
-    ranks: dict[bytes, int] = {}
-    for token in sorted(vocab, key=vocab.get):
-        if len(to_bytes(token)) == 1:
-            ranks[to_bytes(token)] = len(ranks)
-    for left, right in merge_pairs(spec):
-        ranks.setdefault(to_bytes(left) + to_bytes(right), len(ranks))
-    id_bytes = {i: to_bytes(t) for t, i in vocab.items() if all(c in decode for c in t)}
-    return ranks, id_bytes
-
-
-def merge_fuzz(spec: dict, ranks: dict[bytes, int], id_bytes: dict[int, bytes], pieces: int, seed: int = 0) -> dict:
-    """Both engines' BPE on single pieces (no pre-tokenizer): how many of them get different tokens."""
+def merge_fuzz(hf: Tokenizer, twin: TiktokenTwin, pieces: int, seed: int = 0) -> dict:
+    """Both engines' BPE on single pieces (no pre-tokenizer): how many of them get different tokens. tiktoken's side
+    is lmlab's twin (lmlab.core.tiktoken_twin), the tokenizers side the tokenizer's merges alone."""
     import random
 
     import tiktoken
-    from tokenizers import Tokenizer, models
 
-    printable = {byte: char for char, byte in byte_decoder().items()}
-    merges = merge_pairs(spec)
-    hf = Tokenizer(models.BPE(vocab=spec["model"]["vocab"], merges=merges))
-    whole = tiktoken.Encoding("whole", pat_str=r"[\s\S]+", mergeable_ranks=ranks, special_tokens={})
-    by_rank = {rank: piece for piece, rank in ranks.items()}
-    tokens = list(ranks)
-    own_cut = {id_bytes[spec["model"]["vocab"][a + b]]: len(id_bytes[spec["model"]["vocab"][a]]) for a, b in merges}
+    spec = json.loads(hf.to_str())
+    vocab = spec["model"]["vocab"]
+    merges = bpe_merges(spec["model"])
+    plain = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    rank_of = {int(token_id): rank for rank, token_id in enumerate(twin.ids)}
+    token_bytes = {
+        token: twin.encoding.decode_single_token_bytes(rank_of[i]) for token, i in vocab.items() if i in rank_of
+    }
+    printable = {bytes([b]): hf.id_to_token(int(twin.ids[b])) for b in range(256)}  # ByteLevel's stand-ins
+    tokens = list(token_bytes.values())
+    known = set(tokens)
+    own_cut = {token_bytes[a + b]: len(token_bytes[a]) for a, b in merges}
     other_splits = [  # (token, left, right): another split into two tokens than the token's own merge
         (token, token[:k], token[k:])
         for token, cut in own_cut.items()
         for k in range(1, len(token))
-        if k != cut and token[:k] in ranks and token[k:] in ranks
+        if k != cut and token[:k] in known and token[k:] in known
     ]
     rng = random.Random(seed)
     samples = [b"".join(rng.choice(tokens) for _ in range(rng.randint(2, 5))) for _ in range(pieces)]
@@ -110,10 +89,14 @@ def merge_fuzz(spec: dict, ranks: dict[bytes, int], id_bytes: dict[int, bytes], 
         for _ in range(2000):
             samples.append(rng.choice(tokens) + token + rng.choice(tokens))
             samples.append(rng.choice(tokens) + left + right + rng.choice(tokens))
+    # the twin's ranks with a regex that keeps every sample one piece (the twin's own would cut 16-letter runs)
+    whole = tiktoken.Encoding(
+        "whole", pat_str=r"[\s\S]+", mergeable_ranks=twin.encoding._mergeable_ranks, special_tokens={}
+    )
     differing = 0
     for sample in samples:
-        ours = [id_bytes[i] for i in hf.encode("".join(printable[b] for b in sample)).ids]
-        theirs = [by_rank[r] for r in whole._encode_bytes(sample)]  # bytes in: a piece need not be valid UTF-8
+        ours = plain.encode("".join(printable[sample[i : i + 1]] for i in range(len(sample)))).ids
+        theirs = twin.ids[whole._encode_bytes(sample)].tolist()  # bytes in: a piece need not be valid UTF-8
         differing += ours != theirs
     return {"pieces": len(samples), "differing": differing, "tokens_with_other_splits": len(other_splits)}
 
@@ -171,9 +154,7 @@ def main() -> None:
 
     import tempfile
 
-    import tiktoken
     from tokenize_throughput import SOURCES, chinese_docs, train_tokenizer
-    from tokenizers import Tokenizer
 
     from lmlab.core.tokenizer import byte_pieces_regex
 
@@ -189,12 +170,10 @@ def main() -> None:
     one_regex = steps[0]["pattern"]["Regex"]
     if one_regex != byte_pieces_regex(True, True, 16):  # sequence_before() has conf/bpe/byte.yaml's settings
         parser.error(f"{folder}: trained with other settings than conf/bpe/byte.yaml's (pieces {one_regex!r})")
-    ranks, id_bytes = bpe_ranks(spec)
     hf = Tokenizer.from_str(json.dumps(spec))
     before = Tokenizer.from_str(json.dumps(spec))
     before.pre_tokenizer = sequence_before()
-    engine = tiktoken.Encoding("one_regex", pat_str=one_regex, mergeable_ranks=ranks, special_tokens={})
-    by_rank = {rank: piece for piece, rank in ranks.items()}
+    twin = TiktokenTwin(hf)
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
 
     def hf_side(tokenizer: Tokenizer):
@@ -209,13 +188,12 @@ def main() -> None:
     runs = {
         "hf_sequence": ("the sequence before 2026-12-01", hf_side(before)),
         "hf": ("one regex (the tokenizer's)", hf_side(hf)),
-        "tiktoken": ("one regex", lambda: [engine.encode_ordinary(d) for d in docs]),
+        "tiktoken": ("one regex", lambda: [ids.tolist() for ids in twin.encode_batch(docs)]),
     }
-    sides, pieces = {}, {}
+    sides, encoded = {}, {}
     for name, (pre, encode) in runs.items():
         seconds, ids = timed(encode, args.repeats)
-        table = by_rank if name == "tiktoken" else id_bytes
-        pieces[name] = [[table[i] for i in doc] for doc in ids]
+        encoded[name] = ids
         sides[name] = {
             "pre_tokenizer": pre,
             "seconds": seconds,
@@ -225,7 +203,7 @@ def main() -> None:
         print(name, sides[name], flush=True)
 
     def same(a: str, b: str) -> str:
-        count = sum(x == y for x, y in zip(pieces[a], pieces[b], strict=True))
+        count = sum(x == y for x, y in zip(encoded[a], encoded[b], strict=True))
         return f"{count} / {len(docs)} with {b}"
 
     sides["hf"]["identical"] = same("hf", "hf_sequence")
@@ -246,7 +224,7 @@ def main() -> None:
         "repeats": args.repeats,
         "one_regex": one_regex,
         "sides": sides,
-        "fuzz": merge_fuzz(spec, ranks, id_bytes, args.fuzz) if args.fuzz else None,
+        "fuzz": merge_fuzz(hf, twin, args.fuzz) if args.fuzz else None,
     }
     out = Path(os.environ.get("OUT") or ".")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,11 @@
 """Pretraining data: text tokenized once into uint16/uint32 token shards, read as windows of seq_len+1.
 
 The shards live in a cache folder keyed by a hash of the tokenizer, the input files
-(path, size, mtime) and the settings that change their bytes (not ``num_proc``), so a second
+(path, size, mtime) and the settings that change their bytes (not ``num_proc`` or ``tokenize_engine``), so a second
 run with the same inputs reuses them; ``meta.json``, written last, marks the folder complete
 and records the tokenizer hash, dtype, token/document/shard counts, sources and skips.
 Tokenization runs in ``num_proc`` processes, resumes from the shards a crashed run left,
-and gives the same bytes whatever ``num_proc`` (see datamodules/shards.py).
+and gives the same bytes whatever ``num_proc`` and ``tokenize_engine`` (see datamodules/shards.py).
 
 For an encoder-decoder (``arch: seq2seq``) each window becomes a T5 span-corruption pair:
 the window with random spans replaced by sentinel tokens is the encoder input, the spans
@@ -54,7 +54,7 @@ from transformers import PreTrainedTokenizerBase
 
 from datamodules.base import LMDataModule
 from datamodules.formats import DataError, SkipCounter, to_text
-from datamodules.shards import SHARD_SPLITS, ShardWriter, plan_shards, token_dtype
+from datamodules.shards import SHARD_SPLITS, ShardWriter, make_encoder, plan_shards, token_dtype
 from datamodules.sources import Source, weighted
 from datamodules.span_corruption import SpanCorruption, sentinel_token_ids
 from lmlab.core.files import write_atomically
@@ -154,6 +154,7 @@ class PretrainDataModule(LMDataModule):
         split_seed: int = 42,
         on_error: str = "raise",
         num_proc: int = 0,
+        tokenize_engine: str = "auto",
         shard_mb: float = 8,
         chunk_chars: int = 100_000,
         span_corruption: dict | None = None,
@@ -167,6 +168,7 @@ class PretrainDataModule(LMDataModule):
         self.text_field = text_field
         self.cache_dir = Path(cache_dir)
         self.num_proc = num_proc
+        self.tokenize_engine = tokenize_engine
         self.shard_mb = shard_mb
         self.chunk_chars = chunk_chars
         self.dedupe = dedupe
@@ -371,10 +373,11 @@ class PretrainDataModule(LMDataModule):
         if self.tokenizer.eos_token_id is None:
             raise ValueError("pretraining separates documents with EOS; the tokenizer has no eos token")
         settings = self._settings()
+        encode = make_encoder(self.tokenizer.backend_tokenizer, self.tokenize_engine)  # a refusal before any reading
         plans = self._plan()
         writer = ShardWriter(
             target,
-            self.tokenizer.backend_tokenizer,
+            encode,
             settings["eos_id"],
             token_dtype(settings["vocab_size"]),
             self.num_proc,

@@ -15,20 +15,27 @@ vocabulary has fewer than 65536 entries, else uint32. A document longer than
 bounded on a 50 MB line); its pieces' tokens are concatenated with no EOS between them, so
 a token may split where a piece ends (byte-level tokenizers still decode the exact text).
 
-Workers are 'spawn' processes that each hold their own copy of the tokenizer and run it
+Workers are 'spawn' processes that each hold their own copy of the encoder and run it
 single-threaded (TOKENIZERS_PARALLELISM=false), so ``num_proc`` is the number of cores used.
-``num_proc=0`` tokenizes in the calling process with the tokenizer's own threading.
+``num_proc=0`` tokenizes in the calling process: with tokenizers, on its own threads; with tiktoken, on one.
+
+The engine (``tokenize_engine``): ``tiktoken`` runs a byte-level BPE's own regex and merges through tiktoken, several
+times faster per core and with the same ids by construction (lmlab.core.tiktoken_twin, which refuses a tokenizer it
+cannot twin exactly); ``tokenizers`` is Hugging Face's; ``auto`` takes tiktoken where it can, else tokenizers. The
+files are the same bytes either way, so the engine is not part of the cache's key.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +43,39 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from lmlab.core.files import write_atomically
+from lmlab.core.tiktoken_twin import NoTwin, TiktokenTwin
 
 SHARD_SPLITS = ("train", "val")
+ENGINES = ("auto", "tiktoken", "tokenizers")
+Encode = Callable[[list[str]], Sequence[Sequence[int]]]  # texts -> their ids (add_special_tokens=False)
+
+log = logging.getLogger(__name__)
+
+
+def _tokenizers_encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def make_encoder(tokenizer: Tokenizer, engine: str) -> Encode:
+    """``tokenizer``'s batch encoding by ``tokenize_engine`` (module docstring): auto is tiktoken where it gives
+    exactly the tokenizer's ids, else tokenizers (the log says why); an explicit tiktoken that cannot is an error
+    naming the reason. The encoder pickles, so worker processes take it as it is."""
+    if engine not in ENGINES:
+        raise ValueError(f"tokenize_engine={engine!r}: one of {', '.join(ENGINES)}")
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())  # whole documents, whatever transformers left switched on
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    if engine != "tokenizers":
+        try:
+            twin = TiktokenTwin(tokenizer)
+        except NoTwin as e:
+            if engine == "tiktoken":
+                raise ValueError(f"tokenize_engine=tiktoken: no exact tiktoken twin of this tokenizer: {e}") from e
+            log.info("tokenize engine: tokenizers (tiktoken would not give the same ids: %s)", e)
+        else:
+            log.info("tokenize engine: tiktoken (the tokenizer's regex and merges; the same ids)")
+            return twin.encode_batch
+    return partial(_tokenizers_encode, tokenizer)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -100,40 +138,39 @@ def _batches(pieces: Iterator[tuple[str, bool]], chunk_chars: int) -> Iterator[l
         yield batch
 
 
-def encode_shard(
-    tokenizer: Tokenizer, docs: list[str], path: Path, eos_id: int, dtype: np.dtype, chunk_chars: int
-) -> int:
+def encode_shard(encode: Encode, docs: list[str], path: Path, eos_id: int, dtype: np.dtype, chunk_chars: int) -> int:
     """Write the documents' tokens (EOS after each) to ``path`` atomically; return the token count."""
 
     def write(f) -> int:
         tokens = 0
         for batch in _batches(_pieces(docs, chunk_chars), chunk_chars):
-            ids: list[int] = []
-            for encoding, (_, last) in zip(
-                tokenizer.encode_batch_fast([p for p, _ in batch], add_special_tokens=False), batch, strict=True
-            ):
-                ids.extend(encoding.ids)
+            ids: list[np.ndarray] = []
+            for piece_ids, (_, last) in zip(encode([p for p, _ in batch]), batch, strict=True):
+                ids.append(np.asarray(piece_ids, dtype=np.int64))
                 if last:
-                    ids.append(eos_id)
-            np.asarray(ids, dtype=dtype).tofile(f)
-            tokens += len(ids)
+                    ids.append(np.array([eos_id], dtype=np.int64))
+            out = np.concatenate(ids)
+            if out.size and out.max() > np.iinfo(dtype).max:
+                raise OverflowError(f"token id {out.max()} does not fit the shards' {dtype}")
+            out.astype(dtype).tofile(f)
+            tokens += len(out)
         return tokens
 
     return write_atomically(path, write)
 
 
-_worker_tokenizer: Tokenizer | None = None
+_worker_encode: Encode | None = None
 
 
-def _init_worker(tokenizer_json: str) -> None:
-    """One single-threaded tokenizer per worker process, so num_proc processes use num_proc cores."""
-    global _worker_tokenizer
+def _init_worker(encode: Encode) -> None:
+    """The encoder, single-threaded, in each worker process, so num_proc processes use num_proc cores."""
+    global _worker_encode
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+    _worker_encode = encode
 
 
 def _encode_in_worker(docs: list[str], path: Path, eos_id: int, dtype: np.dtype, chunk_chars: int) -> int:
-    return encode_shard(_worker_tokenizer, docs, path, eos_id, dtype, chunk_chars)
+    return encode_shard(_worker_encode, docs, path, eos_id, dtype, chunk_chars)
 
 
 @dataclass
@@ -141,7 +178,7 @@ class ShardWriter:
     """Tokenizes planned shards into ``out_dir``, skipping the ones already there, with a progress bar."""
 
     out_dir: Path
-    tokenizer: Tokenizer
+    encode: Encode  # make_encoder
     eos_id: int
     dtype: np.dtype
     num_proc: int
@@ -179,13 +216,13 @@ class ShardWriter:
             self.num_proc,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.tokenizer.to_str(),),
+            initargs=(self.encode,),
         )
 
     def _submit(self, pool: ProcessPoolExecutor | None, docs: list[str], path: Path) -> Future | int:
         """Tokenize in a worker (a future) or, without a pool, here and now (the token count)."""
         if pool is None:
-            return encode_shard(self.tokenizer, docs, path, self.eos_id, self.dtype, self.chunk_chars)
+            return encode_shard(self.encode, docs, path, self.eos_id, self.dtype, self.chunk_chars)
         return pool.submit(_encode_in_worker, docs, path, self.eos_id, self.dtype, self.chunk_chars)
 
     @staticmethod
