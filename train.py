@@ -186,22 +186,23 @@ def exported_model(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModul
     return module.model
 
 
-def set_allocator(cfg: DictConfig) -> None:
+def set_allocator(cfg: DictConfig) -> str | None:
     """Hand ``cuda_alloc_conf`` (conf/train.yaml; auto: expandable segments on a GPU) to PyTorch's CUDA allocator
-    through ``PYTORCH_CUDA_ALLOC_CONF``. The allocator reads its settings once, when the process first uses CUDA, so
-    a setting already in the environment (the shell's, or an earlier run's in this process) holds, and one that comes
-    after CUDA started is reported, not applied. Lightning's DDP ranks inherit the variable."""
+    through ``PYTORCH_CUDA_ALLOC_CONF``; return the settings in force (None: torch's own). The allocator reads them
+    once, when the process first uses CUDA, so a setting already in the environment (the shell's, or an earlier run's
+    in this process) holds, and one that comes after CUDA started is reported, not applied. Lightning's DDP ranks
+    inherit the variable."""
     wanted = cfg.cuda_alloc_conf
     if wanted == "auto":
         wanted = "expandable_segments:True" if on_gpu(cfg) else None
-    if not wanted:
-        return
-    held = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    held = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
+    if not wanted or held == wanted:
+        return held
     if held is not None or torch.cuda.is_initialized():
-        if held != wanted:
-            log.warning("cuda_alloc_conf=%s not applied: CUDA's allocator runs with %s", wanted, held or "torch's own")
-        return
+        log.warning("cuda_alloc_conf=%s not applied: CUDA's allocator runs with %s", wanted, held or "torch's own")
+        return held
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = wanted
+    return wanted
 
 
 def train(cfg: DictConfig) -> float | None:

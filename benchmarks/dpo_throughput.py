@@ -443,6 +443,8 @@ def main() -> None:
         )
     result = {
         "preset": args.preset,
+        "command": " ".join(sys.argv),
+        "overrides": args.override,
         "cuda_alloc_conf": allocator,
         "device": device,
         "date": date,

@@ -120,8 +120,7 @@ def share_lmlab_allocator(overrides: list[str]) -> str | None:
     from train import set_allocator
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        set_allocator(compose("train", overrides=["trainer=gpu", *overrides]))
-    return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        return set_allocator(compose("train", overrides=["trainer=gpu", *overrides]))
 
 
 def gpu_peak_flops() -> float | None:

@@ -357,24 +357,26 @@ def test_lightnings_switch_turns_the_bar_off(tmp_path, capsys):
     assert "Epoch 0" not in shown.out + shown.err  # the bar's line (tqdm, on stdout under Lightning)
 
 
-@pytest.mark.parametrize("shell", [None, "garbage_collection_threshold:0.8"])
+@pytest.mark.parametrize("shell", [None, "garbage_collection_threshold:0.8", "cuda started"])
 def test_a_gpu_run_hands_the_allocator_expandable_segments_unless_the_shell_set_it(
     tmp_path, monkeypatch, caplog, shell
 ):
     """``cuda_alloc_conf=auto`` hands a GPU run's allocator expandable segments as PYTORCH_CUDA_ALLOC_CONF before CUDA
-    starts; a setting from the shell holds and the run says its own was not applied; on the CPU, or with null, nothing
-    is set."""
+    starts; a setting from the shell holds, and so does torch's own once CUDA started: the run says its own was not
+    applied. On the CPU, or with null, nothing is set. It returns the settings in force."""
     import train as train_module
 
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):  # set first, so the test's end puts back the
         monkeypatch.setenv(name, "")  # environment as it was, whatever the run sets
         monkeypatch.delenv(name)
-    if shell:
+    if shell == "cuda started":
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    elif shell:
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", shell)
-    train_module.set_allocator(compose_cfg(tmp_path, []))  # trainer=cpu
-    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == shell
-    train_module.set_allocator(compose_cfg(tmp_path, ["trainer=gpu", "cuda_alloc_conf=null"]))
-    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == shell
-    train_module.set_allocator(compose_cfg(tmp_path, ["trainer=gpu"]))  # cuda_alloc_conf=auto
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (shell or "expandable_segments:True")
+    held = None if shell == "cuda started" else shell
+    assert train_module.set_allocator(compose_cfg(tmp_path, [])) == held  # trainer=cpu
+    assert train_module.set_allocator(compose_cfg(tmp_path, ["trainer=gpu", "cuda_alloc_conf=null"])) == held
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == held
+    in_force = train_module.set_allocator(compose_cfg(tmp_path, ["trainer=gpu"]))  # cuda_alloc_conf=auto
+    assert in_force == os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == (held if shell else "expandable_segments:True")
     assert ("expandable_segments:True not applied" in caplog.text) == bool(shell)

@@ -66,6 +66,7 @@ def test_the_twin_gives_the_tokenizers_ids_on_real_text_and_takes_most_of_it(tra
     assert handed_back == EDGES[1:3], "only the added tokens' and the unassigned character's documents go back"
 
 
+@pytest.mark.slow  # ~10 s: 145k texts through both engines
 def test_every_assigned_code_point_in_context_gets_the_same_ids():
     """The two regex engines' Unicode tables: every code point Python's tables assign (but private use), between
     letters, digits, punctuation and spaces, where a character class that differed would cut other pieces. The BPE
