@@ -140,16 +140,17 @@ def _batches(pieces: Iterator[tuple[str, bool]], chunk_chars: int) -> Iterator[l
 
 def encode_shard(encode: Encode, docs: list[str], path: Path, eos_id: int, dtype: np.dtype, chunk_chars: int) -> int:
     """Write the documents' tokens (EOS after each) to ``path`` atomically; return the token count."""
+    eos = np.array([eos_id], dtype=np.int64)
 
     def write(f) -> int:
         tokens = 0
         for batch in _batches(_pieces(docs, chunk_chars), chunk_chars):
-            ids: list[np.ndarray] = []
+            ids: list = []  # each piece's ids (a list or an array), EOS after a document's last
             for piece_ids, (_, last) in zip(encode([p for p, _ in batch]), batch, strict=True):
-                ids.append(np.asarray(piece_ids, dtype=np.int64))
+                ids.append(piece_ids)
                 if last:
-                    ids.append(np.array([eos_id], dtype=np.int64))
-            out = np.concatenate(ids)
+                    ids.append(eos)
+            out = np.concatenate(ids, dtype=np.int64)
             if out.size and out.max() > np.iinfo(dtype).max:
                 raise OverflowError(f"token id {out.max()} does not fit the shards' {dtype}")
             out.astype(dtype).tofile(f)

@@ -380,3 +380,32 @@ def test_a_gpu_run_hands_the_allocator_expandable_segments_unless_the_shell_set_
     in_force = train_module.set_allocator(compose_cfg(tmp_path, ["trainer=gpu"]))  # cuda_alloc_conf=auto
     assert in_force == os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == (held if shell else "expandable_segments:True")
     assert ("expandable_segments:True not applied" in caplog.text) == bool(shell)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_freed_after_each_optimizer_step_not_after_the_next_forward(tmp_path, accumulate):
+    """A step's forward starts with no gradients held (Lightning would free them only after that forward: the
+    model's size in fp32 on top of the forward's peak); the micro-batches of one step still accumulate theirs."""
+    from lightning.pytorch import Callback
+
+    held = []
+
+    class Gradients(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            held.append(any(p.grad is not None for p in module.parameters()))
+
+    cfg = compose_cfg(tmp_path, ["max_steps=3", f"trainer.accumulate_grad_batches={accumulate}"])
+    cfg.callbacks.samples.num_prompts = 0
+    import train as train_module
+
+    original = train_module.instantiate
+
+    def with_probe(config, *args, **kwargs):  # the Trainer gets the probe among its callbacks
+        if kwargs.get("callbacks") is not None:
+            kwargs["callbacks"] = [*kwargs["callbacks"], Gradients()]
+        return original(config, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "instantiate", with_probe)
+        train_module.train(cfg)
+    assert held == ([False] * 3 if accumulate == 1 else [False, True] * 3)

@@ -64,6 +64,8 @@ def test_the_twin_gives_the_tokenizers_ids_on_real_text_and_takes_most_of_it(tra
     assert [ids.tolist() for ids in twin.encode_batch(texts)] == hf_ids(trained, texts)
     handed_back = [text for text in texts if twin.for_tokenizer(text)]
     assert handed_back == EDGES[1:3], "only the added tokens' and the unassigned character's documents go back"
+    split = ["half an added token <|endof", "text|> across two texts"]  # the batch goes the per-text way
+    assert [ids.tolist() for ids in twin.encode_batch(split)] == hf_ids(trained, split)
 
 
 @pytest.mark.slow  # ~10 s: 145k texts through both engines

@@ -31,6 +31,7 @@ import sys
 import unicodedata
 from collections.abc import Sequence
 from functools import cache
+from itertools import chain
 
 import numpy as np
 import tiktoken
@@ -139,7 +140,15 @@ class TiktokenTwin:
         return bool(self.unassigned[np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)].any())
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Each text's token ids, as the tokenizer's ``encode_batch_fast(texts, add_special_tokens=False)`` gives."""
+        """Each text's token ids, as the tokenizer's ``encode_batch_fast(texts, add_special_tokens=False)`` gives.
+
+        One check of the whole batch routes the usual batch, with nothing for the tokenizer, to tiktoken at once (an
+        added token's text across two texts only sends the batch down the per-text way)."""
+        if not self.for_tokenizer("".join(texts)):
+            ranks = [self.encoding.encode_ordinary(text) for text in texts]
+            lengths = [len(r) for r in ranks]
+            ids = self.ids[np.fromiter(chain.from_iterable(ranks), dtype=np.int64, count=sum(lengths))]
+            return np.split(ids, np.cumsum(lengths[:-1]))
         out: list[np.ndarray | None] = [None] * len(texts)
         hard = [i for i, text in enumerate(texts) if self.for_tokenizer(text)]
         if hard:
