@@ -142,20 +142,19 @@ class TiktokenTwin:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Each text's token ids, as the tokenizer's ``encode_batch_fast(texts, add_special_tokens=False)`` gives.
 
-        One check of the whole batch routes the usual batch, with nothing for the tokenizer, to tiktoken at once (an
-        added token's text across two texts only sends the batch down the per-text way)."""
-        if not self.for_tokenizer("".join(texts)):
-            ranks = [self.encoding.encode_ordinary(text) for text in texts]
-            lengths = [len(r) for r in ranks]
-            ids = self.ids[np.fromiter(chain.from_iterable(ranks), dtype=np.int64, count=sum(lengths))]
-            return np.split(ids, np.cumsum(lengths[:-1]))
-        out: list[np.ndarray | None] = [None] * len(texts)
-        hard = [i for i, text in enumerate(texts) if self.for_tokenizer(text)]
-        if hard:
-            encoded = self.tokenizer.encode_batch_fast([texts[i] for i in hard], add_special_tokens=False)
-            for i, encoding in zip(hard, encoded, strict=True):
-                out[i] = np.asarray(encoding.ids, dtype=np.uint32)
-        for i, text in enumerate(texts):
-            if out[i] is None:
-                out[i] = self.ids[np.array(self.encoding.encode_ordinary(text), dtype=np.int64)]
+        One check of the whole batch clears the usual batch, with nothing for the tokenizer; only a batch it flags is
+        checked text by text (an added token's text across two texts flags a batch, and no text of it). tiktoken's
+        ranks are mapped to ids in one go."""
+        if not texts:
+            return []
+        flagged = self.for_tokenizer("".join(texts))
+        hard = [i for i, text in enumerate(texts) if flagged and self.for_tokenizer(text)]
+        skip = set(hard)
+        ranks = [[] if i in skip else self.encoding.encode_ordinary(text) for i, text in enumerate(texts)]
+        lengths = [len(r) for r in ranks]
+        ids = self.ids[np.fromiter(chain.from_iterable(ranks), dtype=np.int64, count=sum(lengths))]
+        out = np.split(ids, np.cumsum(lengths[:-1]))
+        encoded = self.tokenizer.encode_batch_fast([texts[i] for i in hard], add_special_tokens=False) if hard else []
+        for i, encoding in zip(hard, encoded, strict=True):
+            out[i] = np.asarray(encoding.ids, dtype=np.uint32)
         return out
