@@ -30,6 +30,7 @@ from lightning_modules.dpo import build_reference
 from lmlab.core.adapters import add_adapters, export_adapted, is_adapted, quantization
 from lmlab.core.kernels import apply_kernels
 from lmlab.core.models import (
+    align_lm_head,
     build_model,
     compile_mode,
     cuda_graphs,
@@ -279,6 +280,7 @@ def fit_and_export(cfg: DictConfig) -> float | None:
     if vision_cfg is not None:  # the language model gets eyes (or an init_from vlm run keeps its own)
         model, images = with_vision(model, vision_cfg, tokenizer, cfg.init_from)
     apply_kernels(model, cfg.kernels, cfg.compile)  # Liger's kernels where switched on (CUDA), before any adapters
+    align_lm_head(model, cfg.align_lm_head)  # before any adapters: a LoRA-wrapped head is left as it is
     connect_data(cfg, datamodule, tokenizer)
     if images is not None:
         datamodule.connect_images(*image_slots(model, tokenizer), images)

@@ -372,6 +372,7 @@ def run_lmlab(args: argparse.Namespace, work: Path, raw_config: dict, extra: Seq
         "fit_wall_s": fit_s,
         "optimizer_fused": bool(cfg.optim.optimizer.fused),
         "cudnn_sdpa": cfg.cudnn_sdpa,
+        "align_lm_head": cfg.align_lm_head,
         "kernels": [k for k, on in cfg.kernels.items() if on],
         "overrides": lmlab_overrides(args, Path("<tmp>"), max_steps, extra),
         "first_losses": [losses[s] for s in sorted(losses)[:5]],  # same seed and data: kernels must not move them
@@ -412,6 +413,13 @@ def markdown(result: dict) -> str:
             lines.append(row(f"lmlab + Liger {' + '.join(side['kernels'])}", side))
         if result["lmlab_extra_overrides"]:
             lines += ["", f"lmlab ran with extra overrides: `{' '.join(result['lmlab_extra_overrides'])}`."]
+        multiple = lm.get("align_lm_head")
+        if multiple and result["vocab_size"] % multiple:
+            lines += [
+                "",
+                f"lmlab's LM head computes its {result['vocab_size']} logits from rows padded to a multiple of "
+                f"{multiple} (`align_lm_head`); the raw loop runs the plain head.",
+            ]
         first = lm["rows_first_step"] - lm["window_steps"] + 1
         lines += [
             "",
@@ -510,6 +518,7 @@ def main() -> None:
 
     result = {
         "preset": args.preset,
+        "command": " ".join(["benchmarks/gpu_throughput.py", *sys.argv[1:]]),
         "cuda_alloc_conf": allocator,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.date.today().isoformat(),

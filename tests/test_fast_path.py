@@ -409,3 +409,89 @@ def test_gradients_are_freed_after_each_optimizer_step_not_after_the_next_forwar
         patch.setattr(train_module, "instantiate", with_probe)
         train_module.train(cfg)
     assert held == ([False] * 3 if accumulate == 1 else [False, True] * 3)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "t5-tiny"])
+def test_an_aligned_lm_head_gives_the_plain_heads_logits_loss_and_gradients_and_exports_a_plain_model(
+    tiny_tokenizer, tmp_path, name
+):
+    """The head computed from zero-padded rows (a vocabulary no multiple of 64, as GPT-2's 50257) gives the same
+    logits, loss and gradients through Hugging Face's own losses (which view the logits as [-1, vocab]); a tied head
+    stays tied, the state dict keeps its keys, and the saved model loads with a plain nn.Linear head."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from lmlab.core.models import AlignedHead, align_lm_head
+
+    plain = tiny_model(name, tiny_tokenizer).train()
+    vocab = plain.get_output_embeddings().out_features
+    assert vocab % 64, f"the tiny tokenizer's {vocab} tokens would leave nothing to align"
+    aligned = copy.deepcopy(plain)
+    assert align_lm_head(aligned, 64)
+    head = aligned.get_output_embeddings()
+    assert type(head) is AlignedHead and head.weight.shape == (vocab, plain.config.hidden_size)
+    if plain.config.tie_word_embeddings:
+        assert head.weight is aligned.get_input_embeddings().weight
+    assert list(aligned.state_dict()) == list(plain.state_dict())
+
+    ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    outputs = [model(input_ids=ids, labels=ids, use_cache=False) for model in (plain, aligned)]
+    for output in outputs:
+        output.loss.backward()
+    torch.testing.assert_close(outputs[1].logits, outputs[0].logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[1].loss, outputs[0].loss, atol=1e-6, rtol=1e-6)
+    for (key, p), q in zip(plain.named_parameters(), aligned.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=key)
+
+    aligned.save_pretrained(tmp_path)
+    auto = AutoModelForSeq2SeqLM if plain.config.is_encoder_decoder else AutoModelForCausalLM
+    loaded = auto.from_pretrained(tmp_path).eval()
+    assert type(loaded.get_output_embeddings()) is torch.nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids, labels=ids).logits, aligned.eval()(input_ids=ids, labels=ids).logits
+        )
+
+
+def test_align_lm_head_leaves_aligned_vocabularies_classifiers_and_null_alone(tiny_tokenizer):
+    from lmlab.core.models import align_lm_head
+
+    model = tiny_model("gpt2-tiny", tiny_tokenizer)
+    vocab = model.get_output_embeddings().out_features
+    assert not align_lm_head(model, None)
+    assert not align_lm_head(model, vocab)  # already a multiple
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model=gpt2-tiny"])
+    classifier = build_model(cfg.model, tiny_tokenizer, labels=["ham", "spam"])
+    assert not align_lm_head(classifier, 64)
+
+
+@pytest.mark.parametrize("multiple", [96, None])
+def test_a_run_trains_with_the_head_align_lm_head_asks_for(tmp_path, multiple):
+    """train.py aligns the head as conf/train.yaml says (null: the plain head; the tiny run's 512 tokens are a
+    multiple of the default 64, so 96 asks for it here)."""
+    from lightning.pytorch import Callback
+
+    heads = []
+
+    class Head(Callback):
+        def on_train_start(self, trainer, module):
+            heads.append(type(module.model.get_output_embeddings()).__name__)
+
+    cfg = compose_cfg(tmp_path, ["max_steps=1", f"align_lm_head={'null' if multiple is None else multiple}"])
+    cfg.callbacks.samples.num_prompts = 0
+    import train as train_module
+
+    original = train_module.instantiate
+
+    def with_probe(config, *args, **kwargs):
+        if kwargs.get("callbacks") is not None:
+            kwargs["callbacks"] = [*kwargs["callbacks"], Head()]
+        return original(config, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "instantiate", with_probe)
+        train_module.train(cfg)
+    assert heads == ["AlignedHead" if multiple else "Linear"]

@@ -209,3 +209,35 @@ def test_varlen_packed_rows_equal_the_padded_batch_eager_and_compiled(family, mo
             torch.testing.assert_close(other_logits, logits, rtol=2e-2, atol=3e-2)
             assert (other_grads - grads).norm() < 2e-2 * grads.norm()
     assert counters["inductor"]["cudagraph_skips"] == 0  # the graphed model ran as CUDA graphs, not just compiled
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_an_aligned_head_gives_the_plain_loss_and_gradients_compiled_in_bf16(mode):
+    """align_lm_head at GPT-2's 50257 under bf16 autocast and torch.compile (CUDA graphs too): the loss and the
+    gradients are the plain head's, up to bf16 rounding (the kernels differ)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmlab.core.models import align_lm_head
+
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # the two models' masks would differ
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(
+        GPT2Config(vocab_size=50257, n_embd=64, n_layer=2, n_head=2, n_positions=128, **no_dropout)
+    ).cuda()
+    aligned = copy.deepcopy(plain)
+    assert align_lm_head(aligned, 64)
+    ids = torch.randint(0, 50257, (4, 128), device="cuda")
+    results = []
+    for model in (plain, aligned):
+        model.compile(mode=mode)
+        for _ in range(3):  # CUDA graphs record after warm-up calls
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+        results.append((loss.detach().clone(), [p.grad.clone() for p in model.parameters()]))
+    (loss_plain, grads_plain), (loss_aligned, grads_aligned) = results
+    torch.testing.assert_close(loss_aligned, loss_plain, rtol=2e-3, atol=0)
+    for plain_grad, aligned_grad in zip(grads_plain, grads_aligned, strict=True):
+        cosine = torch.nn.functional.cosine_similarity(aligned_grad.flatten(), plain_grad.flatten(), dim=0)
+        assert cosine > 0.99, cosine
