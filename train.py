@@ -280,7 +280,7 @@ def fit_and_export(cfg: DictConfig) -> float | None:
     if vision_cfg is not None:  # the language model gets eyes (or an init_from vlm run keeps its own)
         model, images = with_vision(model, vision_cfg, tokenizer, cfg.init_from)
     apply_kernels(model, cfg.kernels, cfg.compile)  # Liger's kernels where switched on (CUDA), before any adapters
-    align_lm_head(model, cfg.align_lm_head)  # before any adapters: a LoRA-wrapped head is left as it is
+    align_lm_head(model, cfg.align_lm_head)  # before adapters and the DPO reference's copy, which keep its class
     connect_data(cfg, datamodule, tokenizer)
     if images is not None:
         datamodule.connect_images(*image_slots(model, tokenizer), images)

@@ -232,6 +232,7 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str, framework: s
         "packing": cfg.packing,
         "packed_attention": packed_attention(cfg),
         "fused_lm_head": cfg.stage.module.fused_lm_head,
+        "align_lm_head": cfg.align_lm_head,
         "optimizer_fused": cfg.optim.optimizer.fused,
         **loader_settings(cfg),
     }

@@ -297,6 +297,7 @@ def run_one(args: argparse.Namespace, variant: str, compile_: bool, work: Path) 
     result["fit_wall_s"] = time.perf_counter() - t0
     result["overrides"] = overrides
     result["attn_implementation"] = cfg.model.attn_implementation
+    result["align_lm_head"] = cfg.align_lm_head
     if cfg.packing:
         result["packed_attention"] = train.packed_attention(cfg)
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import traceback
 from pathlib import Path
@@ -418,8 +419,6 @@ def test_an_aligned_lm_head_gives_the_plain_heads_logits_loss_and_gradients_and_
     """The head computed from zero-padded rows (a vocabulary no multiple of 64, as GPT-2's 50257) gives the same
     logits, loss and gradients through Hugging Face's own losses (which view the logits as [-1, vocab]); a tied head
     stays tied, the state dict keeps its keys, and the saved model loads with a plain nn.Linear head."""
-    import copy
-
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from lmlab.core.models import AlignedHead, align_lm_head
@@ -431,9 +430,14 @@ def test_an_aligned_lm_head_gives_the_plain_heads_logits_loss_and_gradients_and_
     assert align_lm_head(aligned, 64)
     head = aligned.get_output_embeddings()
     assert type(head) is AlignedHead and head.weight.shape == (vocab, plain.config.hidden_size)
-    if plain.config.tie_word_embeddings:
-        assert head.weight is aligned.get_input_embeddings().weight
+
+    def tied(model) -> bool:
+        return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+    assert tied(aligned) == tied(plain)
     assert list(aligned.state_dict()) == list(plain.state_dict())
+    padded = vocab + (-vocab % 64)
+    assert head(torch.zeros(1, 2, plain.config.hidden_size)).stride()[:2] == (2 * padded, padded)  # computed padded
 
     ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
     outputs = [model(input_ids=ids, labels=ids, use_cache=False) for model in (plain, aligned)]
@@ -454,13 +458,36 @@ def test_an_aligned_lm_head_gives_the_plain_heads_logits_loss_and_gradients_and_
         )
 
 
-def test_align_lm_head_leaves_aligned_vocabularies_classifiers_and_null_alone(tiny_tokenizer):
+def test_an_aligned_head_with_a_bias_gives_the_plain_ones_outputs_and_gradients():
+    from lmlab.core.models import AlignedHead
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(16, 100)
+    aligned = copy.deepcopy(plain)
+    aligned.__class__, aligned.multiple = AlignedHead, 64
+    x = torch.randn(3, 5, 16)
+    outputs = [head(x) for head in (plain, aligned)]
+    assert outputs[1].stride()[:2] == (5 * 128, 128)
+    weights = torch.randn(3, 5, 100)
+    for output in outputs:
+        (output * weights).sum().backward()
+    torch.testing.assert_close(outputs[1], outputs[0])
+    torch.testing.assert_close(aligned.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(aligned.bias.grad, plain.bias.grad)
+
+
+def test_align_lm_head_leaves_aligned_vocabularies_classifiers_and_null_alone_and_refuses_bad_values(
+    tiny_tokenizer,
+):
     from lmlab.core.models import align_lm_head
 
     model = tiny_model("gpt2-tiny", tiny_tokenizer)
     vocab = model.get_output_embeddings().out_features
     assert not align_lm_head(model, None)
     assert not align_lm_head(model, vocab)  # already a multiple
+    for bad in (0, -64, True, 64.0):
+        with pytest.raises(ValueError, match="align_lm_head="):
+            align_lm_head(model, bad)
     assert type(model.get_output_embeddings()) is torch.nn.Linear
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["model=gpt2-tiny"])

@@ -235,9 +235,7 @@ def test_an_aligned_head_gives_the_plain_loss_and_gradients_compiled_in_bf16(mod
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
-        results.append((loss.detach().clone(), [p.grad.clone() for p in model.parameters()]))
+        results.append((loss.detach().clone(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     (loss_plain, grads_plain), (loss_aligned, grads_aligned) = results
     torch.testing.assert_close(loss_aligned, loss_plain, rtol=2e-3, atol=0)
-    for plain_grad, aligned_grad in zip(grads_plain, grads_aligned, strict=True):
-        cosine = torch.nn.functional.cosine_similarity(aligned_grad.flatten(), plain_grad.flatten(), dim=0)
-        assert cosine > 0.99, cosine
+    assert (grads_aligned - grads_plain).norm() < 2e-2 * grads_plain.norm()  # as the packing test above

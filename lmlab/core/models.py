@@ -117,9 +117,9 @@ class AlignedHead(torch.nn.Linear):
     weight padded with zero rows to a multiple of ``multiple`` and cut back to the vocabulary.
 
     Each logit is the same dot product, so the logits and the loss are the plain head's (up to the kernels' rounding
-    order), but the matmuls and the compiled loss see aligned shapes: at GPT-2's 50257 the logits' rows have an odd
-    stride, which cuBLAS runs with slow unaligned kernels (H200, compiled GPT-2 124M at 16 x 1024: peak memory 10.06
-    GiB against the plain head's 11.55, tokens/s within 1%; benchmarks/results/2026-12-02_h200_aligned_head.md). The
+    order), but the matmuls and the compiled loss see aligned shapes, where GPT-2's 50257 gives the logits' rows an
+    odd stride. What that was measured to save is memory (H200, compiled GPT-2 124M at 16 x 1024: peak 10.06 GiB
+    against the plain head's 11.55, tokens/s within 1%; benchmarks/results/2026-12-02_h200_aligned_head.md). The
     result is a view of the padded logits, whose rows keep the padded stride: ``view(-1, vocab)`` and the losses
     read it without a copy.
     The parameters are the replaced head's own (a tied head stays tied), so checkpoints and exports do not change.
@@ -133,11 +133,16 @@ class AlignedHead(torch.nn.Linear):
         padded = torch.nn.functional.linear(x, torch.nn.functional.pad(self.weight, (0, 0, 0, pad)), bias)
         return padded[..., : self.out_features]
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, multiple={self.multiple}"
+
 
 def align_lm_head(model: PreTrainedModel, multiple: int | None) -> bool:
     """Make ``model``'s LM head an :class:`AlignedHead` (in place) when its vocabulary is no multiple of
     ``multiple``; returns whether it did. A head that is no plain ``nn.Linear`` (none, a classifier's, a LoRA or
     quantized layer) and ``multiple`` null leave the model as it is."""
+    if multiple is not None and (type(multiple) is not int or multiple < 1):
+        raise ValueError(f"align_lm_head={multiple!r}: a positive number of rows, or null for the plain head")
     head = model.get_output_embeddings()
     if not multiple or type(head) is not torch.nn.Linear or head.out_features % multiple == 0:
         return False
