@@ -18,6 +18,7 @@ from conftest import compose_cfg, tiny_bpe
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_nan_guard import ddp_trainer, run_ranks
+from transformers.pytorch_utils import Conv1D
 
 import train as train_script
 from lightning_modules import dpo
@@ -278,3 +279,54 @@ def test_under_ddp_a_valid_cache_is_read_and_no_rank_runs_the_reference(tmp_path
         assert rank["reference_calls"] == 0 and rank["writes"] == []
         assert all(torch.equal(rank["logps"][split], single["logps"][split]) for split in cache)
     assert cache == {split: (tmp_path / "ref_logps" / f"{split}.pt").stat().st_mtime_ns for split in cache}
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "llama-moe-tiny", "t5-tiny"])
+def test_a_reference_with_its_linear_layers_stored_in_bf16_gives_the_same_outputs_under_autocast(
+    tmp_path, tiny_tokenizer, name
+):
+    """Autocast casts a linear layer's float32 weights to bf16 at every call, so a frozen model whose linear layers
+    hold them in bf16 gives bit-identical outputs under bf16 autocast; embeddings, norms and a tied head stay fp32."""
+    from lmlab.core.models import cast_frozen_linears
+
+    cfg = compose_cfg(tmp_path, [f"model={name}"])
+    torch.manual_seed(0)
+    reference = build_reference(build_model(cfg.model, tiny_tokenizer))
+    cast = build_reference(reference)
+    linears = [m for m in cast.modules() if isinstance(m, torch.nn.Linear | Conv1D)]
+    tied = cast.get_output_embeddings().weight is cast.get_input_embeddings().weight
+    expected = sum(
+        2 * p.numel()
+        for m in linears
+        for p in m.parameters(recurse=False)
+        if not (tied and p is cast.get_input_embeddings().weight)
+    )
+    assert cast_frozen_linears(cast, torch.bfloat16) == expected > 0
+    assert cast_frozen_linears(cast, torch.bfloat16) == 0  # once is enough
+    assert cast.get_input_embeddings().weight.dtype == torch.float32
+    floats = {p.dtype for n, p in cast.named_parameters() if "norm" in n or "ln_" in n}
+    assert floats == {torch.float32}
+    ids = torch.randint(3, len(tiny_tokenizer), (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = [model(input_ids=ids, labels=ids).logits for model in (reference, cast)]
+    assert torch.equal(outputs[1], outputs[0])
+
+
+def test_cast_frozen_linears_refuses_a_trainable_model(tmp_path, tiny_tokenizer):
+    from lmlab.core.models import cast_frozen_linears
+
+    policy = build_model(compose_cfg(tmp_path, []).model, tiny_tokenizer)
+    with pytest.raises(ValueError, match="trainable"):
+        cast_frozen_linears(policy, torch.bfloat16)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
+def test_the_live_reference_runs_with_its_linear_layers_in_the_autocast_dtype(
+    tmp_path, pairs_file, tiny_tokenizer, precision, dtype
+):
+    dm, policy, reference, module = parts(tmp_path, tiny_tokenizer, [f"data.train_files=[{pairs_file}]"])
+    cpu_trainer(max_steps=2, limit_val_batches=0, precision=precision).fit(module, datamodule=dm)
+    embeddings = reference.get_input_embeddings().weight
+    linears = {m.weight.dtype for m in reference.modules() if type(m) is torch.nn.Linear and m.weight is not embeddings}
+    assert linears == {dtype} and embeddings.dtype == torch.float32
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
