@@ -61,14 +61,33 @@ def peak_reserved_gib() -> float | None:
     return torch.cuda.max_memory_reserved() / 2**30 if cuda() else None
 
 
+def memory_pools() -> list[dict] | None:
+    """The CUDA allocator's segments now, summed by pool: reserved and allocated GiB each. The default pool's id is
+    (0, 0); CUDA graphs allocate from pools of their own, which the allocated peak does not see during replays, so
+    this shows how a reserved peak splits between what every step keeps (the default pool: parameters, optimizer
+    state) and the graphs' memory."""
+    if not cuda():
+        return None
+    pools: dict[tuple, dict] = {}
+    # _snapshot: every pool's segments (the public memory_snapshot() takes a pool id, (0, 0) by default since 2.13)
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        key = tuple(segment["segment_pool_id"])
+        pool = pools.setdefault(key, {"pool": str(key), "segments": 0, "reserved_gib": 0.0, "allocated_gib": 0.0})
+        pool["segments"] += 1
+        pool["reserved_gib"] += segment["total_size"] / 2**30
+        pool["allocated_gib"] += segment["allocated_size"] / 2**30
+    return [pools[key] for key in sorted(pools)]
+
+
 class StepClock:
     """Wall time from the end of step ``warmup`` to the end of step ``steps`` (GPU synchronized at both),
-    peak memory before and during training, and the padded width of every training batch."""
+    peak memory before and during training, the allocator's pools at the last step (memory_pools), and the padded
+    width of every training batch."""
 
     def __init__(self, warmup: int, steps: int):
         self.warmup, self.steps = warmup, steps
         self.times: dict[int, float] = {}
-        self.setup_peak = self.train_peak = self.train_reserved = None
+        self.setup_peak = self.train_peak = self.train_reserved = self.pools = None
         self.widths: list[int] = []
 
     def train_start(self) -> None:
@@ -82,6 +101,8 @@ class StepClock:
                 torch.cuda.synchronize()
             self.times[step] = time.perf_counter()
             self.train_peak, self.train_reserved = peak_gib(), peak_reserved_gib()
+            if step == self.steps:
+                self.pools = memory_pools()
 
     def seconds(self) -> float:
         """The timed window's wall time: from the end of step ``warmup`` to the end of step ``steps``."""
@@ -98,6 +119,7 @@ class StepClock:
             "peak_setup_gib": self.setup_peak,
             "peak_train_gib": self.train_peak,
             "peak_reserved_train_gib": self.train_reserved,
+            "memory_pools_at_end": self.pools,
             "mean_batch_width": sum(self.widths) / len(self.widths),
             "batches": len(self.widths),
         }

@@ -41,7 +41,7 @@ from lmlab.core.adapters import is_adapted
 from lmlab.core.collate import IGNORE_INDEX, LABEL_POSITIONS, REF_LOGPS, packed_documents
 from lmlab.core.files import write_atomically
 from lmlab.core.losses import head_label_logps, label_logps
-from lmlab.core.models import AUTOCAST_DTYPES, auto_class, cast_frozen_linears, resolve_hf_dir
+from lmlab.core.models import auto_class, cast_frozen_linears, resolve_hf_dir
 
 log = logging.getLogger(__name__)
 
@@ -326,17 +326,22 @@ class DPOModule(TrainingModule):
             self._place_reference(self.device)
 
     def _place_reference(self, device: torch.device) -> None:
-        """The reference on ``device``; under a mixed precision, with its linear layers stored in the autocast dtype
-        (lmlab.core.models.cast_frozen_linears: the same log-probs, from about half its memory). A policy with its
-        adapters off (LoRA) is the policy itself, so it stays as it is."""
-        self.reference.to(device)
-        dtype = AUTOCAST_DTYPES.get(self.trainer.precision)
-        if dtype is not None and isinstance(self.reference, PreTrainedModel):
-            saved = cast_frozen_linears(self.reference, dtype)
+        """The reference on ``device``, its linear layers stored first in the dtype the trainer's precision runs a
+        forward under (lmlab.core.models.cast_frozen_linears: the same log-probs from less memory; none without
+        autocast). An injected reference is changed in place. A policy with its adapters off (LoRA) is the policy
+        itself, so it stays as it is."""
+        if isinstance(self.reference, PreTrainedModel):
+            with self.trainer.precision_plugin.forward_context():
+                dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+            try:
+                saved = cast_frozen_linears(self.reference, dtype)
+            except ValueError as e:
+                raise ValueError(f"DPO reference: {e}") from e
             if saved:
                 log.info(
                     "reference: linear layers stored in %s, as autocast runs them: %.2f GiB less", dtype, saved / 2**30
                 )
+        self.reference.to(device)
 
     def _precomputed_logps(self, split: str, dataset, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
         """The reference's log-probs [n, 2] (chosen, rejected) of every pair of ``split``, in ``dataset``'s order

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 import train as train_script
 from lightning_modules import dpo
 from lightning_modules.dpo import DPOModule, build_reference
-from lmlab.core.collate import REF_LOGPS, CausalCollator, PreferenceCollator
+from lmlab.core.collate import IGNORE_INDEX, REF_LOGPS, CausalCollator, PreferenceCollator
 from lmlab.core.models import build_model, export_hf
 
 DPO = ["stage=dpo", "callbacks.samples.num_prompts=0", "trainer.log_every_n_steps=1"]
@@ -281,35 +281,52 @@ def test_under_ddp_a_valid_cache_is_read_and_no_rank_runs_the_reference(tmp_path
     assert cache == {split: (tmp_path / "ref_logps" / f"{split}.pt").stat().st_mtime_ns for split in cache}
 
 
-@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "llama-moe-tiny", "t5-tiny"])
+@pytest.mark.parametrize(
+    "name, untied",
+    [("gpt2-tiny", False), ("llama-tiny", False), ("llama-tiny", True), ("llama-moe-tiny", False), ("t5-tiny", False)],
+)
 def test_a_reference_with_its_linear_layers_stored_in_bf16_gives_the_same_outputs_under_autocast(
-    tmp_path, tiny_tokenizer, name
+    tmp_path, tiny_tokenizer, name, untied
 ):
     """Autocast casts a linear layer's float32 weights to bf16 at every call, so a frozen model whose linear layers
-    hold them in bf16 gives bit-identical outputs under bf16 autocast; embeddings, norms and a tied head stay fp32."""
+    hold them in bf16 gives bit-identical logits, and answer log-probs with the head fused or not, under bf16
+    autocast; embeddings, norms and a tied head stay fp32. Cast for one dtype, it refuses another or none."""
     from lmlab.core.models import cast_frozen_linears
 
-    cfg = compose_cfg(tmp_path, [f"model={name}"])
+    overrides = [f"model={name}"] + (["model.config.tie_word_embeddings=false"] if untied else [])
+    cfg = compose_cfg(tmp_path, overrides)
     torch.manual_seed(0)
     reference = build_reference(build_model(cfg.model, tiny_tokenizer))
     cast = build_reference(reference)
-    linears = [m for m in cast.modules() if isinstance(m, torch.nn.Linear | Conv1D)]
-    tied = cast.get_output_embeddings().weight is cast.get_input_embeddings().weight
+    embeddings = cast.get_input_embeddings().weight
+    assert (cast.get_output_embeddings().weight is embeddings) == (not untied)
     expected = sum(
         2 * p.numel()
-        for m in linears
+        for m in cast.modules()
+        if isinstance(m, torch.nn.Linear | Conv1D)
         for p in m.parameters(recurse=False)
-        if not (tied and p is cast.get_input_embeddings().weight)
+        if p is not embeddings
     )
     assert cast_frozen_linears(cast, torch.bfloat16) == expected > 0
     assert cast_frozen_linears(cast, torch.bfloat16) == 0  # once is enough
-    assert cast.get_input_embeddings().weight.dtype == torch.float32
-    floats = {p.dtype for n, p in cast.named_parameters() if "norm" in n or "ln_" in n}
-    assert floats == {torch.float32}
+    assert embeddings.dtype == torch.float32
+    assert {p.dtype for n, p in cast.named_parameters() if "norm" in n or "ln_" in n} == {torch.float32}
+    if untied:
+        assert cast.get_output_embeddings().weight.dtype == torch.bfloat16
+    for other in (torch.float16, None):
+        with pytest.raises(ValueError, match="stored in torch.bfloat16"):
+            cast_frozen_linears(cast, other)
+
     ids = torch.randint(3, len(tiny_tokenizer), (2, 16), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :6] = IGNORE_INDEX
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = [model(input_ids=ids, labels=ids).logits for model in (reference, cast)]
-    assert torch.equal(outputs[1], outputs[0])
+        assert torch.equal(outputs[1], outputs[0])
+        if not cast.config.is_encoder_decoder:
+            for fused in (False, True):
+                logps = [dpo.answer_logps(m, {"input_ids": ids, "labels": labels}, fused)[0] for m in (reference, cast)]
+                assert torch.equal(logps[1], logps[0])
 
 
 def test_cast_frozen_linears_refuses_a_trainable_model(tmp_path, tiny_tokenizer):
@@ -324,8 +341,10 @@ def test_cast_frozen_linears_refuses_a_trainable_model(tmp_path, tiny_tokenizer)
 def test_the_live_reference_runs_with_its_linear_layers_in_the_autocast_dtype(
     tmp_path, pairs_file, tiny_tokenizer, precision, dtype
 ):
+    """Under bf16-mixed the reference is cast before its first forward (the sanity check's validation), under
+    32-true it is left as it is; the policy trains in fp32 either way."""
     dm, policy, reference, module = parts(tmp_path, tiny_tokenizer, [f"data.train_files=[{pairs_file}]"])
-    cpu_trainer(max_steps=2, limit_val_batches=0, precision=precision).fit(module, datamodule=dm)
+    cpu_trainer(max_steps=2, limit_val_batches=1, precision=precision).fit(module, datamodule=dm)
     embeddings = reference.get_input_embeddings().weight
     linears = {m.weight.dtype for m in reference.modules() if type(m) is torch.nn.Linear and m.weight is not embeddings}
     assert linears == {dtype} and embeddings.dtype == torch.float32

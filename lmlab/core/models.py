@@ -158,32 +158,42 @@ def align_lm_head(model: PreTrainedModel, multiple: int | None) -> bool:
     return True
 
 
-AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning's autocast precisions
-
-
-def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Store the float32 weights and biases of a frozen ``model``'s linear layers (``nn.Linear``, transformers'
-    ``Conv1D``) in ``dtype``, in place, for a model that runs only under autocast to ``dtype``; returns the bytes saved.
+def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
+    """Store the float32 weights and biases of a frozen ``model``'s linear layers (``nn.Linear``, lmlab's aligned
+    head, transformers' ``Conv1D``) in ``dtype``, in place, for a model that runs under autocast to ``dtype``;
+    returns the bytes saved. ``dtype`` None (a run without autocast) casts nothing.
 
     Autocast casts those layers' float32 parameters to ``dtype`` at every call (uncached, for tensors that need no
-    gradient), so stored cast they give the same outputs, from about half the memory and without the casts. Only
-    linear layers: an embedding's or a norm's output keeps its weight's dtype under autocast, so those stay as they
-    are, and so does a head tied to the input embeddings. DPO's live reference is such a model.
+    gradient), so stored cast they give the same outputs, from less memory and without the casts. Only linear
+    layers: an embedding's or a norm's output keeps its weight's dtype under autocast, so those stay as they are, and
+    so does a head tied to the input embeddings (and parameters of other shapes, as a Mixtral's experts). The cast
+    cannot be undone: a model cast for one dtype and run under another, or without autocast, would compute other
+    numbers or fail, so that is refused. DPO's live reference is such a model.
     """
+    cast_to = getattr(model, "lmlab_linears_dtype", None)
+    if cast_to is not None and cast_to != dtype:
+        raise ValueError(
+            f"its linear layers are stored in {cast_to} for autocast to that dtype; this run has "
+            f"{'no autocast' if dtype is None else f'autocast to {dtype}'}: build the model anew"
+        )
+    if dtype is None:
+        return 0
     embeddings = model.get_input_embeddings() if isinstance(model, PreTrainedModel) else None
     tied = {id(embeddings.weight)} if embeddings is not None else set()
-    saved = 0
-    for module in model.modules():
-        if not isinstance(module, (torch.nn.Linear, Conv1D)):
-            continue
-        for param in module.parameters(recurse=False):
-            if param.dtype != torch.float32 or id(param) in tied:
-                continue
-            if param.requires_grad:
-                raise ValueError(f"cast_frozen_linears: {type(module).__name__} has a trainable parameter")
-            param.data = param.data.to(dtype)
-            saved += param.numel() * (4 - param.element_size())
-    return saved
+    params = [
+        (module, param)
+        for module in model.modules()
+        if type(module) in (torch.nn.Linear, AlignedHead, Conv1D)
+        for param in module.parameters(recurse=False)
+        if param.dtype == torch.float32 and id(param) not in tied
+    ]
+    trainable = [type(module).__name__ for module, param in params if param.requires_grad]
+    if trainable:
+        raise ValueError(f"cast_frozen_linears: a frozen model only; {trainable[0]} has a trainable parameter")
+    for _, param in params:
+        param.data = param.data.to(dtype)
+    model.lmlab_linears_dtype = dtype
+    return sum(param.numel() * (4 - param.element_size()) for _, param in params)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
