@@ -124,11 +124,13 @@ def lmlab_prepare(tokenizer, corpus: Path, cache: Path, num_proc: int, engine: s
         f"data.tokenize_engine={engine}",
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        dm = instantiate(compose("train", overrides=overrides).data)  # imports (torch, lightning) not timed
-    dm.tokenizer = tokenizer
+        data_cfg = compose("train", overrides=overrides).data
+    instantiate(data_cfg)  # imports (torch, lightning) not timed
 
-    def run() -> int:
+    def run() -> int:  # a new datamodule each run: one keeps its first read of the files (the plan) for later calls
         shutil.rmtree(cache, ignore_errors=True)
+        dm = instantiate(data_cfg)
+        dm.tokenizer = tokenizer
         dm.prepare_data()
         meta = json.loads((dm.token_dir / "meta.json").read_text())
         return sum(meta["tokens"].values())
