@@ -16,7 +16,9 @@ bounded on a 50 MB line); its pieces' tokens are concatenated with no EOS betwee
 a token may split where a piece ends (byte-level tokenizers still decode the exact text).
 
 Workers are 'spawn' processes that each hold their own copy of the encoder and run it
-single-threaded (TOKENIZERS_PARALLELISM=false), so ``num_proc`` is the number of cores used.
+single-threaded (TOKENIZERS_PARALLELISM=false), so ``num_proc`` is the number of cores used. They are started
+without the parent's main script (:func:`_main_left_out`): a worker needs nothing from it, and train.py's or
+prepare.py's imports (torch, Lightning, transformers) took each worker about 10 s of CPU on a 2-core box.
 ``num_proc=0`` tokenizes in the calling process: with tokenizers, on its own threads; with tiktoken, on one.
 
 The engine (``tokenize_engine``): ``tiktoken`` runs a byte-level BPE's own regex and merges through tiktoken, several
@@ -31,6 +33,8 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import sys
+import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -160,6 +164,23 @@ def encode_shard(encode: Encode, docs: list[str], path: Path, eos_id: int, dtype
     return write_atomically(path, write)
 
 
+@contextlib.contextmanager
+def _main_left_out() -> Iterator[None]:
+    """Within the block, a process that multiprocessing spawns does not run the parent's main script first.
+
+    A spawned child imports the parent's ``__main__`` from its file before it unpickles its task, as multiprocessing
+    does so that functions defined there can be found; for an interactive session, whose ``__main__`` has no file,
+    it leaves that out. The workers run only :func:`_encode_in_worker` and lmlab's encoders, which live in modules of
+    their own, so for the block ``__main__`` is a module without a file (the main thread's code alone reads it here).
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 _worker_encode: Encode | None = None
 
 
@@ -224,7 +245,8 @@ class ShardWriter:
         """Tokenize in a worker (a future) or, without a pool, here and now (the token count)."""
         if pool is None:
             return encode_shard(self.encode, docs, path, self.eos_id, self.dtype, self.chunk_chars)
-        return pool.submit(_encode_in_worker, docs, path, self.eos_id, self.dtype, self.chunk_chars)
+        with _main_left_out():  # the pool starts its workers in submit, as they are needed
+            return pool.submit(_encode_in_worker, docs, path, self.eos_id, self.dtype, self.chunk_chars)
 
     @staticmethod
     def _collect(pending: deque, rows: list[dict], bar: tqdm, keep: int) -> None:

@@ -4,7 +4,10 @@ or counted."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -220,3 +223,39 @@ def test_shards_hold_one_source_each_and_windows_do_not_depend_on_the_cut(tmp_pa
     small.setup()
     one_shard.setup()
     assert [w["input_ids"].tolist() for w in small.train_set] == [w["input_ids"].tolist() for w in one_shard.train_set]
+
+
+MAIN_SCRIPT = """
+import os, sys
+with open(sys.argv[1], "a") as f:  # every process that runs this file
+    f.write(f"{os.getpid()}\\n")
+if __name__ == "__main__":
+    from pathlib import Path
+    import numpy as np
+    from tokenizers import Tokenizer
+    from datamodules.shards import ShardWriter, make_encoder, plan_shards
+    docs = [("train", "corpus", f"document {i}: the cat sat on the mat.") for i in range(40)]
+    writer = ShardWriter(Path(sys.argv[3]), make_encoder(Tokenizer.from_file(sys.argv[2]), "tokenizers"), 0,
+                         np.dtype(np.uint16), num_proc=2, chunk_chars=1000)
+    rows = writer.write(plan_shards(docs, 100), total_bytes=1)
+    print(sum(row["tokens"] for row in rows))
+"""
+
+
+def test_tokenizing_workers_do_not_run_the_parents_main_script(tmp_path, tiny_tokenizer):
+    """A spawned worker imports the parent's main script unless told not to: train.py's imports cost each worker
+    about 10 s of CPU. The workers here tokenize without running it (only the parent writes its line)."""
+    script, marker = tmp_path / "main.py", tmp_path / "imports.txt"
+    script.write_text(MAIN_SCRIPT)
+    tiny_tokenizer.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    done = subprocess.run(
+        [sys.executable, str(script), str(marker), str(tmp_path / "tokenizer.json"), str(tmp_path / "shards")],
+        cwd=Path(datamodules.shards.__file__).parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(datamodules.shards.__file__).parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) > 40 and len(list((tmp_path / "shards").glob("train-*.bin"))) > 2
+    assert len(marker.read_text().split()) == 1, "a worker ran the main script"
