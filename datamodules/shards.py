@@ -34,6 +34,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -164,21 +165,27 @@ def encode_shard(encode: Encode, docs: list[str], path: Path, eos_id: int, dtype
     return write_atomically(path, write)
 
 
+_MAIN_SWAP = threading.Lock()  # two writers in two threads must not restore each other's stand-in
+
+
 @contextlib.contextmanager
 def _main_left_out() -> Iterator[None]:
     """Within the block, a process that multiprocessing spawns does not run the parent's main script first.
 
-    A spawned child imports the parent's ``__main__`` from its file before it unpickles its task, as multiprocessing
-    does so that functions defined there can be found; for an interactive session, whose ``__main__`` has no file,
-    it leaves that out. The workers run only :func:`_encode_in_worker` and lmlab's encoders, which live in modules of
-    their own, so for the block ``__main__`` is a module without a file (the main thread's code alone reads it here).
+    A spawned child imports the parent's ``__main__`` from its file (or as a module, under ``python -m``) before it
+    unpickles its task, so that functions defined there can be found; a ``__main__`` with neither a file nor a spec,
+    as in an interactive session, it leaves out. The workers run only :func:`_encode_in_worker` and an encoder from
+    :func:`make_encoder`, which live in modules of their own, so for the block ``__main__`` is a module with neither:
+    nothing pickled during it refers to ``__main__``. An encoder defined in a main script would fail to pickle here
+    (make_encoder's never are).
     """
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
+    with _MAIN_SWAP:
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            sys.modules["__main__"] = main
 
 
 _worker_encode: Encode | None = None
@@ -200,7 +207,7 @@ class ShardWriter:
     """Tokenizes planned shards into ``out_dir``, skipping the ones already there, with a progress bar."""
 
     out_dir: Path
-    encode: Encode  # make_encoder
+    encode: Encode  # make_encoder's (it pickles to the workers: a function of an importable module)
     eos_id: int
     dtype: np.dtype
     num_proc: int

@@ -251,7 +251,12 @@ def test_tokenizing_workers_do_not_run_the_parents_main_script(tmp_path, tiny_to
     done = subprocess.run(
         [sys.executable, str(script), str(marker), str(tmp_path / "tokenizer.json"), str(tmp_path / "shards")],
         cwd=Path(datamodules.shards.__file__).parents[1],
-        env={**os.environ, "PYTHONPATH": str(Path(datamodules.shards.__file__).parents[1])},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(Path(datamodules.shards.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+            ),
+        },
         capture_output=True,
         text=True,
         timeout=300,
