@@ -39,8 +39,9 @@ def label_logps(
     backward: 2x the bf16 logits kept, 4x at the forward's peak, and a 2x fp32 gradient again in the backward (DPO
     at GPT-2's 50257-token vocabulary, 16 rows of 320: 0.5 GB of bf16 logits). Here the positions go through in
     chunks of about ``chunk_elements`` fp32 values; the backward keeps the logits themselves (1x, not copied when
-    their rows view flat, as a model's output does, from an aligned head too) and one logsumexp per position, recomputes each chunk's softmax and
-    writes the gradient in the logits' dtype. TRL's selective_log_softmax does the forward this way. Every position
+    their rows view flat, as a model's output does, from an aligned head too) and one logsumexp per position,
+    recomputes each chunk's softmax and writes the gradient in the logits' dtype. TRL's selective_log_softmax does
+    the forward this way. Every position
     is computed, the -100 ones too, so nothing waits for the GPU to count them. ``compile``: each chunk's
     element-wise work runs as one compiled kernel (torch.compile) that forms no fp32 copy.
     """
