@@ -27,6 +27,23 @@ def tiny_model(name: str, tokenizer):
     return build_model(cfg.model, tokenizer).eval()
 
 
+def train_with_probe(cfg, probe) -> None:
+    """train.py's run of ``cfg`` (no sample generations) with ``probe`` among the Trainer's callbacks."""
+    import train as train_module
+
+    cfg.callbacks.samples.num_prompts = 0
+    original = train_module.instantiate
+
+    def with_probe(config, *args, **kwargs):
+        if kwargs.get("callbacks") is not None:  # the Trainer's instantiate
+            kwargs["callbacks"] = [*kwargs["callbacks"], probe]
+        return original(config, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "instantiate", with_probe)
+        train_module.train(cfg)
+
+
 def samples(lengths: list[int], vocab: int) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     rows = [torch.randint(3, vocab, (n,), generator=generator) for n in lengths]
@@ -395,20 +412,9 @@ def test_gradients_are_freed_after_each_optimizer_step_not_after_the_next_forwar
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             held.append(any(p.grad is not None for p in module.parameters()))
 
-    cfg = compose_cfg(tmp_path, ["max_steps=3", f"trainer.accumulate_grad_batches={accumulate}"])
-    cfg.callbacks.samples.num_prompts = 0
-    import train as train_module
-
-    original = train_module.instantiate
-
-    def with_probe(config, *args, **kwargs):  # the Trainer gets the probe among its callbacks
-        if kwargs.get("callbacks") is not None:
-            kwargs["callbacks"] = [*kwargs["callbacks"], Gradients()]
-        return original(config, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "instantiate", with_probe)
-        train_module.train(cfg)
+    train_with_probe(
+        compose_cfg(tmp_path, ["max_steps=3", f"trainer.accumulate_grad_batches={accumulate}"]), Gradients()
+    )
     assert held == ([False] * 3 if accumulate == 1 else [False, True] * 3)
 
 
@@ -507,18 +513,7 @@ def test_a_run_trains_with_the_head_align_lm_head_asks_for(tmp_path, multiple):
         def on_train_start(self, trainer, module):
             heads.append(type(module.model.get_output_embeddings()).__name__)
 
-    cfg = compose_cfg(tmp_path, ["max_steps=1", f"align_lm_head={'null' if multiple is None else multiple}"])
-    cfg.callbacks.samples.num_prompts = 0
-    import train as train_module
-
-    original = train_module.instantiate
-
-    def with_probe(config, *args, **kwargs):
-        if kwargs.get("callbacks") is not None:
-            kwargs["callbacks"] = [*kwargs["callbacks"], Head()]
-        return original(config, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "instantiate", with_probe)
-        train_module.train(cfg)
+    train_with_probe(
+        compose_cfg(tmp_path, ["max_steps=1", f"align_lm_head={'null' if multiple is None else multiple}"]), Head()
+    )
     assert heads == ["AlignedHead" if multiple else "Linear"]

@@ -41,9 +41,8 @@ def label_logps(
     chunks of about ``chunk_elements`` fp32 values; the backward keeps the logits themselves (1x, not copied when
     their rows view flat, as a model's output does, from an aligned head too) and one logsumexp per position,
     recomputes each chunk's softmax and writes the gradient in the logits' dtype. TRL's selective_log_softmax does
-    the forward this way. Every position
-    is computed, the -100 ones too, so nothing waits for the GPU to count them. ``compile``: each chunk's
-    element-wise work runs as one compiled kernel (torch.compile) that forms no fp32 copy.
+    the forward this way. Every position is computed, the -100 ones too, so nothing waits for the GPU to count them.
+    ``compile``: each chunk's element-wise work runs as one compiled kernel (torch.compile) that forms no fp32 copy.
     """
     rows = max(1, chunk_elements // logits.shape[-1])
     targets = labels.flatten().clamp(min=0)

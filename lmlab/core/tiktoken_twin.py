@@ -148,7 +148,7 @@ class TiktokenTwin:
         if not texts:
             return []
         flagged = self.for_tokenizer("".join(texts))
-        hard = [i for i, text in enumerate(texts) if flagged and self.for_tokenizer(text)]
+        hard = [i for i, text in enumerate(texts) if self.for_tokenizer(text)] if flagged else []
         skip = set(hard)
         ranks = [[] if i in skip else self.encoding.encode_ordinary(text) for i, text in enumerate(texts)]
         lengths = [len(r) for r in ranks]
