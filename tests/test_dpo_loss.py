@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_modules.dpo_loss import (
     LOSS_TYPES,
@@ -242,6 +244,42 @@ def test_head_label_logps_equal_the_logits_values_and_gradients_without_forming_
         torch.testing.assert_close(ours, ref, **tolerance)
     logps, sums, hidden_grad, _ = run(fused=True)
     assert (logps[2] == 0).all() and (sums[2] == 0).all() and hidden_grad[2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_head_label_logps_copy_the_head_once_and_sum_its_gradient_in_its_dtype(autocast):
+    """Memory at DPO's peak (the fused head runs outside a compiled model's CUDA graphs, so what it holds adds to the
+    graphs' pool): an fp32 head of 50 rows is copied once, in the autocast dtype and padded to 64 rows, and its
+    gradient is summed in one fp32 tensor of the weight's shape, which autograd gets as it is. On this CPU a bf16
+    autocast adds one bf16 product per chunk (a CUDA GPU sums into the fp32 tensor directly); fp32 adds none. A cast
+    and a pad as autograd ops made two copies forward and two more backward."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 5, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 5))
+    positions = torch.arange(labels.numel())
+    chunks = 5  # 15 positions, 200 // 64 = 3 a chunk
+    made: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    class HeadSized(TorchDispatchMode):
+        """Records each new tensor (not an argument's storage: no in-place op, view or alias) of >= the head's size."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {a.untyped_storage().data_ptr() for a in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)}
+            for t in pytree.tree_leaves(out):
+                if torch.is_tensor(t) and t.numel() >= weight.numel() and t.untyped_storage().data_ptr() not in given:
+                    made.append((tuple(t.shape), t.dtype))
+            return out
+
+    dtype = torch.bfloat16 if autocast else torch.float32
+    with HeadSized():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logps, _ = head_label_logps(hidden, weight, labels, positions, chunk_elements=200)
+        forward = list(made)
+        logps.sum().backward()
+    assert forward == [((64, 8), dtype)]
+    assert made[1:] == [((50, 8), torch.float32)] + [((50, 8), torch.bfloat16)] * chunks * autocast
+    assert weight.grad.dtype == torch.float32 and weight.grad.shape == (50, 8)
 
 
 def test_sequence_logps_keep_the_logits_not_an_fp32_log_softmax_for_the_backward():

@@ -130,8 +130,10 @@ def test_cudnn_sdpa_safe_keeps_the_bug_length_off_cudnn_and_the_rest_on_it(lengt
 def test_compiled_head_label_logps_equal_the_eager_ones():
     """DPO's fused LM head under compile=true (lmlab.core.losses: the chunks' element-wise work compiled, dynamic
     shapes): the log-probs and the gradients of the hidden states and the head are the eager ones, at a vocabulary
-    of GPT-2's size, under bf16 autocast, for two numbers of label positions (one compiled graph serves both)."""
-    from lmlab.core.losses import head_label_logps
+    of GPT-2's size, under bf16 autocast, for two numbers of label positions (one compiled graph serves both). Both
+    agree with the formed logits' label_logps (the head's fp32 gradient summed by cuBLAS straight from bf16
+    factors, _add_product's GPU path), to bf16's precision."""
+    from lmlab.core.losses import head_label_logps, label_logps
 
     g = torch.Generator().manual_seed(0)
     for answer in (100, 37):
@@ -140,14 +142,19 @@ def test_compiled_head_label_logps_equal_the_eager_ones():
         labels[:, :-answer] = -100
         positions = labels.flatten().ne(-100).nonzero().squeeze(1)
         results = []
-        for compile in (False, True):
+        for compile in (False, True, None):  # None: the formed logits
             h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logps, _ = head_label_logps(h, w, labels, positions, chunk_elements=2**22, compile=compile)
+                if compile is None:
+                    logps = label_logps(h @ w.T, labels)
+                else:
+                    logps, _ = head_label_logps(h, w, labels, positions, chunk_elements=2**22, compile=compile)
             (logps * torch.linspace(-1, 1, 128, device="cuda")).sum().backward()
+            assert w.grad.dtype == torch.float32
             results.append((logps, h.grad, w.grad))
-        for eager, compiled in zip(*results, strict=True):
+        for eager, compiled, formed in zip(*results, strict=True):
             torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-3)
+            torch.testing.assert_close(eager, formed, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])

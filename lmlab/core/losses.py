@@ -70,16 +70,18 @@ def head_label_logps(
     TRL's DPOTrainer does the same (``fused_lm_head``). Under autocast the head runs in its dtype, as a model's
     ``nn.Linear`` head would. The head's rows are padded with zeros to a multiple of 64: at a vocabulary like
     GPT-2's 50257, rows of logits with an odd stride sent cuBLAS to slow unaligned kernels (on an H200, 4.8 of a
-    22 ms step). ``compile`` as label_logps.
+    22 ms step). That padded copy is made inside the autograd function, once; the head's gradient is summed over
+    the chunks in one float32 tensor without a product per chunk where torch can (_add_product) and comes back in
+    ``weight``'s own dtype. A cast and a pad as autograd ops made two copies of the head in the forward and two of
+    its gradient (bf16, then fp32) in the backward. This runs outside a compiled model's CUDA graphs, in a memory
+    pool of its own, so what it holds at its peak adds to theirs. ``compile`` as label_logps.
     """
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     selected = hidden.flatten(0, 1).index_select(0, positions)
-    vocab = weight.shape[0]
-    head = F.pad(weight.to(dtype), (0, 0, 0, -vocab % 64))
-    rows = max(1, chunk_elements // head.shape[0])
+    rows = max(1, chunk_elements // _padded(weight.shape[0]))
     targets = labels.flatten().index_select(0, positions)
-    picked = _LabelLogps.apply(selected.to(dtype), targets, rows, head, vocab, compile)
+    picked = _LabelLogps.apply(selected.to(dtype), targets, rows, weight, weight.shape[0], compile)
 
     def at_positions(values: torch.Tensor) -> torch.Tensor:  # [len(positions)] -> [N, T], 0 elsewhere
         return values.new_zeros(labels.numel()).index_copy(0, positions, values).view(labels.shape)
@@ -89,6 +91,31 @@ def head_label_logps(
     with torch.no_grad():  # elementwise, so autocast leaves it in fp32: sum_v h . w_v = h . sum_v w_v
         sums = (selected.float() * weight.sum(0, dtype=torch.float32)).sum(-1)
     return at_positions(picked), at_positions(sums)
+
+
+def _padded(vocab: int) -> int:
+    """The head's rows padded to a multiple of 64 (head_label_logps)."""
+    return vocab + -vocab % 64
+
+
+def _aligned_head(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` [V, H] in ``dtype`` with zero rows appended up to _padded(V) rows: one copy, where a cast and then
+    a pad made two."""
+    head = weight.new_zeros((_padded(weight.shape[0]), weight.shape[1]), dtype=dtype)
+    head[: weight.shape[0]].copy_(weight)
+    return head
+
+
+def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``total += a @ b`` without forming the product where torch can: in place for factors of total's dtype, and on
+    a CUDA GPU for bf16/fp16 factors too, summed in total's float32 by cuBLAS (as Liger-Kernel's fused linear cross
+    entropy does). Elsewhere (CPU) through the product: torch has no mixed-dtype matmul there."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+    elif total.is_cuda and torch.cuda.get_device_capability(total.device)[0] >= 8:
+        torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
+    else:
+        total += a @ b
 
 
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,9 +146,10 @@ def _compiled_chunk_ops() -> tuple:
 
 class _LabelLogps(torch.autograd.Function):
     """log p(target) of each row of the logits [M, V], ``rows`` rows at a time: logit - logsumexp. The logits are
-    ``inputs`` (label_logps), or with ``weight`` [V, H] ``inputs @ weight.T`` of hidden states [M, H], recomputed
-    chunk by chunk in the backward (head_label_logps). Columns from ``vocab`` on are padding: no token's.
-    ``compile``: the chunks' element-wise work compiled (_compiled_chunk_ops)."""
+    ``inputs`` (label_logps; columns from ``vocab`` on are padding, no token's), or with ``weight`` [vocab, H]
+    ``inputs @ weight.T`` of hidden states [M, H] through the head in the inputs' dtype, padded (_aligned_head),
+    recomputed chunk by chunk in the backward (head_label_logps). ``compile``: the chunks' element-wise work
+    compiled (_compiled_chunk_ops)."""
 
     @staticmethod
     def forward(
@@ -134,35 +162,38 @@ class _LabelLogps(torch.autograd.Function):
         compile: bool,
     ) -> torch.Tensor:
         ctx.stats, ctx.grad = _compiled_chunk_ops() if compile else (_chunk_stats, _chunk_grad)
+        head = None if weight is None else _aligned_head(weight, inputs.dtype)
         lse, picked = zip(
             *(
-                ctx.stats(chunk if weight is None else chunk @ weight.T, target, vocab)
+                ctx.stats(chunk if head is None else chunk @ head.T, target, vocab)
                 for chunk, target in zip(inputs.split(rows), targets.split(rows), strict=True)
             ),
             strict=True,
         )
         lse = torch.cat(lse)
-        ctx.save_for_backward(inputs, targets, lse, weight)
+        ctx.save_for_backward(inputs, targets, lse, head)
         ctx.rows, ctx.vocab = rows, vocab
+        ctx.weight_dtype = None if weight is None else weight.dtype
         return torch.cat(picked) - lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, torch.Tensor | None, None, None]:
-        """Through the head: d/d hidden = d/d logits @ weight and d/d weight = (d/d logits).T @ hidden, summed over
-        the chunks in float32."""
-        inputs, targets, lse, weight = ctx.saved_tensors
+        """Through the head: d/d hidden = d/d logits @ head and d/d weight = (d/d logits).T @ hidden over the
+        vocabulary's rows (the padding's are dropped), summed over the chunks in float32, returned in the weight's
+        dtype (no copy for an fp32 weight)."""
+        inputs, targets, lse, head = ctx.saved_tensors
         grad_inputs = torch.empty_like(inputs)
-        grad_weight = (
-            None if weight is None or not ctx.needs_input_grad[3] else torch.zeros_like(weight, dtype=torch.float32)
-        )
+        grad_weight = None
+        if head is not None and ctx.needs_input_grad[3]:
+            grad_weight = head.new_zeros((ctx.vocab, head.shape[1]), dtype=torch.float32)
         chunks = (x.split(ctx.rows) for x in (inputs, targets, lse, grad, grad_inputs))
         for chunk, target, s, g, out in zip(*chunks, strict=True):
-            if weight is None:
+            if head is None:
                 out.copy_(ctx.grad(chunk, target, s, g, ctx.vocab))
                 continue
-            rows = ctx.grad(chunk @ weight.T, target, s, g, ctx.vocab)
-            torch.mm(rows, weight, out=out)
+            rows = ctx.grad(chunk @ head.T, target, s, g, ctx.vocab)
+            torch.mm(rows, head, out=out)
             if grad_weight is not None:
-                grad_weight += rows.T @ chunk
-        return grad_inputs, None, None, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+                _add_product(grad_weight, rows[:, : ctx.vocab].T, chunk)
+        return grad_inputs, None, None, None if grad_weight is None else grad_weight.to(ctx.weight_dtype), None, None
