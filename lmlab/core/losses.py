@@ -125,17 +125,19 @@ def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> tup
 
 
 def _chunk_grad(
-    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, vocab: int
-) -> torch.Tensor:
-    """d logp(target) / d logits = onehot(target) - softmax, times each row's incoming gradient, in the logits'
-    dtype, 0 in the padding columns (from ``vocab`` on). Element-wise throughout, so compiled it is one pass over the
-    chunk that forms no fp32 copy; in place, so eager it holds about two fp32 copies of the chunk at once."""
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, vocab: int, out: torch.Tensor
+) -> None:
+    """d logp(target) / d logits = onehot(target) - softmax, times each row's incoming gradient, written into ``out``
+    (the gradient's slice of the logits; ``logits`` themselves when the backward formed them for this chunk alone),
+    0 in the padding columns (from ``vocab`` on). Element-wise throughout, so compiled it is one pass over the chunk
+    that stores straight into ``out``: no new buffer, no fp32 copy. Eager, in place, it holds about two fp32
+    copies of the chunk at once."""
     columns = torch.arange(logits.shape[-1], device=logits.device)
     rows = (logits.float() - lse[:, None]).exp_().mul_(-grad[:, None])  # -softmax * grad
     rows.add_((columns == targets[:, None]) * grad[:, None])  # + grad at the target
     if vocab < logits.shape[-1]:
         rows.masked_fill_(columns >= vocab, 0.0)
-    return rows.to(logits.dtype)
+    out.copy_(rows)
 
 
 @functools.cache
@@ -190,9 +192,10 @@ class _LabelLogps(torch.autograd.Function):
         chunks = (x.split(ctx.rows) for x in (inputs, targets, lse, grad, grad_inputs))
         for chunk, target, s, g, out in zip(*chunks, strict=True):
             if head is None:
-                out.copy_(ctx.grad(chunk, target, s, g, ctx.vocab))
+                ctx.grad(chunk, target, s, g, ctx.vocab, out)
                 continue
-            rows = ctx.grad(chunk @ head.T, target, s, g, ctx.vocab)
+            rows = chunk @ head.T
+            ctx.grad(rows, target, s, g, ctx.vocab, rows)  # the logits become their gradient
             torch.mm(rows, head, out=out)
             if grad_weight is not None:
                 _add_product(grad_weight, rows[:, : ctx.vocab].T, chunk)
