@@ -215,22 +215,25 @@ def test_label_logps_equal_cross_entropys_values_and_gradients_in_chunks(dtype):
     assert our_grad[2].abs().sum() == 0 and (ours[2] == 0).all()
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_head_label_logps_equal_the_logits_values_and_gradients_without_forming_them(autocast):
+@pytest.mark.parametrize("precision", ["fp32", "bf16 autocast", "bf16 weights"])
+def test_head_label_logps_equal_the_logits_values_and_gradients_without_forming_them(precision):
     """Hidden states through a head of 50 tokens, 2 positions a chunk: the label positions' log-probs, their
     gradients for the hidden states and the head, and the logit sums (TRL's logits metric) are those of the formed
     logits (label_logps); -100 positions count for nothing. Under bf16 autocast the head runs in bf16, as an
-    nn.Linear head would; then the two sides agree to bf16's precision."""
+    nn.Linear head would, and so do bf16 weights without autocast (their gradient comes back in bf16); then the two
+    sides agree to bf16's precision. A frozen head (the DPO reference's, or a policy's frozen embedding) gets no
+    gradient and passes the same one to the hidden states."""
     torch.manual_seed(0)
-    hidden, weight = torch.randn(3, 5, 8), torch.randn(50, 8)
+    dtype = torch.bfloat16 if precision == "bf16 weights" else torch.float32
+    hidden, weight = torch.randn(3, 5, 8, dtype=dtype), torch.randn(50, 8, dtype=dtype)
     labels = torch.randint(0, 50, (3, 5))
     labels[0, :2] = labels[2] = -100
     positions = labels.flatten().ne(-100).nonzero().squeeze(1)
     weights = torch.randn(3, 5)
 
-    def run(fused: bool):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    def run(fused: bool, frozen: bool = False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
             if fused:
                 logps, sums = head_label_logps(h, w, labels, positions, with_logit_sums=True, chunk_elements=100)
             else:
@@ -239,23 +242,28 @@ def test_head_label_logps_equal_the_logits_values_and_gradients_without_forming_
         (logps * weights).sum().backward()
         return logps, sums, h.grad, w.grad
 
-    tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
     for ours, ref in zip(run(fused=True), run(fused=False), strict=True):
         torch.testing.assert_close(ours, ref, **tolerance)
-    logps, sums, hidden_grad, _ = run(fused=True)
+    logps, sums, hidden_grad, weight_grad = run(fused=True)
+    assert weight_grad.dtype == dtype
     assert (logps[2] == 0).all() and (sums[2] == 0).all() and hidden_grad[2].abs().sum() == 0
+    *_, frozen_hidden_grad, no_grad = run(fused=True, frozen=True)
+    assert no_grad is None
+    torch.testing.assert_close(frozen_hidden_grad, hidden_grad, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("autocast", [True, False])
-def test_head_label_logps_copy_the_head_once_and_sum_its_gradient_in_its_dtype(autocast):
+@pytest.mark.parametrize("autocast, vocab", [(True, 50), (False, 50), (False, 64)])
+def test_head_label_logps_copy_the_head_once_and_sum_its_gradient_in_its_dtype(autocast, vocab):
     """Memory at DPO's peak (the fused head runs outside a compiled model's CUDA graphs, so what it holds adds to the
-    graphs' pool): an fp32 head of 50 rows is copied once, in the autocast dtype and padded to 64 rows, and its
-    gradient is summed in one fp32 tensor of the weight's shape, which autograd gets as it is. On this CPU a bf16
-    autocast adds one bf16 product per chunk (a CUDA GPU sums into the fp32 tensor directly); fp32 adds none. A cast
-    and a pad as autograd ops made two copies forward and two more backward."""
+    graphs' pool): an fp32 head of 50 rows is copied once, in the autocast dtype and padded to 64 rows (one of 64
+    fp32 rows without autocast is used as it is), and its gradient is summed in one fp32 tensor of the weight's
+    shape, which autograd gets as it is. On this CPU a bf16 autocast adds one bf16 product per chunk (a CUDA GPU
+    sums into the fp32 tensor directly); fp32 adds none. A cast and a pad as autograd ops made two copies forward
+    and two more backward."""
     torch.manual_seed(0)
-    hidden, weight = torch.randn(3, 5, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
-    labels = torch.randint(0, 50, (3, 5))
+    hidden, weight = torch.randn(3, 5, 8, requires_grad=True), torch.randn(vocab, 8, requires_grad=True)
+    labels = torch.randint(0, vocab, (3, 5))
     positions = torch.arange(labels.numel())
     chunks = 5  # 15 positions, 200 // 64 = 3 a chunk
     made: list[tuple[tuple[int, ...], torch.dtype]] = []
@@ -277,9 +285,9 @@ def test_head_label_logps_copy_the_head_once_and_sum_its_gradient_in_its_dtype(a
             logps, _ = head_label_logps(hidden, weight, labels, positions, chunk_elements=200)
         forward = list(made)
         logps.sum().backward()
-    assert forward == [((64, 8), dtype)]
-    assert made[1:] == [((50, 8), torch.float32)] + [((50, 8), torch.bfloat16)] * chunks * autocast
-    assert weight.grad.dtype == torch.float32 and weight.grad.shape == (50, 8)
+    assert forward == ([((64, 8), dtype)] if vocab % 64 else [])
+    assert made[len(forward) :] == [((vocab, 8), torch.float32)] + [((vocab, 8), torch.bfloat16)] * chunks * autocast
+    assert weight.grad.dtype == torch.float32 and weight.grad.shape == (vocab, 8)
 
 
 def test_sequence_logps_keep_the_logits_not_an_fp32_log_softmax_for_the_backward():

@@ -66,7 +66,8 @@ def head_label_logps(
     ``positions`` are the flat indices of the label positions in ``labels`` (lmlab.core.collate.PreferenceCollator
     counts them on the host, so nothing waits for the GPU here). Only their hidden states go through the head,
     ``chunk_elements`` logits at a time, and the backward recomputes each chunk's logits: what is kept is the
-    selected hidden states, the head's weight and one logsumexp per position, never a ``[rows, vocab]`` tensor.
+    selected hidden states, the head in the dtype it runs in (a copy, padded, unless the weight already is both)
+    and one logsumexp per position, never a ``[rows, vocab]`` tensor.
     TRL's DPOTrainer does the same (``fused_lm_head``). Under autocast the head runs in its dtype, as a model's
     ``nn.Linear`` head would. The head's rows are padded with zeros to a multiple of 64: at a vocabulary like
     GPT-2's 50257, rows of logits with an odd stride sent cuBLAS to slow unaligned kernels (on an H200, 4.8 of a
@@ -100,19 +101,42 @@ def _padded(vocab: int) -> int:
 
 def _aligned_head(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``weight`` [V, H] in ``dtype`` with zero rows appended up to _padded(V) rows: one copy, where a cast and then
-    a pad made two."""
-    head = weight.new_zeros((_padded(weight.shape[0]), weight.shape[1]), dtype=dtype)
-    head[: weight.shape[0]].copy_(weight)
+    a pad made two; ``weight`` itself when it already has both."""
+    vocab = weight.shape[0]
+    if weight.dtype == dtype and vocab == _padded(vocab):
+        return weight
+    head = weight.new_empty((_padded(vocab), weight.shape[1]), dtype=dtype)
+    head[:vocab].copy_(weight)
+    head[vocab:].zero_()
     return head
 
 
+@functools.cache
+def _sums_low_precision_into_fp32(device: torch.device) -> bool:
+    """Whether ``torch.addmm`` on this CUDA device adds a product of bf16 factors into an fp32 ``out`` in place (the
+    ``out_dtype`` overload with an fp32 input: torch >= 2.10, compute capability >= 8). Tried once per device."""
+    total = torch.zeros(1, 1, device=device)
+    factor = torch.ones(1, 1, device=device, dtype=torch.bfloat16)
+    try:
+        torch.addmm(total, factor, factor, out_dtype=torch.float32, out=total)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return total.item() == 1.0
+
+
 def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``total += a @ b`` without forming the product where torch can: in place for factors of total's dtype, and on
-    a CUDA GPU for bf16/fp16 factors too, summed in total's float32 by cuBLAS (as Liger-Kernel's fused linear cross
-    entropy does). Elsewhere (CPU) through the product: torch has no mixed-dtype matmul there."""
+    """``total += a @ b`` without forming the product where torch can: in place for factors of total's dtype, and
+    for bf16/fp16 factors into an fp32 total on a CUDA GPU that allows it (_sums_low_precision_into_fp32), summed in
+    fp32 by cuBLAS (as Liger-Kernel's fused linear cross entropy does). Elsewhere (the CPU, older GPUs or torch)
+    through the product: no mixed-dtype matmul there."""
     if a.dtype == total.dtype:
         total.addmm_(a, b)
-    elif total.is_cuda and torch.cuda.get_device_capability(total.device)[0] >= 8:
+    elif (
+        a.dtype in (torch.bfloat16, torch.float16)
+        and total.dtype == torch.float32
+        and total.is_cuda
+        and _sums_low_precision_into_fp32(total.device)
+    ):
         torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
     else:
         total += a @ b
