@@ -71,11 +71,11 @@ def head_label_logps(
     TRL's DPOTrainer does the same (``fused_lm_head``). Under autocast the head runs in its dtype, as a model's
     ``nn.Linear`` head would. The head's rows are padded with zeros to a multiple of 64: at a vocabulary like
     GPT-2's 50257, rows of logits with an odd stride sent cuBLAS to slow unaligned kernels (on an H200, 4.8 of a
-    22 ms step). That padded copy is made inside the autograd function, once; the head's gradient is summed over
-    the chunks in one float32 tensor without a product per chunk where torch can (_add_product) and comes back in
-    ``weight``'s own dtype. A cast and a pad as autograd ops made two copies of the head in the forward and two of
-    its gradient (bf16, then fp32) in the backward. This runs outside a compiled model's CUDA graphs, in a memory
-    pool of its own, so what it holds at its peak adds to theirs. ``compile`` as label_logps.
+    22 ms step). That copy, where one is needed, is made inside the autograd function, once; the head's gradient
+    is summed over the chunks in one float32 tensor without a product per chunk where torch can (_add_product) and
+    comes back in ``weight``'s own dtype. A cast and a pad as autograd ops made two copies of the head in the
+    forward and two of its gradient (bf16, then fp32) in the backward. This runs outside a compiled model's CUDA
+    graphs, in a memory pool of its own, so what it holds at its peak adds to theirs. ``compile`` as label_logps.
     """
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
