@@ -322,6 +322,16 @@ def side_name(framework: str, reference: str) -> str:
     return f"{framework}_{'live' if reference == 'copy' else 'precomputed'}"
 
 
+def side_ratios(ours: dict, theirs: dict) -> dict[str, float | None]:
+    """lmlab's side over TRL's with the same reference: pairs/s and the allocated and reserved peaks (None where
+    not measured: no GPU)."""
+
+    def ratio(key: str) -> float | None:
+        return ours[key] / theirs[key] if ours.get(key) and theirs.get(key) else None
+
+    return {key: ratio(key) for key in ("pairs_per_sec", "peak_train_gib", "peak_reserved_train_gib")}
+
+
 def markdown(result: dict) -> str:
     def gib(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.2f}"
@@ -359,13 +369,12 @@ def markdown(result: dict) -> str:
     lines += ["", "| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * (len(columns) - 2)]
     for name, side in result["sides"].items():
         framework, kind = name.rsplit("_", 1)
-        ratio = result["ratios"].get(name, {})
+        trl = result["sides"].get(f"trl_{kind}")
+        ratio = side_ratios(side, trl) if framework != "trl" and trl else {}
         speed = f"{ratio['pairs_per_sec']:.3f}" if ratio else ""
         memory = ""
-        trl = result["sides"].get(f"trl_{kind}")
-        if ratio.get("peak_train_gib") and trl and side.get("peak_reserved_train_gib"):
-            reserved = side["peak_reserved_train_gib"] / trl["peak_reserved_train_gib"]
-            memory = f"{ratio['peak_train_gib']:.3f} / {reserved:.3f}"
+        if ratio.get("peak_train_gib") and ratio.get("peak_reserved_train_gib"):
+            memory = f"{ratio['peak_train_gib']:.3f} / {ratio['peak_reserved_train_gib']:.3f}"
         peak = f"{gib(side['peak_train_gib'])} / {gib(side.get('peak_reserved_train_gib'))}"
         lines.append(
             f"| {framework} | {'live copy' if kind == 'live' else 'precomputed'} | {side['pairs_per_sec']:.1f} "
@@ -508,11 +517,7 @@ def main() -> None:
             if framework == "trl":
                 theirs = result["sides"][name]
                 for ours_name in (side_name(f, reference) for f in LMLAB if side_name(f, reference) in result["sides"]):
-                    ours = result["sides"][ours_name]
-                    result["ratios"][ours_name] = {
-                        "pairs_per_sec": ours["pairs_per_sec"] / theirs["pairs_per_sec"],
-                        "peak_train_gib": ours["peak_train_gib"] / theirs["peak_train_gib"] if cuda() else None,
-                    }
+                    result["ratios"][ours_name] = side_ratios(result["sides"][ours_name], theirs)
                 if "lmlab" in tokens:
                     result["tokens"]["identical_pairs"] = sum(
                         a == b for a, b in zip(tokens["lmlab"], tokens["trl"], strict=True)
