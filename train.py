@@ -140,10 +140,13 @@ def check_vision(vision_cfg: DictConfig | None, datamodule, model) -> None:
 
 def reference_model(cfg: DictConfig, policy) -> dict:
     """``reference_model=`` for a stage whose module compares with a frozen reference (stage.module.reference: DPO),
-    built from the starting weights or ``stage.module.ref_from``; nothing for other stages."""
+    built from the starting weights or ``stage.module.ref_from``; nothing for other stages. A ``ref_from`` model's
+    LM head is aligned as the policy's (``align_lm_head``; a copy of the policy keeps the policy's)."""
     if OmegaConf.select(cfg, "stage.module.reference") is None:
         return {}
-    return {"reference_model": build_reference(policy, cfg.stage.module.ref_from)}
+    reference = build_reference(policy, cfg.stage.module.ref_from)
+    align_lm_head(reference, cfg.align_lm_head)
+    return {"reference_model": reference}
 
 
 def best_checkpoint(trainer: L.Trainer, monitor: str) -> ModelCheckpoint | None:

@@ -6,7 +6,8 @@ shape), the last 172 of each row labelled as an answer. The sides:
 - ``plain fp32 cross entropy``: the model's logits, ``F.cross_entropy`` in fp32 (what DPO did first);
 - ``label_logps``: the model's logits, lmlab.core.losses.label_logps (chunked, recomputing backward);
 - ``head_label_logps``: the base model's hidden states at the label positions through the head
-  (lmlab.core.losses.head_label_logps, DPO's ``fused_lm_head``): no logits formed.
+  (lmlab.core.losses.head_label_logps, DPO's ``fused_lm_head``): no logits formed; the head padded as
+  conf/train.yaml's ``align_lm_head`` pads a run's.
 Each side: the forward, the per-row log-prob sums, their backward; peak memory is ``torch.cuda.max_memory_allocated``
 over that, reset before each side; time is the median of ``--repeats`` steps after ``--warmup`` steps (CUDA events).
 The embedding gradients of every side are compared with the anchor's. ``--compile`` compiles what DPOModule compiles
@@ -26,9 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+ALIGN = OmegaConf.load(REPO / "conf" / "train.yaml").align_lm_head  # the fused head's padding, as in a DPO run
+sys.path.insert(0, str(REPO))
 from gpu_throughput import profile_summary, profiler  # noqa: E402  (this folder, beside this script)
 
 from lmlab.core.collate import IGNORE_INDEX  # noqa: E402
@@ -69,7 +73,7 @@ def main() -> None:
     def fused(compile: bool):
         def logps() -> torch.Tensor:
             hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
-            return head_label_logps(hidden, model.lm_head.weight, labels, positions, compile=compile)[0]
+            return head_label_logps(hidden, model.lm_head.weight, labels, positions, compile=compile, multiple=ALIGN)[0]
 
         return logps
 

@@ -41,7 +41,7 @@ from lmlab.core.adapters import is_adapted
 from lmlab.core.collate import IGNORE_INDEX, LABEL_POSITIONS, REF_LOGPS, packed_documents
 from lmlab.core.files import write_atomically
 from lmlab.core.losses import head_label_logps, label_logps
-from lmlab.core.models import auto_class, cast_frozen_linears, resolve_hf_dir
+from lmlab.core.models import AlignedHead, auto_class, cast_frozen_linears, resolve_hf_dir
 
 log = logging.getLogger(__name__)
 
@@ -184,17 +184,21 @@ def answer_logps(
     (lmlab.core.losses.head_label_logps), so the ``[N, T, vocab]`` logits are never formed, for the prompts
     (about half the positions of a DPO batch) least of all; fused_head_refusal says which models allow it. The
     positions come with the batch (PreferenceCollator); a batch from elsewhere has them counted here, which waits
-    for the GPU. Otherwise from the model's logits (preference_logits). ``compile``: the log-probs' element-wise
-    work compiled; ``chunk_elements``: logits per chunk (lmlab.core.losses.label_logps).
+    for the GPU. The head is padded as the run's ``align_lm_head`` made the model's (AlignedHead), else not. Otherwise
+    from the model's logits (preference_logits). ``compile``: the log-probs' element-wise work compiled;
+    ``chunk_elements``: logits per chunk (lmlab.core.losses.label_logps).
     """
     labels = batch["labels"]
     if fused:
         hidden = model.base_model(**causal_inputs(model, batch)).last_hidden_state
-        weight = model.get_output_embeddings().weight
+        head = model.get_output_embeddings()
+        multiple = head.multiple if isinstance(head, AlignedHead) else None
         positions = batch.get(LABEL_POSITIONS)
         if positions is None:
             positions = labels.flatten().ne(IGNORE_INDEX).nonzero().squeeze(1)
-        return head_label_logps(hidden, weight, labels, positions, with_logit_sums, chunk_elements, compile)
+        return head_label_logps(
+            hidden, head.weight, labels, positions, with_logit_sums, chunk_elements, compile, multiple
+        )
     logits = preference_logits(model, batch)
     sums = logits.detach().sum(-1, dtype=torch.float32) if with_logit_sums else None
     return label_logps(logits, labels, chunk_elements, compile), sums

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose_cfg
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lightning_modules import dpo
 from lightning_modules.dpo_loss import (
     LOSS_TYPES,
     label_counts,
@@ -20,6 +22,7 @@ from lightning_modules.dpo_loss import (
     sequence_logps,
 )
 from lmlab.core.losses import head_label_logps, label_logps
+from lmlab.core.models import align_lm_head, build_model
 
 POLICY_CHOSEN = [-3.0, -5.0, -2.0]
 POLICY_REJECTED = [-4.0, -4.5, -6.0]
@@ -215,14 +218,15 @@ def test_label_logps_equal_cross_entropys_values_and_gradients_in_chunks(dtype):
     assert our_grad[2].abs().sum() == 0 and (ours[2] == 0).all()
 
 
+@pytest.mark.parametrize("multiple", [64, None])
 @pytest.mark.parametrize("precision", ["fp32", "bf16 autocast", "bf16 weights"])
-def test_head_label_logps_equal_the_logits_values_and_gradients_without_forming_them(precision):
-    """Hidden states through a head of 50 tokens, 2 positions a chunk: the label positions' log-probs, their
-    gradients for the hidden states and the head, and the logit sums (TRL's logits metric) are those of the formed
-    logits (label_logps); -100 positions count for nothing. Under bf16 autocast the head runs in bf16, as an
-    nn.Linear head would, and so do bf16 weights without autocast (their gradient comes back in bf16); then the two
-    sides agree to bf16's precision. A frozen head (the DPO reference's, or a policy's frozen embedding) gets no
-    gradient and passes the same one to the hidden states."""
+def test_head_label_logps_equal_the_logits_values_and_gradients_without_forming_them(precision, multiple):
+    """Hidden states through a head of 50 tokens (padded to 64 rows, or not), 2 positions a chunk: the label
+    positions' log-probs, their gradients for the hidden states and the head, and the logit sums (TRL's logits
+    metric) are those of the formed logits (label_logps); -100 positions count for nothing. Under bf16 autocast the
+    head runs in bf16, as an nn.Linear head would, and so do bf16 weights without autocast (their gradient comes
+    back in bf16); then the two sides agree to bf16's precision. A frozen head (the DPO reference's, or a policy's
+    frozen embedding) gets no gradient and passes the same one to the hidden states."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if precision == "bf16 weights" else torch.float32
     hidden, weight = torch.randn(3, 5, 8, dtype=dtype), torch.randn(50, 8, dtype=dtype)
@@ -235,7 +239,9 @@ def test_head_label_logps_equal_the_logits_values_and_gradients_without_forming_
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
             if fused:
-                logps, sums = head_label_logps(h, w, labels, positions, with_logit_sums=True, chunk_elements=100)
+                logps, sums = head_label_logps(
+                    h, w, labels, positions, with_logit_sums=True, chunk_elements=100, multiple=multiple
+                )
             else:
                 logits = h @ w.T
                 logps, sums = label_logps(logits, labels), logits.detach().float().sum(-1) * labels.ne(-100)
@@ -253,19 +259,22 @@ def test_head_label_logps_equal_the_logits_values_and_gradients_without_forming_
     torch.testing.assert_close(frozen_hidden_grad, hidden_grad, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("autocast, vocab", [(True, 50), (False, 50), (False, 64)])
-def test_head_label_logps_copy_the_head_once_and_sum_its_gradient_in_its_dtype(autocast, vocab):
+@pytest.mark.parametrize(
+    "autocast, vocab, multiple", [(True, 50, 64), (False, 50, 64), (False, 64, 64), (False, 50, None), (True, 50, None)]
+)
+def test_head_label_logps_copy_the_head_once_and_sum_its_gradient_in_its_dtype(autocast, vocab, multiple):
     """Memory at DPO's peak (the fused head runs outside a compiled model's CUDA graphs, so what it holds adds to the
-    graphs' pool): an fp32 head of 50 rows is copied once, in the autocast dtype and padded to 64 rows (one of 64
-    fp32 rows without autocast is used as it is), and its gradient is summed in one fp32 tensor of the weight's
-    shape, which autograd gets as it is. On this CPU a bf16 autocast adds one bf16 product per chunk (a CUDA GPU
-    sums into the fp32 tensor directly); fp32 adds none. A cast and a pad as autograd ops made two copies forward
-    and two more backward."""
+    graphs' pool): an fp32 head of 50 rows is copied once, in the autocast dtype and padded to ``multiple`` rows (the
+    run's align_lm_head; None: not padded), and not at all where it already has both (64 fp32 rows, or 50 unpadded
+    without autocast); its gradient is summed in one fp32 tensor of the weight's shape, which autograd gets as it is.
+    On this CPU a bf16 autocast adds one bf16 product per chunk (a CUDA GPU sums into the fp32 tensor directly); fp32
+    adds none. A cast and a pad as autograd ops made two copies forward and two more backward."""
     torch.manual_seed(0)
     hidden, weight = torch.randn(3, 5, 8, requires_grad=True), torch.randn(vocab, 8, requires_grad=True)
     labels = torch.randint(0, vocab, (3, 5))
     positions = torch.arange(labels.numel())
-    chunks = 5  # 15 positions, 200 // 64 = 3 a chunk
+    padded = vocab + -vocab % multiple if multiple else vocab
+    chunks = -(-labels.numel() // (200 // padded))  # 15 positions, 200 // padded rows a chunk
     made: list[tuple[tuple[int, ...], torch.dtype]] = []
 
     class HeadSized(TorchDispatchMode):
@@ -282,12 +291,33 @@ def test_head_label_logps_copy_the_head_once_and_sum_its_gradient_in_its_dtype(a
     dtype = torch.bfloat16 if autocast else torch.float32
     with HeadSized():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logps, _ = head_label_logps(hidden, weight, labels, positions, chunk_elements=200)
+            logps, _ = head_label_logps(hidden, weight, labels, positions, chunk_elements=200, multiple=multiple)
         forward = list(made)
         logps.sum().backward()
-    assert forward == ([((64, 8), dtype)] if vocab % 64 else [])
+    assert forward == ([((padded, 8), dtype)] if padded != vocab or autocast else [])
     assert made[len(forward) :] == [((vocab, 8), torch.float32)] + [((vocab, 8), torch.bfloat16)] * chunks * autocast
     assert weight.grad.dtype == torch.float32 and weight.grad.shape == (vocab, 8)
+
+
+@pytest.mark.parametrize("align", [64, None])
+def test_the_fused_head_pads_as_the_runs_align_lm_head(align, tiny_tokenizer, tmp_path, monkeypatch):
+    """DPO's fused head (answer_logps) pads the head to the multiple align_lm_head gave the model's LM head, and not
+    at all with align_lm_head=null: one setting for both heads, with the same log-probs either way."""
+    model = build_model(compose_cfg(tmp_path, ["model=gpt2-tiny"]).model, tiny_tokenizer)
+    assert align_lm_head(model, align) == bool(align)
+    multiples, real = [], dpo.head_label_logps
+
+    def spy(*args, **kwargs):
+        multiples.append(args[-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "head_label_logps", spy)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.masked_fill(ids % 3 == 0, -100)}
+    fused, _ = dpo.answer_logps(model, batch, fused=True)
+    formed, _ = dpo.answer_logps(model, batch, fused=False)
+    assert multiples == [align]
+    torch.testing.assert_close(fused, formed)
 
 
 def test_sequence_logps_keep_the_logits_not_an_fp32_log_softmax_for_the_backward():

@@ -132,6 +132,8 @@ def test_train_py_injects_the_reference_of_ref_from(tmp_path, tiny_tokenizer):
     assert not injected.training and all(
         torch.equal(a, b) for a, b in zip(policy.parameters(), injected.parameters(), strict=True)
     )
+    # its head aligned as train.py aligns the policy's (the fused head pads to the same multiple: answer_logps)
+    assert len(tiny_tokenizer) % cfg.align_lm_head and injected.get_output_embeddings().multiple == cfg.align_lm_head
     assert train_script.reference_model(compose_cfg(tmp_path, ["stage=sft"]), policy) == {}
 
 

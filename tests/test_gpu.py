@@ -130,9 +130,10 @@ def test_cudnn_sdpa_safe_keeps_the_bug_length_off_cudnn_and_the_rest_on_it(lengt
 def test_compiled_head_label_logps_equal_the_eager_ones():
     """DPO's fused LM head under compile=true (lmlab.core.losses: the chunks' element-wise work compiled, dynamic
     shapes): the log-probs and the gradients of the hidden states and the head are the eager ones, at a vocabulary
-    of GPT-2's size, under bf16 autocast, for two numbers of label positions (one compiled graph serves both). Both
-    agree with the formed logits' label_logps (the head's fp32 gradient summed by cuBLAS straight from bf16
-    factors, _add_product's GPU path), to bf16's precision."""
+    of GPT-2's size (the head padded to 64 rows, as align_lm_head's default pads it), under bf16 autocast, for two
+    numbers of label positions (one compiled graph serves both). Both agree with the formed logits' label_logps (the
+    head's fp32 gradient summed by cuBLAS straight from bf16 factors, _add_product's GPU path), to bf16's
+    precision."""
     from lmlab.core.losses import head_label_logps, label_logps
 
     g = torch.Generator().manual_seed(0)
@@ -148,7 +149,9 @@ def test_compiled_head_label_logps_equal_the_eager_ones():
                 if compile is None:
                     logps = label_logps(h @ w.T, labels)
                 else:
-                    logps, _ = head_label_logps(h, w, labels, positions, chunk_elements=2**22, compile=compile)
+                    logps, _ = head_label_logps(
+                        h, w, labels, positions, chunk_elements=2**22, compile=compile, multiple=64
+                    )
             (logps * torch.linspace(-1, 1, 128, device="cuda")).sum().backward()
             assert w.grad.dtype == torch.float32
             results.append((logps, h.grad, w.grad))

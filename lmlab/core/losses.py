@@ -46,7 +46,9 @@ def label_logps(
     """
     rows = max(1, chunk_elements // logits.shape[-1])
     targets = labels.flatten().clamp(min=0)
-    logps = _LabelLogps.apply(logits.reshape(-1, logits.shape[-1]), targets, rows, None, logits.shape[-1], compile)
+    logps = _LabelLogps.apply(
+        logits.reshape(-1, logits.shape[-1]), targets, rows, None, logits.shape[-1], compile, None
+    )
     return torch.where(labels != IGNORE_INDEX, logps.view(labels.shape), 0.0)
 
 
@@ -58,6 +60,7 @@ def head_label_logps(
     with_logit_sums: bool = False,
     chunk_elements: int = 2**26,
     compile: bool = False,
+    multiple: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """label_logps of the logits ``hidden @ weight.T`` (an LM head without bias), without forming them: [N, T]
     float32, 0 off the labels; and with ``with_logit_sums`` each label position's logits summed over the vocabulary
@@ -69,9 +72,10 @@ def head_label_logps(
     selected hidden states, the head in the dtype it runs in (a copy, padded, unless the weight already is both)
     and one logsumexp per position, never a ``[rows, vocab]`` tensor.
     TRL's DPOTrainer does the same (``fused_lm_head``). Under autocast the head runs in its dtype, as a model's
-    ``nn.Linear`` head would. The head's rows are padded with zeros to a multiple of 64: at a vocabulary like
-    GPT-2's 50257, rows of logits with an odd stride sent cuBLAS to slow unaligned kernels (on an H200, 4.8 of a
-    22 ms step). That copy, where one is needed, is made inside the autograd function, once; the head's gradient
+    ``nn.Linear`` head would. With ``multiple`` (the run's ``align_lm_head``, which answer_logps reads off the
+    model's head) the head's rows are padded with zeros to a multiple of it: at a vocabulary like GPT-2's 50257,
+    rows of logits with an odd stride sent cuBLAS to slow unaligned kernels (on an H200, 4.8 of a 22 ms step).
+    That copy, where one is needed, is made inside the autograd function, once; the head's gradient
     is summed over the chunks in one float32 tensor without a product per chunk where torch can (_add_product) and
     comes back in ``weight``'s own dtype. A cast and a pad as autograd ops made two copies of the head in the
     forward and two of its gradient (bf16, then fp32) in the backward. This runs outside a compiled model's CUDA
@@ -80,9 +84,9 @@ def head_label_logps(
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     selected = hidden.flatten(0, 1).index_select(0, positions)
-    rows = max(1, chunk_elements // _padded(weight.shape[0]))
+    rows = max(1, chunk_elements // _padded(weight.shape[0], multiple))
     targets = labels.flatten().index_select(0, positions)
-    picked = _LabelLogps.apply(selected.to(dtype), targets, rows, weight, weight.shape[0], compile)
+    picked = _LabelLogps.apply(selected.to(dtype), targets, rows, weight, weight.shape[0], compile, multiple)
 
     def at_positions(values: torch.Tensor) -> torch.Tensor:  # [len(positions)] -> [N, T], 0 elsewhere
         return values.new_zeros(labels.numel()).index_copy(0, positions, values).view(labels.shape)
@@ -94,18 +98,18 @@ def head_label_logps(
     return at_positions(picked), at_positions(sums)
 
 
-def _padded(vocab: int) -> int:
-    """The head's rows padded to a multiple of 64 (head_label_logps)."""
-    return vocab + -vocab % 64
+def _padded(vocab: int, multiple: int | None) -> int:
+    """The head's rows padded to a multiple of ``multiple`` (None: not padded; head_label_logps)."""
+    return vocab + -vocab % multiple if multiple else vocab
 
 
-def _aligned_head(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight`` [V, H] in ``dtype`` with zero rows appended up to _padded(V) rows: one copy, where a cast and then
-    a pad made two; ``weight`` itself when it already has both."""
-    vocab = weight.shape[0]
-    if weight.dtype == dtype and vocab == _padded(vocab):
+def _aligned_head(weight: torch.Tensor, dtype: torch.dtype, multiple: int | None) -> torch.Tensor:
+    """``weight`` [V, H] in ``dtype`` with zero rows appended up to _padded(V, multiple) rows: one copy, where a cast
+    and then a pad made two; ``weight`` itself when it already has both."""
+    vocab, padded = weight.shape[0], _padded(weight.shape[0], multiple)
+    if weight.dtype == dtype and vocab == padded:
         return weight
-    head = weight.new_empty((_padded(vocab), weight.shape[1]), dtype=dtype)
+    head = weight.new_empty((padded, weight.shape[1]), dtype=dtype)
     head[:vocab].copy_(weight)
     head[vocab:].zero_()
     return head
@@ -173,7 +177,8 @@ def _compiled_chunk_ops() -> tuple:
 class _LabelLogps(torch.autograd.Function):
     """log p(target) of each row of the logits [M, V], ``rows`` rows at a time: logit - logsumexp. The logits are
     ``inputs`` (label_logps; columns from ``vocab`` on are padding, no token's), or with ``weight`` [vocab, H]
-    ``inputs @ weight.T`` of hidden states [M, H] through the head in the inputs' dtype, padded (_aligned_head),
+    ``inputs @ weight.T`` of hidden states [M, H] through the head in the inputs' dtype, padded to ``multiple``
+    (_aligned_head),
     recomputed chunk by chunk in the backward (head_label_logps). ``compile``: the chunks' element-wise work
     compiled (_compiled_chunk_ops)."""
 
@@ -186,9 +191,10 @@ class _LabelLogps(torch.autograd.Function):
         weight: torch.Tensor | None,
         vocab: int,
         compile: bool,
+        multiple: int | None,
     ) -> torch.Tensor:
         ctx.stats, ctx.grad = _compiled_chunk_ops() if compile else (_chunk_stats, _chunk_grad)
-        head = None if weight is None else _aligned_head(weight, inputs.dtype)
+        head = None if weight is None else _aligned_head(weight, inputs.dtype, multiple)
         lse, picked = zip(
             *(
                 ctx.stats(chunk if head is None else chunk @ head.T, target, vocab)
@@ -204,7 +210,7 @@ class _LabelLogps(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, torch.Tensor | None, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, torch.Tensor | None, None, None, None]:
         """Through the head: d/d hidden = d/d logits @ head and d/d weight = (d/d logits).T @ hidden over the
         vocabulary's rows (the padding's are dropped), summed over the chunks in float32, returned in the weight's
         dtype (no copy for an fp32 weight)."""
@@ -223,4 +229,5 @@ class _LabelLogps(torch.autograd.Function):
             torch.mm(rows, head, out=out)
             if grad_weight is not None:
                 _add_product(grad_weight, rows[:, : ctx.vocab].T, chunk)
-        return grad_inputs, None, None, None if grad_weight is None else grad_weight.to(ctx.weight_dtype), None, None
+        grad_weight = None if grad_weight is None else grad_weight.to(ctx.weight_dtype)
+        return grad_inputs, None, None, grad_weight, None, None, None
