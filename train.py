@@ -14,6 +14,7 @@ import sys
 from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -141,11 +142,13 @@ def check_vision(vision_cfg: DictConfig | None, datamodule, model) -> None:
 def reference_model(cfg: DictConfig, policy) -> dict:
     """``reference_model=`` for a stage whose module compares with a frozen reference (stage.module.reference: DPO),
     built from the starting weights or ``stage.module.ref_from``; nothing for other stages. A ``ref_from`` model's
-    LM head is aligned as the policy's (``align_lm_head``; a copy of the policy keeps the policy's)."""
+    LM head is aligned as build_module aligns the policy's (``align_lm_head``), so DPO's fused head pads both alike; a
+    copy of the policy, or the policy itself with its adapters off, has the policy's already."""
     if OmegaConf.select(cfg, "stage.module.reference") is None:
         return {}
     reference = build_reference(policy, cfg.stage.module.ref_from)
-    align_lm_head(reference, cfg.align_lm_head)
+    if cfg.stage.module.ref_from:
+        align_lm_head(reference, cfg.align_lm_head)
     return {"reference_model": reference}
 
 
@@ -243,27 +246,11 @@ def packed_attention(cfg: DictConfig) -> str:
     return "varlen" if mode == "varlen" or (mode == "auto" and not missing) else "mask"
 
 
-def fit_and_export(cfg: DictConfig) -> float | None:
-    """train()'s run: fit, export hf/ (rank 0), test the best checkpoint if the stage asks."""
-    if cfg.export not in ("best", "last"):
-        raise ValueError(f"export must be 'best' or 'last', got {cfg.export!r}")
-    compile_mode(cfg.compile)  # an unknown mode fails here, before anything is built
-    if cuda_graphs(cfg.compile) and cfg.trainer.accumulate_grad_batches > 1:
-        # a replayed backward hands .grad the graph's own output, which the next micro-batch's replay takes back:
-        # torch stops at the second backward (gradient accumulation into a CUDA graph's output)
-        raise ValueError(
-            f"compile={cfg.compile} (CUDA graphs) does not accumulate gradients over micro-batches: set "
-            f"trainer.accumulate_grad_batches=1 (got {cfg.trainer.accumulate_grad_batches}) or compile=true"
-        )
-    check_sharding(cfg)  # trainer=fsdp: refuse what cannot run sharded yet, before anything is built
-    run_dir = Path(cfg.paths.output_dir)
-    resume = resume_checkpoint(cfg, run_dir)  # (checkpoint, its step) or None; it logs what it found
-    if resume:
-        check_resume(resume[0], cfg)
-        remove_leftovers(run_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision("high")
-
+def build_module(cfg: DictConfig, run_dir: Path) -> tuple[L.LightningModule, Any, Any, Any]:
+    """The stage's LightningModule, its datamodule and tokenizer, connected, and a vision-language model's image
+    processor (else None), as a run builds them: the model built or loaded, with its vision tower, kernels, aligned
+    LM head, adapters and DPO's reference as the config asks. One function for fit_and_export and for the benchmarks
+    that time lmlab's runs (benchmarks/dpo_throughput.py), so what they time is what a run trains."""
     labels = OmegaConf.select(cfg, "stage.module.labels")  # a stage with class labels trains a classifier
     datamodule = instantiate(cfg.data)
     tokenizer = prepare_tokenizer(cfg, datamodule, run_dir, classifier=labels is not None)
@@ -294,6 +281,31 @@ def fit_and_export(cfg: DictConfig) -> float | None:
     module = instantiate(
         cfg.stage.module, model=model, optim=optim, **reference_model(cfg, model), _recursive_=False, _convert_="all"
     )
+    return module, datamodule, tokenizer, images
+
+
+def fit_and_export(cfg: DictConfig) -> float | None:
+    """train()'s run: fit, export hf/ (rank 0), test the best checkpoint if the stage asks."""
+    if cfg.export not in ("best", "last"):
+        raise ValueError(f"export must be 'best' or 'last', got {cfg.export!r}")
+    compile_mode(cfg.compile)  # an unknown mode fails here, before anything is built
+    if cuda_graphs(cfg.compile) and cfg.trainer.accumulate_grad_batches > 1:
+        # a replayed backward hands .grad the graph's own output, which the next micro-batch's replay takes back:
+        # torch stops at the second backward (gradient accumulation into a CUDA graph's output)
+        raise ValueError(
+            f"compile={cfg.compile} (CUDA graphs) does not accumulate gradients over micro-batches: set "
+            f"trainer.accumulate_grad_batches=1 (got {cfg.trainer.accumulate_grad_batches}) or compile=true"
+        )
+    check_sharding(cfg)  # trainer=fsdp: refuse what cannot run sharded yet, before anything is built
+    run_dir = Path(cfg.paths.output_dir)
+    resume = resume_checkpoint(cfg, run_dir)  # (checkpoint, its step) or None; it logs what it found
+    if resume:
+        check_resume(resume[0], cfg)
+        remove_leftovers(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+
+    module, datamodule, tokenizer, images = build_module(cfg, run_dir)
 
     loggers = [instantiate(c) for c in cfg.logger.values()]
     for lg in loggers:
@@ -313,6 +325,7 @@ def fit_and_export(cfg: DictConfig) -> float | None:
     exported = exported_model(cfg, trainer, module, best)
     if trainer.is_global_zero:
         if is_adapted(exported):
+            labels = OmegaConf.select(cfg, "stage.module.labels")
             unquantized = partial(load_model, cfg.init_from, cfg.model, tokenizer, labels)  # QLoRA's base
             exported = export_adapted(exported, run_dir / "adapter", unquantized)
         export_hf(exported, tokenizer, run_dir / "hf")

@@ -96,7 +96,13 @@ def main() -> None:
         torch.cuda.synchronize()
         return start.elapsed_time(end)
 
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **vars(args), "sides": {}}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        **vars(args),
+        "align_lm_head": ALIGN,
+        "sides": {},
+    }
     grads = {}
     for name, logps_of in sides.items():
         for _ in range(args.warmup):

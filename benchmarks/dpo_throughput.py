@@ -188,25 +188,12 @@ def run_lmlab(args: argparse.Namespace, work: Path, reference: str, framework: s
     """lmlab's DPO as train.py builds it from the composed config, timed by a Lightning callback; ``framework``
     lmlab_fused with the fused LM head (``fused_lm_head=true``)."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    from lmlab.core.models import load_model
-    from train import attention, connect_data, loader_settings, packed_attention, prepare_tokenizer, reference_model
+    from train import attention, build_module, loader_settings, packed_attention
 
     cfg = compose_cfg(args, work, lmlab_overrides(args, work, reference, framework))
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    tokenizer = prepare_tokenizer(cfg, datamodule, work, classifier=False)
-    connect_data(cfg, datamodule, tokenizer)
-    model = load_model(cfg.init_from, cfg.model, tokenizer)
-    module = instantiate(
-        cfg.stage.module,
-        model=model,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        **reference_model(cfg, model),
-        _recursive_=False,
-        _convert_="all",
-    )
+    module, datamodule, _, _ = build_module(cfg, work)
     clock = StepClock(args.warmup, args.steps)
     trainer = instantiate(
         cfg.trainer, logger=[instantiate(c) for c in cfg.logger.values()], callbacks=[LightningClock(clock)]

@@ -24,7 +24,7 @@ import train as train_script
 from lightning_modules import dpo
 from lightning_modules.dpo import DPOModule, build_reference
 from lmlab.core.collate import IGNORE_INDEX, REF_LOGPS, CausalCollator, PreferenceCollator
-from lmlab.core.models import build_model, export_hf
+from lmlab.core.models import align_lm_head, build_model, export_hf
 
 DPO = ["stage=dpo", "callbacks.samples.num_prompts=0", "trainer.log_every_n_steps=1"]
 
@@ -132,9 +132,23 @@ def test_train_py_injects_the_reference_of_ref_from(tmp_path, tiny_tokenizer):
     assert not injected.training and all(
         torch.equal(a, b) for a, b in zip(policy.parameters(), injected.parameters(), strict=True)
     )
-    # its head aligned as train.py aligns the policy's (the fused head pads to the same multiple: answer_logps)
-    assert len(tiny_tokenizer) % cfg.align_lm_head and injected.get_output_embeddings().multiple == cfg.align_lm_head
+    # with the policy's head aligned as build_module aligns it, ref_from's reference and a copy are aligned alike
+    # (DPO's fused head pads each to its head's multiple: answer_logps)
+    assert align_lm_head(policy, cfg.align_lm_head)
+    for with_ref_from in (cfg, compose_cfg(tmp_path, DPO)):
+        (reference,) = train_script.reference_model(with_ref_from, policy).values()
+        assert reference.get_output_embeddings().multiple == policy.get_output_embeddings().multiple
     assert train_script.reference_model(compose_cfg(tmp_path, ["stage=sft"]), policy) == {}
+
+
+def test_build_module_aligns_the_dpo_policy_and_its_live_reference_alike(tmp_path, pairs_file):
+    """build_module, which train.py runs and benchmarks/dpo_throughput.py times, aligns the policy's LM head
+    (align_lm_head) before the live reference copies it: both heads pad alike in DPO's fused head."""
+    cfg = compose_cfg(tmp_path, [*DPO, "model=gpt2-tiny", f"data.train_files=[{pairs_file}]"])
+    module, *_ = train_script.build_module(cfg, tmp_path)
+    policy, reference = module.model.get_output_embeddings(), module.reference.get_output_embeddings()
+    assert policy.out_features % cfg.align_lm_head  # a vocabulary the setting pads
+    assert policy.multiple == reference.multiple == cfg.align_lm_head
 
 
 def test_collator_stacks_the_reference_logps_of_the_items():

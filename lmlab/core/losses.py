@@ -178,9 +178,8 @@ class _LabelLogps(torch.autograd.Function):
     """log p(target) of each row of the logits [M, V], ``rows`` rows at a time: logit - logsumexp. The logits are
     ``inputs`` (label_logps; columns from ``vocab`` on are padding, no token's), or with ``weight`` [vocab, H]
     ``inputs @ weight.T`` of hidden states [M, H] through the head in the inputs' dtype, padded to ``multiple``
-    (_aligned_head),
-    recomputed chunk by chunk in the backward (head_label_logps). ``compile``: the chunks' element-wise work
-    compiled (_compiled_chunk_ops)."""
+    (_aligned_head), recomputed chunk by chunk in the backward (head_label_logps). ``compile``: the chunks'
+    element-wise work compiled (_compiled_chunk_ops)."""
 
     @staticmethod
     def forward(
