@@ -40,7 +40,8 @@ def pairs_file(tmp_path_factory):
 
 
 def parts(tmp_path, tokenizer, overrides=()):
-    """(datamodule, policy, reference, module) as train.py builds them: the reference built and injected."""
+    """(datamodule, policy, reference, module) wired as train.py's build_module wires them, from the given tokenizer:
+    the reference built and injected (the LM head left unaligned: these tests are about the reference)."""
     cfg = compose_cfg(tmp_path, [*DPO, *overrides])
     dm = instantiate(cfg.data)
     train_script.connect_data(cfg, dm, tokenizer)
